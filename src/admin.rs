@@ -1,0 +1,61 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`.
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+
+use crate::proxy::error::json_response;
+use crate::proxy::{Body, Proxy};
+
+/// Answers one admin request.
+pub fn handle<B>(proxy: &Arc<Proxy>, req: &Request<B>) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &serde_json::json!({"error": "method_not_allowed", "message": "the admin endpoints are read-only"}),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut resp = Response::new(
+                Full::from(proxy.metrics.render())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            );
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        "/healthz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        "/readyz" => {
+            let runtime = proxy.runtime.load();
+            let providers: serde_json::Map<String, serde_json::Value> = runtime
+                .providers
+                .iter()
+                .map(|(name, p)| {
+                    (
+                        name.clone(),
+                        serde_json::to_value(p.status()).unwrap_or_default(),
+                    )
+                })
+                .collect();
+            let ready = providers.values().all(|s| s["ready"] == true);
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json_response(
+                status,
+                &serde_json::json!({"ready": ready, "providers": providers}),
+            )
+        }
+        other => json_response(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "not_found", "path": other, "message": "admin endpoints: /metrics, /healthz, /readyz"}),
+        ),
+    }
+}

@@ -1,0 +1,119 @@
+//! `${VAR}` interpolation in configuration strings.
+//!
+//! Expansion happens per string value after YAML parsing, not on the raw text, so a secret that
+//! contains `: ` or `#` can never change the structure of the file.
+
+use std::cell::RefCell;
+
+type Lookup = Box<dyn Fn(&str) -> Option<String>>;
+
+thread_local! {
+    static LOOKUP: RefCell<Option<Lookup>> = const { RefCell::new(None) };
+}
+
+/// Runs `body` with `lookup` as the source of variables instead of the process environment.
+/// Loading is synchronous, so a thread-local scope is enough (and keeps tests free of `set_var`).
+pub fn with_lookup<R>(
+    lookup: impl Fn(&str) -> Option<String> + 'static,
+    body: impl FnOnce() -> R,
+) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            LOOKUP.with(|l| *l.borrow_mut() = None);
+        }
+    }
+    LOOKUP.with(|l| *l.borrow_mut() = Some(Box::new(lookup)));
+    let _reset = Reset;
+    body()
+}
+
+fn lookup(name: &str) -> Option<String> {
+    LOOKUP.with(|l| match &*l.borrow() {
+        Some(f) => f(name),
+        None => std::env::var(name).ok(),
+    })
+}
+
+/// Expands `${NAME}` and `${NAME:-default}`; `$$` is a literal `$`; any other `$` is kept as is.
+pub fn expand(input: &str) -> Result<String, String> {
+    if !input.contains('$') {
+        return Ok(input.to_owned());
+    }
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body
+                .find('}')
+                .ok_or_else(|| format!("unterminated `${{` in {input:?}"))?;
+            let expr = &body[..end];
+            let (name, default) = match expr.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (expr, None),
+            };
+            if !is_var_name(name) {
+                return Err(format!(
+                    "`${{{expr}}}` is not a valid variable reference (use ${{NAME}} or ${{NAME:-default}})"
+                ));
+            }
+            match (lookup(name), default) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => {
+                    return Err(format!("environment variable {name} is not set"));
+                }
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn is_var_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "TENANT" => Some("acme".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn expands_variables_defaults_and_escapes() {
+        with_lookup(env, || {
+            assert_eq!(expand("https://x/${TENANT}/t").unwrap(), "https://x/acme/t");
+            assert_eq!(expand("${MISSING:-fallback}").unwrap(), "fallback");
+            assert_eq!(expand("${EMPTY:-fallback}").unwrap(), "");
+            assert_eq!(expand("a$$b").unwrap(), "a$b");
+            assert_eq!(expand("pa$word").unwrap(), "pa$word");
+            assert_eq!(expand("no vars").unwrap(), "no vars");
+        });
+    }
+
+    #[test]
+    fn unset_variable_is_an_error_naming_it() {
+        let err = with_lookup(env, || expand("${NOPE}")).unwrap_err();
+        assert!(err.contains("NOPE is not set"), "{err}");
+        assert!(with_lookup(env, || expand("${1X}")).is_err());
+        assert!(with_lookup(env, || expand("${OPEN")).is_err());
+    }
+}

@@ -1,0 +1,489 @@
+//! Configuration: the YAML schema, loading and validation.
+//!
+//! The file is parsed once into these types; the rest of tokengate never sees an invalid route, an
+//! unknown grant or a missing secret. Every string value may use `${VAR}` (see [`env`]).
+
+pub mod env;
+mod provider;
+mod value;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use provider::{
+    ClientAuth, Grant, OAuth2Provider, Provider, ProviderCommon, TokenEndpoint, is_loopback,
+};
+pub use value::{Text, parse_duration, parse_size};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the proxy listens (default `127.0.0.1:8080`: loopback unless told otherwise).
+    #[serde(default = "default_listen", deserialize_with = "value::socket_addr")]
+    pub listen: SocketAddr,
+    /// The admin listener (metrics and health).
+    #[serde(default)]
+    pub admin: Admin,
+    /// Timeouts and size limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Named token sources.
+    pub providers: BTreeMap<String, Provider>,
+    /// Path-prefix routes; the longest matching prefix wins.
+    pub routes: Vec<RouteConfig>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (default `127.0.0.1:9090`).
+    #[serde(
+        default = "default_admin_listen",
+        deserialize_with = "value::socket_addr"
+    )]
+    pub listen: SocketAddr,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+
+/// Timeouts and limits for downstream connections and upstream requests.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Time a downstream client has to send the request head (slowloris bound).
+    #[serde(deserialize_with = "value::duration")]
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted from a downstream client.
+    #[serde(deserialize_with = "value::size")]
+    pub max_header_size: u64,
+    /// Time to establish a TCP (and TLS) connection to an upstream.
+    #[serde(deserialize_with = "value::duration")]
+    pub upstream_connect_timeout: Duration,
+    /// Time from sending a request upstream until its response head arrives.
+    #[serde(deserialize_with = "value::duration")]
+    pub upstream_timeout: Duration,
+    /// How long an idle pooled upstream connection is kept.
+    #[serde(deserialize_with = "value::duration")]
+    pub upstream_idle_timeout: Duration,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[serde(deserialize_with = "value::duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_size: 64 * 1024,
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_timeout: Duration::from_secs(60),
+            upstream_idle_timeout: Duration::from_secs(90),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One route: requests whose path starts with `prefix` go to `upstream` with `provider`'s token.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Label used in metrics and logs (default: the prefix).
+    #[serde(default)]
+    pub name: Option<Text>,
+    /// Path prefix, matched on whole segments: `/api` matches `/api` and `/api/x`, not `/apix`.
+    pub prefix: Prefix,
+    /// Upstream base URL: `https://host[:port][/base/path]`.
+    pub upstream: Upstream,
+    /// Name of the provider whose token is attached.
+    pub provider: Text,
+    /// Remove the prefix before forwarding (default true).
+    #[serde(default = "yes")]
+    pub strip_prefix: bool,
+    /// Extra PEM CA bundle trusted for this upstream, in addition to the public roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl RouteConfig {
+    /// The label for metrics and logs.
+    pub fn label(&self) -> &str {
+        self.name
+            .as_ref()
+            .map_or(self.prefix.as_str(), |n| n.0.as_str())
+    }
+}
+
+/// A route prefix: starts with `/`, no trailing `/` (except the root), no `.`/`..` segments.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Prefix(String);
+
+impl Prefix {
+    /// Parses and normalises a prefix.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/') {
+            return Err(format!("prefix {s:?} must start with '/'"));
+        }
+        if crate::route::check_path(s).is_err() {
+            return Err(format!(
+                "prefix {s:?} must be a plain path: no '.', '..' or empty segments, percent-encoded slashes or control characters"
+            ));
+        }
+        if s.contains(['?', '#']) {
+            return Err(format!("prefix {s:?} must not contain '?' or '#'"));
+        }
+        let trimmed = s.trim_end_matches('/');
+        Ok(Prefix(if trimmed.is_empty() {
+            "/".into()
+        } else {
+            trimmed.into()
+        }))
+    }
+
+    /// The normalised prefix.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Prefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Prefix::parse(&Text::deserialize(d)?.0).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a route forwards to: scheme, authority and an optional base path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `http` or `https`.
+    pub scheme: http::uri::Scheme,
+    /// `host[:port]`, also sent as `Host`.
+    pub authority: http::uri::Authority,
+    /// Base path without trailing slash (empty for none).
+    pub base_path: String,
+}
+
+impl Upstream {
+    /// Parses `https://host[:port][/base]`; no query, fragment or user info.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let uri: http::Uri = s
+            .parse()
+            .map_err(|e| format!("upstream {s:?} is not a valid URL: {e}"))?;
+        let scheme = match uri.scheme_str() {
+            Some("https") => http::uri::Scheme::HTTPS,
+            Some("http") => http::uri::Scheme::HTTP,
+            _ => {
+                return Err(format!(
+                    "upstream {s:?} must start with https:// or http://"
+                ));
+            }
+        };
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("upstream {s:?} has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!(
+                "upstream {s:?} must not contain user info; credentials come from the provider"
+            ));
+        }
+        if authority.host().is_empty() {
+            return Err(format!("upstream {s:?} has no host"));
+        }
+        if uri.query().is_some() || s.contains('#') {
+            return Err(format!("upstream {s:?} must not have a query or fragment"));
+        }
+        let path = uri.path();
+        if path != "/" && crate::route::check_path(path).is_err() {
+            return Err(format!("upstream {s:?} has an invalid base path"));
+        }
+        Ok(Upstream {
+            scheme,
+            authority,
+            base_path: path.trim_end_matches('/').to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+impl<'de> Deserialize<'de> for Upstream {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Upstream::parse(&Text::deserialize(d)?.0).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A configuration that could not be loaded. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read the file: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed or a value is wrong; the message names the key, line and column.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// serde's message: key path, problem, line and column.
+        message: String,
+    },
+    /// The values parse but do not fit together (a route naming an unknown provider, say).
+    #[error("{path}:{}: {key}: {message}", line.map_or_else(|| "?".to_string(), |l| l.to_string()))]
+    Invalid {
+        /// The file.
+        path: String,
+        /// Line of the offending key, where it could be found.
+        line: Option<usize>,
+        /// Dotted key path, like `routes[2].provider`.
+        key: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+/// Loads a configuration file, expanding `${VAR}` from the process environment.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses configuration text; `path` is only used in error messages.
+pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+    let config: Config = serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let invalid = |key: String, message: String| ConfigError::Invalid {
+        line: locate(text, &key),
+        path: path.to_owned(),
+        key,
+        message,
+    };
+    if config.routes.is_empty() {
+        return Err(invalid(
+            "routes".into(),
+            "at least one route is needed".into(),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        if !config.providers.contains_key(&route.provider.0) {
+            let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
+            return Err(invalid(
+                format!("routes[{i}].provider"),
+                format!(
+                    "no provider named {:?}; defined providers: {}",
+                    route.provider.0,
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        if !seen.insert(route.prefix.as_str()) {
+            return Err(invalid(
+                format!("routes[{i}].prefix"),
+                format!(
+                    "prefix {:?} is used by an earlier route",
+                    route.prefix.as_str()
+                ),
+            ));
+        }
+    }
+    if config.listen == config.admin.listen && config.listen.port() != 0 {
+        return Err(invalid(
+            "admin.listen".into(),
+            format!(
+                "the admin listener must not share the proxy address {}",
+                config.listen
+            ),
+        ));
+    }
+    Ok(config)
+}
+
+/// Finds the line of a dotted key path such as `routes[2].provider` in block-style YAML.
+/// Best effort: serde reports positions for parse errors, this covers cross-key checks.
+fn locate(text: &str, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut start = 0;
+    let mut min_indent = 0;
+    let mut found = None;
+    for part in key.split('.') {
+        let (name, index) = match part.split_once('[') {
+            Some((n, i)) => (n, i.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let (line, indent) = (start..lines.len()).find_map(|i| {
+            let l = lines[i];
+            let indent = l.len() - l.trim_start_matches([' ', '-']).len();
+            let body = l.trim_start_matches([' ', '-']);
+            (indent >= min_indent
+                && body.starts_with(name)
+                && body[name.len()..].trim_start().starts_with(':'))
+            .then_some((i, indent))
+        })?;
+        found = Some(line);
+        start = line + 1;
+        min_indent = indent + 1;
+        if let Some(n) = index {
+            let mut items = (start..lines.len()).filter(|&i| {
+                let l = lines[i];
+                let t = l.trim_start();
+                t.starts_with('-') && l.len() - t.len() >= indent
+            });
+            let item = items.nth(n)?;
+            found = Some(item);
+            start = item;
+            min_indent = indent;
+        }
+    }
+    found.map(|l| l + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "\
+providers:
+  idp:
+    type: oauth2
+    token_url: https://idp.example.com/token
+    client_id: app
+    client_secret: s3cret
+    scopes: [read]
+routes:
+  - prefix: /api/
+    upstream: https://api.example.com/v2/
+    provider: idp
+";
+
+    fn parse_with_env(text: &str) -> Result<Config, ConfigError> {
+        env::with_lookup(|_| None, || parse(text, "test.yaml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let c = parse_with_env(MINIMAL).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9090");
+        let r = &c.routes[0];
+        assert_eq!(r.prefix.as_str(), "/api");
+        assert_eq!(r.upstream.base_path, "/v2");
+        assert_eq!(r.upstream.authority.as_str(), "api.example.com");
+        assert!(r.strip_prefix);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = MINIMAL
+            .replace("strip", "x")
+            .replace("    provider: idp", "    provider: idp\n    upstrem: x");
+        let err = parse_with_env(&text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("test.yaml: routes[0]: unknown field `upstrem`"),
+            "{err}"
+        );
+        assert!(err.contains("line 12"), "{err}");
+    }
+
+    #[test]
+    fn unknown_provider_reference_names_line() {
+        let text = MINIMAL.replace("provider: idp", "provider: nope");
+        let err = parse_with_env(&text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "test.yaml:11: routes[0].provider: no provider named \"nope\"; defined providers: idp"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_their_line() {
+        for (from, to, needle) in [
+            ("prefix: /api/", "prefix: api", "must start with '/'"),
+            ("prefix: /api/", "prefix: /a/../b", "plain path"),
+            (
+                "https://api.example.com/v2/",
+                "ftp://x",
+                "https:// or http://",
+            ),
+            ("https://api.example.com/v2/", "https://u:p@x/", "user info"),
+            ("https://api.example.com/v2/", "https://x/?a=1", "query"),
+        ] {
+            let err = parse_with_env(&MINIMAL.replace(from, to))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(needle) && err.contains("line 9"),
+                "{to}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_prefix_is_an_error() {
+        let text =
+            format!("{MINIMAL}  - prefix: /api\n    upstream: https://b/\n    provider: idp\n");
+        let err = parse_with_env(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("routes[1].prefix") && err.contains("earlier route"),
+            "{err}"
+        );
+        assert!(err.starts_with("test.yaml:12:"), "{err}");
+    }
+
+    #[test]
+    fn env_vars_expand_inside_values_without_changing_structure() {
+        let text = MINIMAL.replace("client_secret: s3cret", "client_secret: ${SECRET}");
+        let c = env::with_lookup(
+            |n| (n == "SECRET").then(|| "a: b # c".to_string()),
+            || parse(&text, "t.yaml"),
+        )
+        .unwrap();
+        let Provider::OAuth2(p) = &c.providers["idp"];
+        assert_eq!(p.client_secret.as_ref().unwrap().expose(), "a: b # c");
+        let err = parse_with_env(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("SECRET is not set") && err.contains("line 6"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,246 @@
+//! The `tokengate` command.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use tokengate::config::{self, Config, Provider, TokenEndpoint};
+use tokengate::{demo, server};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Authenticating reverse proxy: injects OAuth2 / vendor access tokens into requests"
+)]
+struct Cli {
+    /// Configuration file (for `run`, `check` and `token`).
+    #[arg(short, long, global = true, env = "TOKENGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter (`info`, `debug`, `tokengate=trace`...); RUST_LOG also works.
+    #[arg(long, global = true, env = "TOKENGATE_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default when only -c is given).
+    Run {
+        /// Tokio worker threads (default: number of cores).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Load and validate the configuration, print routes and providers, exit.
+    Check,
+    /// Run a self-contained demo: a built-in token endpoint and echo upstream, proxy on :8080.
+    Demo {
+        /// Proxy listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Admin listen address.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let workers = match &cli.command {
+        Some(Command::Run { workers }) => *workers,
+        _ => None,
+    };
+    match cli.command {
+        Some(Command::Check) => with_config(&cli.config, check),
+        Some(Command::Demo { listen, admin }) => block_on(workers, demo_main(listen, admin)),
+        Some(Command::Run { .. }) | None => with_config(&cli.config, |path, config| {
+            block_on(workers, run(path.to_owned(), config))
+        }),
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn with_config(path: &Option<PathBuf>, f: impl FnOnce(&Path, Config) -> ExitCode) -> ExitCode {
+    let Some(path) = path else {
+        eprintln!("error: no configuration file; pass -c FILE (or try `tokengate demo`)");
+        return ExitCode::from(2);
+    };
+    match config::load(path) {
+        Ok(c) => f(path, c),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn block_on(workers: Option<usize>, fut: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        rt.worker_threads(n.max(1));
+    }
+    match rt.enable_all().build() {
+        Ok(rt) => rt.block_on(fut),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn check(path: &Path, config: Config) -> ExitCode {
+    println!("{}: OK", path.display());
+    println!("listen {}  admin {}", config.listen, config.admin.listen);
+    println!("\nroutes (longest prefix wins):");
+    let mut routes: Vec<_> = config.routes.iter().collect();
+    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.as_str().len()));
+    for r in routes {
+        println!(
+            "  {:<28} -> {:<44} provider={}{}",
+            r.prefix.as_str(),
+            r.upstream.to_string(),
+            r.provider.0,
+            if r.strip_prefix { "" } else { " (prefix kept)" }
+        );
+    }
+    println!("\nproviders:");
+    for (name, p) in &config.providers {
+        match p {
+            Provider::OAuth2(o) => {
+                let endpoint = match &o.endpoint {
+                    TokenEndpoint::Url(u) => format!("token_url {u}"),
+                    TokenEndpoint::Discovery { issuer } => format!("issuer {issuer} (discovery)"),
+                };
+                let grant = match &o.grant {
+                    config::Grant::ClientCredentials => "client_credentials",
+                    config::Grant::Password { .. } => "password",
+                    config::Grant::RefreshToken { .. } => "refresh_token",
+                };
+                println!(
+                    "  {name}: oauth2 {grant}, {endpoint}, client_id {}, client_auth {:?}, scopes [{}]",
+                    o.client_id,
+                    o.client_auth,
+                    o.scopes.join(" ")
+                );
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn run(path: PathBuf, config: Config) -> ExitCode {
+    let running = match server::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    wait_for_signals(&running, Some(&path)).await;
+    running.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads `path` on the way.
+async fn wait_for_signals(running: &server::Running, path: Option<&Path>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                let Some(path) = path else { continue };
+                match config::load(path) {
+                    Ok(c) => {
+                        if let Err(e) = running.reload(c).await {
+                            tracing::error!(error = %e, "reload failed; the previous configuration stays in force");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "reload failed; the previous configuration stays in force"),
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+}
+
+async fn demo_main(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let (idp, echo) = match (
+        demo::token_endpoint(any).await,
+        demo::echo_upstream(any).await,
+    ) {
+        (Ok(i), Ok(e)) => (i, e),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: cannot start the demo servers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let text = demo::config_text(idp, echo, listen, admin);
+    let config = match config::parse(&text, "<demo>") {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let running = match server::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "error: {e}\n(is something already using the port? try --listen 127.0.0.1:18080 --admin 127.0.0.1:19090)"
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let (p, a) = (running.proxy_addr, running.admin_addr);
+    println!(
+        "\ntokengate demo is running.\n\
+         \n  token endpoint  http://{idp}/token   (client_credentials, {}s tokens)\
+         \n  echo upstream   http://{echo}\
+         \n  proxy           http://{p}   route /echo/ -> echo upstream\
+         \n  admin           http://{a}\n\
+         \nTry:\n\
+         \n  curl -s http://{p}/echo/hello?x=1 -H 'Authorization: Basic bm90OnVzZWQ='   # the upstream sees a Bearer token instead\
+         \n  curl -s --http2-prior-knowledge http://{p}/echo/over-h2\
+         \n  curl -s http://{p}/nowhere                    # 404 no_route\
+         \n  curl -s http://{a}/readyz\
+         \n  curl -s http://{a}/metrics | grep tokengate_token\n\
+         \nThe demo token lives {}s: watch it refresh in the log. Ctrl-C stops.\n",
+        demo::TOKEN_LIFETIME_SECS,
+        demo::TOKEN_LIFETIME_SECS,
+    );
+    wait_for_signals(&running, None).await;
+    running.shutdown().await;
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,95 @@
+//! Every way a request can fail inside tokengate, mapped to a status and a small JSON body.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+
+use super::Body;
+use crate::route::PathError;
+
+/// A request that tokengate answers itself. The body names the problem with a stable `error`
+/// code and never carries internal detail (addresses, IdP answers, secrets).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    /// No route's prefix matches the path.
+    #[error("no route matches this path")]
+    NoRoute {
+        /// The request path.
+        path: String,
+    },
+    /// The path is ambiguous or climbs out of its prefix.
+    #[error("invalid request path: {0}")]
+    InvalidPath(PathError),
+    /// `GET http://host/...`: tokengate is a reverse proxy, not an open forward proxy.
+    #[error("absolute-form request targets are not accepted; send the path only")]
+    AbsoluteForm,
+    /// `CONNECT` tunnels are never opened.
+    #[error("CONNECT is not supported")]
+    Connect,
+    /// The route's provider has no valid token.
+    #[error("no valid token is available for this route's provider")]
+    TokenUnavailable {
+        /// The provider.
+        provider: String,
+    },
+    /// The upstream could not be reached.
+    #[error("the upstream could not be reached")]
+    UpstreamUnreachable,
+    /// The upstream did not answer in time.
+    #[error("the upstream did not answer in time")]
+    UpstreamTimeout,
+    /// The upstream connection failed after it was established.
+    #[error("the upstream connection failed")]
+    UpstreamFailed,
+}
+
+impl ProxyError {
+    /// Status and stable error code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ProxyError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
+            ProxyError::InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
+            ProxyError::AbsoluteForm => (StatusCode::BAD_REQUEST, "absolute_form_not_allowed"),
+            ProxyError::Connect => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ProxyError::TokenUnavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable")
+            }
+            ProxyError::UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
+            ProxyError::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            ProxyError::UpstreamFailed => (StatusCode::BAD_GATEWAY, "upstream_error"),
+        }
+    }
+
+    /// The JSON response.
+    pub fn into_response(self) -> Response<Body> {
+        let (status, code) = self.status_and_code();
+        let mut body = serde_json::json!({ "error": code, "message": self.to_string() });
+        match &self {
+            ProxyError::NoRoute { path } => body["path"] = path.as_str().into(),
+            ProxyError::TokenUnavailable { provider } => {
+                body["provider"] = provider.as_str().into()
+            }
+            _ => {}
+        }
+        json_response(status, &body)
+    }
+}
+
+/// A JSON response with the given status.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut bytes = body.to_string().into_bytes();
+    bytes.push(b'\n');
+    let mut resp = Response::new(
+        Full::new(Bytes::from(bytes))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

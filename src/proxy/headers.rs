@@ -1,0 +1,166 @@
+//! Request and response header hygiene.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// Removes hop-by-hop headers and every header the `Connection` header names. Runs before the
+/// credential is attached: a client sending `Connection: authorization` must not be able to make
+/// the next hop drop it. `TE: trailers` survives (gRPC needs it end to end).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Prepares the downstream request headers for the upstream: hop-by-hop headers and client
+/// credentials removed, forwarding headers added, the token attached.
+pub fn rewrite_request(
+    headers: &mut HeaderMap,
+    client_ip: IpAddr,
+    proto: &'static str,
+    authorization: HeaderValue,
+    http_version: &'static str,
+) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    let original_host = headers.remove(header::HOST);
+    append(
+        headers,
+        HeaderName::from_static("x-forwarded-for"),
+        &client_ip.to_string(),
+    );
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(proto),
+    );
+    if let Some(host) = original_host {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+    } else {
+        headers.remove(HeaderName::from_static("x-forwarded-host"));
+    }
+    append(headers, header::VIA, &format!("{http_version} tokengate"));
+    headers.insert(header::AUTHORIZATION, authorization);
+}
+
+/// Removes hop-by-hop headers from an upstream response before it goes downstream.
+pub fn rewrite_response(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::TE);
+}
+
+/// Appends `value` to a comma-separated header, joining existing values into one.
+fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    let joined = {
+        let existing: Vec<&str> = headers
+            .get_all(&name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if existing.is_empty() {
+            value.to_owned()
+        } else {
+            format!("{}, {value}", existing.join(", "))
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&joined) {
+        headers.insert(name, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn connection_named_headers_cannot_remove_the_credential() {
+        let mut h = map(&[
+            ("connection", "authorization, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("authorization", "Basic client"),
+            ("proxy-authorization", "Basic p"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("host", "tokengate:8080"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("accept", "application/json"),
+        ]);
+        rewrite_request(
+            &mut h,
+            "127.0.0.1".parse().unwrap(),
+            "http",
+            HeaderValue::from_static("Bearer T"),
+            "1.1",
+        );
+        assert_eq!(h.get("authorization").unwrap(), "Bearer T");
+        assert_eq!(h.get_all("authorization").iter().count(), 1);
+        for gone in [
+            "connection",
+            "x-secret-hop",
+            "proxy-authorization",
+            "keep-alive",
+            "transfer-encoding",
+            "upgrade",
+            "host",
+        ] {
+            assert!(h.get(gone).is_none(), "{gone} should be removed");
+        }
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "tokengate:8080");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+        assert_eq!(h.get("via").unwrap(), "1.1 tokengate");
+        assert_eq!(h.get("accept").unwrap(), "application/json");
+    }
+
+    #[test]
+    fn te_trailers_survives() {
+        let mut h = map(&[("te", "trailers, deflate")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get("te").unwrap(), "trailers");
+        let mut h = map(&[("te", "gzip")]);
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("te").is_none());
+    }
+}

@@ -1,0 +1,274 @@
+//! The request path. Each request goes through the same short sequence of steps:
+//! admit → match route → attach credential → rewrite → forward → map errors → record.
+
+pub mod error;
+pub mod headers;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+
+pub use error::ProxyError;
+
+use crate::config::{Config, Limits, Upstream};
+use crate::metrics::Metrics;
+use crate::route::{self, RouteTable};
+use crate::token::{Providers, TokenSource};
+
+/// Body type for everything tokengate sends.
+pub type Body = BoxBody<Bytes, BoxError>;
+/// Error type of streamed bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A route ready to serve.
+pub struct Route {
+    /// Metrics and log label.
+    pub label: String,
+    /// The normalised prefix.
+    pub prefix: String,
+    /// Where requests go.
+    pub upstream: Upstream,
+    /// Remove the prefix before forwarding.
+    pub strip_prefix: bool,
+    /// Whose token is attached.
+    pub provider: Arc<TokenSource>,
+    client: upstream::UpstreamClient,
+}
+
+/// What a configuration turns into: the route table and its token sources. Swapped whole on
+/// reload, so a request sees one consistent version from start to end.
+pub struct Runtime {
+    /// Routes by prefix.
+    pub table: RouteTable<Arc<Route>>,
+    /// Token sources by provider name.
+    pub providers: Providers,
+    /// Limits in force.
+    pub limits: Limits,
+}
+
+impl Runtime {
+    /// Builds routes for `config` on top of already-built token sources.
+    pub fn build(config: &Config, providers: Providers) -> Result<Self, String> {
+        let mut clients = upstream::Clients::default();
+        let mut table = RouteTable::default();
+        for r in &config.routes {
+            let provider = providers
+                .get(&r.provider.0)
+                .cloned()
+                .ok_or_else(|| format!("route {}: unknown provider {}", r.label(), r.provider.0))?;
+            let client = clients
+                .get(&config.limits, r.ca_file.as_ref())
+                .map_err(|e| format!("route {}: {e}", r.label()))?;
+            let route = Route {
+                label: r.label().to_owned(),
+                prefix: r.prefix.as_str().to_owned(),
+                upstream: r.upstream.clone(),
+                strip_prefix: r.strip_prefix,
+                provider,
+                client,
+            };
+            table.insert(r.prefix.as_str(), Arc::new(route));
+        }
+        Ok(Runtime {
+            table,
+            providers,
+            limits: config.limits.clone(),
+        })
+    }
+}
+
+/// The proxy's shared state.
+pub struct Proxy {
+    /// The current routes and providers.
+    pub runtime: ArcSwap<Runtime>,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+impl Proxy {
+    /// Handles one downstream request. Never fails: every error becomes a response.
+    pub async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let runtime = self.runtime.load_full();
+        let method = method_label(req.method());
+        let (route, result) = match admit(&req).and_then(|()| match_route(&runtime, req.uri())) {
+            Err(e) => (None, Err(e)),
+            Ok(route) => {
+                let result = self.forward(&runtime, &route, req, remote).await;
+                if let Err(
+                    e @ (ProxyError::UpstreamUnreachable
+                    | ProxyError::UpstreamTimeout
+                    | ProxyError::UpstreamFailed),
+                ) = &result
+                {
+                    let kind = e.status_and_code().1;
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&[route.label.as_str(), kind])
+                        .inc();
+                }
+                (Some(route), result)
+            }
+        };
+        let label = route.as_ref().map_or("", |r| r.label.as_str());
+        let response = result.unwrap_or_else(ProxyError::into_response);
+        self.record(label, method, &response, started);
+        response
+    }
+
+    /// Attaches the credential, rewrites the request and forwards it.
+    async fn forward(
+        &self,
+        runtime: &Runtime,
+        route: &Route,
+        req: Request<Incoming>,
+        remote: SocketAddr,
+    ) -> Result<Response<Body>, ProxyError> {
+        let token = route
+            .provider
+            .get()
+            .await
+            .map_err(|e| ProxyError::TokenUnavailable {
+                provider: e.provider,
+            })?;
+        let (mut parts, body) = req.into_parts();
+        let version = match parts.version {
+            Version::HTTP_2 => "2",
+            Version::HTTP_10 => "1.0",
+            _ => "1.1",
+        };
+        headers::rewrite_request(
+            &mut parts.headers,
+            remote.ip(),
+            "http",
+            token.header.clone(),
+            version,
+        );
+        parts.uri = upstream_uri(route, &parts.uri)?;
+        // The upstream connection picks its own version (ALPN); hyper sets Host for HTTP/1.
+        parts.version = Version::HTTP_11;
+        let upstream_req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
+
+        self.metrics.inflight.inc();
+        let _inflight = scopeguard(|| self.metrics.inflight.dec());
+        let sent = tokio::time::timeout(
+            runtime.limits.upstream_timeout,
+            route.client.request(upstream_req),
+        )
+        .await;
+        let resp = match sent {
+            Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
+            Ok(Err(e)) if e.is_connect() => {
+                tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, "upstream unreachable");
+                return Err(ProxyError::UpstreamUnreachable);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, "upstream request failed");
+                return Err(ProxyError::UpstreamFailed);
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        let (mut parts, body) = resp.into_parts();
+        headers::rewrite_response(&mut parts.headers);
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(BoxError::from).boxed(),
+        ))
+    }
+
+    fn record(&self, route: &str, method: &str, response: &Response<Body>, started: Instant) {
+        let status = response.status();
+        self.metrics
+            .requests
+            .with_label_values(&[route, method, status.as_str()])
+            .inc();
+        self.metrics
+            .request_duration
+            .with_label_values(&[route])
+            .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            route,
+            method,
+            status = status.as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
+}
+
+/// Refuses request forms a reverse proxy must not serve.
+fn admit(req: &Request<Incoming>) -> Result<(), ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::Connect);
+    }
+    // HTTP/2 requests always carry scheme and authority; only HTTP/1 absolute-form is refused.
+    if req.version() != Version::HTTP_2 && req.uri().scheme().is_some() {
+        return Err(ProxyError::AbsoluteForm);
+    }
+    route::check_path(req.uri().path()).map_err(ProxyError::InvalidPath)
+}
+
+fn match_route(runtime: &Runtime, uri: &Uri) -> Result<Arc<Route>, ProxyError> {
+    runtime
+        .table
+        .lookup(uri.path())
+        .map(|(_, r)| Arc::clone(r))
+        .ok_or_else(|| ProxyError::NoRoute {
+            path: uri.path().to_owned(),
+        })
+}
+
+/// Builds the upstream URI from configured scheme and authority plus the checked path; client
+/// input is never parsed as a URL, so it cannot change the host.
+fn upstream_uri(route: &Route, uri: &Uri) -> Result<Uri, ProxyError> {
+    let mut path = route::upstream_path(
+        &route.upstream.base_path,
+        &route.prefix,
+        route.strip_prefix,
+        uri.path(),
+    );
+    if let Some(q) = uri.query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    Uri::builder()
+        .scheme(route.upstream.scheme.clone())
+        .authority(route.upstream.authority.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(|_| ProxyError::InvalidPath(route::PathError::BadByte))
+}
+
+/// A bounded label for the method (clients can send any token as a method).
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+struct Guard<F: FnMut()>(F);
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
+    Guard(f)
+}

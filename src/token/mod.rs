@@ -1,0 +1,384 @@
+//! Token sources: one cached token per provider, read lock-free on the hot path, refreshed in the
+//! background ahead of expiry, with one IdP call at a time however many requests are waiting.
+
+mod error;
+pub mod jwt;
+pub mod oauth2;
+pub mod response;
+pub mod schedule;
+mod send;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use http::HeaderValue;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+pub use error::FetchError;
+pub use response::{Issued, LifetimeSource};
+
+use crate::config::Provider;
+use crate::metrics::Metrics;
+use crate::secret::Secret;
+
+/// A token in the cache.
+pub struct Token {
+    /// The access token.
+    pub value: Secret,
+    /// `Bearer <token>`, ready to insert (marked sensitive).
+    pub header: HeaderValue,
+    /// Stated expiry.
+    pub expires_at: Instant,
+    /// Expiry as Unix time, for metrics and status.
+    pub expires_unix: f64,
+    /// After this the token is no longer attached (expiry minus a skew margin).
+    pub usable_until: Instant,
+    /// When the background refresh runs.
+    pub refresh_at: Instant,
+    /// Lifetime when issued.
+    pub lifetime: Duration,
+    /// Where the lifetime came from.
+    pub lifetime_source: LifetimeSource,
+    /// Granted scope.
+    pub scope: Option<String>,
+    /// Increases with every token this source installs.
+    pub generation: u64,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("value", &self.value)
+            .field("lifetime", &self.lifetime)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// No token can be attached right now.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("no valid token for provider {provider}: {reason}")]
+pub struct Unavailable {
+    /// The provider.
+    pub provider: String,
+    /// The last fetch error, or why none was attempted.
+    pub reason: String,
+}
+
+enum Fetcher {
+    OAuth2(oauth2::OAuth2Fetcher),
+}
+
+impl Fetcher {
+    async fn fetch(&self) -> Result<Issued, FetchError> {
+        match self {
+            Fetcher::OAuth2(f) => f.fetch().await,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Health {
+    last_error: Option<FetchError>,
+    last_success: Option<SystemTime>,
+    failures: u32,
+    /// Requests finding no token do not call the IdP again before this; they get 503 at once
+    /// while the background task retries.
+    quiet_until: Option<Instant>,
+}
+
+/// A provider's token cache and the machinery that keeps it filled.
+pub struct TokenSource {
+    name: String,
+    config: Provider,
+    fetcher: Fetcher,
+    current: ArcSwapOption<Token>,
+    fetch_lock: tokio::sync::Mutex<()>,
+    attempts: AtomicU64,
+    generation: AtomicU64,
+    health: Mutex<Health>,
+    wake: Arc<Notify>,
+    refresher: Mutex<Option<tokio::task::AbortHandle>>,
+    metrics: Metrics,
+}
+
+impl Drop for TokenSource {
+    fn drop(&mut self) {
+        if let Some(h) = self.refresher.lock().ok().and_then(|mut g| g.take()) {
+            h.abort();
+        }
+    }
+}
+
+/// A provider's state for `/readyz` and the CLI.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// A usable token is cached.
+    pub ready: bool,
+    /// Seconds until the cached token expires.
+    pub expires_in_seconds: Option<u64>,
+    /// Unix time of the last successful fetch.
+    pub last_success_unix: Option<u64>,
+    /// The last fetch error (no secrets), while failing.
+    pub last_error: Option<String>,
+    /// Consecutive failed fetches.
+    pub consecutive_failures: u32,
+}
+
+impl TokenSource {
+    /// Creates the source; nothing is fetched until [`TokenSource::start`] or [`TokenSource::get`].
+    pub fn new(name: &str, config: &Provider, metrics: Metrics) -> Result<Arc<Self>, String> {
+        let fetcher = match config {
+            Provider::OAuth2(p) => {
+                let http = send::client(&p.common).map_err(|e| format!("provider {name}: {e}"))?;
+                Fetcher::OAuth2(oauth2::OAuth2Fetcher::new(name, p.clone(), http))
+            }
+        };
+        Ok(Arc::new(TokenSource {
+            name: name.to_owned(),
+            config: config.clone(),
+            fetcher,
+            current: ArcSwapOption::empty(),
+            fetch_lock: tokio::sync::Mutex::new(()),
+            attempts: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            health: Mutex::new(Health::default()),
+            wake: Arc::new(Notify::new()),
+            refresher: Mutex::new(None),
+            metrics,
+        }))
+    }
+
+    /// The provider name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The configuration this source was built from.
+    pub fn config(&self) -> &Provider {
+        &self.config
+    }
+
+    /// Starts the background task: an eager first fetch, then refreshes ahead of expiry and
+    /// retries with backoff. It stops when the source is dropped.
+    pub fn start(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let wake = self.wake.clone();
+        let handle = tokio::spawn(refresh_loop(weak, wake));
+        if let Ok(mut g) = self.refresher.lock() {
+            *g = Some(handle.abort_handle());
+        }
+    }
+
+    /// The cached token if it is still usable. Lock-free.
+    pub fn usable(&self) -> Option<Arc<Token>> {
+        let guard = self.current.load();
+        match &*guard {
+            Some(t) if Instant::now() < t.usable_until => Some(Arc::clone(t)),
+            _ => None,
+        }
+    }
+
+    /// A usable token: the cached one, or one fetched now. Concurrent callers share one fetch;
+    /// after a failure, callers get an error at once until the retry delay has passed.
+    pub async fn get(&self) -> Result<Arc<Token>, Unavailable> {
+        if let Some(t) = self.usable() {
+            return Ok(t);
+        }
+        let quiet = self.health.lock().ok().and_then(|h| h.quiet_until);
+        if quiet.is_some_and(|q| Instant::now() < q) {
+            return Err(self.unavailable());
+        }
+        self.fetch(false).await
+    }
+
+    /// Fetches a new token even if the cached one is usable (unless another fetch finished while
+    /// waiting for the lock).
+    pub async fn refresh(&self) -> Result<Arc<Token>, Unavailable> {
+        self.fetch(true).await
+    }
+
+    async fn fetch(&self, force: bool) -> Result<Arc<Token>, Unavailable> {
+        let seen = self.attempts.load(Ordering::Acquire);
+        let _flight = self.fetch_lock.lock().await;
+        if self.attempts.load(Ordering::Acquire) != seen {
+            // Someone else fetched while this caller waited: share the outcome.
+            return self.usable().ok_or_else(|| self.unavailable());
+        }
+        if !force {
+            if let Some(t) = self.usable() {
+                return Ok(t);
+            }
+        }
+        let started = Instant::now();
+        let result = self.fetcher.fetch().await;
+        self.metrics
+            .token_fetch_duration
+            .with_label_values(&[&self.name])
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match result {
+            Ok(issued) => {
+                self.metrics
+                    .token_fetches
+                    .with_label_values(&[&self.name, "success"])
+                    .inc();
+                Ok(self.install(issued))
+            }
+            Err(e) => {
+                self.metrics
+                    .token_fetches
+                    .with_label_values(&[self.name.as_str(), &e.label()])
+                    .inc();
+                let level_error = !e.is_transient();
+                if level_error {
+                    tracing::error!(provider = %self.name, error = %e, "token fetch failed; check the provider configuration");
+                } else {
+                    tracing::warn!(provider = %self.name, error = %e, "token fetch failed; will retry");
+                }
+                if let Ok(mut h) = self.health.lock() {
+                    h.failures += 1;
+                    let delay = schedule::backoff(h.failures, rand::random(), e.retry_after());
+                    h.quiet_until = Some(Instant::now() + delay);
+                    h.last_error = Some(e);
+                }
+                self.usable().ok_or_else(|| self.unavailable())
+            }
+        };
+        self.attempts.fetch_add(1, Ordering::Release);
+        outcome
+    }
+
+    fn install(&self, issued: Issued) -> Arc<Token> {
+        let now = Instant::now();
+        let lifetime = issued.lifetime;
+        let margin = schedule::refresh_margin(lifetime, self.config.common().refresh_margin);
+        let refresh_in = lifetime.saturating_sub(margin + schedule::jitter(margin, rand::random()));
+        let expires_unix = SystemTime::now()
+            .checked_add(lifetime)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        let mut header = HeaderValue::from_str(&format!("Bearer {}", issued.access_token.expose()))
+            .unwrap_or_else(|_| HeaderValue::from_static("Bearer"));
+        header.set_sensitive(true);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let token = Arc::new(Token {
+            value: issued.access_token,
+            header,
+            expires_at: now + lifetime,
+            expires_unix,
+            usable_until: now + lifetime.saturating_sub(schedule::expiry_skew(lifetime)),
+            refresh_at: now + refresh_in,
+            lifetime,
+            lifetime_source: issued.lifetime_source,
+            scope: issued.scope,
+            generation,
+        });
+        self.current.store(Some(Arc::clone(&token)));
+        self.metrics
+            .token_expiry
+            .with_label_values(&[&self.name])
+            .set(expires_unix);
+        if let Ok(mut h) = self.health.lock() {
+            *h = Health {
+                last_success: Some(SystemTime::now()),
+                ..Health::default()
+            };
+        }
+        tracing::info!(
+            provider = %self.name,
+            lifetime_s = lifetime.as_secs(),
+            refresh_in_s = refresh_in.as_secs(),
+            generation,
+            "token obtained"
+        );
+        token
+    }
+
+    fn unavailable(&self) -> Unavailable {
+        let reason = self
+            .health
+            .lock()
+            .ok()
+            .and_then(|h| h.last_error.as_ref().map(ToString::to_string))
+            .unwrap_or_else(|| "no token has been obtained yet".into());
+        Unavailable {
+            provider: self.name.clone(),
+            reason,
+        }
+    }
+
+    /// State for health endpoints.
+    pub fn status(&self) -> Status {
+        let token = self.usable();
+        let h = self.health.lock();
+        let (last_error, last_success, failures) = match &h {
+            Ok(h) => (
+                h.last_error.as_ref().map(ToString::to_string),
+                h.last_success,
+                h.failures,
+            ),
+            Err(_) => (None, None, 0),
+        };
+        Status {
+            ready: token.is_some(),
+            expires_in_seconds: token.map(|t| {
+                t.expires_at
+                    .saturating_duration_since(Instant::now())
+                    .as_secs()
+            }),
+            last_success_unix: last_success
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+            last_error,
+            consecutive_failures: failures,
+        }
+    }
+}
+
+async fn refresh_loop(weak: Weak<TokenSource>, wake: Arc<Notify>) {
+    loop {
+        let delay = {
+            let Some(source) = weak.upgrade() else { return };
+            let now = Instant::now();
+            let retry_at = source
+                .health
+                .lock()
+                .ok()
+                .and_then(|h| h.quiet_until.filter(|_| h.failures > 0));
+            let due = source.current.load().as_ref().map_or(now, |t| t.refresh_at);
+            // After a failure, retry when the backoff says so, even if the token is still usable.
+            retry_at.unwrap_or(due).saturating_duration_since(now)
+        };
+        if !delay.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = wake.notified() => {}
+            }
+        }
+        let Some(source) = weak.upgrade() else { return };
+        let due = source
+            .current
+            .load()
+            .as_ref()
+            .is_none_or(|t| Instant::now() >= t.refresh_at);
+        if due {
+            // Errors are recorded (and logged) inside; the next round computes the retry delay.
+            let _ = source.refresh().await;
+        }
+    }
+}
+
+/// All providers of a configuration, by name.
+pub type Providers = std::collections::BTreeMap<String, Arc<TokenSource>>;
+
+/// Builds token sources for every provider in `config` (not started).
+pub fn build(config: &crate::config::Config, metrics: &Metrics) -> Result<Providers, String> {
+    config
+        .providers
+        .iter()
+        .map(|(name, p)| Ok((name.clone(), TokenSource::new(name, p, metrics.clone())?)))
+        .collect()
+}

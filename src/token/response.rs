@@ -1,0 +1,326 @@
+//! Turning an IdP's answer into a token or an error.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use super::error::{FetchError, tidy};
+use super::jwt;
+use crate::secret::Secret;
+
+/// A token as issued, before it is scheduled.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The access token.
+    pub access_token: Secret,
+    /// How long it is valid from now.
+    pub lifetime: Duration,
+    /// Where the lifetime came from.
+    pub lifetime_source: LifetimeSource,
+    /// A refresh token, if one came back.
+    pub refresh_token: Option<Secret>,
+    /// Granted scope, as sent (order not meaningful).
+    pub scope: Option<String>,
+}
+
+/// Which field the lifetime was derived from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifetimeSource {
+    /// Relative seconds (`expires_in`).
+    ExpiresIn,
+    /// Absolute epoch seconds (`expires_at`).
+    ExpiresAt,
+    /// The access token's JWT `exp` claim.
+    JwtExp,
+    /// The provider's `default_ttl`.
+    Default,
+}
+
+/// Names of the JSON fields of a token response; dotted names reach into nested objects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldMap {
+    /// Field holding the access token.
+    pub access_token: String,
+    /// Field with the lifetime in seconds, if the response has one.
+    pub expires_in: Option<String>,
+    /// Field with the absolute expiry in epoch seconds, if the response has one.
+    pub expires_at: Option<String>,
+    /// Field with the refresh token.
+    pub refresh_token: Option<String>,
+    /// Field with the token type, checked to be Bearer when present.
+    pub token_type: Option<String>,
+    /// Field with the granted scope.
+    pub scope: Option<String>,
+}
+
+impl FieldMap {
+    /// RFC 6749 §5.1 names.
+    pub fn oauth2() -> Self {
+        FieldMap {
+            access_token: "access_token".into(),
+            expires_in: Some("expires_in".into()),
+            expires_at: None,
+            refresh_token: Some("refresh_token".into()),
+            token_type: Some("token_type".into()),
+            scope: Some("scope".into()),
+        }
+    }
+}
+
+fn field<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.')
+        .try_fold(v, |v, k| v.get(k))
+        .filter(|v| !v.is_null())
+}
+
+/// A JSON number or numeric string, as seconds.
+fn seconds(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Parses a successful (2xx) token response body.
+///
+/// The lifetime is taken from `expires_in`, else `expires_at` (relative to the reply's `Date`, so
+/// a skewed local clock does not matter), else the JWT `exp`, else `default_ttl`. A stated lifetime
+/// of zero or less is treated as unknown, never as "forever".
+pub fn parse_success(
+    body: &[u8],
+    map: &FieldMap,
+    date: Option<SystemTime>,
+    default_ttl: Duration,
+) -> Result<Issued, FetchError> {
+    let json: Value = serde_json::from_slice(body).map_err(|_| {
+        let start = String::from_utf8_lossy(&body[..body.len().min(40)]).to_string();
+        FetchError::Malformed(if start.trim_start().starts_with('<') {
+            "the body is HTML, not JSON (a proxy or error page?)".into()
+        } else {
+            "the body is not JSON".into()
+        })
+    })?;
+    if !json.is_object() {
+        return Err(FetchError::Malformed(
+            "the body is not a JSON object".into(),
+        ));
+    }
+    let access_token = match field(&json, &map.access_token) {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(_) => {
+            return Err(FetchError::Malformed(format!(
+                "`{}` is not a non-empty string",
+                map.access_token
+            )));
+        }
+        None => {
+            return Err(FetchError::Malformed(format!(
+                "no `{}` in the response",
+                map.access_token
+            )));
+        }
+    };
+    if access_token.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+        return Err(FetchError::Malformed(format!(
+            "`{}` contains characters not allowed in a header",
+            map.access_token
+        )));
+    }
+    if let Some(tt) = map.token_type.as_deref().and_then(|f| field(&json, f)) {
+        let tt = tt.as_str().unwrap_or_default();
+        if !tt.eq_ignore_ascii_case("bearer") {
+            return Err(FetchError::UnsupportedTokenType(tidy(tt)));
+        }
+    }
+    let stated = |name: &Option<String>| -> Result<Option<f64>, FetchError> {
+        match name.as_deref().and_then(|f| field(&json, f)) {
+            None => Ok(None),
+            Some(v) => seconds(v).map(Some).ok_or_else(|| {
+                FetchError::Malformed(format!(
+                    "`{}` is not a number",
+                    name.as_deref().unwrap_or_default()
+                ))
+            }),
+        }
+    };
+    let now = unix_now();
+    let reference = date
+        .and_then(|d| d.duration_since(UNIX_EPOCH).ok())
+        .map_or(now, |d| d.as_secs_f64());
+    let positive = |secs: f64| {
+        (secs.is_finite() && secs >= 1.0).then(|| Duration::from_secs_f64(secs.min(1e9)))
+    };
+    let (lifetime, lifetime_source) = if let Some(l) = stated(&map.expires_in)?.and_then(positive) {
+        (l, LifetimeSource::ExpiresIn)
+    } else if let Some(l) = stated(&map.expires_at)?.and_then(|at| positive(at - reference)) {
+        (l, LifetimeSource::ExpiresAt)
+    } else if let Some(l) = jwt::expiry(&access_token).and_then(|exp| positive(exp - now)) {
+        (l, LifetimeSource::JwtExp)
+    } else {
+        (default_ttl, LifetimeSource::Default)
+    };
+    let refresh_token = map
+        .refresh_token
+        .as_deref()
+        .and_then(|f| field(&json, f))
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(Secret::new);
+    let scope = map
+        .scope
+        .as_deref()
+        .and_then(|f| field(&json, f))
+        .and_then(Value::as_str)
+        .map(tidy);
+    Ok(Issued {
+        access_token: Secret::new(access_token),
+        lifetime,
+        lifetime_source,
+        refresh_token,
+        scope,
+    })
+}
+
+/// Parses a non-2xx answer: RFC 6749 §5.2 `{"error","error_description"}` or Screening Eagle's
+/// `{"error","errorDescription"}`; anything else becomes a bare status error.
+pub fn parse_error(status: u16, body: &[u8], retry_after: Option<Duration>) -> FetchError {
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    let error = json
+        .as_ref()
+        .and_then(|j| j.get("error"))
+        .and_then(Value::as_str);
+    match error {
+        Some(error) => {
+            let description = json
+                .as_ref()
+                .and_then(|j| {
+                    j.get("error_description")
+                        .or_else(|| j.get("errorDescription"))
+                })
+                .and_then(Value::as_str)
+                .map(tidy);
+            FetchError::Idp {
+                status,
+                error: tidy(error),
+                description,
+                retry_after,
+            }
+        }
+        None => FetchError::Status {
+            status,
+            retry_after,
+        },
+    }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date.
+pub fn retry_after(value: Option<&str>) -> Option<Duration> {
+    let v = value?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    httpdate::parse_http_date(v)
+        .ok()?
+        .duration_since(SystemTime::now())
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(300);
+
+    fn ok(body: &str) -> Result<Issued, FetchError> {
+        parse_success(body.as_bytes(), &FieldMap::oauth2(), None, TTL)
+    }
+
+    #[test]
+    fn corti_keycloak_reply_with_extra_fields() {
+        let t = ok(r#"{"access_token":"ey.x","expires_in":300,"refresh_expires_in":0,"token_type":"Bearer","id_token":"e","not-before-policy":0,"scope":"openid email profile"}"#).unwrap();
+        assert_eq!(t.access_token.expose(), "ey.x");
+        assert_eq!(t.lifetime, Duration::from_secs(300));
+        assert!(t.refresh_token.is_none());
+    }
+
+    #[test]
+    fn expires_in_as_string_and_lowercase_bearer() {
+        let t = ok(r#"{"access_token":"a","expires_in":"3600","token_type":"bearer"}"#).unwrap();
+        assert_eq!(t.lifetime, Duration::from_secs(3600));
+        assert_eq!(t.lifetime_source, LifetimeSource::ExpiresIn);
+    }
+
+    #[test]
+    fn missing_or_zero_expiry_falls_back_to_default_never_forever() {
+        assert_eq!(ok(r#"{"access_token":"a"}"#).unwrap().lifetime, TTL);
+        let t = ok(r#"{"access_token":"a","expires_in":0}"#).unwrap();
+        assert_eq!(
+            (t.lifetime, t.lifetime_source),
+            (TTL, LifetimeSource::Default)
+        );
+    }
+
+    #[test]
+    fn rejects_unusable_responses() {
+        assert!(matches!(
+            ok(r#"{"token_type":"Bearer"}"#),
+            Err(FetchError::Malformed(_))
+        ));
+        assert!(
+            matches!(ok("<html>oops</html>"), Err(FetchError::Malformed(m)) if m.contains("HTML"))
+        );
+        assert!(matches!(
+            ok(r#"{"access_token":"a","token_type":"mac"}"#),
+            Err(FetchError::UnsupportedTokenType(_))
+        ));
+        assert!(matches!(
+            ok(r#"{"access_token":"a b"}"#),
+            Err(FetchError::Malformed(_))
+        ));
+        assert!(matches!(
+            ok(r#"{"access_token":"a","expires_in":"soon"}"#),
+            Err(FetchError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn both_error_shapes_are_understood() {
+        let e = parse_error(
+            401,
+            br#"{"error":"unauthorized_client","error_description":"Invalid client"}"#,
+            None,
+        );
+        assert_eq!(
+            e.to_string(),
+            "the identity provider refused: HTTP 401, error \"unauthorized_client\": Invalid client"
+        );
+        let e = parse_error(
+            403,
+            br#"{"error":"Forbidden","errorDescription":"permission denied"}"#,
+            None,
+        );
+        assert_eq!(
+            e.to_string(),
+            "the identity provider refused: HTTP 403, error \"Forbidden\": permission denied"
+        );
+        assert!(matches!(
+            parse_error(502, b"<html>", None),
+            FetchError::Status { status: 502, .. }
+        ));
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(retry_after(Some("7")), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after(Some("garbage")), None);
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        assert!(retry_after(Some(&later)).unwrap() > Duration::from_secs(100));
+    }
+}
