@@ -57,6 +57,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One process-wide TLS provider, so no library falls back to a different one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     init_logging(&cli);
     let workers = match &cli.command {
         Some(Command::Run { workers }) => *workers,

@@ -122,6 +122,9 @@ pub struct RouteConfig {
     /// Extra PEM CA bundle trusted for this upstream, in addition to the public roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Headers set on every upstream request of this route (an API's tenant header, say).
+    #[serde(default, deserialize_with = "provider::header_map")]
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 fn yes() -> bool {
@@ -251,15 +254,7 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
-    /// The YAML is malformed or a value is wrong; the message names the key, line and column.
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: String,
-        /// serde's message: key path, problem, line and column.
-        message: String,
-    },
-    /// The values parse but do not fit together (a route naming an unknown provider, say).
+    /// A value is malformed or missing, or values do not fit together.
     #[error("{path}:{}: {key}: {message}", line.map_or_else(|| "?".to_string(), |l| l.to_string()))]
     Invalid {
         /// The file.
@@ -284,9 +279,22 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses configuration text; `path` is only used in error messages.
 pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
-    let config: Config = serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
+    let de = serde_norway::Deserializer::from_str(text);
+    let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        // serde points at the start of the enclosing mapping for errors raised by value parsers,
+        // `locate` at the key itself; the later of the two is the offending line.
+        let line = match (inner.location().map(|l| l.line()), locate(text, &key)) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            line,
+            message: bare_message(&inner.to_string(), &key),
+            key,
+        }
     })?;
     let invalid = |key: String, message: String| ConfigError::Invalid {
         line: locate(text, &key),
@@ -337,6 +345,21 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
         ));
     }
     Ok(config)
+}
+
+/// serde_norway's message without its own key prefix and position suffix, which the caller
+/// reports in a uniform way.
+fn bare_message(message: &str, key: &str) -> String {
+    let mut m = message;
+    if let Some(i) = m.rfind(" at line ") {
+        m = &m[..i];
+    }
+    if let Some((prefix, rest)) = m.split_once(": ") {
+        if key.starts_with(prefix) {
+            m = rest;
+        }
+    }
+    m.to_owned()
 }
 
 /// Finds the line of a dotted key path such as `routes[2].provider` in block-style YAML.
@@ -419,10 +442,9 @@ routes:
             .replace("    provider: idp", "    provider: idp\n    upstrem: x");
         let err = parse_with_env(&text).unwrap_err().to_string();
         assert!(
-            err.starts_with("test.yaml: routes[0]: unknown field `upstrem`"),
+            err.starts_with("test.yaml:12: routes[0].upstrem: unknown field `upstrem`"),
             "{err}"
         );
-        assert!(err.contains("line 12"), "{err}");
     }
 
     #[test]
@@ -438,23 +460,46 @@ routes:
     #[test]
     fn bad_values_are_rejected_with_their_line() {
         for (from, to, needle) in [
-            ("prefix: /api/", "prefix: api", "must start with '/'"),
-            ("prefix: /api/", "prefix: /a/../b", "plain path"),
+            (
+                "prefix: /api/",
+                "prefix: api",
+                "test.yaml:9: routes[0].prefix: prefix \"api\" must start with '/'",
+            ),
+            (
+                "prefix: /api/",
+                "prefix: /a/../b",
+                "test.yaml:9: routes[0].prefix: prefix \"/a/../b\" must be a plain path",
+            ),
             (
                 "https://api.example.com/v2/",
                 "ftp://x",
-                "https:// or http://",
+                "test.yaml:10: routes[0].upstream: upstream \"ftp://x\" must start with https://",
             ),
-            ("https://api.example.com/v2/", "https://u:p@x/", "user info"),
-            ("https://api.example.com/v2/", "https://x/?a=1", "query"),
+            (
+                "https://api.example.com/v2/",
+                "https://u:p@x/",
+                "test.yaml:10: routes[0].upstream: upstream \"https://u:p@x/\" must not contain user info",
+            ),
+            (
+                "https://api.example.com/v2/",
+                "https://x/?a=1",
+                "test.yaml:10: routes[0].upstream: upstream \"https://x/?a=1\" must not have a query",
+            ),
+            (
+                "client_id: app",
+                "client_id: ''",
+                "test.yaml:2: providers.idp: client_id is empty",
+            ),
+            (
+                "scopes: [read]",
+                "scopes: [read]\n    username: bob",
+                "test.yaml:2: providers.idp: username does not apply",
+            ),
         ] {
             let err = parse_with_env(&MINIMAL.replace(from, to))
                 .unwrap_err()
                 .to_string();
-            assert!(
-                err.contains(needle) && err.contains("line 9"),
-                "{to}: {err}"
-            );
+            assert!(err.starts_with(needle), "{to}: {err}");
         }
     }
 
@@ -482,7 +527,9 @@ routes:
         assert_eq!(p.client_secret.as_ref().unwrap().expose(), "a: b # c");
         let err = parse_with_env(&text).unwrap_err().to_string();
         assert!(
-            err.contains("SECRET is not set") && err.contains("line 6"),
+            err.starts_with(
+                "test.yaml:6: providers.idp.client_secret: environment variable SECRET is not set"
+            ),
             "{err}"
         );
     }

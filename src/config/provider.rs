@@ -258,6 +258,23 @@ impl RawCommon {
     }
 }
 
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// `deserialize_with` for a map of extra headers.
+pub(super) fn header_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<(HeaderName, HeaderValue)>, D::Error> {
+    headers(BTreeMap::<String, Text>::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
 pub(super) fn headers(
     raw: BTreeMap<String, Text>,
 ) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
@@ -265,7 +282,12 @@ pub(super) fn headers(
         .map(|(k, v)| {
             let name = HeaderName::from_bytes(k.as_bytes())
                 .map_err(|_| format!("invalid header name {k:?}"))?;
-            if name == http::header::AUTHORIZATION || name == http::header::CONTENT_TYPE {
+            let reserved = [
+                http::header::AUTHORIZATION,
+                http::header::CONTENT_TYPE,
+                http::header::HOST,
+            ];
+            if reserved.contains(&name) || HOP_BY_HOP.contains(&name.as_str()) {
                 return Err(format!(
                     "header {k:?} is set by tokengate and cannot be configured"
                 ));

@@ -40,6 +40,8 @@ pub struct Route {
     pub strip_prefix: bool,
     /// Whose token is attached.
     pub provider: Arc<TokenSource>,
+    /// Headers set on every upstream request.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     client: upstream::UpstreamClient,
 }
 
@@ -73,6 +75,7 @@ impl Runtime {
                 upstream: r.upstream.clone(),
                 strip_prefix: r.strip_prefix,
                 provider,
+                headers: r.headers.clone(),
                 client,
             };
             table.insert(r.prefix.as_str(), Arc::new(route));
@@ -118,7 +121,7 @@ impl Proxy {
                 (Some(route), result)
             }
         };
-        let label = route.as_ref().map_or("", |r| r.label.as_str());
+        let label = route.as_ref().map_or("_unmatched", |r| r.label.as_str());
         let response = result.unwrap_or_else(ProxyError::into_response);
         self.record(label, method, &response, started);
         response

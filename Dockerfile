@@ -1,0 +1,19 @@
+# Build: the same `cargo build --release --locked` that CI runs.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked
+
+# Run: a minimal image with glibc and CA certificates, as an unprivileged user.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/tokengate /usr/local/bin/tokengate
+# Mount the configuration here (a ConfigMap) and secrets as files or environment variables.
+# In a container the config must listen on 0.0.0.0 (the default is loopback) and should
+# restrict who may connect.
+ENV TOKENGATE_CONFIG=/etc/tokengate/tokengate.yaml
+USER nonroot:nonroot
+EXPOSE 8080 9090
+# Probes: GET :9090/healthz (liveness) and :9090/readyz (readiness: a token per provider).
+ENTRYPOINT ["/usr/local/bin/tokengate"]
+CMD ["run"]

@@ -1,0 +1,166 @@
+//! The `tokengate` binary: `check` on the shipped example configs and on broken files.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+const PLACEHOLDERS: &[(&str, &str)] = &[
+    ("COREVIEW_CLIENT_ID", "placeholder-id"),
+    ("COREVIEW_CLIENT_SECRET", "placeholder-secret"),
+    ("COREVIEW_GOV_CLIENT_ID", "placeholder-id"),
+    ("COREVIEW_GOV_CLIENT_SECRET", "placeholder-secret"),
+    ("CORTI_ENVIRONMENT", "eu"),
+    ("CORTI_TENANT", "acme"),
+    ("CORTI_CLIENT_ID", "placeholder-id"),
+    ("CORTI_CLIENT_SECRET", "placeholder-secret"),
+    ("SCREENING_EAGLE_CLIENT_ID", "placeholder-id"),
+    ("SCREENING_EAGLE_API_URL", "https://api.example.com"),
+    (
+        "COVATA_TOKEN_URL",
+        "https://covata.example.com/api/oauth/token",
+    ),
+    ("COVATA_API_URL", "https://covata.example.com/api"),
+    ("COVATA_CLIENT_ID", "placeholder-id"),
+    ("COVATA_CLIENT_SECRET", "placeholder-secret"),
+    ("COVATA_USERNAME", "placeholder-user"),
+    ("COVATA_PASSWORD", "placeholder-password"),
+    ("SENSU_URL", "https://sensu.example.com:8080"),
+    ("SENSU_USERNAME", "placeholder-user"),
+    ("SENSU_PASSWORD", "placeholder-password"),
+    ("EXAMPLE_CLIENT_ID", "placeholder-id"),
+    ("EXAMPLE_CLIENT_SECRET", "placeholder-secret"),
+];
+
+fn tokengate(args: &[&str], secret_file: &std::path::Path) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokengate"));
+    cmd.args(args)
+        .env_clear()
+        .env("SCREENING_EAGLE_CLIENT_SECRET_FILE", secret_file);
+    for (k, v) in PLACEHOLDERS {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn every_example_config_passes_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "placeholder-secret\n").unwrap();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = tokengate(&["check", "-c", path.to_str().unwrap()], &secret);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{}: {}{stdout}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                stdout.contains("OK") && stdout.contains("routes"),
+                "{stdout}"
+            );
+            assert!(
+                !stdout.contains("placeholder-secret") && !stdout.contains("placeholder-password"),
+                "{stdout}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "only {checked} example configs");
+}
+
+#[test]
+fn coreview_example_routes_six_datacenters_through_two_identity_providers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokengate(
+        &[
+            "check",
+            "-c",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/coreview.yaml"),
+        ],
+        &dir.path().join("x"),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for host in [
+        "apiproxy",
+        "usapiproxy",
+        "caeapiproxy",
+        "ausapiproxy",
+        "uknapiproxy",
+    ] {
+        assert!(
+            stdout.contains(&format!("https://{host}.coreview.com ")),
+            "{host}: {stdout}"
+        );
+    }
+    let gov = stdout
+        .lines()
+        .find(|l| l.contains("usgovapiproxy"))
+        .unwrap();
+    assert!(
+        gov.contains("/coreview/gov") && gov.ends_with("provider=coreview-gov"),
+        "{gov}"
+    );
+    assert!(stdout.contains("issuer https://identity.coreview.com/ (discovery)"));
+    assert!(stdout.contains("issuer https://usidentity.coreview.com/ (discovery)"));
+}
+
+#[test]
+fn check_reports_file_line_and_key_for_a_bad_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "providers: {}\nroutes:\n  - prefix: /a\n    upstream: https://x\n    provider: nope\n",
+            "bad.yaml:5: routes[0].provider: no provider named \"nope\"",
+        ),
+        (
+            "providers: {}\nroutes:\n  - prefix: /a\n    upstream: https://x\n    provder: p\n",
+            "bad.yaml:5: routes[0].provder: unknown field `provder`",
+        ),
+        (
+            "listen: nowhere\nproviders: {}\nroutes: []\n",
+            "bad.yaml:1: listen: invalid listen address \"nowhere\"",
+        ),
+        (
+            "providers:\n  p:\n    type: oauth2\n    token_url: http://idp.example.com/t\n    client_id: a\n    client_secret: b\nroutes: []\n",
+            "uses plain http",
+        ),
+        (
+            "providers:\n  p:\n    type: oauth2\n    token_url: https://idp/t\n    client_id: a\n    client_secret: ${UNSET_SECRET}\nroutes: []\n",
+            "environment variable UNSET_SECRET is not set",
+        ),
+    ];
+    for (text, expected) in cases {
+        let path = dir.path().join("bad.yaml");
+        std::fs::write(&path, text).unwrap();
+        let out = tokengate(&["check", "-c", path.to_str().unwrap()], &path);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "expected {expected:?} in {stderr}"
+        );
+        assert!(stderr.contains("bad.yaml"), "{stderr}");
+        assert!(
+            stderr.contains(".yaml:")
+                && stderr
+                    .split(".yaml:")
+                    .nth(1)
+                    .unwrap()
+                    .starts_with(|c: char| c.is_ascii_digit()),
+            "no line in {stderr}"
+        );
+    }
+    let out = tokengate(
+        &["check", "-c", "/nonexistent/tokengate.yaml"],
+        &dir.path().join("x"),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("/nonexistent/tokengate.yaml: cannot read the file")
+    );
+}

@@ -1,0 +1,324 @@
+//! Test harness: in-process mock identity providers and upstreams built on hyper, and a real
+//! tokengate server on ephemeral loopback ports.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+
+pub const ANY: &str = "127.0.0.1:0";
+
+pub fn any() -> SocketAddr {
+    ANY.parse().unwrap()
+}
+
+/// A request as a mock server saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+    pub fn form(&self) -> HashMap<String, String> {
+        form_urlencoded::parse(&self.body).into_owned().collect()
+    }
+}
+
+async fn capture(req: Request<Incoming>) -> Seen {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let headers = req.headers().clone();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Seen {
+        method,
+        path,
+        query,
+        headers,
+        body,
+    }
+}
+
+pub fn json(status: u16, v: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+/// How the mock IdP expects the client to authenticate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Auth {
+    Basic,
+    Post,
+}
+
+#[derive(Clone)]
+pub struct IdpOptions {
+    pub client_id: String,
+    pub client_secret: String,
+    pub auth: Auth,
+    pub lifetime: Duration,
+    pub delay: Duration,
+    pub required_scope: Option<String>,
+}
+
+impl Default for IdpOptions {
+    fn default() -> Self {
+        IdpOptions {
+            client_id: "client-1".into(),
+            client_secret: "secret-1".into(),
+            auth: Auth::Basic,
+            lifetime: Duration::from_secs(3600),
+            delay: Duration::ZERO,
+            required_scope: None,
+        }
+    }
+}
+
+/// A client_credentials token endpoint at `/token` that enforces client authentication exactly
+/// as RFC 6749 §2.3.1 describes, and remembers what it issued.
+#[derive(Clone)]
+pub struct Idp {
+    pub addr: SocketAddr,
+    pub calls: Arc<AtomicUsize>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Token → when it expires.
+    pub issued: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+impl Idp {
+    pub async fn start(opts: IdpOptions) -> Idp {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let issued = Arc::new(Mutex::new(HashMap::new()));
+        let (c, s, i) = (calls.clone(), seen.clone(), issued.clone());
+        let addr = tokengate::demo::serve_fn(any(), move |req| {
+            let (calls, seen, issued, opts) = (c.clone(), s.clone(), i.clone(), opts.clone());
+            async move {
+                let req = capture(req).await;
+                seen.lock().unwrap().push(req.clone());
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::time::sleep(opts.delay).await;
+                if req.method != "POST" || req.path != "/token" {
+                    return json(404, serde_json::json!({"error": "not_found"}));
+                }
+                if req.header("content-type").as_deref() != Some("application/x-www-form-urlencoded") {
+                    return json(400, serde_json::json!({"error": "invalid_request", "error_description": "content-type"}));
+                }
+                let form = req.form();
+                let authenticated = match opts.auth {
+                    Auth::Basic => {
+                        !form.contains_key("client_secret") && basic_matches(&req, &opts.client_id, &opts.client_secret)
+                    }
+                    Auth::Post => {
+                        req.header("authorization").is_none()
+                            && form.get("client_id") == Some(&opts.client_id)
+                            && form.get("client_secret") == Some(&opts.client_secret)
+                    }
+                };
+                if !authenticated {
+                    return json(401, serde_json::json!({"error": "invalid_client", "error_description": "Invalid client credentials"}));
+                }
+                if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+                    return json(400, serde_json::json!({"error": "unsupported_grant_type"}));
+                }
+                if let Some(scope) = &opts.required_scope {
+                    let want: std::collections::BTreeSet<&str> = scope.split(' ').collect();
+                    let got: std::collections::BTreeSet<&str> =
+                        form.get("scope").map(|s| s.split(' ').collect()).unwrap_or_default();
+                    if want != got {
+                        return json(400, serde_json::json!({"error": "invalid_scope"}));
+                    }
+                }
+                let token = format!("tok-{n}-{:x}", rand::random::<u64>());
+                issued.lock().unwrap().insert(token.clone(), Instant::now() + opts.lifetime);
+                json(
+                    200,
+                    serde_json::json!({
+                        "access_token": token,
+                        "token_type": "Bearer",
+                        "expires_in": opts.lifetime.as_secs_f64().round() as u64,
+                    }),
+                )
+            }
+        })
+        .await
+        .unwrap();
+        Idp {
+            addr,
+            calls,
+            seen,
+            issued,
+        }
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("http://{}/token", self.addr)
+    }
+
+    /// True when `bearer` is a token this IdP issued and it has not expired.
+    pub fn valid(&self, bearer: &str) -> bool {
+        let token = bearer.strip_prefix("Bearer ").unwrap_or("");
+        self.issued
+            .lock()
+            .unwrap()
+            .get(token)
+            .is_some_and(|exp| Instant::now() < *exp)
+    }
+}
+
+/// Checks `Authorization: Basic` per RFC 6749 §2.3.1: base64 of form-urlencoded id and secret.
+pub fn basic_matches(req: &Seen, id: &str, secret: &str) -> bool {
+    let Some(h) = req.header("authorization") else {
+        return false;
+    };
+    let Some(b64) = h.strip_prefix("Basic ") else {
+        return false;
+    };
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64) else {
+        return false;
+    };
+    let Ok(pair) = String::from_utf8(raw) else {
+        return false;
+    };
+    let Some((i, s)) = pair.split_once(':') else {
+        return false;
+    };
+    let decode = |v: &str| -> String {
+        form_urlencoded::parse(format!("x={v}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    decode(i) == id && decode(s) == secret && !pair.ends_with('\n')
+}
+
+/// An upstream that records each request and answers with a JSON echo. With an IdP, requests
+/// without a currently valid token from it get 401.
+#[derive(Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Upstream {
+    pub async fn start(idp: Option<Idp>) -> Upstream {
+        Self::start_with(idp, Duration::ZERO).await
+    }
+
+    pub async fn start_with(idp: Option<Idp>, delay: Duration) -> Upstream {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let addr = tokengate::demo::serve_fn(any(), move |req| {
+            let (seen, idp) = (s.clone(), idp.clone());
+            async move {
+                let req = capture(req).await;
+                seen.lock().unwrap().push(req.clone());
+                tokio::time::sleep(delay).await;
+                if let Some(idp) = idp {
+                    if !idp.valid(&req.header("authorization").unwrap_or_default()) {
+                        return json(401, serde_json::json!({"error": "invalid_token"}));
+                    }
+                }
+                let headers: serde_json::Map<String, serde_json::Value> = req
+                    .headers
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned().into(),
+                        )
+                    })
+                    .collect();
+                json(
+                    200,
+                    serde_json::json!({
+                        "method": req.method, "path": req.path, "query": req.query,
+                        "headers": headers, "body": String::from_utf8_lossy(&req.body),
+                    }),
+                )
+            }
+        })
+        .await
+        .unwrap();
+        Upstream { addr, seen }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Starts tokengate from YAML text (listeners on ephemeral loopback ports).
+pub async fn start(yaml: &str) -> tokengate::server::Running {
+    let text = format!("listen: {ANY}\nadmin:\n  listen: {ANY}\n{yaml}");
+    let config = tokengate::config::parse(&text, "test.yaml").unwrap();
+    tokengate::server::start(config).await.unwrap()
+}
+
+/// A plain HTTP client that never uses environment proxies.
+pub fn client() -> reqwest::Client {
+    builder().build().unwrap()
+}
+
+pub fn h2_client() -> reqwest::Client {
+    builder().http2_prior_knowledge().build().unwrap()
+}
+
+fn builder() -> reqwest::ClientBuilder {
+    let tls = tokengate::tls::client_config(None, &[]).unwrap();
+    reqwest::Client::builder()
+        .no_proxy()
+        .tls_backend_preconfigured(tls)
+}
+
+/// Waits until `/readyz` says ready.
+pub async fn wait_ready(running: &tokengate::server::Running) {
+    let url = format!("http://{}/readyz", running.admin_addr);
+    let c = client();
+    for _ in 0..200 {
+        if c.get(&url).send().await.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("tokengate did not become ready");
+}
+
+/// An address with nothing listening.
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind(ANY).unwrap();
+    l.local_addr().unwrap()
+}
