@@ -44,6 +44,15 @@ enum Command {
     },
     /// Load and validate the configuration, print routes and providers, exit.
     Check,
+    /// Fetch a token with a provider's configured flow and show its type, expiry, scope and
+    /// JWT claims (the token itself only with --show).
+    Token {
+        /// Provider name from the configuration.
+        provider: String,
+        /// Print the token itself.
+        #[arg(long)]
+        show: bool,
+    },
     /// Run a self-contained demo: a built-in token endpoint and echo upstream, proxy on :8080.
     Demo {
         /// Proxy listen address.
@@ -66,6 +75,9 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => with_config(&cli.config, check),
+        Some(Command::Token { provider, show }) => with_config(&cli.config, |_, c| {
+            block_on(None, token_main(c, provider, show))
+        }),
         Some(Command::Demo { listen, admin }) => block_on(workers, demo_main(listen, admin)),
         Some(Command::Run { .. }) | None => with_config(&cli.config, |path, config| {
             block_on(workers, run(path.to_owned(), config))
@@ -130,27 +142,101 @@ fn check(path: &Path, config: Config) -> ExitCode {
     }
     println!("\nproviders:");
     for (name, p) in &config.providers {
-        match p {
-            Provider::OAuth2(o) => {
-                let endpoint = match &o.endpoint {
-                    TokenEndpoint::Url(u) => format!("token_url {u}"),
-                    TokenEndpoint::Discovery { issuer } => format!("issuer {issuer} (discovery)"),
-                };
-                let grant = match &o.grant {
-                    config::Grant::ClientCredentials => "client_credentials",
-                    config::Grant::Password { .. } => "password",
-                    config::Grant::RefreshToken { .. } => "refresh_token",
-                };
-                println!(
-                    "  {name}: oauth2 {grant}, {endpoint}, client_id {}, client_auth {:?}, scopes [{}]",
-                    o.client_id,
-                    o.client_auth,
-                    o.scopes.join(" ")
-                );
-            }
-        }
+        println!("  {name}: {}", describe(p));
     }
     ExitCode::SUCCESS
+}
+
+/// One line about a provider, without secrets.
+fn describe(p: &Provider) -> String {
+    match p {
+        Provider::OAuth2(o) => {
+            let endpoint = match &o.endpoint {
+                TokenEndpoint::Url(u) => format!("token_url {u}"),
+                TokenEndpoint::Discovery { issuer } => format!("issuer {issuer} (discovery)"),
+            };
+            let grant = match &o.grant {
+                config::Grant::ClientCredentials => "client_credentials",
+                config::Grant::Password { .. } => "password",
+                config::Grant::RefreshToken { .. } => "refresh_token",
+            };
+            let auth = match o.client_auth {
+                config::ClientAuth::Basic => "basic",
+                config::ClientAuth::BasicRaw => "basic_raw",
+                config::ClientAuth::Post => "post",
+                config::ClientAuth::None => "none",
+            };
+            format!(
+                "oauth2 {grant}, {endpoint}, client_id {}, client_auth {auth}, scopes [{}]",
+                o.client_id,
+                o.scopes.join(" ")
+            )
+        }
+        Provider::Http(h) => {
+            let refresh = h.refresh.as_ref().map_or_else(
+                || "no refresh".to_owned(),
+                |r| format!("refresh {} {}", r.method, r.url),
+            );
+            format!("http login {} {}, {refresh}", h.login.method, h.login.url)
+        }
+    }
+}
+
+/// `tokengate token`: fetch one token with the configured flow and describe it.
+async fn token_main(config: Config, provider: String, show: bool) -> ExitCode {
+    let Some(p) = config.providers.get(&provider) else {
+        let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
+        eprintln!(
+            "error: no provider named {provider:?}; defined: {}",
+            known.join(", ")
+        );
+        return ExitCode::from(2);
+    };
+    let source = match tokengate::token::TokenSource::new(
+        &provider,
+        p,
+        tokengate::metrics::Metrics::new(),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    println!("provider   {provider}: {}", describe(p));
+    match source.refresh().await {
+        Ok(t) => {
+            let value = t.value.expose();
+            let shown = if show {
+                value.to_owned()
+            } else {
+                format!("*** ({} characters; --show prints it)", value.len())
+            };
+            println!("token      {shown}");
+            println!("type       Bearer");
+            println!(
+                "expires in {}s ({:?})",
+                t.lifetime.as_secs(),
+                t.lifetime_source
+            );
+            println!(
+                "scope      {}",
+                t.scope.as_deref().unwrap_or("(not stated)")
+            );
+            match tokengate::token::jwt::claims(value) {
+                Some(claims) => {
+                    let pretty = serde_json::to_string_pretty(&claims).unwrap_or_default();
+                    println!("JWT claims (decoded, not verified):\n{pretty}");
+                }
+                None => println!("JWT claims (opaque token, not a JWT)"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", e.reason);
+            ExitCode::from(1)
+        }
+    }
 }
 
 async fn run(path: PathBuf, config: Config) -> ExitCode {

@@ -4,6 +4,7 @@
 //! unknown grant or a missing secret. Every string value may use `${VAR}` (see [`env`]).
 
 pub mod env;
+mod http_provider;
 mod provider;
 mod value;
 
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use http_provider::{BodySpec, HttpProvider, HttpRequestSpec};
 pub use provider::{
     ClientAuth, Grant, OAuth2Provider, Provider, ProviderCommon, TokenEndpoint, is_loopback,
 };
@@ -523,7 +525,9 @@ routes:
             || parse(&text, "t.yaml"),
         )
         .unwrap();
-        let Provider::OAuth2(p) = &c.providers["idp"];
+        let Provider::OAuth2(p) = &c.providers["idp"] else {
+            panic!("not oauth2")
+        };
         assert_eq!(p.client_secret.as_ref().unwrap().expose(), "a: b # c");
         let err = parse_with_env(&text).unwrap_err().to_string();
         assert!(

@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
+use super::http_provider::{HttpProvider, RawHttpRequest, RawResponse};
 use super::value::{self, Text};
 use crate::secret::Secret;
 
@@ -19,12 +20,16 @@ use crate::secret::Secret;
 pub enum Provider {
     /// An OAuth2 token endpoint (RFC 6749).
     OAuth2(OAuth2Provider),
+    /// A token API described by its login and refresh requests.
+    Http(HttpProvider),
 }
 
 #[derive(Deserialize, Clone, Copy)]
 enum Kind {
     #[serde(rename = "oauth2")]
     OAuth2,
+    #[serde(rename = "http")]
+    Http,
 }
 
 impl Provider {
@@ -32,6 +37,7 @@ impl Provider {
     pub fn common(&self) -> &ProviderCommon {
         match self {
             Provider::OAuth2(p) => &p.common,
+            Provider::Http(p) => &p.common,
         }
     }
 }
@@ -156,6 +162,9 @@ struct RawProvider {
     allow_insecure_http: bool,
     #[serde(default)]
     ca_file: Option<Text>,
+    login: Option<RawHttpRequest>,
+    refresh: Option<RawHttpRequest>,
+    response: Option<RawResponse>,
 }
 
 /// The settings of [`ProviderCommon`] as written; serde's `flatten` cannot be combined with
@@ -304,8 +313,62 @@ impl TryFrom<RawProvider> for Provider {
     type Error = String;
 
     fn try_from(raw: RawProvider) -> Result<Self, String> {
+        let common = RawCommon {
+            timeout: raw.timeout,
+            refresh_margin: raw.refresh_margin,
+            default_ttl: raw.default_ttl,
+            allow_insecure_http: raw.allow_insecure_http,
+            ca_file: raw.ca_file.clone(),
+        };
         match raw.kind {
-            Kind::OAuth2 => oauth2(raw).map(Provider::OAuth2),
+            Kind::OAuth2 => {
+                let http_only = [
+                    ("login", raw.login.is_some()),
+                    ("refresh", raw.refresh.is_some()),
+                    ("response", raw.response.is_some()),
+                ];
+                if let Some((key, _)) = http_only.iter().find(|(_, set)| *set) {
+                    return Err(format!("{key} applies to type: http, not oauth2"));
+                }
+                oauth2(raw).map(Provider::OAuth2)
+            }
+            Kind::Http => {
+                let oauth_only = [
+                    ("grant", raw.grant.is_some()),
+                    ("token_url", raw.token_url.is_some()),
+                    ("issuer", raw.issuer.is_some()),
+                    ("client_id", raw.client_id.is_some()),
+                    (
+                        "client_secret",
+                        raw.client_secret.is_some() || raw.client_secret_file.is_some(),
+                    ),
+                    ("client_auth", raw.client_auth.is_some()),
+                    ("scopes", !raw.scopes.is_empty()),
+                    ("params", !raw.params.is_empty()),
+                    ("headers", !raw.headers.is_empty()),
+                    (
+                        "username",
+                        raw.username.is_some() || raw.username_file.is_some(),
+                    ),
+                    (
+                        "password",
+                        raw.password.is_some() || raw.password_file.is_some(),
+                    ),
+                    (
+                        "refresh_token",
+                        raw.refresh_token.is_some() || raw.refresh_token_file.is_some(),
+                    ),
+                    ("state_file", raw.state_file.is_some()),
+                ];
+                if let Some((key, _)) = oauth_only.iter().find(|(_, set)| *set) {
+                    return Err(format!(
+                        "{key} applies to type: oauth2; a type: http provider sets it inside login/refresh"
+                    ));
+                }
+                let (common, insecure) = common.build()?;
+                super::http_provider::build(raw.login, raw.refresh, raw.response, common, insecure)
+                    .map(Provider::Http)
+            }
         }
     }
 }

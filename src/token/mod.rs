@@ -2,6 +2,7 @@
 //! background ahead of expiry, with one IdP call at a time however many requests are waiting.
 
 mod error;
+pub mod http_api;
 pub mod jwt;
 pub mod oauth2;
 pub mod response;
@@ -70,12 +71,14 @@ pub struct Unavailable {
 
 enum Fetcher {
     OAuth2(oauth2::OAuth2Fetcher),
+    Http(http_api::HttpFetcher),
 }
 
 impl Fetcher {
-    async fn fetch(&self) -> Result<Issued, FetchError> {
+    async fn fetch(&self, current: Option<&Token>) -> Result<Issued, FetchError> {
         match self {
             Fetcher::OAuth2(f) => f.fetch().await,
+            Fetcher::Http(f) => f.fetch(current).await,
         }
     }
 }
@@ -135,6 +138,10 @@ impl TokenSource {
             Provider::OAuth2(p) => {
                 let http = send::client(&p.common).map_err(|e| format!("provider {name}: {e}"))?;
                 Fetcher::OAuth2(oauth2::OAuth2Fetcher::new(name, p.clone(), http))
+            }
+            Provider::Http(p) => {
+                let http = send::client(&p.common).map_err(|e| format!("provider {name}: {e}"))?;
+                Fetcher::Http(http_api::HttpFetcher::new(name, p.clone(), http))
             }
         };
         Ok(Arc::new(TokenSource {
@@ -214,7 +221,8 @@ impl TokenSource {
             }
         }
         let started = Instant::now();
-        let result = self.fetcher.fetch().await;
+        let current = self.current.load_full();
+        let result = self.fetcher.fetch(current.as_deref()).await;
         self.metrics
             .token_fetch_duration
             .with_label_values(&[&self.name])

@@ -161,10 +161,8 @@ pub fn parse_success(
         (l, LifetimeSource::ExpiresIn)
     } else if let Some(l) = stated(&map.expires_at)?.and_then(|at| positive(at - reference)) {
         (l, LifetimeSource::ExpiresAt)
-    } else if let Some(l) = jwt::expiry(&access_token).and_then(|exp| positive(exp - now)) {
-        (l, LifetimeSource::JwtExp)
     } else {
-        (default_ttl, LifetimeSource::Default)
+        fallback_lifetime(&access_token, default_ttl)
     };
     let refresh_token = map
         .refresh_token
@@ -186,6 +184,18 @@ pub fn parse_success(
         refresh_token,
         scope,
     })
+}
+
+/// The lifetime of a token whose response states none: its JWT `exp`, else `default_ttl`.
+pub fn fallback_lifetime(access_token: &str, default_ttl: Duration) -> (Duration, LifetimeSource) {
+    let remaining = jwt::expiry(access_token).map(|exp| exp - unix_now());
+    match remaining {
+        Some(secs) if secs.is_finite() && secs >= 1.0 => (
+            Duration::from_secs_f64(secs.min(1e9)),
+            LifetimeSource::JwtExp,
+        ),
+        _ => (default_ttl, LifetimeSource::Default),
+    }
 }
 
 /// Parses a non-2xx answer: RFC 6749 §5.2 `{"error","error_description"}` or Screening Eagle's

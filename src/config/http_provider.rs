@@ -1,0 +1,184 @@
+//! `type: http`: token APIs that are not OAuth2 (Sensu Go and similar vendors), described
+//! declaratively: a login request, an optional refresh request, and where the token, its expiry
+//! and a refresh token are found in the JSON reply.
+
+use std::collections::BTreeMap;
+
+use http::{HeaderName, HeaderValue, Method};
+use serde::Deserialize;
+
+use super::provider::{ProviderCommon, endpoint_url, headers, secret};
+use super::value::Text;
+use crate::secret::Secret;
+use crate::token::response::FieldMap;
+
+/// A declarative token API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpProvider {
+    /// Obtains a token from credentials.
+    pub login: HttpRequestSpec,
+    /// Renews a token; on failure tokengate logs in again.
+    pub refresh: Option<HttpRequestSpec>,
+    /// Where things are in the JSON reply.
+    pub response: FieldMap,
+    /// Shared settings.
+    pub common: ProviderCommon,
+}
+
+/// One request of a token API. Body values may contain `{refresh_token}` and `{access_token}`,
+/// replaced with the current values when the request is sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpRequestSpec {
+    /// Method (default POST).
+    pub method: Method,
+    /// URL.
+    pub url: reqwest::Url,
+    /// `Authorization: Basic` from these credentials.
+    pub basic: Option<(Secret, Secret)>,
+    /// `Authorization: Bearer <current access token>` (possibly expired), as Sensu's renew wants.
+    pub bearer_current_token: bool,
+    /// The body.
+    pub body: BodySpec,
+    /// Extra headers.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// A request body.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BodySpec {
+    /// No body.
+    None,
+    /// `application/x-www-form-urlencoded` fields.
+    Form(Vec<(String, Secret)>),
+    /// A JSON object of string fields.
+    Json(Vec<(String, Secret)>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHttpRequest {
+    method: Option<Text>,
+    url: Text,
+    username: Option<Text>,
+    username_file: Option<Text>,
+    password: Option<Text>,
+    password_file: Option<Text>,
+    #[serde(default)]
+    bearer_current_token: bool,
+    form: Option<BTreeMap<String, Text>>,
+    json: Option<BTreeMap<String, Text>>,
+    #[serde(default)]
+    headers: BTreeMap<String, Text>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawResponse {
+    access_token: Option<Text>,
+    expires_in: Option<Text>,
+    expires_at: Option<Text>,
+    refresh_token: Option<Text>,
+    token_type: Option<Text>,
+    scope: Option<Text>,
+}
+
+impl RawHttpRequest {
+    fn build(self, what: &str, allow_insecure_http: bool) -> Result<HttpRequestSpec, String> {
+        let method = match self.method {
+            None => Method::POST,
+            Some(m) => Method::from_bytes(m.0.to_ascii_uppercase().as_bytes())
+                .map_err(|_| format!("{what}.method {:?} is not an HTTP method", m.0))?,
+        };
+        let url = endpoint_url(&format!("{what}.url"), &self.url.0, allow_insecure_http)?;
+        let username = secret(
+            &format!("{what}.username"),
+            self.username,
+            self.username_file,
+        )?;
+        let password = secret(
+            &format!("{what}.password"),
+            self.password,
+            self.password_file,
+        )?;
+        let basic = match (username, password) {
+            (Some(u), Some(p)) => Some((u, p)),
+            (None, None) => None,
+            _ => {
+                return Err(format!(
+                    "{what}: Basic credentials need both username and password"
+                ));
+            }
+        };
+        let fields =
+            |m: BTreeMap<String, Text>| m.into_iter().map(|(k, v)| (k, Secret::new(v.0))).collect();
+        let body = match (self.form, self.json) {
+            (Some(_), Some(_)) => return Err(format!("{what}: set either form or json, not both")),
+            (Some(f), None) => BodySpec::Form(fields(f)),
+            (None, Some(j)) => BodySpec::Json(fields(j)),
+            (None, None) => BodySpec::None,
+        };
+        if body != BodySpec::None && method == Method::GET {
+            return Err(format!(
+                "{what}: a GET request cannot carry a form or json body"
+            ));
+        }
+        if basic.is_some() && self.bearer_current_token {
+            return Err(format!(
+                "{what}: choose Basic credentials or bearer_current_token, not both"
+            ));
+        }
+        Ok(HttpRequestSpec {
+            method,
+            url,
+            basic,
+            bearer_current_token: self.bearer_current_token,
+            body,
+            headers: headers(self.headers)?,
+        })
+    }
+}
+
+impl RawResponse {
+    fn build(self) -> FieldMap {
+        let name =
+            |t: Option<Text>, default: &str| Some(t.map_or_else(|| default.to_owned(), |t| t.0));
+        FieldMap {
+            access_token: self
+                .access_token
+                .map_or_else(|| "access_token".to_owned(), |t| t.0),
+            expires_in: name(self.expires_in, "expires_in"),
+            expires_at: name(self.expires_at, "expires_at"),
+            refresh_token: name(self.refresh_token, "refresh_token"),
+            token_type: name(self.token_type, "token_type"),
+            scope: name(self.scope, "scope"),
+        }
+    }
+}
+
+/// Builds an HTTP provider from its raw parts.
+pub(super) fn build(
+    login: Option<RawHttpRequest>,
+    refresh: Option<RawHttpRequest>,
+    response: Option<RawResponse>,
+    common: ProviderCommon,
+    allow_insecure_http: bool,
+) -> Result<HttpProvider, String> {
+    let login = login
+        .ok_or("type http needs a login request (login: {url: ...})")?
+        .build("login", allow_insecure_http)?;
+    if login.bearer_current_token {
+        return Err(
+            "login cannot use bearer_current_token: there is no token before the first login"
+                .into(),
+        );
+    }
+    let refresh = refresh
+        .map(|r| r.build("refresh", allow_insecure_http))
+        .transpose()?;
+    Ok(HttpProvider {
+        login,
+        refresh,
+        response: response.unwrap_or_default().build(),
+        common,
+    })
+}
