@@ -17,7 +17,10 @@ use crate::secret::Secret;
 /// input and lose the line numbers that errors should point at.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(try_from = "RawProvider")]
-#[allow(clippy::large_enum_variant, reason = "built once per load; boxing buys nothing")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "built once per load; boxing buys nothing"
+)]
 pub enum Provider {
     /// An OAuth2 token endpoint (RFC 6749).
     OAuth2(OAuth2Provider),

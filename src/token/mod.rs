@@ -69,7 +69,10 @@ pub struct Unavailable {
     pub reason: String,
 }
 
-#[allow(clippy::large_enum_variant, reason = "one per provider, never moved after creation")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per provider, never moved after creation"
+)]
 enum Fetcher {
     OAuth2(oauth2::OAuth2Fetcher),
     Http(http_api::HttpFetcher),

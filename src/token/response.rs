@@ -261,6 +261,14 @@ mod tests {
     }
 
     #[test]
+    fn screening_eagle_reply_with_id_and_refresh_tokens() {
+        let t = ok(r#"{"scope":"openid email profile inspect","token_type":"Bearer","access_token":"eyJ.a.b","expires_in":604800,"id_token":"eyJ.c.d","refresh_token":"eyJ.e.f"}"#).unwrap();
+        assert_eq!(t.lifetime, Duration::from_secs(604_800));
+        assert_eq!(t.refresh_token.unwrap().expose(), "eyJ.e.f");
+        assert_eq!(t.scope.as_deref(), Some("openid email profile inspect"));
+    }
+
+    #[test]
     fn expires_in_as_string_and_lowercase_bearer() {
         let t = ok(r#"{"access_token":"a","expires_in":"3600","token_type":"bearer"}"#).unwrap();
         assert_eq!(t.lifetime, Duration::from_secs(3600));
