@@ -1,19 +1,33 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, and `POST /reload`.
 
 use std::sync::Arc;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
+use crate::proxy::Body;
 use crate::proxy::error::json_response;
-use crate::proxy::{Body, Proxy};
+use crate::server::Control;
 
 /// Answers one admin request.
-pub fn handle<B>(proxy: &Arc<Proxy>, req: &Request<B>) -> Response<Body> {
+pub async fn handle<B>(control: &Arc<Control>, req: Request<B>) -> Response<Body> {
+    let proxy = control.proxy();
+    if req.method() == Method::POST && req.uri().path() == "/reload" {
+        return match control.reload_file().await {
+            Ok(()) => json_response(StatusCode::OK, &serde_json::json!({"reloaded": true})),
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed; the previous configuration stays in force");
+                json_response(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &serde_json::json!({"error": "reload_failed", "message": e}),
+                )
+            }
+        };
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return json_response(
             StatusCode::METHOD_NOT_ALLOWED,
-            &serde_json::json!({"error": "method_not_allowed", "message": "the admin endpoints are read-only"}),
+            &serde_json::json!({"error": "method_not_allowed", "message": "use GET, or POST /reload"}),
         );
     }
     match req.uri().path() {
@@ -55,7 +69,7 @@ pub fn handle<B>(proxy: &Arc<Proxy>, req: &Request<B>) -> Response<Body> {
         }
         other => json_response(
             StatusCode::NOT_FOUND,
-            &serde_json::json!({"error": "not_found", "path": other, "message": "admin endpoints: /metrics, /healthz, /readyz"}),
+            &serde_json::json!({"error": "not_found", "path": other, "message": "admin endpoints: /metrics, /healthz, /readyz, POST /reload"}),
         ),
     }
 }

@@ -240,20 +240,23 @@ async fn token_main(config: Config, provider: String, show: bool) -> ExitCode {
 }
 
 async fn run(path: PathBuf, config: Config) -> ExitCode {
-    let running = match server::start(config).await {
+    if let Some(warning) = config::permission_warning(&path) {
+        tracing::warn!("{warning}");
+    }
+    let running = match server::start_with(config, Some(path)).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(1);
         }
     };
-    wait_for_signals(&running, Some(&path)).await;
+    wait_for_signals(&running, true).await;
     running.shutdown().await;
     ExitCode::SUCCESS
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP reloads `path` on the way.
-async fn wait_for_signals(running: &server::Running, path: Option<&Path>) {
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads the configuration file on the way.
+async fn wait_for_signals(running: &server::Running, reloadable: bool) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -267,14 +270,12 @@ async fn wait_for_signals(running: &server::Running, path: Option<&Path>) {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = hup.recv() => {
-                let Some(path) = path else { continue };
-                match config::load(path) {
-                    Ok(c) => {
-                        if let Err(e) = running.reload(c).await {
-                            tracing::error!(error = %e, "reload failed; the previous configuration stays in force");
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "reload failed; the previous configuration stays in force"),
+                if !reloadable {
+                    continue;
+                }
+                tracing::info!("SIGHUP: reloading the configuration");
+                if let Err(e) = running.reload_file().await {
+                    tracing::error!(error = %e, "reload failed; the previous configuration stays in force");
                 }
             }
         }
@@ -328,7 +329,7 @@ async fn demo_main(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
         demo::TOKEN_LIFETIME_SECS,
         demo::TOKEN_LIFETIME_SECS,
     );
-    wait_for_signals(&running, None).await;
+    wait_for_signals(&running, false).await;
     running.shutdown().await;
     ExitCode::SUCCESS
 }

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     /// `tokengate_upstream_errors_total{route,kind}`.
     pub upstream_errors: IntCounterVec,
+    /// `tokengate_upstream_401_total{route,outcome}`: upstream 401 answers and what followed.
+    pub upstream_401: IntCounterVec,
     /// `tokengate_token_fetches_total{provider,result}`.
     pub token_fetches: IntCounterVec,
     /// `tokengate_token_fetch_duration_seconds{provider}`.
@@ -63,6 +65,14 @@ impl Metrics {
             &["route", "kind"],
         )
         .expect("valid metric");
+        let upstream_401 = IntCounterVec::new(
+            Opts::new(
+                "tokengate_upstream_401_total",
+                "Upstream 401 answers, by route and outcome (replayed, not_replayable, no_new_token).",
+            ),
+            &["route", "outcome"],
+        )
+        .expect("valid metric");
         let token_fetches = IntCounterVec::new(
             Opts::new(
                 "tokengate_token_fetches_total",
@@ -107,6 +117,7 @@ impl Metrics {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
             Box::new(upstream_errors.clone()),
+            Box::new(upstream_401.clone()),
             Box::new(token_fetches.clone()),
             Box::new(token_fetch_duration.clone()),
             Box::new(token_expiry.clone()),
@@ -121,6 +132,7 @@ impl Metrics {
             requests,
             request_duration,
             upstream_errors,
+            upstream_401,
             token_fetches,
             token_fetch_duration,
             token_expiry,

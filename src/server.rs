@@ -43,18 +43,31 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// Shared state.
     pub proxy: Arc<Proxy>,
-    config: std::sync::Mutex<Config>,
+    control: Arc<Control>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Binds the listeners, starts fetching tokens and serves until [`Running::shutdown`].
-pub async fn start(config: Config) -> Result<Running, StartError> {
-    start_with_metrics(config, Metrics::new()).await
+/// What reloads need: the state to swap and where the configuration came from.
+pub struct Control {
+    proxy: Arc<Proxy>,
+    config: std::sync::Mutex<Config>,
+    path: Option<std::path::PathBuf>,
+    // Reloads run one at a time.
+    reloading: tokio::sync::Mutex<()>,
 }
 
-/// As [`start`], with a given metrics registry.
-pub async fn start_with_metrics(config: Config, metrics: Metrics) -> Result<Running, StartError> {
+/// Binds the listeners, starts fetching tokens and serves until [`Running::shutdown`].
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_with(config, None).await
+}
+
+/// As [`start`]; `path` is the file that SIGHUP and `POST /reload` read again.
+pub async fn start_with(
+    config: Config,
+    path: Option<std::path::PathBuf>,
+) -> Result<Running, StartError> {
+    let metrics = Metrics::new();
     let providers = token::build(&config, &metrics).map_err(StartError::Setup)?;
     for p in providers.values() {
         p.start();
@@ -92,12 +105,23 @@ pub async fn start_with_metrics(config: Config, metrics: Metrics) -> Result<Runn
 
     let (shutdown, rx) = watch::channel(false);
     let builder = connection_builder(&config.limits);
+    let control = Arc::new(Control {
+        proxy: proxy.clone(),
+        config: std::sync::Mutex::new(config.clone()),
+        path,
+        reloading: tokio::sync::Mutex::new(()),
+    });
+    let proxy_settings = Listener {
+        grace: config.limits.shutdown_grace,
+        idle_timeout: config.limits.idle_timeout,
+        max_connections: config.limits.max_connections,
+    };
     let p = proxy.clone();
     let proxy_task = tokio::spawn(serve(
         proxy_listener,
         builder.clone(),
         rx.clone(),
-        config.limits.shutdown_grace,
+        proxy_settings,
         move |remote| {
             let p = p.clone();
             service_fn(move |req| {
@@ -106,17 +130,22 @@ pub async fn start_with_metrics(config: Config, metrics: Metrics) -> Result<Runn
             })
         },
     ));
-    let p = proxy.clone();
+    let admin_settings = Listener {
+        grace: Duration::from_secs(1),
+        idle_timeout: config.limits.idle_timeout,
+        max_connections: 64,
+    };
+    let c = control.clone();
     let admin_task = tokio::spawn(serve(
         admin_listener,
         builder,
         rx,
-        Duration::from_secs(1),
+        admin_settings,
         move |_| {
-            let p = p.clone();
+            let c = c.clone();
             service_fn(move |req| {
-                let p = p.clone();
-                async move { Ok::<_, Infallible>(crate::admin::handle(&p, &req)) }
+                let c = c.clone();
+                async move { Ok::<_, Infallible>(crate::admin::handle(&c, req).await) }
             })
         },
     ));
@@ -125,7 +154,7 @@ pub async fn start_with_metrics(config: Config, metrics: Metrics) -> Result<Runn
         proxy_addr,
         admin_addr,
         proxy,
-        config: std::sync::Mutex::new(config),
+        control,
         shutdown,
         tasks: vec![proxy_task, admin_task],
     })
@@ -153,11 +182,18 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// Per-listener connection settings.
+struct Listener {
+    grace: Duration,
+    idle_timeout: Duration,
+    max_connections: usize,
+}
+
 async fn serve<F, S>(
     listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
     mut shutdown: watch::Receiver<bool>,
-    grace: Duration,
+    settings: Listener,
     make_service: F,
 ) where
     F: Fn(SocketAddr) -> S,
@@ -170,36 +206,199 @@ async fn serve<F, S>(
     S::Future: Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, remote) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors, usually: pause instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let conn = builder.serve_connection(TokioIo::new(stream), make_service(remote)).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%remote, error = %e, "connection ended with an error");
-                    }
-                });
-            }
+        // At the connection limit, stop accepting: further clients wait in the kernel's queue.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = shutdown.changed() => break,
-        }
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors, usually: pause instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::new());
+        let io = TokioIo::new(TrackedIo {
+            inner: stream,
+            activity: activity.clone(),
+        });
+        let service = Tracked {
+            inner: make_service(remote),
+            activity: activity.clone(),
+        };
+        let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
+        let idle_timeout = settings.idle_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            tokio::pin!(conn);
+            let check_every = (idle_timeout / 4).max(Duration::from_millis(50));
+            loop {
+                tokio::select! {
+                    result = &mut conn => {
+                        if let Err(e) = result {
+                            tracing::debug!(%remote, error = %e, "connection ended with an error");
+                        }
+                        return;
+                    }
+                    () = tokio::time::sleep(check_every) => {
+                        if activity.idle_for() >= idle_timeout {
+                            // Nothing in flight and no bytes moved: dropping the connection closes it.
+                            tracing::debug!(%remote, "closing idle connection");
+                            return;
+                        }
+                    }
+                }
+            }
+        });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
+    if tokio::time::timeout(settings.grace, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("shutdown grace period over; closing the remaining connections");
+    }
+}
+
+/// When a connection last moved bytes and how many of its requests are in flight.
+struct Activity {
+    start: std::time::Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+    active: std::sync::atomic::AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: std::time::Instant::now(),
+            last_ms: 0.into(),
+            active: 0.into(),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Zero while a request is in flight.
+    fn idle_for(&self) -> Duration {
+        if self.active.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+/// A socket that records when bytes last moved.
+struct TrackedIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for TrackedIo<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for TrackedIo<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A service that counts its in-flight requests (until the response head) in [`Activity`].
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, R> hyper::service::Service<R> for Tracked<S>
+where
+    S: hyper::service::Service<R>,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn call(&self, req: R) -> Self::Future {
+        self.activity
+            .active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let activity = self.activity.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let out = fut.await;
+            activity.touch();
+            activity
+                .active
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            out
+        })
     }
 }
 
@@ -212,10 +411,38 @@ impl Running {
         }
     }
 
+    /// Swaps in a new configuration (see [`Control::reload`]).
+    pub async fn reload(&self, config: Config) -> Result<(), String> {
+        self.control.reload(config).await
+    }
+
+    /// Reads the configuration file again and swaps it in; on error the running one stays.
+    pub async fn reload_file(&self) -> Result<(), String> {
+        self.control.reload_file().await
+    }
+}
+
+impl Control {
+    /// Reads the configuration file again and swaps it in; on error the running one stays.
+    pub async fn reload_file(&self) -> Result<(), String> {
+        let path = self
+            .path
+            .as_ref()
+            .ok_or("this instance was not started from a file")?;
+        let config = crate::config::load(path).map_err(|e| e.to_string())?;
+        self.reload(config).await
+    }
+
+    /// The shared proxy state.
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
     /// Swaps in a new configuration: providers whose settings did not change keep their cached
     /// tokens, new ones fetch a token before any route uses them. The listener addresses and
     /// connection limits are fixed at start; changes to them are logged and ignored.
     pub async fn reload(&self, config: Config) -> Result<(), String> {
+        let _one_at_a_time = self.reloading.lock().await;
         let old = self.proxy.runtime.load_full();
         if let Ok(current) = self.config.lock() {
             if current.listen != config.listen || current.admin.listen != config.admin.listen {
@@ -248,12 +475,13 @@ impl Running {
             });
         }
         while prefetch.join_next().await.is_some() {}
+        let routes = runtime.table.len();
         self.proxy.runtime.store(Arc::new(runtime));
         if let Ok(mut current) = self.config.lock() {
             *current = config;
         }
         tracing::info!(
-            routes = self.proxy.runtime.load().table.len(),
+            routes,
             new_providers = fresh.len(),
             "configuration reloaded"
         );

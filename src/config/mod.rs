@@ -90,6 +90,21 @@ pub struct Limits {
     /// How long in-flight requests may take to finish after SIGTERM.
     #[serde(deserialize_with = "value::duration")]
     pub shutdown_grace: Duration,
+    /// A downstream connection with no request in flight and no traffic for this long is closed.
+    #[serde(deserialize_with = "value::duration")]
+    pub idle_timeout: Duration,
+    /// Longest pause allowed between two pieces of a request body (slow-body bound; 408).
+    #[serde(deserialize_with = "value::duration")]
+    pub body_read_timeout: Duration,
+    /// Largest request body accepted (413); unlimited when absent.
+    #[serde(deserialize_with = "value::opt_size")]
+    pub max_body_size: Option<u64>,
+    /// Request bodies up to this size are buffered so a request can be replayed after an
+    /// upstream 401; larger ones stream and are not replayed.
+    #[serde(deserialize_with = "value::size")]
+    pub replay_buffer: u64,
+    /// Downstream connections served at once; further clients wait in the accept queue.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -101,6 +116,11 @@ impl Default for Limits {
             upstream_timeout: Duration::from_secs(60),
             upstream_idle_timeout: Duration::from_secs(90),
             shutdown_grace: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+            body_read_timeout: Duration::from_secs(30),
+            max_body_size: None,
+            replay_buffer: 64 * 1024,
+            max_connections: 10_000,
         }
     }
 }
@@ -124,6 +144,9 @@ pub struct RouteConfig {
     /// Extra PEM CA bundle trusted for this upstream, in addition to the public roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// After an upstream 401, fetch a new token and replay the request once (default true).
+    #[serde(default = "yes")]
+    pub retry_on_401: bool,
     /// Headers set on every upstream request of this route (an API's tenant header, say).
     #[serde(default, deserialize_with = "provider::header_map")]
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
@@ -279,6 +302,51 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(&text, &path.display().to_string())
 }
 
+/// Keys whose values are secrets when written inline.
+const SECRET_KEYS: [&str; 5] = [
+    "client_secret",
+    "password",
+    "refresh_token",
+    "api_key",
+    "keys",
+];
+
+/// A warning when the file holds inline secrets (not `${VAR}` or `_file` references) and can be
+/// read by group or others.
+pub fn permission_warning(path: &Path) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        if mode & 0o044 == 0 {
+            return None;
+        }
+        let text = std::fs::read_to_string(path).ok()?;
+        let inline = text.lines().enumerate().find(|(_, line)| {
+            let line = line.trim_start().trim_start_matches("- ");
+            SECRET_KEYS.iter().any(|k| {
+                line.strip_prefix(k)
+                    .and_then(|rest| rest.trim_start().strip_prefix(':'))
+                    .is_some_and(|v| {
+                        let v = v.trim().trim_matches(['"', '\'']);
+                        !v.is_empty() && !v.starts_with("${") && !v.starts_with('#')
+                    })
+            })
+        })?;
+        Some(format!(
+            "{}:{}: the file holds an inline secret and is readable by group or others (mode {:o}); use ${{VAR}} or a _file key, or chmod 600",
+            path.display(),
+            inline.0 + 1,
+            mode & 0o777
+        ))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 /// Parses configuration text; `path` is only used in error messages.
 pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
     let de = serde_norway::Deserializer::from_str(text);
@@ -336,6 +404,12 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
                 ),
             ));
         }
+    }
+    if config.limits.max_connections == 0 {
+        return Err(invalid(
+            "limits.max_connections".into(),
+            "must be at least 1".into(),
+        ));
     }
     if config.listen == config.admin.listen && config.listen.port() != 0 {
         return Err(invalid(
@@ -503,6 +577,22 @@ routes:
                 .to_string();
             assert!(err.starts_with(needle), "{to}: {err}");
         }
+    }
+
+    #[test]
+    fn warns_about_readable_files_with_inline_secrets() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let w = permission_warning(&path).unwrap();
+        assert!(w.contains("c.yaml:6:") && w.contains("mode 644"), "{w}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(permission_warning(&path).is_none());
+        std::fs::write(&path, MINIMAL.replace("s3cret", "${SECRET}")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(permission_warning(&path).is_none());
     }
 
     #[test]

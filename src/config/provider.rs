@@ -256,7 +256,7 @@ pub fn is_loopback(url: &reqwest::Url) -> bool {
 impl RawCommon {
     pub(super) fn build(self) -> Result<(ProviderCommon, bool), String> {
         let common = ProviderCommon {
-            timeout: self.timeout.unwrap_or(Duration::from_secs(10)),
+            timeout: self.timeout.unwrap_or(Duration::from_secs(5)),
             refresh_margin: self.refresh_margin,
             default_ttl: self.default_ttl.unwrap_or(Duration::from_secs(300)),
             ca_file: self.ca_file.map(|t| PathBuf::from(t.0)),

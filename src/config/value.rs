@@ -128,6 +128,11 @@ pub fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     parse_size(&text(d)?).map_err(de::Error::custom)
 }
 
+/// `deserialize_with` for an optional byte size.
+pub fn opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    size(d).map(Some)
+}
+
 /// `deserialize_with` for a socket address such as `127.0.0.1:8080` or `[::1]:8080`.
 pub fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let s = text(d)?;

@@ -38,6 +38,15 @@ pub enum ProxyError {
     /// The upstream did not answer in time.
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
+    /// The request body is larger than `limits.max_body_size`.
+    #[error("the request body is larger than this proxy accepts")]
+    BodyTooLarge,
+    /// The client paused sending the body for longer than `limits.body_read_timeout`.
+    #[error("the request body was not received in time")]
+    BodyTimeout,
+    /// The request body could not be read (malformed chunked encoding, say).
+    #[error("the request body could not be read")]
+    InvalidBody,
     /// The upstream connection failed after it was established.
     #[error("the upstream connection failed")]
     UpstreamFailed,
@@ -57,6 +66,9 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             ProxyError::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             ProxyError::UpstreamFailed => (StatusCode::BAD_GATEWAY, "upstream_error"),
+            ProxyError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            ProxyError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+            ProxyError::InvalidBody => (StatusCode::BAD_REQUEST, "invalid_body"),
         }
     }
 

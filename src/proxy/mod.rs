@@ -1,17 +1,19 @@
 //! The request path. Each request goes through the same short sequence of steps:
 //! admit → match route → attach credential → rewrite → forward → map errors → record.
 
+pub mod body;
 pub mod error;
 pub mod headers;
 pub mod upstream;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{Method, Request, Response, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
@@ -42,6 +44,8 @@ pub struct Route {
     pub provider: Arc<TokenSource>,
     /// Headers set on every upstream request.
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Replay once with a new token after a 401.
+    pub retry_on_401: bool,
     client: upstream::UpstreamClient,
 }
 
@@ -76,6 +80,7 @@ impl Runtime {
                 strip_prefix: r.strip_prefix,
                 provider,
                 headers: r.headers.clone(),
+                retry_on_401: r.retry_on_401,
                 client,
             };
             table.insert(r.prefix.as_str(), Arc::new(route));
@@ -127,7 +132,8 @@ impl Proxy {
         response
     }
 
-    /// Attaches the credential, rewrites the request and forwards it.
+    /// Attaches the credential, rewrites the request and forwards it; after a 401, replays it
+    /// once with a new token when the body was small enough to keep.
     async fn forward(
         &self,
         runtime: &Runtime,
@@ -135,6 +141,13 @@ impl Proxy {
         req: Request<Incoming>,
         remote: SocketAddr,
     ) -> Result<Response<Body>, ProxyError> {
+        let limits = &runtime.limits;
+        let declared = req.body().size_hint().exact();
+        if let (Some(max), Some(len)) = (limits.max_body_size, declared) {
+            if len > max {
+                return Err(ProxyError::BodyTooLarge);
+            }
+        }
         let token = route
             .provider
             .get()
@@ -155,25 +168,86 @@ impl Proxy {
             token.header.clone(),
             version,
         );
-        parts.uri = upstream_uri(route, &parts.uri)?;
-        // The upstream connection picks its own version (ALPN); hyper sets Host for HTTP/1.
-        parts.version = Version::HTTP_11;
-        let upstream_req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
+        for (name, value) in &route.headers {
+            parts.headers.insert(name, value.clone());
+        }
+        let uri = upstream_uri(route, &parts.uri)?;
+        let fault = Arc::new(OnceLock::new());
+        let guarded = body::Guarded::new(
+            body,
+            limits.max_body_size,
+            limits.body_read_timeout,
+            fault.clone(),
+        );
+        let template = Template {
+            method: parts.method,
+            uri,
+            headers: parts.headers,
+        };
+        // Keep small bodies so the request can be replayed after a 401.
+        let (kept, first_body) = match declared {
+            Some(len) if route.retry_on_401 && len <= limits.replay_buffer => {
+                let bytes = guarded
+                    .collect()
+                    .await
+                    .map_err(|e| body_error(&fault, &*e))?
+                    .to_bytes();
+                (Some(bytes.clone()), full(bytes))
+            }
+            _ => (None, guarded.boxed()),
+        };
+        let resp = self
+            .send(runtime, route, template.build(first_body, None), &fault)
+            .await?;
+        if resp.status() != StatusCode::UNAUTHORIZED || !route.retry_on_401 {
+            return Ok(resp);
+        }
+        let outcome = match (
+            &kept,
+            route.provider.replace_rejected(token.generation).await,
+        ) {
+            (Some(bytes), Some(fresh)) => {
+                self.count_401(route, "replayed");
+                drop(resp);
+                let replay = template.build(full(bytes.clone()), Some(fresh.header.clone()));
+                return self.send(runtime, route, replay, &fault).await;
+            }
+            (None, _) => "not_replayable",
+            (Some(_), None) => "no_new_token",
+        };
+        self.count_401(route, outcome);
+        Ok(resp)
+    }
 
+    fn count_401(&self, route: &Route, outcome: &str) {
+        self.metrics
+            .upstream_401
+            .with_label_values(&[route.label.as_str(), outcome])
+            .inc();
+    }
+
+    /// Sends one request upstream within the upstream timeout and maps failures.
+    async fn send(
+        &self,
+        runtime: &Runtime,
+        route: &Route,
+        req: Request<Body>,
+        fault: &OnceLock<body::BodyFault>,
+    ) -> Result<Response<Body>, ProxyError> {
         self.metrics.inflight.inc();
         let _inflight = scopeguard(|| self.metrics.inflight.dec());
-        let sent = tokio::time::timeout(
-            runtime.limits.upstream_timeout,
-            route.client.request(upstream_req),
-        )
-        .await;
+        let sent =
+            tokio::time::timeout(runtime.limits.upstream_timeout, route.client.request(req)).await;
         let resp = match sent {
             Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
-            Ok(Err(e)) if e.is_connect() => {
-                tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, "upstream unreachable");
-                return Err(ProxyError::UpstreamUnreachable);
-            }
             Ok(Err(e)) => {
+                if let Some(f) = fault.get() {
+                    return Err(fault_error(*f));
+                }
+                if e.is_connect() {
+                    tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, "upstream unreachable");
+                    return Err(ProxyError::UpstreamUnreachable);
+                }
                 tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, "upstream request failed");
                 return Err(ProxyError::UpstreamFailed);
             }
@@ -204,6 +278,54 @@ impl Proxy {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "request"
         );
+    }
+}
+
+/// What is needed to build the upstream request again for a replay.
+struct Template {
+    method: Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+}
+
+impl Template {
+    fn build(&self, body: Body, authorization: Option<http::HeaderValue>) -> Request<Body> {
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        // The upstream connection picks its own version (ALPN); hyper sets Host for HTTP/1.
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.headers.clone();
+        if let Some(auth) = authorization {
+            req.headers_mut().insert(http::header::AUTHORIZATION, auth);
+        }
+        req
+    }
+}
+
+fn full(bytes: Bytes) -> Body {
+    http_body_util::Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn fault_error(fault: body::BodyFault) -> ProxyError {
+    match fault {
+        body::BodyFault::TooLarge => ProxyError::BodyTooLarge,
+        body::BodyFault::Timeout => ProxyError::BodyTimeout,
+    }
+}
+
+fn body_error(
+    fault: &OnceLock<body::BodyFault>,
+    e: &(dyn std::error::Error + Send + Sync),
+) -> ProxyError {
+    match fault.get() {
+        Some(f) => fault_error(*f),
+        None => {
+            tracing::debug!(error = %e, "downstream request body failed");
+            ProxyError::InvalidBody
+        }
     }
 }
 

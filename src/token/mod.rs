@@ -95,7 +95,12 @@ struct Health {
     /// Requests finding no token do not call the IdP again before this; they get 503 at once
     /// while the background task retries.
     quiet_until: Option<Instant>,
+    /// Last time an upstream 401 triggered a refresh.
+    last_rejection: Option<Instant>,
 }
+
+/// Minimum time between refreshes triggered by upstream 401 answers, per provider.
+pub const REJECTION_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A provider's token cache and the machinery that keeps it filled.
 pub struct TokenSource {
@@ -224,6 +229,39 @@ impl TokenSource {
                 return Ok(t);
             }
         }
+        self.fetch_locked().await
+    }
+
+    /// Replaces a token the upstream rejected (401). Returns a different token to replay with:
+    /// one that replaced it meanwhile (another request's refresh, a renewal), or a fresh one.
+    /// A burst of 401s for one token causes one IdP call, and rejections trigger at most one
+    /// refresh per [`REJECTION_REFRESH_INTERVAL`], so an upstream that rejects every token
+    /// cannot make tokengate flood the IdP.
+    pub async fn replace_rejected(&self, rejected_generation: u64) -> Option<Arc<Token>> {
+        let newer = |t: &Arc<Token>| t.generation != rejected_generation;
+        if let Some(t) = self.usable().filter(newer) {
+            return Some(t);
+        }
+        let _flight = self.fetch_lock.lock().await;
+        if let Some(t) = self.usable().filter(newer) {
+            return Some(t);
+        }
+        {
+            let mut h = self.health.lock().ok()?;
+            if h.last_rejection
+                .is_some_and(|at| at.elapsed() < REJECTION_REFRESH_INTERVAL)
+            {
+                tracing::warn!(provider = %self.name, "upstream rejected a fresh token again; not refreshing (check the scopes and audience)");
+                return None;
+            }
+            h.last_rejection = Some(Instant::now());
+        }
+        tracing::info!(provider = %self.name, generation = rejected_generation, "upstream rejected the token; fetching a new one");
+        self.fetch_locked().await.ok().filter(newer)
+    }
+
+    /// Calls the IdP; the caller holds `fetch_lock`.
+    async fn fetch_locked(&self) -> Result<Arc<Token>, Unavailable> {
         let started = Instant::now();
         let current = self.current.load_full();
         let result = self.fetcher.fetch(current.as_deref()).await;
@@ -296,6 +334,7 @@ impl TokenSource {
         if let Ok(mut h) = self.health.lock() {
             *h = Health {
                 last_success: Some(SystemTime::now()),
+                last_rejection: h.last_rejection,
                 ..Health::default()
             };
         }

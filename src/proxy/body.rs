@@ -1,0 +1,115 @@
+//! Request bodies on their way upstream: bounded in size and in the pause between pieces.
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+/// Why a request body was cut off. Shared with the request path, which turns it into 413 or 408
+/// once the upstream request fails because of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFault {
+    /// More than `max_body_size` bytes.
+    TooLarge,
+    /// No data for `body_read_timeout`.
+    Timeout,
+}
+
+impl std::fmt::Display for BodyFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BodyFault::TooLarge => "request body too large",
+            BodyFault::Timeout => "request body timed out",
+        })
+    }
+}
+
+impl std::error::Error for BodyFault {}
+
+/// The downstream body with a size limit and a per-frame read timeout.
+pub struct Guarded {
+    inner: Incoming,
+    limit: Option<u64>,
+    read: u64,
+    timeout: Duration,
+    // Armed on first poll, so time spent connecting upstream does not count.
+    sleep: Option<Pin<Box<Sleep>>>,
+    fault: Arc<OnceLock<BodyFault>>,
+}
+
+impl Guarded {
+    /// Wraps `inner`; a fault is recorded in `fault` before the body errors.
+    pub fn new(
+        inner: Incoming,
+        limit: Option<u64>,
+        timeout: Duration,
+        fault: Arc<OnceLock<BodyFault>>,
+    ) -> Self {
+        Guarded {
+            inner,
+            limit,
+            read: 0,
+            timeout,
+            sleep: None,
+            fault,
+        }
+    }
+
+    fn trip(&self, fault: BodyFault) -> Poll<Option<Result<Frame<Bytes>, super::BoxError>>> {
+        let _ = self.fault.set(fault);
+        Poll::Ready(Some(Err(Box::new(fault))))
+    }
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.read += data.len() as u64;
+                    if this.limit.is_some_and(|l| this.read > l) {
+                        return this.trip(BodyFault::TooLarge);
+                    }
+                }
+                if let Some(sleep) = this.sleep.as_mut() {
+                    sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + this.timeout);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let timeout = this.timeout;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return this.trip(BodyFault::Timeout);
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
