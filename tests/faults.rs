@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -573,12 +573,11 @@ async fn idle_connections_are_closed() {
 
 struct Process {
     child: std::process::Child,
-    proxy: SocketAddr,
     admin: SocketAddr,
 }
 
 impl Process {
-    fn spawn(config_path: &std::path::Path, proxy: SocketAddr, admin: SocketAddr) -> Process {
+    fn spawn(config_path: &std::path::Path, admin: SocketAddr) -> Process {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
             .args(["run", "-c", config_path.to_str().unwrap()])
             .stdout(std::process::Stdio::null())
@@ -654,7 +653,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
         binary_config(proxy, admin, &idp, &[("/", slow.url())]),
     )
     .unwrap();
-    let mut p = Process::spawn(&path, proxy, admin);
+    let mut p = Process::spawn(&path, admin);
     p.ready().await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..5 {
@@ -693,7 +692,7 @@ async fn sighup_keeps_the_old_config_when_the_file_is_broken_and_adds_new_routes
     let path = dir.path().join("tg.yaml");
     let (proxy, admin) = (closed_port(), closed_port());
     std::fs::write(&path, binary_config(proxy, admin, &idp, &[("/a", a.url())])).unwrap();
-    let p = Process::spawn(&path, proxy, admin);
+    let p = Process::spawn(&path, admin);
     p.ready().await;
     let status = |path: &'static str| async move {
         client()
