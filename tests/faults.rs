@@ -584,11 +584,7 @@ impl Process {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        Process {
-            child,
-            proxy,
-            admin,
-        }
+        Process { child, admin }
     }
 
     fn signal(&self, sig: &str) {
