@@ -32,11 +32,8 @@ pub async fn handle<B>(control: &Arc<Control>, req: Request<B>) -> Response<Body
     }
     match req.uri().path() {
         "/metrics" => {
-            let mut resp = Response::new(
-                Full::from(proxy.metrics.render())
-                    .map_err(|never| match never {})
-                    .boxed(),
-            );
+            let mut resp =
+                Response::new(Full::from(proxy.metrics.render()).map_err(|never| match never {}).boxed());
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -49,23 +46,11 @@ pub async fn handle<B>(control: &Arc<Control>, req: Request<B>) -> Response<Body
             let providers: serde_json::Map<String, serde_json::Value> = runtime
                 .providers
                 .iter()
-                .map(|(name, p)| {
-                    (
-                        name.clone(),
-                        serde_json::to_value(p.status()).unwrap_or_default(),
-                    )
-                })
+                .map(|(name, p)| (name.clone(), serde_json::to_value(p.status()).unwrap_or_default()))
                 .collect();
             let ready = providers.values().all(|s| s["ready"] == true);
-            let status = if ready {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            json_response(
-                status,
-                &serde_json::json!({"ready": ready, "providers": providers}),
-            )
+            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            json_response(status, &serde_json::json!({"ready": ready, "providers": providers}))
         }
         other => json_response(
             StatusCode::NOT_FOUND,

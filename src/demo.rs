@@ -49,10 +49,7 @@ where
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     r
 }
 
@@ -70,25 +67,14 @@ pub async fn token_endpoint(addr: SocketAddr) -> std::io::Result<SocketAddr> {
                 .get(http::header::AUTHORIZATION)
                 .is_some_and(|v| v.as_bytes() == expected.as_bytes());
             let is_post = req.method() == http::Method::POST && req.uri().path() == "/token";
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let grant_ok = form_urlencoded::parse(&body)
-                .any(|(k, v)| k == "grant_type" && v == "client_credentials");
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let grant_ok =
+                form_urlencoded::parse(&body).any(|(k, v)| k == "grant_type" && v == "client_credentials");
             if !is_post {
-                return json(
-                    StatusCode::NOT_FOUND,
-                    &serde_json::json!({"error": "not_found"}),
-                );
+                return json(StatusCode::NOT_FOUND, &serde_json::json!({"error": "not_found"}));
             }
             if !auth_ok {
-                return json(
-                    StatusCode::UNAUTHORIZED,
-                    &serde_json::json!({"error": "invalid_client"}),
-                );
+                return json(StatusCode::UNAUTHORIZED, &serde_json::json!({"error": "invalid_client"}));
             }
             if !grant_ok {
                 return json(
@@ -116,22 +102,12 @@ pub async fn echo_upstream(addr: SocketAddr) -> std::io::Result<SocketAddr> {
         let headers: serde_json::Map<String, serde_json::Value> = req
             .headers()
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_owned(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned().into(),
-                )
-            })
+            .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned().into()))
             .collect();
         let method = req.method().to_string();
         let path = req.uri().path().to_owned();
         let query = req.uri().query().map(str::to_owned);
-        let body = req
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         json(
             StatusCode::OK,
             &serde_json::json!({
@@ -147,12 +123,7 @@ pub async fn echo_upstream(addr: SocketAddr) -> std::io::Result<SocketAddr> {
 }
 
 /// The demo configuration, pointing at the built-in servers.
-pub fn config_text(
-    idp: SocketAddr,
-    echo: SocketAddr,
-    listen: SocketAddr,
-    admin: SocketAddr,
-) -> String {
+pub fn config_text(idp: SocketAddr, echo: SocketAddr, listen: SocketAddr, admin: SocketAddr) -> String {
     format!(
         "\
 listen: {listen}

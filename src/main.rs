@@ -75,22 +75,20 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => with_config(&cli.config, check),
-        Some(Command::Token { provider, show }) => with_config(&cli.config, |_, c| {
-            block_on(None, token_main(c, provider, show))
-        }),
+        Some(Command::Token { provider, show }) => {
+            with_config(&cli.config, |_, c| block_on(None, token_main(c, provider, show)))
+        }
         Some(Command::Demo { listen, admin }) => block_on(workers, demo_main(listen, admin)),
-        Some(Command::Run { .. }) | None => with_config(&cli.config, |path, config| {
-            block_on(workers, run(path.to_owned(), config))
-        }),
+        Some(Command::Run { .. }) | None => {
+            with_config(&cli.config, |path, config| block_on(workers, run(path.to_owned(), config)))
+        }
     }
 }
 
 fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -173,10 +171,10 @@ fn describe(p: &Provider) -> String {
             )
         }
         Provider::Http(h) => {
-            let refresh = h.refresh.as_ref().map_or_else(
-                || "no refresh".to_owned(),
-                |r| format!("refresh {} {}", r.method, r.url),
-            );
+            let refresh = h
+                .refresh
+                .as_ref()
+                .map_or_else(|| "no refresh".to_owned(), |r| format!("refresh {} {}", r.method, r.url));
             format!("http login {} {}, {refresh}", h.login.method, h.login.url)
         }
     }
@@ -186,17 +184,10 @@ fn describe(p: &Provider) -> String {
 async fn token_main(config: Config, provider: String, show: bool) -> ExitCode {
     let Some(p) = config.providers.get(&provider) else {
         let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
-        eprintln!(
-            "error: no provider named {provider:?}; defined: {}",
-            known.join(", ")
-        );
+        eprintln!("error: no provider named {provider:?}; defined: {}", known.join(", "));
         return ExitCode::from(2);
     };
-    let source = match tokengate::token::TokenSource::new(
-        &provider,
-        p,
-        tokengate::metrics::Metrics::new(),
-    ) {
+    let source = match tokengate::token::TokenSource::new(&provider, p, tokengate::metrics::Metrics::new()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
@@ -214,15 +205,8 @@ async fn token_main(config: Config, provider: String, show: bool) -> ExitCode {
             };
             println!("token      {shown}");
             println!("type       Bearer");
-            println!(
-                "expires in {}s ({:?})",
-                t.lifetime.as_secs(),
-                t.lifetime_source
-            );
-            println!(
-                "scope      {}",
-                t.scope.as_deref().unwrap_or("(not stated)")
-            );
+            println!("expires in {}s ({:?})", t.lifetime.as_secs(), t.lifetime_source);
+            println!("scope      {}", t.scope.as_deref().unwrap_or("(not stated)"));
             match tokengate::token::jwt::claims(value) {
                 Some(claims) => {
                     let pretty = serde_json::to_string_pretty(&claims).unwrap_or_default();
@@ -258,10 +242,7 @@ async fn run(path: PathBuf, config: Config) -> ExitCode {
 /// Waits for SIGTERM or SIGINT; SIGHUP reloads the configuration file on the way.
 async fn wait_for_signals(running: &server::Running, reloadable: bool) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
+    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };
@@ -285,10 +266,7 @@ async fn wait_for_signals(running: &server::Running, reloadable: bool) {
 
 async fn demo_main(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let (idp, echo) = match (
-        demo::token_endpoint(any).await,
-        demo::echo_upstream(any).await,
-    ) {
+    let (idp, echo) = match (demo::token_endpoint(any).await, demo::echo_upstream(any).await) {
         (Ok(i), Ok(e)) => (i, e),
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("error: cannot start the demo servers: {e}");

@@ -2,8 +2,8 @@
 //! beyond the route label, a normalised method and the status code.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// All metric handles, registered in one registry.
@@ -18,6 +18,8 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     /// `tokengate_upstream_401_total{route,outcome}`: upstream 401 answers and what followed.
     pub upstream_401: IntCounterVec,
+    /// `tokengate_denied_total{route,reason}`: requests refused by access control.
+    pub denied: IntCounterVec,
     /// `tokengate_token_fetches_total{provider,result}`.
     pub token_fetches: IntCounterVec,
     /// `tokengate_token_fetch_duration_seconds{provider}`.
@@ -36,15 +38,10 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let latency_buckets = vec![
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            30.0,
-        ];
+        let latency_buckets =
+            vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
         let requests = IntCounterVec::new(
-            Opts::new(
-                "tokengate_requests_total",
-                "Requests answered, by route, method and status.",
-            ),
+            Opts::new("tokengate_requests_total", "Requests answered, by route, method and status."),
             &["route", "method", "status"],
         )
         .expect("valid metric");
@@ -58,10 +55,7 @@ impl Metrics {
         )
         .expect("valid metric");
         let upstream_errors = IntCounterVec::new(
-            Opts::new(
-                "tokengate_upstream_errors_total",
-                "Upstream failures, by route and kind.",
-            ),
+            Opts::new("tokengate_upstream_errors_total", "Upstream failures, by route and kind."),
             &["route", "kind"],
         )
         .expect("valid metric");
@@ -71,6 +65,11 @@ impl Metrics {
                 "Upstream 401 answers, by route and outcome (replayed, not_replayable, no_new_token).",
             ),
             &["route", "outcome"],
+        )
+        .expect("valid metric");
+        let denied = IntCounterVec::new(
+            Opts::new("tokengate_denied_total", "Requests refused by access control, by route and reason."),
+            &["route", "reason"],
         )
         .expect("valid metric");
         let token_fetches = IntCounterVec::new(
@@ -98,26 +97,21 @@ impl Metrics {
             &["provider"],
         )
         .expect("valid metric");
-        let inflight = IntGauge::new(
-            "tokengate_inflight_requests",
-            "Requests waiting for an upstream response head.",
-        )
-        .expect("valid metric");
-        let build_info = IntGaugeVec::new(
-            Opts::new("tokengate_build_info", "Build information; always 1."),
-            &["version"],
-        )
-        .expect("valid metric");
+        let inflight =
+            IntGauge::new("tokengate_inflight_requests", "Requests waiting for an upstream response head.")
+                .expect("valid metric");
+        let build_info =
+            IntGaugeVec::new(Opts::new("tokengate_build_info", "Build information; always 1."), &["version"])
+                .expect("valid metric");
         let up = Gauge::new("tokengate_up", "1 while tokengate is running.").expect("valid metric");
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         up.set(1.0);
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
             Box::new(upstream_errors.clone()),
             Box::new(upstream_401.clone()),
+            Box::new(denied.clone()),
             Box::new(token_fetches.clone()),
             Box::new(token_fetch_duration.clone()),
             Box::new(token_expiry.clone()),
@@ -133,6 +127,7 @@ impl Metrics {
             request_duration,
             upstream_errors,
             upstream_401,
+            denied,
             token_fetches,
             token_fetch_duration,
             token_expiry,

@@ -75,8 +75,7 @@ fn is_dot_segment(segment: &str) -> bool {
     while !rest.is_empty() {
         if rest[0] == b'.' {
             rest = &rest[1..];
-        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && (rest[2] | 0x20) == b'e'
-        {
+        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && (rest[2] | 0x20) == b'e' {
             rest = &rest[3..];
         } else {
             return false;
@@ -97,9 +96,7 @@ pub struct RouteTable<T> {
 
 impl<T> Default for RouteTable<T> {
     fn default() -> Self {
-        RouteTable {
-            by_prefix: HashMap::new(),
-        }
+        RouteTable { by_prefix: HashMap::new() }
     }
 }
 
@@ -141,11 +138,7 @@ impl<T> RouteTable<T> {
 /// The upstream path for a request: base path, then the request path with the route prefix
 /// removed when `strip` is set. Always starts with `/`.
 pub fn upstream_path(base: &str, prefix: &str, strip: bool, path: &str) -> String {
-    let rest = if strip && prefix != "/" {
-        &path[prefix.len().min(path.len())..]
-    } else {
-        path
-    };
+    let rest = if strip && prefix != "/" { &path[prefix.len().min(path.len())..] } else { path };
     let mut out = String::with_capacity(base.len() + rest.len() + 1);
     out.push_str(base);
     if !rest.starts_with('/') {
@@ -181,28 +174,14 @@ mod tests {
     fn strips_prefix_and_joins_base_path() {
         assert_eq!(upstream_path("", "/echo", true, "/echo/a/b"), "/a/b");
         assert_eq!(upstream_path("", "/echo", true, "/echo"), "/");
-        assert_eq!(
-            upstream_path("/api/v2", "/echo", true, "/echo/x"),
-            "/api/v2/x"
-        );
-        assert_eq!(
-            upstream_path("/api/v2", "/echo", false, "/echo/x"),
-            "/api/v2/echo/x"
-        );
+        assert_eq!(upstream_path("/api/v2", "/echo", true, "/echo/x"), "/api/v2/x");
+        assert_eq!(upstream_path("/api/v2", "/echo", false, "/echo/x"), "/api/v2/echo/x");
         assert_eq!(upstream_path("", "/", true, "/x"), "/x");
     }
 
     #[test]
     fn refuses_traversal_and_ambiguous_paths() {
-        for ok in [
-            "/",
-            "/a/b",
-            "/a/b/",
-            "/a/.well-known",
-            "/a/...",
-            "/a%20b",
-            "/a/%41",
-        ] {
+        for ok in ["/", "/a/b", "/a/b/", "/a/.well-known", "/a/...", "/a%20b", "/a/%41"] {
             assert_eq!(check_path(ok), Ok(()), "{ok}");
         }
         for (bad, why) in [

@@ -63,40 +63,25 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 }
 
 /// As [`start`]; `path` is the file that SIGHUP and `POST /reload` read again.
-pub async fn start_with(
-    config: Config,
-    path: Option<std::path::PathBuf>,
-) -> Result<Running, StartError> {
+pub async fn start_with(config: Config, path: Option<std::path::PathBuf>) -> Result<Running, StartError> {
     let metrics = Metrics::new();
     let providers = token::build(&config, &metrics).map_err(StartError::Setup)?;
     for p in providers.values() {
         p.start();
     }
     let runtime = Runtime::build(&config, providers).map_err(StartError::Setup)?;
-    let proxy = Arc::new(Proxy {
-        runtime: ArcSwap::from_pointee(runtime),
-        metrics,
-    });
+    let proxy = Arc::new(Proxy { runtime: ArcSwap::from_pointee(runtime), metrics });
 
     let bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })
+        TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
     };
     let proxy_listener = bind(config.listen).await?;
     let admin_listener = bind(config.admin.listen).await?;
-    let proxy_addr = proxy_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    let proxy_addr =
+        proxy_listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
     let admin_addr = admin_listener
         .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: config.admin.listen,
-            source,
-        })?;
+        .map_err(|source| StartError::Bind { addr: config.admin.listen, source })?;
     for (what, addr) in [("proxy", proxy_addr), ("admin", admin_addr)] {
         if !addr.ip().is_loopback() {
             tracing::warn!(listener = what, %addr, "listening on a non-loopback address: anyone who can reach it acts with tokengate's credentials");
@@ -117,47 +102,30 @@ pub async fn start_with(
         max_connections: config.limits.max_connections,
     };
     let p = proxy.clone();
-    let proxy_task = tokio::spawn(serve(
-        proxy_listener,
-        builder.clone(),
-        rx.clone(),
-        proxy_settings,
-        move |remote| {
+    let proxy_task =
+        tokio::spawn(serve(proxy_listener, builder.clone(), rx.clone(), proxy_settings, move |remote| {
             let p = p.clone();
             service_fn(move |req| {
                 let p = p.clone();
-                async move { Ok::<_, Infallible>(p.handle(req, remote).await) }
+                let conn = crate::proxy::Conn { remote, secure: false, client_cert: false };
+                async move { Ok::<_, Infallible>(p.handle(req, conn).await) }
             })
-        },
-    ));
+        }));
     let admin_settings = Listener {
         grace: Duration::from_secs(1),
         idle_timeout: config.limits.idle_timeout,
         max_connections: 64,
     };
     let c = control.clone();
-    let admin_task = tokio::spawn(serve(
-        admin_listener,
-        builder,
-        rx,
-        admin_settings,
-        move |_| {
+    let admin_task = tokio::spawn(serve(admin_listener, builder, rx, admin_settings, move |_| {
+        let c = c.clone();
+        service_fn(move |req| {
             let c = c.clone();
-            service_fn(move |req| {
-                let c = c.clone();
-                async move { Ok::<_, Infallible>(crate::admin::handle(&c, req).await) }
-            })
-        },
-    ));
+            async move { Ok::<_, Infallible>(crate::admin::handle(&c, req).await) }
+        })
+    }));
     tracing::info!(%proxy_addr, %admin_addr, "tokengate is listening");
-    Ok(Running {
-        proxy_addr,
-        admin_addr,
-        proxy,
-        control,
-        shutdown,
-        tasks: vec![proxy_task, admin_task],
-    })
+    Ok(Running { proxy_addr, admin_addr, proxy, control, shutdown, tasks: vec![proxy_task, admin_task] })
 }
 
 fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -167,11 +135,7 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         // hyper's minimum buffer is 8 KiB; the limit is also what bounds header size.
-        .max_buf_size(
-            usize::try_from(limits.max_header_size)
-                .unwrap_or(usize::MAX)
-                .max(8192),
-        );
+        .max_buf_size(usize::try_from(limits.max_header_size).unwrap_or(usize::MAX).max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -228,14 +192,8 @@ async fn serve<F, S>(
         };
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());
-        let io = TokioIo::new(TrackedIo {
-            inner: stream,
-            activity: activity.clone(),
-        });
-        let service = Tracked {
-            inner: make_service(remote),
-            activity: activity.clone(),
-        };
+        let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
+        let service = Tracked { inner: make_service(remote), activity: activity.clone() };
         let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
         let idle_timeout = settings.idle_timeout;
         tokio::spawn(async move {
@@ -262,10 +220,7 @@ async fn serve<F, S>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(settings.grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(settings.grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("shutdown grace period over; closing the remaining connections");
     }
 }
@@ -279,11 +234,7 @@ struct Activity {
 
 impl Activity {
     fn new() -> Self {
-        Activity {
-            start: std::time::Instant::now(),
-            last_ms: 0.into(),
-            active: 0.into(),
-        }
+        Activity { start: std::time::Instant::now(), last_ms: 0.into(), active: 0.into() }
     }
 
     fn touch(&self) {
@@ -382,21 +333,16 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
 
     fn call(&self, req: R) -> Self::Future {
-        self.activity
-            .active
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.activity.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let activity = self.activity.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {
             let out = fut.await;
             activity.touch();
-            activity
-                .active
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            activity.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             out
         })
     }
@@ -425,10 +371,7 @@ impl Running {
 impl Control {
     /// Reads the configuration file again and swaps it in; on error the running one stays.
     pub async fn reload_file(&self) -> Result<(), String> {
-        let path = self
-            .path
-            .as_ref()
-            .ok_or("this instance was not started from a file")?;
+        let path = self.path.as_ref().ok_or("this instance was not started from a file")?;
         let config = crate::config::load(path).map_err(|e| e.to_string())?;
         self.reload(config).await
     }
@@ -480,11 +423,7 @@ impl Control {
         if let Ok(mut current) = self.config.lock() {
             *current = config;
         }
-        tracing::info!(
-            routes,
-            new_providers = fresh.len(),
-            "configuration reloaded"
-        );
+        tracing::info!(routes, new_providers = fresh.len(), "configuration reloaded");
         Ok(())
     }
 }

@@ -23,17 +23,11 @@ pub enum TlsError {
 }
 
 /// A rustls client configuration with ALPN set to `alpn` (e.g. `h2`, `http/1.1`).
-pub fn client_config(
-    ca_file: Option<&Path>,
-    alpn: &[&[u8]],
-) -> Result<rustls::ClientConfig, TlsError> {
+pub fn client_config(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
-        let err = |reason: String| TlsError::CaFile {
-            path: path.display().to_string(),
-            reason,
-        };
+        let err = |reason: String| TlsError::CaFile { path: path.display().to_string(), reason };
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
             .map_err(|e| err(e.to_string()))?
             .collect::<Result<_, _>>()
@@ -48,10 +42,7 @@ pub fn client_config(
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::CaFile {
-            path: String::new(),
-            reason: e.to_string(),
-        })?
+        .map_err(|e| TlsError::CaFile { path: String::new(), reason: e.to_string() })?
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();

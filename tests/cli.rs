@@ -14,10 +14,7 @@ const PLACEHOLDERS: &[(&str, &str)] = &[
     ("CORTI_CLIENT_SECRET", "placeholder-secret"),
     ("SCREENING_EAGLE_CLIENT_ID", "placeholder-id"),
     ("SCREENING_EAGLE_API_URL", "https://api.example.com"),
-    (
-        "COVATA_TOKEN_URL",
-        "https://covata.example.com/api/oauth/token",
-    ),
+    ("COVATA_TOKEN_URL", "https://covata.example.com/api/oauth/token"),
     ("COVATA_API_URL", "https://covata.example.com/api"),
     ("COVATA_CLIENT_ID", "placeholder-id"),
     ("COVATA_CLIENT_SECRET", "placeholder-secret"),
@@ -32,9 +29,7 @@ const PLACEHOLDERS: &[(&str, &str)] = &[
 
 fn tokengate(args: &[&str], secret_file: &std::path::Path) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokengate"));
-    cmd.args(args)
-        .env_clear()
-        .env("SCREENING_EAGLE_CLIENT_SECRET_FILE", secret_file);
+    cmd.args(args).env_clear().env("SCREENING_EAGLE_CLIENT_SECRET_FILE", secret_file);
     for (k, v) in PLACEHOLDERS {
         cmd.env(k, v);
     }
@@ -58,10 +53,7 @@ fn every_example_config_passes_check() {
                 path.display(),
                 String::from_utf8_lossy(&out.stderr)
             );
-            assert!(
-                stdout.contains("OK") && stdout.contains("routes"),
-                "{stdout}"
-            );
+            assert!(stdout.contains("OK") && stdout.contains("routes"), "{stdout}");
             assert!(
                 !stdout.contains("placeholder-secret") && !stdout.contains("placeholder-password"),
                 "{stdout}"
@@ -76,34 +68,15 @@ fn every_example_config_passes_check() {
 fn coreview_example_routes_six_datacenters_through_two_identity_providers() {
     let dir = tempfile::tempdir().unwrap();
     let out = tokengate(
-        &[
-            "check",
-            "-c",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config/coreview.yaml"),
-        ],
+        &["check", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/config/coreview.yaml")],
         &dir.path().join("x"),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    for host in [
-        "apiproxy",
-        "usapiproxy",
-        "caeapiproxy",
-        "ausapiproxy",
-        "uknapiproxy",
-    ] {
-        assert!(
-            stdout.contains(&format!("https://{host}.coreview.com ")),
-            "{host}: {stdout}"
-        );
+    for host in ["apiproxy", "usapiproxy", "caeapiproxy", "ausapiproxy", "uknapiproxy"] {
+        assert!(stdout.contains(&format!("https://{host}.coreview.com ")), "{host}: {stdout}");
     }
-    let gov = stdout
-        .lines()
-        .find(|l| l.contains("usgovapiproxy"))
-        .unwrap();
-    assert!(
-        gov.contains("/coreview/gov") && gov.ends_with("provider=coreview-gov"),
-        "{gov}"
-    );
+    let gov = stdout.lines().find(|l| l.contains("usgovapiproxy")).unwrap();
+    assert!(gov.contains("/coreview/gov") && gov.ends_with("provider=coreview-gov"), "{gov}");
     assert!(stdout.contains("issuer https://identity.coreview.com/ (discovery)"));
     assert!(stdout.contains("issuer https://usidentity.coreview.com/ (discovery)"));
 }
@@ -139,28 +112,17 @@ fn check_reports_file_line_and_key_for_a_bad_config() {
         let out = tokengate(&["check", "-c", path.to_str().unwrap()], &path);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{stderr}");
-        assert!(
-            stderr.contains(expected),
-            "expected {expected:?} in {stderr}"
-        );
+        assert!(stderr.contains(expected), "expected {expected:?} in {stderr}");
         assert!(stderr.contains("bad.yaml"), "{stderr}");
         assert!(
             stderr.contains(".yaml:")
-                && stderr
-                    .split(".yaml:")
-                    .nth(1)
-                    .unwrap()
-                    .starts_with(|c: char| c.is_ascii_digit()),
+                && stderr.split(".yaml:").nth(1).unwrap().starts_with(|c: char| c.is_ascii_digit()),
             "no line in {stderr}"
         );
     }
-    let out = tokengate(
-        &["check", "-c", "/nonexistent/tokengate.yaml"],
-        &dir.path().join("x"),
-    );
+    let out = tokengate(&["check", "-c", "/nonexistent/tokengate.yaml"], &dir.path().join("x"));
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("/nonexistent/tokengate.yaml: cannot read the file")
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tokengate.yaml: cannot read the file")
     );
 }

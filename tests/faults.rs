@@ -17,14 +17,8 @@ type Script = Arc<dyn Fn(usize) -> Reply + Send + Sync>;
 
 #[derive(Clone)]
 enum Reply {
-    Token {
-        lifetime: u64,
-    },
-    Status {
-        status: u16,
-        body: String,
-        retry_after: Option<&'static str>,
-    },
+    Token { lifetime: u64 },
+    Status { status: u16, body: String, retry_after: Option<&'static str> },
     Slow(Duration),
 }
 
@@ -71,11 +65,7 @@ impl ScriptedIdp {
         })
         .await
         .unwrap();
-        ScriptedIdp {
-            addr,
-            calls,
-            issued,
-        }
+        ScriptedIdp { addr, calls, issued }
     }
 
     async fn start(script: Script) -> ScriptedIdp {
@@ -102,16 +92,11 @@ async fn guarded_upstream(issued: Arc<Mutex<HashSet<String>>>) -> Guarded {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (r, n, s) = (rejected.clone(), reject_next.clone(), seen.clone());
     let addr = tokengate::demo::serve_fn(any(), move |req| {
-        let (rejected, reject_next, seen, issued) =
-            (r.clone(), n.clone(), s.clone(), issued.clone());
+        let (rejected, reject_next, seen, issued) = (r.clone(), n.clone(), s.clone(), issued.clone());
         async move {
             use http_body_util::BodyExt;
             let (parts, body) = req.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
             let token = parts
                 .headers
                 .get("authorization")
@@ -129,23 +114,15 @@ async fn guarded_upstream(issued: Arc<Mutex<HashSet<String>>>) -> Guarded {
             if reject_next.swap(false, Ordering::SeqCst) {
                 rejected.lock().unwrap().insert(token.clone());
             }
-            if !issued.lock().unwrap().contains(&token) || rejected.lock().unwrap().contains(&token)
-            {
+            if !issued.lock().unwrap().contains(&token) || rejected.lock().unwrap().contains(&token) {
                 return json(401, serde_json::json!({"error": "invalid_token"}));
             }
-            json(
-                200,
-                serde_json::json!({"token": token, "body_len": body.len()}),
-            )
+            json(200, serde_json::json!({"token": token, "body_len": body.len()}))
         }
     })
     .await
     .unwrap();
-    Guarded {
-        up: Upstream { addr, seen },
-        rejected,
-        reject_next,
-    }
+    Guarded { up: Upstream { addr, seen }, rejected, reject_next }
 }
 
 fn config(idp: SocketAddr, up: &str, provider_extra: &str) -> String {
@@ -155,23 +132,12 @@ fn config(idp: SocketAddr, up: &str, provider_extra: &str) -> String {
 }
 
 async fn get(tg: &tokengate::server::Running, path: &str) -> (u16, String) {
-    let r = client()
-        .get(format!("http://{}{path}", tg.proxy_addr))
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(format!("http://{}{path}", tg.proxy_addr)).send().await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
 async fn metrics(tg: &tokengate::server::Running) -> String {
-    client()
-        .get(format!("http://{}/metrics", tg.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    client().get(format!("http://{}/metrics", tg.admin_addr)).send().await.unwrap().text().await.unwrap()
 }
 
 #[tokio::test]
@@ -190,14 +156,9 @@ async fn idp_down_at_start_answers_503_then_recovers() {
         started.elapsed()
     );
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(
-        (v["error"].as_str(), v["provider"].as_str()),
-        (Some("token_unavailable"), Some("p"))
-    );
+    assert_eq!((v["error"].as_str(), v["provider"].as_str()), (Some("token_unavailable"), Some("p")));
     assert!(
-        metrics(&tg)
-            .await
-            .contains(r#"tokengate_token_fetches_total{provider="p",result="network_error"}"#)
+        metrics(&tg).await.contains(r#"tokengate_token_fetches_total{provider="p",result="network_error"}"#)
     );
     let idp = ScriptedIdp::start_at(idp_addr, Arc::new(|_| Reply::Token { lifetime: 3600 })).await;
     *issued.lock().unwrap() = HashSet::from(["tok-1".to_string()]);
@@ -209,17 +170,8 @@ async fn idp_down_at_start_answers_503_then_recovers() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        ok,
-        "no recovery after the IdP came up ({} calls)",
-        idp.calls()
-    );
-    assert!(
-        up.up
-            .requests()
-            .iter()
-            .all(|s| s.header("authorization").as_deref() == Some("Bearer tok-1"))
-    );
+    assert!(ok, "no recovery after the IdP came up ({} calls)", idp.calls());
+    assert!(up.up.requests().iter().all(|s| s.header("authorization").as_deref() == Some("Bearer tok-1")));
 }
 
 #[tokio::test]
@@ -229,11 +181,7 @@ async fn flapping_idp_under_steady_load_never_breaks_requests() {
         if n % 3 == 0 {
             Reply::Token { lifetime: 4 }
         } else {
-            Reply::Status {
-                status: 503,
-                body: "<html>down</html>".into(),
-                retry_after: None,
-            }
+            Reply::Status { status: 503, body: "<html>down</html>".into(), retry_after: None }
         }
     }))
     .await;
@@ -264,47 +212,26 @@ async fn flapping_idp_under_steady_load_never_breaks_requests() {
         statuses.len(),
         &bad[..bad.len().min(10)]
     );
-    assert!(
-        idp.calls() >= 6,
-        "expected at least two refresh cycles, saw {} calls",
-        idp.calls()
-    );
+    assert!(idp.calls() >= 6, "expected at least two refresh cycles, saw {} calls", idp.calls());
 }
 
 #[tokio::test]
 async fn slow_idp_hits_the_token_request_timeout() {
     let idp = ScriptedIdp::start(Arc::new(|_| Reply::Slow(Duration::from_secs(3)))).await;
-    let tg = start(&config(
-        idp.addr,
-        "http://127.0.0.1:9",
-        "    timeout: 300ms\n",
-    ))
-    .await;
+    let tg = start(&config(idp.addr, "http://127.0.0.1:9", "    timeout: 300ms\n")).await;
     let started = Instant::now();
     let (status, _) = get(&tg, "/x").await;
     assert_eq!(status, 503);
-    assert!(
-        started.elapsed() < Duration::from_millis(1500),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        metrics(&tg)
-            .await
-            .contains(r#"tokengate_token_fetches_total{provider="p",result="timeout"}"#)
-    );
+    assert!(metrics(&tg).await.contains(r#"tokengate_token_fetches_total{provider="p",result="timeout"}"#));
 }
 
 #[tokio::test]
 async fn retry_after_on_429_is_honoured() {
     let idp = ScriptedIdp::start(Arc::new(|n| {
         if n == 1 {
-            Reply::Status {
-                status: 429,
-                body: r#"{"error":"slow_down"}"#.into(),
-                retry_after: Some("2"),
-            }
+            Reply::Status { status: 429, body: r#"{"error":"slow_down"}"#.into(), retry_after: Some("2") }
         } else {
             Reply::Token { lifetime: 3600 }
         }
@@ -320,10 +247,7 @@ async fn retry_after_on_429_is_honoured() {
     let calls = idp.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 2);
     let gap = calls[1] - calls[0];
-    assert!(
-        gap >= Duration::from_millis(1900),
-        "retried after {gap:?}, before Retry-After"
-    );
+    assert!(gap >= Duration::from_millis(1900), "retried after {gap:?}, before Retry-After");
     assert_eq!(get(&tg, "/x").await.0, 200);
 }
 
@@ -331,16 +255,8 @@ async fn retry_after_on_429_is_honoured() {
 async fn malformed_token_responses_are_counted_and_nothing_is_forwarded() {
     for (status, body, label) in [
         (200, "<html><body>Login</body></html>", "malformed_response"),
-        (
-            200,
-            r#"{"token_type":"Bearer","expires_in":60}"#,
-            "malformed_response",
-        ),
-        (
-            200,
-            r#"{"access_token":"x","token_type":"mac"}"#,
-            "unsupported_token_type",
-        ),
+        (200, r#"{"token_type":"Bearer","expires_in":60}"#, "malformed_response"),
+        (200, r#"{"access_token":"x","token_type":"mac"}"#, "unsupported_token_type"),
         (200, "{not json", "malformed_response"),
         (502, "<html>Bad Gateway</html>", "http_502"),
     ] {
@@ -355,15 +271,10 @@ async fn malformed_token_responses_are_counted_and_nothing_is_forwarded() {
         assert_eq!(get(&tg, "/x").await.0, 503, "{body}");
         let m = metrics(&tg).await;
         assert!(
-            m.contains(&format!(
-                r#"tokengate_token_fetches_total{{provider="p",result="{label}"}}"#
-            )),
+            m.contains(&format!(r#"tokengate_token_fetches_total{{provider="p",result="{label}"}}"#)),
             "{body}: {m}"
         );
-        assert!(
-            up.requests().is_empty(),
-            "{body}: a request was forwarded without a token"
-        );
+        assert!(up.requests().is_empty(), "{body}: a request was forwarded without a token");
     }
 }
 
@@ -385,31 +296,17 @@ async fn upstream_401_on_get_refreshes_once_and_replays() {
     assert_eq!(idp.calls(), 2);
     let seen = up.up.requests();
     assert_eq!(seen.len(), 2);
-    assert_eq!(
-        seen[0].header("authorization").as_deref(),
-        Some("Bearer tok-1")
-    );
-    assert_eq!(
-        seen[1].header("authorization").as_deref(),
-        Some("Bearer tok-2")
-    );
-    assert!(
-        metrics(&tg)
-            .await
-            .contains(r#"tokengate_upstream_401_total{outcome="replayed",route="/"} 1"#)
-    );
+    assert_eq!(seen[0].header("authorization").as_deref(), Some("Bearer tok-1"));
+    assert_eq!(seen[1].header("authorization").as_deref(), Some("Bearer tok-2"));
+    assert!(metrics(&tg).await.contains(r#"tokengate_upstream_401_total{outcome="replayed",route="/"} 1"#));
 }
 
 #[tokio::test]
 async fn upstream_401_on_small_post_replays_the_same_body() {
     let (idp, up, tg) = replay_setup().await;
     up.reject_next.store(true, Ordering::SeqCst);
-    let r = client()
-        .post(format!("http://{}/orders", tg.proxy_addr))
-        .body(r#"{"qty":3}"#)
-        .send()
-        .await
-        .unwrap();
+    let r =
+        client().post(format!("http://{}/orders", tg.proxy_addr)).body(r#"{"qty":3}"#).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(idp.calls(), 2);
     let seen = up.up.requests();
@@ -439,12 +336,7 @@ async fn large_post_is_not_replayed_and_the_401_passes_through() {
     let (idp, up, tg) = replay_setup().await;
     up.reject_next.store(true, Ordering::SeqCst);
     let body = vec![b'x'; 100 * 1024];
-    let r = client()
-        .post(format!("http://{}/upload", tg.proxy_addr))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let r = client().post(format!("http://{}/upload", tg.proxy_addr)).body(body).send().await.unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(up.up.requests().len(), 1);
     assert_eq!(up.up.requests()[0].body.len(), 100 * 1024);
@@ -452,9 +344,7 @@ async fn large_post_is_not_replayed_and_the_401_passes_through() {
     assert_eq!(idp.calls(), 2);
     assert_eq!(get(&tg, "/after").await.0, 200);
     assert!(
-        metrics(&tg)
-            .await
-            .contains(r#"tokengate_upstream_401_total{outcome="not_replayable",route="/"} 1"#)
+        metrics(&tg).await.contains(r#"tokengate_upstream_401_total{outcome="not_replayable",route="/"} 1"#)
     );
 }
 
@@ -468,9 +358,7 @@ async fn upstream_reset_mid_response_is_not_passed_off_as_complete() {
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
-                    .await;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n").await;
                 let _ = s.write_all(&[b'a'; 100]).await;
                 // Dropped here: the connection closes 900 bytes short.
             });
@@ -482,35 +370,13 @@ async fn upstream_reset_mid_response_is_not_passed_off_as_complete() {
         idp.token_url()
     ))
     .await;
-    let r = client()
-        .get(format!("http://{}/reset", tg.proxy_addr))
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(format!("http://{}/reset", tg.proxy_addr)).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(
-        r.bytes().await.is_err(),
-        "a truncated body must surface as an error"
-    );
-    let h2 = h2_client()
-        .get(format!("http://{}/reset", tg.proxy_addr))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        h2.bytes().await.is_err(),
-        "HTTP/2 stream must be reset, not ended cleanly"
-    );
+    assert!(r.bytes().await.is_err(), "a truncated body must surface as an error");
+    let h2 = h2_client().get(format!("http://{}/reset", tg.proxy_addr)).send().await.unwrap();
+    assert!(h2.bytes().await.is_err(), "HTTP/2 stream must be reset, not ended cleanly");
     // The proxy itself is fine.
-    assert_eq!(
-        client()
-            .get(format!("http://{}/healthz", tg.admin_addr))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(client().get(format!("http://{}/healthz", tg.admin_addr)).send().await.unwrap().status(), 200);
 }
 
 #[tokio::test]
@@ -523,33 +389,21 @@ async fn oversized_and_slow_request_bodies_are_refused() {
         up.url()
     ))
     .await;
-    let r = client()
-        .post(format!("http://{}/big", tg.proxy_addr))
-        .body(vec![0u8; 2048])
-        .send()
-        .await
-        .unwrap();
+    let r =
+        client().post(format!("http://{}/big", tg.proxy_addr)).body(vec![0u8; 2048]).send().await.unwrap();
     assert_eq!(r.status(), 413);
-    assert_eq!(
-        r.json::<serde_json::Value>().await.unwrap()["error"],
-        "body_too_large"
-    );
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "body_too_large");
     assert!(up.requests().is_empty());
     // A chunked body that stalls mid-way.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(tg.proxy_addr).await.unwrap();
-    s.write_all(
-        b"POST /slow HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
-    )
-    .await
-    .unwrap();
+    s.write_all(b"POST /slow HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await
+        .unwrap();
     let mut resp = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut resp)).await;
     let text = String::from_utf8_lossy(&resp);
-    assert!(
-        text.starts_with("HTTP/1.1 408") && text.contains("body_timeout"),
-        "{text}"
-    );
+    assert!(text.starts_with("HTTP/1.1 408") && text.contains("body_timeout"), "{text}");
 }
 
 #[tokio::test]
@@ -588,22 +442,15 @@ impl Process {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        let ok =
+            std::process::Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
         assert!(ok.success());
     }
 
     async fn ready(&self) {
         let url = format!("http://{}/readyz", self.admin);
         for _ in 0..250 {
-            if client()
-                .get(&url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-            {
+            if client().get(&url).send().await.is_ok_and(|r| r.status() == 200) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -619,20 +466,13 @@ impl Drop for Process {
     }
 }
 
-fn binary_config(
-    proxy: SocketAddr,
-    admin: SocketAddr,
-    idp: &Idp,
-    routes: &[(&str, String)],
-) -> String {
+fn binary_config(proxy: SocketAddr, admin: SocketAddr, idp: &Idp, routes: &[(&str, String)]) -> String {
     let mut s = format!(
         "listen: {proxy}\nadmin:\n  listen: {admin}\nlimits:\n  shutdown_grace: 10s\nproviders:\n  idp:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\nroutes:\n",
         idp.token_url()
     );
     for (prefix, up) in routes {
-        s.push_str(&format!(
-            "  - prefix: {prefix}\n    upstream: {up}\n    provider: idp\n"
-        ));
+        s.push_str(&format!("  - prefix: {prefix}\n    upstream: {up}\n    provider: idp\n"));
     }
     s
 }
@@ -644,11 +484,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tg.yaml");
     let (proxy, admin) = (closed_port(), closed_port());
-    std::fs::write(
-        &path,
-        binary_config(proxy, admin, &idp, &[("/", slow.url())]),
-    )
-    .unwrap();
+    std::fs::write(&path, binary_config(proxy, admin, &idp, &[("/", slow.url())])).unwrap();
     let mut p = Process::spawn(&path, admin);
     p.ready().await;
     let mut tasks = tokio::task::JoinSet::new();
@@ -669,14 +505,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
     .await
     .unwrap();
     assert_eq!(status.code(), Some(0));
-    assert!(
-        client()
-            .get(format!("http://{proxy}/x"))
-            .send()
-            .await
-            .is_err(),
-        "still accepting after exit"
-    );
+    assert!(client().get(format!("http://{proxy}/x")).send().await.is_err(), "still accepting after exit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -691,13 +520,7 @@ async fn sighup_keeps_the_old_config_when_the_file_is_broken_and_adds_new_routes
     let p = Process::spawn(&path, admin);
     p.ready().await;
     let status = |path: &'static str| async move {
-        client()
-            .get(format!("http://{proxy}{path}"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+        client().get(format!("http://{proxy}{path}")).send().await.unwrap().status().as_u16()
     };
     assert_eq!(status("/a/1").await, 200);
     assert_eq!(status("/b/1").await, 404);
@@ -705,24 +528,12 @@ async fn sighup_keeps_the_old_config_when_the_file_is_broken_and_adds_new_routes
     std::fs::write(&path, "routes: [this is: not valid\n").unwrap();
     p.signal("-HUP");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        status("/a/2").await,
-        200,
-        "the old configuration must keep serving"
-    );
-    let reload = client()
-        .post(format!("http://{admin}/reload"))
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(status("/a/2").await, 200, "the old configuration must keep serving");
+    let reload = client().post(format!("http://{admin}/reload")).send().await.unwrap();
     assert_eq!(reload.status(), 422);
     assert!(reload.text().await.unwrap().contains("tg.yaml"));
 
-    std::fs::write(
-        &path,
-        binary_config(proxy, admin, &idp, &[("/a", a.url()), ("/b", b.url())]),
-    )
-    .unwrap();
+    std::fs::write(&path, binary_config(proxy, admin, &idp, &[("/a", a.url()), ("/b", b.url())])).unwrap();
     p.signal("-HUP");
     let mut served = false;
     for _ in 0..100 {
@@ -734,10 +545,6 @@ async fn sighup_keeps_the_old_config_when_the_file_is_broken_and_adds_new_routes
     }
     assert!(served, "the new route was not served after SIGHUP");
     assert_eq!(status("/a/3").await, 200);
-    assert_eq!(
-        idp.calls(),
-        1,
-        "an unchanged provider keeps its cached token"
-    );
+    assert_eq!(idp.calls(), 1, "an unchanged provider keeps its cached token");
     assert_eq!(b.requests().len(), 1);
 }

@@ -12,10 +12,7 @@ use base64::Engine;
 use common::*;
 
 fn unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 /// An unsigned-looking JWT with the given claims (tokengate decodes, never verifies).
@@ -30,25 +27,11 @@ fn jwt(claims: serde_json::Value) -> String {
 }
 
 async fn readyz(tg: &tokengate::server::Running) -> serde_json::Value {
-    client()
-        .get(format!("http://{}/readyz", tg.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    client().get(format!("http://{}/readyz", tg.admin_addr)).send().await.unwrap().json().await.unwrap()
 }
 
 async fn metrics(tg: &tokengate::server::Running) -> String {
-    client()
-        .get(format!("http://{}/metrics", tg.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    client().get(format!("http://{}/metrics", tg.admin_addr)).send().await.unwrap().text().await.unwrap()
 }
 
 async fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
@@ -104,11 +87,7 @@ impl Covata {
         })
         .await
         .unwrap();
-        Covata {
-            addr,
-            log,
-            valid_refresh,
-        }
+        Covata { addr, log, valid_refresh }
     }
 
     fn grants(&self) -> Vec<(String, Option<String>)> {
@@ -118,10 +97,7 @@ impl Covata {
             .iter()
             .map(|s| {
                 let f = s.form();
-                (
-                    f.get("grant_type").cloned().unwrap_or_default(),
-                    f.get("refresh_token").cloned(),
-                )
+                (f.get("grant_type").cloned().unwrap_or_default(), f.get("refresh_token").cloned())
             })
             .collect()
     }
@@ -134,13 +110,7 @@ async fn seen(req: http::Request<hyper::body::Incoming>) -> Seen {
     let query = req.uri().query().map(str::to_owned);
     let headers = req.headers().clone();
     let body = req.into_body().collect().await.unwrap().to_bytes();
-    Seen {
-        method,
-        path,
-        query,
-        headers,
-        body,
-    }
+    Seen { method, path, query, headers, body }
 }
 
 fn covata_config(addr: std::net::SocketAddr, up: &Upstream) -> String {
@@ -156,35 +126,20 @@ async fn password_grant_with_basic_client_auth_then_rotating_refresh_tokens() {
     let up = Upstream::start(None).await;
     let tg = start(&covata_config(idp.addr, &up)).await;
     wait_ready(&tg).await;
-    let r = client()
-        .get(format!("http://{}/covata/files", tg.proxy_addr))
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(format!("http://{}/covata/files", tg.proxy_addr)).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        up.requests()[0].header("authorization").as_deref(),
-        Some("Bearer cov-1")
-    );
+    assert_eq!(up.requests()[0].header("authorization").as_deref(), Some("Bearer cov-1"));
     // 2 s tokens refresh about every second; each refresh must use the newest refresh token.
     wait_for(|| idp.grants().len() >= 4, "three refreshes").await;
     let grants = idp.grants();
     assert_eq!(grants[0].0, "password");
     for (i, (grant, rt)) in grants.iter().enumerate().skip(1).take(3) {
         assert_eq!(grant, "refresh_token");
-        assert_eq!(
-            rt.as_deref(),
-            Some(format!("R{i}").as_str()),
-            "refresh {i} must use the rotated token"
-        );
+        assert_eq!(rt.as_deref(), Some(format!("R{i}").as_str()), "refresh {i} must use the rotated token");
     }
     // Only the newest refresh token is still valid: nothing was replayed.
     assert_eq!(idp.valid_refresh.lock().unwrap().len(), 1);
-    let r = client()
-        .get(format!("http://{}/covata/files", tg.proxy_addr))
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(format!("http://{}/covata/files", tg.proxy_addr)).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
 
@@ -197,29 +152,13 @@ async fn refused_refresh_falls_back_to_the_password_grant_once() {
     wait_for(|| idp.grants().len() >= 5, "two refresh cycles").await;
     let grants: Vec<String> = idp.grants().into_iter().map(|g| g.0).collect();
     // password, then per cycle: one refused refresh followed by exactly one password grant.
+    assert_eq!(&grants[..5], ["password", "refresh_token", "password", "refresh_token", "password"]);
     assert_eq!(
-        &grants[..5],
-        [
-            "password",
-            "refresh_token",
-            "password",
-            "refresh_token",
-            "password"
-        ]
-    );
-    assert_eq!(
-        client()
-            .get(format!("http://{}/covata/x", tg.proxy_addr))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        client().get(format!("http://{}/covata/x", tg.proxy_addr)).send().await.unwrap().status(),
         200
     );
     assert!(
-        metrics(&tg)
-            .await
-            .contains(r#"tokengate_token_fetches_total{provider="covata",result="success"}"#)
+        metrics(&tg).await.contains(r#"tokengate_token_fetches_total{provider="covata",result="success"}"#)
     );
 }
 
@@ -242,10 +181,7 @@ async fn refresh_token_grant_keeps_rotated_tokens_in_a_state_file_across_restart
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o600);
     }
     tg.shutdown().await;
     // SEED is spent; only the state file's R1 works after the restart.
@@ -253,16 +189,9 @@ async fn refresh_token_grant_keeps_rotated_tokens_in_a_state_file_across_restart
     wait_ready(&tg).await;
     assert_eq!(idp.grants().last().unwrap().1.as_deref(), Some("R1"));
     assert_eq!(std::fs::read_to_string(&state).unwrap().trim(), "R2");
-    let r = client()
-        .get(format!("http://{}/x", tg.proxy_addr))
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(format!("http://{}/x", tg.proxy_addr)).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        up.requests()[0].header("authorization").as_deref(),
-        Some("Bearer cov-2")
-    );
+    assert_eq!(up.requests()[0].header("authorization").as_deref(), Some("Bearer cov-2"));
 }
 
 /// A Sensu Go backend as its source behaves: `GET /auth` with Basic, `POST /auth/token` with the
@@ -327,12 +256,7 @@ impl Sensu {
     }
 
     fn calls(&self) -> Vec<String> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|s| format!("{} {}", s.method, s.path))
-            .collect()
+        self.log.lock().unwrap().iter().map(|s| format!("{} {}", s.method, s.path)).collect()
     }
 }
 
@@ -349,31 +273,14 @@ async fn sensu_login_expires_at_and_renew_with_the_old_token_as_bearer() {
     let up = Upstream::start(None).await;
     let tg = start(&sensu_config(sensu.addr, &up)).await;
     wait_ready(&tg).await;
-    let r = client()
-        .get(format!(
-            "http://{}/sensu/api/core/v2/namespaces",
-            tg.proxy_addr
-        ))
-        .send()
-        .await
-        .unwrap();
+    let r =
+        client().get(format!("http://{}/sensu/api/core/v2/namespaces", tg.proxy_addr)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let first = up.requests()[0].header("authorization").unwrap();
-    assert!(
-        sensu
-            .live
-            .lock()
-            .unwrap()
-            .contains(first.trim_start_matches("Bearer "))
-    );
+    assert!(sensu.live.lock().unwrap().contains(first.trim_start_matches("Bearer ")));
     let ready = readyz(&tg).await;
-    let expires_in = ready["providers"]["sensu"]["expires_in_seconds"]
-        .as_u64()
-        .unwrap();
-    assert!(
-        (2..=4).contains(&expires_in),
-        "lifetime from expires_at: {expires_in}"
-    );
+    let expires_in = ready["providers"]["sensu"]["expires_in_seconds"].as_u64().unwrap();
+    assert!((2..=4).contains(&expires_in), "lifetime from expires_at: {expires_in}");
     wait_for(|| sensu.calls().len() >= 3, "two renewals").await;
     let log = sensu.log.lock().unwrap().clone();
     assert_eq!(log[0].method, "GET");
@@ -389,34 +296,13 @@ async fn sensu_login_expires_at_and_renew_with_the_old_token_as_bearer() {
     // spinning: about one renew per 2 s, not a storm.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let calls = sensu.calls().len();
-    assert!(
-        calls <= 6,
-        "{calls} calls in about 4 s: {:?}",
-        sensu.calls()
-    );
-    assert!(
-        sensu.calls()[1..].iter().all(|c| c == "POST /auth/token"),
-        "{:?}",
-        sensu.calls()
-    );
-    let r = client()
-        .get(format!("http://{}/sensu/x", tg.proxy_addr))
-        .send()
-        .await
-        .unwrap();
+    assert!(calls <= 6, "{calls} calls in about 4 s: {:?}", sensu.calls());
+    assert!(sensu.calls()[1..].iter().all(|c| c == "POST /auth/token"), "{:?}", sensu.calls());
+    let r = client().get(format!("http://{}/sensu/x", tg.proxy_addr)).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let last = up
-        .requests()
-        .last()
-        .unwrap()
-        .header("authorization")
-        .unwrap();
+    let last = up.requests().last().unwrap().header("authorization").unwrap();
     assert!(
-        sensu
-            .live
-            .lock()
-            .unwrap()
-            .contains(last.trim_start_matches("Bearer ")),
+        sensu.live.lock().unwrap().contains(last.trim_start_matches("Bearer ")),
         "a revoked token was forwarded"
     );
 }
@@ -430,23 +316,9 @@ async fn sensu_refused_renew_falls_back_to_login() {
     wait_for(|| sensu.calls().len() >= 5, "renew attempts").await;
     assert_eq!(
         &sensu.calls()[..5],
-        [
-            "GET /auth",
-            "POST /auth/token",
-            "GET /auth",
-            "POST /auth/token",
-            "GET /auth"
-        ]
+        ["GET /auth", "POST /auth/token", "GET /auth", "POST /auth/token", "GET /auth"]
     );
-    assert_eq!(
-        client()
-            .get(format!("http://{}/sensu/x", tg.proxy_addr))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(client().get(format!("http://{}/sensu/x", tg.proxy_addr)).send().await.unwrap().status(), 200);
 }
 
 async fn single_reply_idp(status: u16, body: serde_json::Value) -> std::net::SocketAddr {
@@ -467,31 +339,20 @@ fn oauth_config(idp: std::net::SocketAddr, extra: &str) -> String {
 #[tokio::test]
 async fn lifetime_comes_from_the_jwt_exp_when_the_reply_has_none() {
     let token = jwt(serde_json::json!({"exp": unix() + 40}));
-    let idp = single_reply_idp(
-        200,
-        serde_json::json!({"access_token": token, "token_type": "Bearer"}),
-    )
-    .await;
+    let idp = single_reply_idp(200, serde_json::json!({"access_token": token, "token_type": "Bearer"})).await;
     let tg = start(&oauth_config(idp, "")).await;
     wait_ready(&tg).await;
-    let left = readyz(&tg).await["providers"]["p"]["expires_in_seconds"]
-        .as_u64()
-        .unwrap();
+    let left = readyz(&tg).await["providers"]["p"]["expires_in_seconds"].as_u64().unwrap();
     assert!((37..=40).contains(&left), "{left}");
 }
 
 #[tokio::test]
 async fn lifetime_falls_back_to_default_ttl_never_forever() {
-    let idp = single_reply_idp(
-        200,
-        serde_json::json!({"access_token": "opaque", "token_type": "Bearer"}),
-    )
-    .await;
+    let idp =
+        single_reply_idp(200, serde_json::json!({"access_token": "opaque", "token_type": "Bearer"})).await;
     let tg = start(&oauth_config(idp, "    default_ttl: 90s\n")).await;
     wait_ready(&tg).await;
-    let left = readyz(&tg).await["providers"]["p"]["expires_in_seconds"]
-        .as_u64()
-        .unwrap();
+    let left = readyz(&tg).await["providers"]["p"]["expires_in_seconds"].as_u64().unwrap();
     assert!((87..=90).contains(&left), "{left}");
 }
 
@@ -524,23 +385,14 @@ async fn both_error_body_shapes_reach_readyz_and_metrics() {
         assert!(err.contains("HTTP 401") && err.contains(text), "{err}");
         let m = metrics(&tg).await;
         assert!(
-            m.contains(&format!(
-                r#"tokengate_token_fetches_total{{provider="p",result="{code}"}}"#
-            )),
+            m.contains(&format!(r#"tokengate_token_fetches_total{{provider="p",result="{code}"}}"#)),
             "{m}"
         );
-        let r = client()
-            .get(format!("http://{}/x", tg.proxy_addr))
-            .send()
-            .await
-            .unwrap();
+        let r = client().get(format!("http://{}/x", tg.proxy_addr)).send().await.unwrap();
         assert_eq!(r.status(), 503);
         let body: serde_json::Value = r.json().await.unwrap();
         assert_eq!(body["error"], "token_unavailable");
-        assert!(
-            !body.to_string().contains(text),
-            "IdP detail must not leak to the downstream app"
-        );
+        assert!(!body.to_string().contains(text), "IdP detail must not leak to the downstream app");
     }
 }
 
@@ -563,10 +415,7 @@ async fn token_command_shows_expiry_and_claims_with_the_token_masked() {
     )
     .unwrap();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
-            .args(args)
-            .output()
-            .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate")).args(args).output().unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -576,10 +425,7 @@ async fn token_command_shows_expiry_and_claims_with_the_token_masked() {
     let path = file.to_str().unwrap();
     let (code, out, err) = run(&["token", "-c", path, "p"]);
     assert_eq!(code, Some(0), "{out}{err}");
-    assert!(
-        !out.contains(&token) && !err.contains(&token),
-        "token printed without --show"
-    );
+    assert!(!out.contains(&token) && !err.contains(&token), "token printed without --show");
     assert!(
         out.contains("expires in 600s")
             && out.contains("scope      read")
@@ -591,10 +437,7 @@ async fn token_command_shows_expiry_and_claims_with_the_token_masked() {
     assert!(out.contains(&token));
     let (code, _, err) = run(&["token", "-c", path, "q"]);
     assert_eq!(code, Some(1));
-    assert!(
-        err.contains("invalid_scope") && err.contains("scope not allowed"),
-        "{err}"
-    );
+    assert!(err.contains("invalid_scope") && err.contains("scope not allowed"), "{err}");
     let (code, _, err) = run(&["token", "-c", path, "nope"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("no provider named \"nope\""), "{err}");

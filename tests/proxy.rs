@@ -47,10 +47,7 @@ async fn replaces_client_authorization_with_the_injected_bearer_token() {
     assert_eq!(seen.header("host"), Some(up.addr.to_string()));
     assert_eq!(seen.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
     assert_eq!(seen.header("x-forwarded-proto").as_deref(), Some("http"));
-    assert_eq!(
-        seen.header("x-forwarded-host"),
-        Some(tg.proxy_addr.to_string())
-    );
+    assert_eq!(seen.header("x-forwarded-host"), Some(tg.proxy_addr.to_string()));
     assert_eq!(seen.header("via").as_deref(), Some("1.1 tokengate"));
 }
 
@@ -74,12 +71,7 @@ async fn longest_prefix_wins_and_strip_prefix_applies() {
     assert_eq!(get("/api").await.unwrap().status(), 200);
     assert_eq!(get("/keep/x").await.unwrap().status(), 200);
     assert_eq!(get("/apiv2").await.unwrap().status(), 404);
-    let paths = |u: &Upstream| {
-        u.requests()
-            .iter()
-            .map(|s| s.path.clone())
-            .collect::<Vec<_>>()
-    };
+    let paths = |u: &Upstream| u.requests().iter().map(|s| s.path.clone()).collect::<Vec<_>>();
     assert_eq!(paths(&b), ["/base/path/items/1"]);
     assert_eq!(b.requests()[0].query.as_deref(), Some("q=1"));
     assert_eq!(paths(&a), ["/v1/items", "/"]);
@@ -102,22 +94,12 @@ async fn basic_client_auth_encodes_reserved_characters_per_rfc6749() {
         up.url()
     ))
     .await;
-    let resp = client()
-        .get(format!("http://{}/x", tg.proxy_addr))
-        .send()
-        .await
-        .unwrap();
+    let resp = client().get(format!("http://{}/x", tg.proxy_addr)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let req = &idp.seen.lock().unwrap()[0];
     let auth = req.header("authorization").unwrap();
-    assert_eq!(
-        auth,
-        tokengate::token::oauth2::basic_auth("id:with%", secret, false)
-    );
-    assert_eq!(
-        req.form().get("scope").map(String::as_str),
-        Some("b.read a.write")
-    );
+    assert_eq!(auth, tokengate::token::oauth2::basic_auth("id:with%", secret, false));
+    assert_eq!(req.form().get("scope").map(String::as_str), Some("b.read a.write"));
     assert_eq!(req.header("accept").as_deref(), Some("application/json"));
     assert!(!String::from_utf8_lossy(&req.body).contains("client_secret"));
 }
@@ -125,12 +107,8 @@ async fn basic_client_auth_encodes_reserved_characters_per_rfc6749() {
 #[tokio::test]
 async fn post_client_auth_sends_credentials_in_the_body() {
     let secret = "p+lus&amp=é";
-    let idp = Idp::start(IdpOptions {
-        auth: Auth::Post,
-        client_secret: secret.into(),
-        ..Default::default()
-    })
-    .await;
+    let idp =
+        Idp::start(IdpOptions { auth: Auth::Post, client_secret: secret.into(), ..Default::default() }).await;
     let up = Upstream::start(Some(idp.clone())).await;
     let tg = start(&format!(
         "providers:\n  idp:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: '{secret}'\n    client_auth: post\nroutes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
@@ -138,21 +116,10 @@ async fn post_client_auth_sends_credentials_in_the_body() {
         up.url()
     ))
     .await;
-    assert_eq!(
-        client()
-            .get(format!("http://{}/x", tg.proxy_addr))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(client().get(format!("http://{}/x", tg.proxy_addr)).send().await.unwrap().status(), 200);
     let body = String::from_utf8(idp.seen.lock().unwrap()[0].body.to_vec()).unwrap();
     // `+` must arrive as %2B: Keycloak decodes a bare `+` as a space.
-    assert!(
-        body.contains("client_secret=p%2Blus%26amp%3D%C3%A9"),
-        "{body}"
-    );
+    assert!(body.contains("client_secret=p%2Blus%26amp%3D%C3%A9"), "{body}");
 }
 
 #[tokio::test]
@@ -164,8 +131,14 @@ async fn oidc_discovery_finds_the_token_endpoint_and_checks_the_issuer() {
         async move {
             let host = req.headers().get("host").unwrap().to_str().unwrap().to_owned();
             match req.uri().path() {
-                "/good/.well-known/openid-configuration" => json(200, serde_json::json!({"issuer": format!("http://{host}/good"), "token_endpoint": token_url})),
-                "/evil/.well-known/openid-configuration" => json(200, serde_json::json!({"issuer": "https://attacker.example", "token_endpoint": token_url})),
+                "/good/.well-known/openid-configuration" => json(
+                    200,
+                    serde_json::json!({"issuer": format!("http://{host}/good"), "token_endpoint": token_url}),
+                ),
+                "/evil/.well-known/openid-configuration" => json(
+                    200,
+                    serde_json::json!({"issuer": "https://attacker.example", "token_endpoint": token_url}),
+                ),
                 _ => json(404, serde_json::json!({})),
             }
         }
@@ -179,41 +152,17 @@ async fn oidc_discovery_finds_the_token_endpoint_and_checks_the_issuer() {
         up.url()
     ))
     .await;
-    let ok = client()
-        .get(format!("http://{}/good/x", tg.proxy_addr))
-        .send()
-        .await
-        .unwrap();
+    let ok = client().get(format!("http://{}/good/x", tg.proxy_addr)).send().await.unwrap();
     assert_eq!(ok.status(), 200);
-    let refused = client()
-        .get(format!("http://{}/evil/x", tg.proxy_addr))
-        .send()
-        .await
-        .unwrap();
+    let refused = client().get(format!("http://{}/evil/x", tg.proxy_addr)).send().await.unwrap();
     assert_eq!(refused.status(), 503);
     let body: serde_json::Value = refused.json().await.unwrap();
     assert_eq!(body["error"], "token_unavailable");
     assert_eq!(body["provider"], "evil");
-    let ready: serde_json::Value = client()
-        .get(format!("http://{}/readyz", tg.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(
-        ready["providers"]["evil"]["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("issuer"),
-        "{ready}"
-    );
-    assert_eq!(
-        up.requests().len(),
-        1,
-        "nothing is forwarded without a token"
-    );
+    let ready: serde_json::Value =
+        client().get(format!("http://{}/readyz", tg.admin_addr)).send().await.unwrap().json().await.unwrap();
+    assert!(ready["providers"]["evil"]["last_error"].as_str().unwrap().contains("issuer"), "{ready}");
+    assert_eq!(up.requests().len(), 1, "nothing is forwarded without a token");
 }
 
 #[tokio::test]
@@ -228,11 +177,7 @@ async fn two_hundred_sequential_requests_cause_one_token_fetch() {
     .await;
     let c = client();
     for i in 0..200 {
-        let r = c
-            .get(format!("http://{}/n/{i}", tg.proxy_addr))
-            .send()
-            .await
-            .unwrap();
+        let r = c.get(format!("http://{}/n/{i}", tg.proxy_addr)).send().await.unwrap();
         assert_eq!(r.status(), 200);
     }
     assert_eq!(idp.calls(), 1);
@@ -240,11 +185,7 @@ async fn two_hundred_sequential_requests_cause_one_token_fetch() {
 
 #[tokio::test]
 async fn a_hundred_concurrent_requests_at_cold_start_cause_one_token_fetch() {
-    let idp = Idp::start(IdpOptions {
-        delay: Duration::from_millis(300),
-        ..Default::default()
-    })
-    .await;
+    let idp = Idp::start(IdpOptions { delay: Duration::from_millis(300), ..Default::default() }).await;
     let up = Upstream::start(Some(idp.clone())).await;
     let tg = start(&format!(
         "{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
@@ -267,11 +208,7 @@ async fn a_hundred_concurrent_requests_at_cold_start_cause_one_token_fetch() {
 
 #[tokio::test]
 async fn short_lived_tokens_are_refreshed_before_expiry_without_failures() {
-    let idp = Idp::start(IdpOptions {
-        lifetime: Duration::from_secs(2),
-        ..Default::default()
-    })
-    .await;
+    let idp = Idp::start(IdpOptions { lifetime: Duration::from_secs(2), ..Default::default() }).await;
     let up = Upstream::start(Some(idp.clone())).await;
     let tg = start(&format!(
         "{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
@@ -284,32 +221,16 @@ async fn short_lived_tokens_are_refreshed_before_expiry_without_failures() {
     let started = std::time::Instant::now();
     let mut n = 0;
     while started.elapsed() < Duration::from_millis(5500) {
-        let r = c
-            .get(format!("http://{}/tick", tg.proxy_addr))
-            .send()
-            .await
-            .unwrap();
+        let r = c.get(format!("http://{}/tick", tg.proxy_addr)).send().await.unwrap();
         // The upstream answers 401 to any token the IdP no longer considers valid.
-        assert_eq!(
-            r.status(),
-            200,
-            "request {n} failed after {:?}",
-            started.elapsed()
-        );
+        assert_eq!(r.status(), 200, "request {n} failed after {:?}", started.elapsed());
         n += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Refreshed about every second (margin: half of a 2 s lifetime), in the background.
-    assert!(
-        (4..=9).contains(&idp.calls()),
-        "{} token fetches",
-        idp.calls()
-    );
-    let tokens: std::collections::HashSet<_> = up
-        .requests()
-        .iter()
-        .map(|s| s.header("authorization"))
-        .collect();
+    assert!((4..=9).contains(&idp.calls()), "{} token fetches", idp.calls());
+    let tokens: std::collections::HashSet<_> =
+        up.requests().iter().map(|s| s.header("authorization")).collect();
     assert!(tokens.len() >= 4, "{} distinct tokens", tokens.len());
 }
 
@@ -365,45 +286,25 @@ async fn errors_are_json_with_stable_codes_and_no_internal_detail() {
     let (s, body) = call("/nothing/here").await;
     assert_eq!(s, 404);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(
-        (v["error"].as_str(), v["path"].as_str()),
-        (Some("no_route"), Some("/nothing/here"))
-    );
+    assert_eq!((v["error"].as_str(), v["path"].as_str()), (Some("no_route"), Some("/nothing/here")));
     let (s, body) = call("/dead/x").await;
     assert_eq!(s, 502);
-    assert!(
-        body.contains("\"upstream_unreachable\"") && !body.contains(&dead.port().to_string()),
-        "{body}"
-    );
+    assert!(body.contains("\"upstream_unreachable\"") && !body.contains(&dead.port().to_string()), "{body}");
     let (s, body) = call("/slow/x").await;
     assert_eq!(s, 504);
     assert!(body.contains("\"upstream_timeout\""), "{body}");
-    let metrics = client()
-        .get(format!("http://{}/metrics", tg.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics =
+        client().get(format!("http://{}/metrics", tg.admin_addr)).send().await.unwrap().text().await.unwrap();
     assert!(
-        metrics.contains(
-            r#"tokengate_upstream_errors_total{kind="upstream_timeout",route="/slow"} 1"#
-        ),
+        metrics.contains(r#"tokengate_upstream_errors_total{kind="upstream_timeout",route="/slow"} 1"#),
         "{metrics}"
     );
-    assert!(
-        metrics.contains(r#"tokengate_requests_total{method="GET",route="/dead",status="502"} 1"#)
-    );
+    assert!(metrics.contains(r#"tokengate_requests_total{method="GET",route="/dead",status="502"} 1"#));
 }
 
 #[tokio::test]
 async fn readyz_waits_for_a_token_and_metrics_pass_promtool() {
-    let idp = Idp::start(IdpOptions {
-        delay: Duration::from_millis(300),
-        ..Default::default()
-    })
-    .await;
+    let idp = Idp::start(IdpOptions { delay: Duration::from_millis(300), ..Default::default() }).await;
     let up = Upstream::start(Some(idp.clone())).await;
     let tg = start(&format!(
         "{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
@@ -411,35 +312,13 @@ async fn readyz_waits_for_a_token_and_metrics_pass_promtool() {
         up.url()
     ))
     .await;
-    let ready = client()
-        .get(format!("http://{}/readyz", tg.admin_addr))
-        .send()
-        .await
-        .unwrap();
+    let ready = client().get(format!("http://{}/readyz", tg.admin_addr)).send().await.unwrap();
     assert_eq!(ready.status(), 503);
     wait_ready(&tg).await;
-    assert_eq!(
-        client()
-            .get(format!("http://{}/healthz", tg.admin_addr))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    client()
-        .get(format!("http://{}/m", tg.proxy_addr))
-        .send()
-        .await
-        .unwrap();
-    let metrics = client()
-        .get(format!("http://{}/metrics", tg.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    assert_eq!(client().get(format!("http://{}/healthz", tg.admin_addr)).send().await.unwrap().status(), 200);
+    client().get(format!("http://{}/m", tg.proxy_addr)).send().await.unwrap();
+    let metrics =
+        client().get(format!("http://{}/metrics", tg.admin_addr)).send().await.unwrap().text().await.unwrap();
     for name in [
         "tokengate_requests_total{",
         "tokengate_request_duration_seconds_bucket{",
@@ -468,19 +347,11 @@ fn promtool_check(metrics: &str) {
         .stderr(std::process::Stdio::piped())
         .spawn()
     else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "promtool must be installed in CI"
-        );
+        assert!(std::env::var_os("CI").is_none(), "promtool must be installed in CI");
         eprintln!("promtool not installed; skipping the exposition-format check");
         return;
     };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),

@@ -13,10 +13,7 @@ thread_local! {
 
 /// Runs `body` with `lookup` as the source of variables instead of the process environment.
 /// Loading is synchronous, so a thread-local scope is enough (and keeps tests free of `set_var`).
-pub fn with_lookup<R>(
-    lookup: impl Fn(&str) -> Option<String> + 'static,
-    body: impl FnOnce() -> R,
-) -> R {
+pub fn with_lookup<R>(lookup: impl Fn(&str) -> Option<String> + 'static, body: impl FnOnce() -> R) -> R {
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
@@ -49,9 +46,7 @@ pub fn expand(input: &str) -> Result<String, String> {
             out.push('$');
             rest = tail;
         } else if let Some(body) = after.strip_prefix('{') {
-            let end = body
-                .find('}')
-                .ok_or_else(|| format!("unterminated `${{` in {input:?}"))?;
+            let end = body.find('}').ok_or_else(|| format!("unterminated `${{` in {input:?}"))?;
             let expr = &body[..end];
             let (name, default) = match expr.split_once(":-") {
                 Some((n, d)) => (n, Some(d)),

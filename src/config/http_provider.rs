@@ -90,27 +90,16 @@ impl RawHttpRequest {
                 .map_err(|_| format!("{what}.method {:?} is not an HTTP method", m.0))?,
         };
         let url = endpoint_url(&format!("{what}.url"), &self.url.0, allow_insecure_http)?;
-        let username = secret(
-            &format!("{what}.username"),
-            self.username,
-            self.username_file,
-        )?;
-        let password = secret(
-            &format!("{what}.password"),
-            self.password,
-            self.password_file,
-        )?;
+        let username = secret(&format!("{what}.username"), self.username, self.username_file)?;
+        let password = secret(&format!("{what}.password"), self.password, self.password_file)?;
         let basic = match (username, password) {
             (Some(u), Some(p)) => Some((u, p)),
             (None, None) => None,
             _ => {
-                return Err(format!(
-                    "{what}: Basic credentials need both username and password"
-                ));
+                return Err(format!("{what}: Basic credentials need both username and password"));
             }
         };
-        let fields =
-            |m: BTreeMap<String, Text>| m.into_iter().map(|(k, v)| (k, Secret::new(v.0))).collect();
+        let fields = |m: BTreeMap<String, Text>| m.into_iter().map(|(k, v)| (k, Secret::new(v.0))).collect();
         let body = match (self.form, self.json) {
             (Some(_), Some(_)) => return Err(format!("{what}: set either form or json, not both")),
             (Some(f), None) => BodySpec::Form(fields(f)),
@@ -118,14 +107,10 @@ impl RawHttpRequest {
             (None, None) => BodySpec::None,
         };
         if body != BodySpec::None && method == Method::GET {
-            return Err(format!(
-                "{what}: a GET request cannot carry a form or json body"
-            ));
+            return Err(format!("{what}: a GET request cannot carry a form or json body"));
         }
         if basic.is_some() && self.bearer_current_token {
-            return Err(format!(
-                "{what}: choose Basic credentials or bearer_current_token, not both"
-            ));
+            return Err(format!("{what}: choose Basic credentials or bearer_current_token, not both"));
         }
         Ok(HttpRequestSpec {
             method,
@@ -140,12 +125,9 @@ impl RawHttpRequest {
 
 impl RawResponse {
     fn build(self) -> FieldMap {
-        let name =
-            |t: Option<Text>, default: &str| Some(t.map_or_else(|| default.to_owned(), |t| t.0));
+        let name = |t: Option<Text>, default: &str| Some(t.map_or_else(|| default.to_owned(), |t| t.0));
         FieldMap {
-            access_token: self
-                .access_token
-                .map_or_else(|| "access_token".to_owned(), |t| t.0),
+            access_token: self.access_token.map_or_else(|| "access_token".to_owned(), |t| t.0),
             expires_in: name(self.expires_in, "expires_in"),
             expires_at: name(self.expires_at, "expires_at"),
             refresh_token: name(self.refresh_token, "refresh_token"),
@@ -167,18 +149,8 @@ pub(super) fn build(
         .ok_or("type http needs a login request (login: {url: ...})")?
         .build("login", allow_insecure_http)?;
     if login.bearer_current_token {
-        return Err(
-            "login cannot use bearer_current_token: there is no token before the first login"
-                .into(),
-        );
+        return Err("login cannot use bearer_current_token: there is no token before the first login".into());
     }
-    let refresh = refresh
-        .map(|r| r.build("refresh", allow_insecure_http))
-        .transpose()?;
-    Ok(HttpProvider {
-        login,
-        refresh,
-        response: response.unwrap_or_default().build(),
-        common,
-    })
+    let refresh = refresh.map(|r| r.build("refresh", allow_insecure_http)).transpose()?;
+    Ok(HttpProvider { login, refresh, response: response.unwrap_or_default().build(), common })
 }

@@ -3,6 +3,7 @@
 //! The file is parsed once into these types; the rest of tokengate never sees an invalid route, an
 //! unknown grant or a missing secret. Every string value may use `${VAR}` (see [`env`]).
 
+mod access;
 pub mod env;
 mod http_provider;
 mod provider;
@@ -15,10 +16,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use access::{Access, ApiKeys, Cidr, allowed, constant_time_eq};
 pub use http_provider::{BodySpec, HttpProvider, HttpRequestSpec};
-pub use provider::{
-    ClientAuth, Grant, OAuth2Provider, Provider, ProviderCommon, TokenEndpoint, is_loopback,
-};
+pub use provider::{ClientAuth, Grant, OAuth2Provider, Provider, ProviderCommon, TokenEndpoint, is_loopback};
 pub use value::{Text, parse_duration, parse_size};
 
 /// The whole configuration file.
@@ -31,6 +31,12 @@ pub struct Config {
     /// The admin listener (metrics and health).
     #[serde(default)]
     pub admin: Admin,
+    /// An optional HTTPS listener, with optional client certificates (mTLS).
+    #[serde(default)]
+    pub tls: Option<InboundTls>,
+    /// Who may use the proxy.
+    #[serde(default)]
+    pub access: Access,
     /// Timeouts and size limits.
     #[serde(default)]
     pub limits: Limits,
@@ -49,18 +55,13 @@ fn default_listen() -> SocketAddr {
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     /// Where `/metrics`, `/healthz` and `/readyz` are served (default `127.0.0.1:9090`).
-    #[serde(
-        default = "default_admin_listen",
-        deserialize_with = "value::socket_addr"
-    )]
+    #[serde(default = "default_admin_listen", deserialize_with = "value::socket_addr")]
     pub listen: SocketAddr,
 }
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin {
-            listen: default_admin_listen(),
-        }
+        Admin { listen: default_admin_listen() }
     }
 }
 
@@ -144,6 +145,18 @@ pub struct RouteConfig {
     /// Extra PEM CA bundle trusted for this upstream, in addition to the public roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Client address blocks allowed on this route, in addition to the listener's list.
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+    /// Methods allowed on this route (default: any); others get 405.
+    #[serde(default, deserialize_with = "methods")]
+    pub methods: Vec<http::Method>,
+    /// Require an inbound API key (default: true when `access.api_keys` is set).
+    #[serde(default)]
+    pub require_api_key: Option<bool>,
+    /// Require a verified client certificate (only reachable through the TLS listener).
+    #[serde(default)]
+    pub require_client_cert: bool,
     /// After an upstream 401, fetch a new token and replay the request once (default true).
     #[serde(default = "yes")]
     pub retry_on_401: bool,
@@ -156,12 +169,58 @@ fn yes() -> bool {
     true
 }
 
+fn methods<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<http::Method>, D::Error> {
+    Vec::<Text>::deserialize(d)?
+        .into_iter()
+        .map(|m| {
+            let upper = m.0.to_ascii_uppercase();
+            if upper == "CONNECT" {
+                return Err(serde::de::Error::custom("CONNECT cannot be allowed on a route"));
+            }
+            http::Method::from_bytes(upper.as_bytes())
+                .map_err(|_| serde::de::Error::custom(format!("{:?} is not an HTTP method", m.0)))
+        })
+        .collect()
+}
+
+/// The HTTPS listener.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundTls {
+    /// Where it listens.
+    #[serde(deserialize_with = "value::socket_addr")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+    /// PEM CA bundle that client certificates must chain to (enables mTLS).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// `required` (default with a client CA): handshakes without a valid certificate fail;
+    /// `optional`: a certificate is verified when sent, and routes with
+    /// `require_client_cert` refuse requests without one.
+    #[serde(default)]
+    pub client_cert: Option<ClientCertMode>,
+    /// Client address blocks allowed on this listener (empty: any).
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+}
+
+/// Whether the TLS listener demands client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientCertMode {
+    /// Handshake fails without a valid certificate.
+    Required,
+    /// Verified if presented.
+    Optional,
+}
+
 impl RouteConfig {
     /// The label for metrics and logs.
     pub fn label(&self) -> &str {
-        self.name
-            .as_ref()
-            .map_or(self.prefix.as_str(), |n| n.0.as_str())
+        self.name.as_ref().map_or(self.prefix.as_str(), |n| n.0.as_str())
     }
 }
 
@@ -184,11 +243,7 @@ impl Prefix {
             return Err(format!("prefix {s:?} must not contain '?' or '#'"));
         }
         let trimmed = s.trim_end_matches('/');
-        Ok(Prefix(if trimmed.is_empty() {
-            "/".into()
-        } else {
-            trimmed.into()
-        }))
+        Ok(Prefix(if trimmed.is_empty() { "/".into() } else { trimmed.into() }))
     }
 
     /// The normalised prefix.
@@ -217,22 +272,15 @@ pub struct Upstream {
 impl Upstream {
     /// Parses `https://host[:port][/base]`; no query, fragment or user info.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let uri: http::Uri = s
-            .parse()
-            .map_err(|e| format!("upstream {s:?} is not a valid URL: {e}"))?;
+        let uri: http::Uri = s.parse().map_err(|e| format!("upstream {s:?} is not a valid URL: {e}"))?;
         let scheme = match uri.scheme_str() {
             Some("https") => http::uri::Scheme::HTTPS,
             Some("http") => http::uri::Scheme::HTTP,
             _ => {
-                return Err(format!(
-                    "upstream {s:?} must start with https:// or http://"
-                ));
+                return Err(format!("upstream {s:?} must start with https:// or http://"));
             }
         };
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| format!("upstream {s:?} has no host"))?;
+        let authority = uri.authority().cloned().ok_or_else(|| format!("upstream {s:?} has no host"))?;
         if authority.as_str().contains('@') {
             return Err(format!(
                 "upstream {s:?} must not contain user info; credentials come from the provider"
@@ -248,11 +296,7 @@ impl Upstream {
         if path != "/" && crate::route::check_path(path).is_err() {
             return Err(format!("upstream {s:?} has an invalid base path"));
         }
-        Ok(Upstream {
-            scheme,
-            authority,
-            base_path: path.trim_end_matches('/').to_owned(),
-        })
+        Ok(Upstream { scheme, authority, base_path: path.trim_end_matches('/').to_owned() })
     }
 }
 
@@ -295,21 +339,13 @@ pub enum ConfigError {
 
 /// Loads a configuration file, expanding `${VAR}` from the process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
     parse(&text, &path.display().to_string())
 }
 
 /// Keys whose values are secrets when written inline.
-const SECRET_KEYS: [&str; 5] = [
-    "client_secret",
-    "password",
-    "refresh_token",
-    "api_key",
-    "keys",
-];
+const SECRET_KEYS: [&str; 5] = ["client_secret", "password", "refresh_token", "api_key", "keys"];
 
 /// A warning when the file holds inline secrets (not `${VAR}` or `_file` references) and can be
 /// read by group or others.
@@ -325,12 +361,10 @@ pub fn permission_warning(path: &Path) -> Option<String> {
         let inline = text.lines().enumerate().find(|(_, line)| {
             let line = line.trim_start().trim_start_matches("- ");
             SECRET_KEYS.iter().any(|k| {
-                line.strip_prefix(k)
-                    .and_then(|rest| rest.trim_start().strip_prefix(':'))
-                    .is_some_and(|v| {
-                        let v = v.trim().trim_matches(['"', '\'']);
-                        !v.is_empty() && !v.starts_with("${") && !v.starts_with('#')
-                    })
+                line.strip_prefix(k).and_then(|rest| rest.trim_start().strip_prefix(':')).is_some_and(|v| {
+                    let v = v.trim().trim_matches(['"', '\'']);
+                    !v.is_empty() && !v.starts_with("${") && !v.starts_with('#')
+                })
             })
         })?;
         Some(format!(
@@ -373,10 +407,7 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
         message,
     };
     if config.routes.is_empty() {
-        return Err(invalid(
-            "routes".into(),
-            "at least one route is needed".into(),
-        ));
+        return Err(invalid("routes".into(), "at least one route is needed".into()));
     }
     let mut seen = HashSet::new();
     for (i, route) in config.routes.iter().enumerate() {
@@ -387,37 +418,46 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
                 format!(
                     "no provider named {:?}; defined providers: {}",
                     route.provider.0,
-                    if known.is_empty() {
-                        "none".into()
-                    } else {
-                        known.join(", ")
-                    }
+                    if known.is_empty() { "none".into() } else { known.join(", ") }
                 ),
             ));
         }
         if !seen.insert(route.prefix.as_str()) {
             return Err(invalid(
                 format!("routes[{i}].prefix"),
-                format!(
-                    "prefix {:?} is used by an earlier route",
-                    route.prefix.as_str()
-                ),
+                format!("prefix {:?} is used by an earlier route", route.prefix.as_str()),
+            ));
+        }
+    }
+    for (i, route) in config.routes.iter().enumerate() {
+        if route.require_api_key == Some(true) && config.access.api_keys.is_none() {
+            return Err(invalid(
+                format!("routes[{i}].require_api_key"),
+                "no keys are configured; add access.api_keys".into(),
+            ));
+        }
+        if route.require_client_cert && config.tls.as_ref().is_none_or(|t| t.client_ca_file.is_none()) {
+            return Err(invalid(
+                format!("routes[{i}].require_client_cert"),
+                "needs a TLS listener with client_ca_file (tls.client_ca_file)".into(),
+            ));
+        }
+    }
+    if let Some(tls) = &config.tls {
+        if tls.client_cert.is_some() && tls.client_ca_file.is_none() {
+            return Err(invalid(
+                "tls.client_cert".into(),
+                "needs tls.client_ca_file to verify certificates".into(),
             ));
         }
     }
     if config.limits.max_connections == 0 {
-        return Err(invalid(
-            "limits.max_connections".into(),
-            "must be at least 1".into(),
-        ));
+        return Err(invalid("limits.max_connections".into(), "must be at least 1".into()));
     }
     if config.listen == config.admin.listen && config.listen.port() != 0 {
         return Err(invalid(
             "admin.listen".into(),
-            format!(
-                "the admin listener must not share the proxy address {}",
-                config.listen
-            ),
+            format!("the admin listener must not share the proxy address {}", config.listen),
         ));
     }
     Ok(config)
@@ -513,14 +553,10 @@ routes:
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let text = MINIMAL
-            .replace("strip", "x")
-            .replace("    provider: idp", "    provider: idp\n    upstrem: x");
+        let text =
+            MINIMAL.replace("strip", "x").replace("    provider: idp", "    provider: idp\n    upstrem: x");
         let err = parse_with_env(&text).unwrap_err().to_string();
-        assert!(
-            err.starts_with("test.yaml:12: routes[0].upstrem: unknown field `upstrem`"),
-            "{err}"
-        );
+        assert!(err.starts_with("test.yaml:12: routes[0].upstrem: unknown field `upstrem`"), "{err}");
     }
 
     #[test]
@@ -561,20 +597,14 @@ routes:
                 "https://x/?a=1",
                 "test.yaml:10: routes[0].upstream: upstream \"https://x/?a=1\" must not have a query",
             ),
-            (
-                "client_id: app",
-                "client_id: ''",
-                "test.yaml:2: providers.idp: client_id is empty",
-            ),
+            ("client_id: app", "client_id: ''", "test.yaml:2: providers.idp: client_id is empty"),
             (
                 "scopes: [read]",
                 "scopes: [read]\n    username: bob",
                 "test.yaml:2: providers.idp: username does not apply",
             ),
         ] {
-            let err = parse_with_env(&MINIMAL.replace(from, to))
-                .unwrap_err()
-                .to_string();
+            let err = parse_with_env(&MINIMAL.replace(from, to)).unwrap_err().to_string();
             assert!(err.starts_with(needle), "{to}: {err}");
         }
     }
@@ -597,27 +627,19 @@ routes:
 
     #[test]
     fn duplicate_prefix_is_an_error() {
-        let text =
-            format!("{MINIMAL}  - prefix: /api\n    upstream: https://b/\n    provider: idp\n");
+        let text = format!("{MINIMAL}  - prefix: /api\n    upstream: https://b/\n    provider: idp\n");
         let err = parse_with_env(&text).unwrap_err().to_string();
-        assert!(
-            err.contains("routes[1].prefix") && err.contains("earlier route"),
-            "{err}"
-        );
+        assert!(err.contains("routes[1].prefix") && err.contains("earlier route"), "{err}");
         assert!(err.starts_with("test.yaml:12:"), "{err}");
     }
 
     #[test]
     fn env_vars_expand_inside_values_without_changing_structure() {
         let text = MINIMAL.replace("client_secret: s3cret", "client_secret: ${SECRET}");
-        let c = env::with_lookup(
-            |n| (n == "SECRET").then(|| "a: b # c".to_string()),
-            || parse(&text, "t.yaml"),
-        )
-        .unwrap();
-        let Provider::OAuth2(p) = &c.providers["idp"] else {
-            panic!("not oauth2")
-        };
+        let c =
+            env::with_lookup(|n| (n == "SECRET").then(|| "a: b # c".to_string()), || parse(&text, "t.yaml"))
+                .unwrap();
+        let Provider::OAuth2(p) = &c.providers["idp"] else { panic!("not oauth2") };
         assert_eq!(p.client_secret.as_ref().unwrap().expose(), "a: b # c");
         let err = parse_with_env(&text).unwrap_err().to_string();
         assert!(

@@ -17,10 +17,7 @@ use crate::secret::Secret;
 /// input and lose the line numbers that errors should point at.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(try_from = "RawProvider")]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "built once per load; boxing buys nothing"
-)]
+#[allow(clippy::large_enum_variant, reason = "built once per load; boxing buys nothing")]
 pub enum Provider {
     /// An OAuth2 token endpoint (RFC 6749).
     OAuth2(OAuth2Provider),
@@ -190,11 +187,7 @@ enum GrantKind {
 }
 
 /// Reads `name` inline or from `name_file`; exactly one may be set.
-pub(super) fn secret(
-    name: &str,
-    inline: Option<Text>,
-    file: Option<Text>,
-) -> Result<Option<Secret>, String> {
+pub(super) fn secret(name: &str, inline: Option<Text>, file: Option<Text>) -> Result<Option<Secret>, String> {
     match (inline, file) {
         (Some(_), Some(_)) => Err(format!("set either {name} or {name}_file, not both")),
         (Some(v), None) => Ok(Some(Secret::new(v.0))),
@@ -218,11 +211,7 @@ fn required(name: &str, grant: &str, v: Option<Secret>) -> Result<Secret, String
 }
 
 /// Parses a token endpoint URL, refusing plain http except to loopback or when allowed.
-pub(super) fn endpoint_url(
-    key: &str,
-    s: &str,
-    allow_insecure_http: bool,
-) -> Result<reqwest::Url, String> {
+pub(super) fn endpoint_url(key: &str, s: &str, allow_insecure_http: bool) -> Result<reqwest::Url, String> {
     let url = reqwest::Url::parse(s).map_err(|e| format!("{key} {s:?} is not a valid URL: {e}"))?;
     match url.scheme() {
         "https" => {}
@@ -271,15 +260,8 @@ impl RawCommon {
     }
 }
 
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+const HOP_BY_HOP: [&str; 7] =
+    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"];
 
 /// `deserialize_with` for a map of extra headers.
 pub(super) fn header_map<'de, D: serde::Deserializer<'de>>(
@@ -288,25 +270,17 @@ pub(super) fn header_map<'de, D: serde::Deserializer<'de>>(
     headers(BTreeMap::<String, Text>::deserialize(d)?).map_err(serde::de::Error::custom)
 }
 
-pub(super) fn headers(
-    raw: BTreeMap<String, Text>,
-) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+pub(super) fn headers(raw: BTreeMap<String, Text>) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
     raw.into_iter()
         .map(|(k, v)| {
-            let name = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| format!("invalid header name {k:?}"))?;
-            let reserved = [
-                http::header::AUTHORIZATION,
-                http::header::CONTENT_TYPE,
-                http::header::HOST,
-            ];
+            let name =
+                HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("invalid header name {k:?}"))?;
+            let reserved = [http::header::AUTHORIZATION, http::header::CONTENT_TYPE, http::header::HOST];
             if reserved.contains(&name) || HOP_BY_HOP.contains(&name.as_str()) {
-                return Err(format!(
-                    "header {k:?} is set by tokengate and cannot be configured"
-                ));
+                return Err(format!("header {k:?} is set by tokengate and cannot be configured"));
             }
-            let mut value = HeaderValue::from_str(&v.0)
-                .map_err(|_| format!("header {k:?} has an invalid value"))?;
+            let mut value =
+                HeaderValue::from_str(&v.0).map_err(|_| format!("header {k:?} has an invalid value"))?;
             value.set_sensitive(true);
             Ok((name, value))
         })
@@ -342,26 +316,14 @@ impl TryFrom<RawProvider> for Provider {
                     ("token_url", raw.token_url.is_some()),
                     ("issuer", raw.issuer.is_some()),
                     ("client_id", raw.client_id.is_some()),
-                    (
-                        "client_secret",
-                        raw.client_secret.is_some() || raw.client_secret_file.is_some(),
-                    ),
+                    ("client_secret", raw.client_secret.is_some() || raw.client_secret_file.is_some()),
                     ("client_auth", raw.client_auth.is_some()),
                     ("scopes", !raw.scopes.is_empty()),
                     ("params", !raw.params.is_empty()),
                     ("headers", !raw.headers.is_empty()),
-                    (
-                        "username",
-                        raw.username.is_some() || raw.username_file.is_some(),
-                    ),
-                    (
-                        "password",
-                        raw.password.is_some() || raw.password_file.is_some(),
-                    ),
-                    (
-                        "refresh_token",
-                        raw.refresh_token.is_some() || raw.refresh_token_file.is_some(),
-                    ),
+                    ("username", raw.username.is_some() || raw.username_file.is_some()),
+                    ("password", raw.password.is_some() || raw.password_file.is_some()),
+                    ("refresh_token", raw.refresh_token.is_some() || raw.refresh_token_file.is_some()),
                     ("state_file", raw.state_file.is_some()),
                 ];
                 if let Some((key, _)) = oauth_only.iter().find(|(_, set)| *set) {
@@ -391,12 +353,10 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
             return Err("set either token_url or issuer (OIDC discovery), not both".into());
         }
         (None, None) => return Err("needs token_url, or issuer for OIDC discovery".into()),
-        (Some(u), None) => {
-            TokenEndpoint::Url(endpoint_url("token_url", &u.0, allow_insecure_http)?)
+        (Some(u), None) => TokenEndpoint::Url(endpoint_url("token_url", &u.0, allow_insecure_http)?),
+        (None, Some(i)) => {
+            TokenEndpoint::Discovery { issuer: endpoint_url("issuer", &i.0, allow_insecure_http)? }
         }
-        (None, Some(i)) => TokenEndpoint::Discovery {
-            issuer: endpoint_url("issuer", &i.0, allow_insecure_http)?,
-        },
     };
     let client_id = raw.client_id.ok_or("needs client_id")?.0;
     if client_id.is_empty() {
@@ -406,9 +366,7 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
     let client_auth = raw.client_auth.unwrap_or(ClientAuth::Basic);
     match (client_auth, &client_secret) {
         (ClientAuth::None, Some(_)) => {
-            return Err(
-                "client_auth: none sends no secret; remove client_secret or pick basic/post".into(),
-            );
+            return Err("client_auth: none sends no secret; remove client_secret or pick basic/post".into());
         }
         (ClientAuth::None, None) => {}
         (_, None) => return Err("needs client_secret (or client_secret_file)".into()),
@@ -437,30 +395,21 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
         ]
         .into_iter()
         .find(|(_, set)| *set),
-        Grant::Password { .. } => [("refresh_token", refresh_token.is_some())]
+        Grant::Password { .. } => {
+            [("refresh_token", refresh_token.is_some())].into_iter().find(|(_, set)| *set)
+        }
+        Grant::RefreshToken { .. } => [("username", username.is_some()), ("password", password.is_some())]
             .into_iter()
             .find(|(_, set)| *set),
-        Grant::RefreshToken { .. } => [
-            ("username", username.is_some()),
-            ("password", password.is_some()),
-        ]
-        .into_iter()
-        .find(|(_, set)| *set),
     };
     if let Some((name, _)) = stray {
-        return Err(format!(
-            "{name} does not apply to this grant; set `grant:` or remove {name}"
-        ));
+        return Err(format!("{name} does not apply to this grant; set `grant:` or remove {name}"));
     }
     if raw.state_file.is_some() && !matches!(grant, Grant::RefreshToken { .. }) {
         return Err("state_file only applies to grant: refresh_token".into());
     }
-    let scopes: Vec<String> = raw
-        .scopes
-        .iter()
-        .flat_map(|s| s.0.split_whitespace())
-        .map(str::to_owned)
-        .collect();
+    let scopes: Vec<String> =
+        raw.scopes.iter().flat_map(|s| s.0.split_whitespace()).map(str::to_owned).collect();
     const RESERVED: [&str; 8] = [
         "grant_type",
         "client_id",
@@ -476,9 +425,7 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
         .into_iter()
         .map(|(k, v)| {
             if RESERVED.contains(&k.as_str()) {
-                Err(format!(
-                    "params.{k} is set by tokengate; use the dedicated key instead"
-                ))
+                Err(format!("params.{k} is set by tokengate; use the dedicated key instead"))
             } else {
                 Ok((k, v.0))
             }

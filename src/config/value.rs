@@ -52,8 +52,7 @@ impl<'de> Deserialize<'de> for Text {
 /// Parses `250ms`, `30s`, `5m`, `1h`, `1h30m` or `2d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let bad =
-        || format!("invalid duration {s:?}: use a number with a unit, like 500ms, 30s, 5m, 1h");
+    let bad = || format!("invalid duration {s:?}: use a number with a unit, like 500ms, 30s, 5m, 1h");
     if s.is_empty() {
         return Err(bad());
     }
@@ -66,9 +65,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
         let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let unit = match &rest[..unit_len] {
             "ms" => Duration::from_millis(1),
             "s" => Duration::from_secs(1),
@@ -77,9 +74,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "d" => Duration::from_secs(86_400),
             _ => return Err(bad()),
         };
-        let part = unit
-            .checked_mul(u32::try_from(n).map_err(|_| bad())?)
-            .ok_or_else(bad)?;
+        let part = unit.checked_mul(u32::try_from(n).map_err(|_| bad())?).ok_or_else(bad)?;
         total = total.checked_add(part).ok_or_else(bad)?;
         rest = &rest[unit_len..];
     }
@@ -89,8 +84,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Parses `512`, `512B`, `64KiB`, `1MiB`, `1GiB`, `10KB`, `1MB`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let bad =
-        || format!("invalid size {s:?}: use a number with an optional unit, like 64KiB or 1MiB");
+    let bad = || format!("invalid size {s:?}: use a number with an optional unit, like 64KiB or 1MiB");
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     if split == 0 {
         return Err(bad());
@@ -137,9 +131,7 @@ pub fn opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error
 pub fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let s = text(d)?;
     s.parse().map_err(|_| {
-        de::Error::custom(format!(
-            "invalid listen address {s:?}: use IP:PORT, like 127.0.0.1:8080"
-        ))
+        de::Error::custom(format!("invalid listen address {s:?}: use IP:PORT, like 127.0.0.1:8080"))
     })
 }
 

@@ -50,14 +50,7 @@ impl Guarded {
         timeout: Duration,
         fault: Arc<OnceLock<BodyFault>>,
     ) -> Self {
-        Guarded {
-            inner,
-            limit,
-            read: 0,
-            timeout,
-            sleep: None,
-            fault,
-        }
+        Guarded { inner, limit, read: 0, timeout, sleep: None, fault }
     }
 
     fn trip(&self, fault: BodyFault) -> Poll<Option<Result<Frame<Bytes>, super::BoxError>>> {
@@ -84,9 +77,7 @@ impl Body for Guarded {
                     }
                 }
                 if let Some(sleep) = this.sleep.as_mut() {
-                    sleep
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + this.timeout);
+                    sleep.as_mut().reset(tokio::time::Instant::now() + this.timeout);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -94,9 +85,7 @@ impl Body for Guarded {
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 let timeout = this.timeout;
-                let sleep = this
-                    .sleep
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 if sleep.as_mut().poll(cx).is_ready() {
                     return this.trip(BodyFault::Timeout);
                 }

@@ -26,6 +26,18 @@ pub enum ProxyError {
     /// `CONNECT` tunnels are never opened.
     #[error("CONNECT is not supported")]
     Connect,
+    /// Access control refused the request.
+    #[error("{}", denied_message(*.0))]
+    Denied(super::Denied),
+    /// The route does not allow this method.
+    #[error("this route does not allow the method")]
+    MethodNotAllowed {
+        /// The methods it allows.
+        allow: Vec<http::Method>,
+    },
+    /// A malformed or ambiguous header.
+    #[error("invalid request header: {0}")]
+    InvalidHeader(&'static str),
     /// The route's provider has no valid token.
     #[error("no valid token is available for this route's provider")]
     TokenUnavailable {
@@ -60,9 +72,11 @@ impl ProxyError {
             ProxyError::InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
             ProxyError::AbsoluteForm => (StatusCode::BAD_REQUEST, "absolute_form_not_allowed"),
             ProxyError::Connect => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            ProxyError::TokenUnavailable { .. } => {
-                (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable")
-            }
+            ProxyError::TokenUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable"),
+            ProxyError::Denied(super::Denied::ApiKey) => (StatusCode::UNAUTHORIZED, "invalid_api_key"),
+            ProxyError::Denied(d) => (StatusCode::FORBIDDEN, d.label()),
+            ProxyError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ProxyError::InvalidHeader(_) => (StatusCode::BAD_REQUEST, "invalid_header"),
             ProxyError::UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             ProxyError::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             ProxyError::UpstreamFailed => (StatusCode::BAD_GATEWAY, "upstream_error"),
@@ -76,14 +90,32 @@ impl ProxyError {
     pub fn into_response(self) -> Response<Body> {
         let (status, code) = self.status_and_code();
         let mut body = serde_json::json!({ "error": code, "message": self.to_string() });
+        let mut allow_header = None;
         match &self {
             ProxyError::NoRoute { path } => body["path"] = path.as_str().into(),
-            ProxyError::TokenUnavailable { provider } => {
-                body["provider"] = provider.as_str().into()
+            ProxyError::TokenUnavailable { provider } => body["provider"] = provider.as_str().into(),
+            ProxyError::MethodNotAllowed { allow } => {
+                let list = allow.iter().map(http::Method::as_str).collect::<Vec<_>>().join(", ");
+                allow_header = HeaderValue::from_str(&list).ok();
             }
             _ => {}
         }
-        json_response(status, &body)
+        let mut resp = json_response(status, &body);
+        if let Some(v) = allow_header {
+            resp.headers_mut().insert(header::ALLOW, v);
+        }
+        resp
+    }
+}
+
+fn denied_message(d: super::Denied) -> &'static str {
+    use super::Denied;
+    match d {
+        Denied::Address => "this client address may not use this proxy or route",
+        Denied::Host => "this Host is not served here",
+        Denied::Browser => "requests from web browsers are not accepted",
+        Denied::ApiKey => "a valid API key is required",
+        Denied::ClientCert => "this route requires a client certificate",
     }
 }
 
@@ -91,17 +123,9 @@ impl ProxyError {
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     let mut bytes = body.to_string().into_bytes();
     bytes.push(b'\n');
-    let mut resp = Response::new(
-        Full::new(Bytes::from(bytes))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed());
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }

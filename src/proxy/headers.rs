@@ -29,12 +29,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
@@ -55,15 +53,8 @@ pub fn rewrite_request(
     strip_hop_by_hop(headers);
     headers.remove(header::PROXY_AUTHORIZATION);
     let original_host = headers.remove(header::HOST);
-    append(
-        headers,
-        HeaderName::from_static("x-forwarded-for"),
-        &client_ip.to_string(),
-    );
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(proto),
-    );
+    append(headers, HeaderName::from_static("x-forwarded-for"), &client_ip.to_string());
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
     if let Some(host) = original_host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);
     } else {
@@ -82,16 +73,8 @@ pub fn rewrite_response(headers: &mut HeaderMap) {
 /// Appends `value` to a comma-separated header, joining existing values into one.
 fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     let joined = {
-        let existing: Vec<&str> = headers
-            .get_all(&name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if existing.is_empty() {
-            value.to_owned()
-        } else {
-            format!("{}, {value}", existing.join(", "))
-        }
+        let existing: Vec<&str> = headers.get_all(&name).iter().filter_map(|v| v.to_str().ok()).collect();
+        if existing.is_empty() { value.to_owned() } else { format!("{}, {value}", existing.join(", ")) }
     };
     if let Ok(v) = HeaderValue::from_str(&joined) {
         headers.insert(name, v);
@@ -105,10 +88,7 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
         h
     }

@@ -1,12 +1,12 @@
 //! The request path. Each request goes through the same short sequence of steps:
 //! admit → match route → attach credential → rewrite → forward → map errors → record.
 
+pub mod admit;
 pub mod body;
 pub mod error;
 pub mod headers;
 pub mod upstream;
 
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -18,6 +18,7 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 
+pub use admit::{Conn, Denied};
 pub use error::ProxyError;
 
 use crate::config::{Config, Limits, Upstream};
@@ -46,6 +47,14 @@ pub struct Route {
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Replay once with a new token after a 401.
     pub retry_on_401: bool,
+    /// Allowed client blocks (empty: any).
+    pub allow: Vec<crate::config::Cidr>,
+    /// Allowed methods (empty: any).
+    pub methods: Vec<Method>,
+    /// An inbound API key is required.
+    pub require_api_key: bool,
+    /// A verified client certificate is required.
+    pub require_client_cert: bool,
     client: upstream::UpstreamClient,
 }
 
@@ -58,6 +67,12 @@ pub struct Runtime {
     pub providers: Providers,
     /// Limits in force.
     pub limits: Limits,
+    /// Access rules of the plain listener and route defaults.
+    pub access: crate::config::Access,
+    /// Allowed client blocks on the TLS listener.
+    pub tls_allow: Vec<crate::config::Cidr>,
+    /// `Host` names served (empty: any).
+    pub hosts: Vec<String>,
 }
 
 impl Runtime {
@@ -81,6 +96,10 @@ impl Runtime {
                 provider,
                 headers: r.headers.clone(),
                 retry_on_401: r.retry_on_401,
+                allow: r.allow.clone(),
+                methods: r.methods.clone(),
+                require_api_key: r.require_api_key.unwrap_or(config.access.api_keys.is_some()),
+                require_client_cert: r.require_client_cert,
                 client,
             };
             table.insert(r.prefix.as_str(), Arc::new(route));
@@ -89,6 +108,9 @@ impl Runtime {
             table,
             providers,
             limits: config.limits.clone(),
+            access: config.access.clone(),
+            tls_allow: config.tls.as_ref().map(|t| t.allow.clone()).unwrap_or_default(),
+            hosts: config.access.hosts.iter().map(|h| h.0.clone()).collect(),
         })
     }
 }
@@ -103,14 +125,18 @@ pub struct Proxy {
 
 impl Proxy {
     /// Handles one downstream request. Never fails: every error becomes a response.
-    pub async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
         let started = Instant::now();
         let runtime = self.runtime.load_full();
         let method = method_label(req.method());
-        let (route, result) = match admit(&req).and_then(|()| match_route(&runtime, req.uri())) {
+        let matched = admit::admit(&req, &conn, &runtime).and_then(|()| match_route(&runtime, req.uri()));
+        let (route, result) = match matched {
             Err(e) => (None, Err(e)),
             Ok(route) => {
-                let result = self.forward(&runtime, &route, req, remote).await;
+                let result = match admit::authorize(&req, &conn, &route, &runtime) {
+                    Ok(()) => self.forward(&runtime, &route, req, conn).await,
+                    Err(e) => Err(e),
+                };
                 if let Err(
                     e @ (ProxyError::UpstreamUnreachable
                     | ProxyError::UpstreamTimeout
@@ -118,15 +144,21 @@ impl Proxy {
                 ) = &result
                 {
                     let kind = e.status_and_code().1;
-                    self.metrics
-                        .upstream_errors
-                        .with_label_values(&[route.label.as_str(), kind])
-                        .inc();
+                    self.metrics.upstream_errors.with_label_values(&[route.label.as_str(), kind]).inc();
                 }
                 (Some(route), result)
             }
         };
         let label = route.as_ref().map_or("_unmatched", |r| r.label.as_str());
+        let denied = match &result {
+            Err(ProxyError::Denied(why)) => Some(why.label()),
+            Err(ProxyError::MethodNotAllowed { .. }) => Some("method_not_allowed"),
+            _ => None,
+        };
+        if let Some(reason) = denied {
+            self.metrics.denied.with_label_values(&[label, reason]).inc();
+            tracing::info!(route = label, client = %conn.remote.ip(), reason, "request denied");
+        }
         let response = result.unwrap_or_else(ProxyError::into_response);
         self.record(label, method, &response, started);
         response
@@ -139,7 +171,7 @@ impl Proxy {
         runtime: &Runtime,
         route: &Route,
         req: Request<Incoming>,
-        remote: SocketAddr,
+        conn: Conn,
     ) -> Result<Response<Body>, ProxyError> {
         let limits = &runtime.limits;
         let declared = req.body().size_hint().exact();
@@ -148,64 +180,40 @@ impl Proxy {
                 return Err(ProxyError::BodyTooLarge);
             }
         }
-        let token = route
-            .provider
-            .get()
-            .await
-            .map_err(|e| ProxyError::TokenUnavailable {
-                provider: e.provider,
-            })?;
+        let token =
+            route.provider.get().await.map_err(|e| ProxyError::TokenUnavailable { provider: e.provider })?;
         let (mut parts, body) = req.into_parts();
         let version = match parts.version {
             Version::HTTP_2 => "2",
             Version::HTTP_10 => "1.0",
             _ => "1.1",
         };
-        headers::rewrite_request(
-            &mut parts.headers,
-            remote.ip(),
-            "http",
-            token.header.clone(),
-            version,
-        );
+        if let Some(keys) = &runtime.access.api_keys {
+            // The app's key to tokengate is not for the upstream.
+            parts.headers.remove(&keys.header);
+        }
+        let proto = if conn.secure { "https" } else { "http" };
+        headers::rewrite_request(&mut parts.headers, conn.remote.ip(), proto, token.header.clone(), version);
         for (name, value) in &route.headers {
             parts.headers.insert(name, value.clone());
         }
         let uri = upstream_uri(route, &parts.uri)?;
         let fault = Arc::new(OnceLock::new());
-        let guarded = body::Guarded::new(
-            body,
-            limits.max_body_size,
-            limits.body_read_timeout,
-            fault.clone(),
-        );
-        let template = Template {
-            method: parts.method,
-            uri,
-            headers: parts.headers,
-        };
+        let guarded = body::Guarded::new(body, limits.max_body_size, limits.body_read_timeout, fault.clone());
+        let template = Template { method: parts.method, uri, headers: parts.headers };
         // Keep small bodies so the request can be replayed after a 401.
         let (kept, first_body) = match declared {
             Some(len) if route.retry_on_401 && len <= limits.replay_buffer => {
-                let bytes = guarded
-                    .collect()
-                    .await
-                    .map_err(|e| body_error(&fault, &*e))?
-                    .to_bytes();
+                let bytes = guarded.collect().await.map_err(|e| body_error(&fault, &*e))?.to_bytes();
                 (Some(bytes.clone()), full(bytes))
             }
             _ => (None, guarded.boxed()),
         };
-        let resp = self
-            .send(runtime, route, template.build(first_body, None), &fault)
-            .await?;
+        let resp = self.send(runtime, route, template.build(first_body, None), &fault).await?;
         if resp.status() != StatusCode::UNAUTHORIZED || !route.retry_on_401 {
             return Ok(resp);
         }
-        let outcome = match (
-            &kept,
-            route.provider.replace_rejected(token.generation).await,
-        ) {
+        let outcome = match (&kept, route.provider.replace_rejected(token.generation).await) {
             (Some(bytes), Some(fresh)) => {
                 self.count_401(route, "replayed");
                 drop(resp);
@@ -220,10 +228,7 @@ impl Proxy {
     }
 
     fn count_401(&self, route: &Route, outcome: &str) {
-        self.metrics
-            .upstream_401
-            .with_label_values(&[route.label.as_str(), outcome])
-            .inc();
+        self.metrics.upstream_401.with_label_values(&[route.label.as_str(), outcome]).inc();
     }
 
     /// Sends one request upstream within the upstream timeout and maps failures.
@@ -236,8 +241,7 @@ impl Proxy {
     ) -> Result<Response<Body>, ProxyError> {
         self.metrics.inflight.inc();
         let _inflight = scopeguard(|| self.metrics.inflight.dec());
-        let sent =
-            tokio::time::timeout(runtime.limits.upstream_timeout, route.client.request(req)).await;
+        let sent = tokio::time::timeout(runtime.limits.upstream_timeout, route.client.request(req)).await;
         let resp = match sent {
             Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
             Ok(Err(e)) => {
@@ -255,22 +259,13 @@ impl Proxy {
         };
         let (mut parts, body) = resp.into_parts();
         headers::rewrite_response(&mut parts.headers);
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(BoxError::from).boxed(),
-        ))
+        Ok(Response::from_parts(parts, body.map_err(BoxError::from).boxed()))
     }
 
     fn record(&self, route: &str, method: &str, response: &Response<Body>, started: Instant) {
         let status = response.status();
-        self.metrics
-            .requests
-            .with_label_values(&[route, method, status.as_str()])
-            .inc();
-        self.metrics
-            .request_duration
-            .with_label_values(&[route])
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.requests.with_label_values(&[route, method, status.as_str()]).inc();
+        self.metrics.request_duration.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
         tracing::debug!(
             route,
             method,
@@ -304,9 +299,7 @@ impl Template {
 }
 
 fn full(bytes: Bytes) -> Body {
-    http_body_util::Full::new(bytes)
-        .map_err(|never| match never {})
-        .boxed()
+    http_body_util::Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
 fn fault_error(fault: body::BodyFault) -> ProxyError {
@@ -316,10 +309,7 @@ fn fault_error(fault: body::BodyFault) -> ProxyError {
     }
 }
 
-fn body_error(
-    fault: &OnceLock<body::BodyFault>,
-    e: &(dyn std::error::Error + Send + Sync),
-) -> ProxyError {
+fn body_error(fault: &OnceLock<body::BodyFault>, e: &(dyn std::error::Error + Send + Sync)) -> ProxyError {
     match fault.get() {
         Some(f) => fault_error(*f),
         None => {
@@ -329,37 +319,19 @@ fn body_error(
     }
 }
 
-/// Refuses request forms a reverse proxy must not serve.
-fn admit(req: &Request<Incoming>) -> Result<(), ProxyError> {
-    if req.method() == Method::CONNECT {
-        return Err(ProxyError::Connect);
-    }
-    // HTTP/2 requests always carry scheme and authority; only HTTP/1 absolute-form is refused.
-    if req.version() != Version::HTTP_2 && req.uri().scheme().is_some() {
-        return Err(ProxyError::AbsoluteForm);
-    }
-    route::check_path(req.uri().path()).map_err(ProxyError::InvalidPath)
-}
-
 fn match_route(runtime: &Runtime, uri: &Uri) -> Result<Arc<Route>, ProxyError> {
     runtime
         .table
         .lookup(uri.path())
         .map(|(_, r)| Arc::clone(r))
-        .ok_or_else(|| ProxyError::NoRoute {
-            path: uri.path().to_owned(),
-        })
+        .ok_or_else(|| ProxyError::NoRoute { path: uri.path().to_owned() })
 }
 
 /// Builds the upstream URI from configured scheme and authority plus the checked path; client
 /// input is never parsed as a URL, so it cannot change the host.
 fn upstream_uri(route: &Route, uri: &Uri) -> Result<Uri, ProxyError> {
-    let mut path = route::upstream_path(
-        &route.upstream.base_path,
-        &route.prefix,
-        route.strip_prefix,
-        uri.path(),
-    );
+    let mut path =
+        route::upstream_path(&route.upstream.base_path, &route.prefix, route.strip_prefix, uri.path());
     if let Some(q) = uri.query() {
         path.push('?');
         path.push_str(q);

@@ -69,18 +69,14 @@ impl FetchError {
             FetchError::Idp { status, .. } | FetchError::Status { status, .. } => {
                 *status >= 500 || *status == 429
             }
-            FetchError::Malformed(_)
-            | FetchError::UnsupportedTokenType(_)
-            | FetchError::Local(_) => false,
+            FetchError::Malformed(_) | FetchError::UnsupportedTokenType(_) | FetchError::Local(_) => false,
         }
     }
 
     /// The server's requested delay, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            FetchError::Idp { retry_after, .. } | FetchError::Status { retry_after, .. } => {
-                *retry_after
-            }
+            FetchError::Idp { retry_after, .. } | FetchError::Status { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -96,13 +92,7 @@ fn sanitize_code(code: &str) -> String {
     let mut out: String = code
         .chars()
         .take(40)
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
         .collect();
     if out.is_empty() {
         out.push_str("idp_error");
@@ -121,12 +111,8 @@ mod tests {
 
     #[test]
     fn labels_are_bounded_and_safe() {
-        let e = FetchError::Idp {
-            status: 400,
-            error: "Forbidden".into(),
-            description: None,
-            retry_after: None,
-        };
+        let e =
+            FetchError::Idp { status: 400, error: "Forbidden".into(), description: None, retry_after: None };
         assert_eq!(e.label(), "forbidden");
         let e = FetchError::Idp {
             status: 400,
@@ -134,19 +120,7 @@ mod tests {
             description: None,
             retry_after: None,
         };
-        assert!(
-            e.label().len() <= 40
-                && e.label()
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        );
-        assert_eq!(
-            FetchError::Status {
-                status: 503,
-                retry_after: None
-            }
-            .label(),
-            "http_503"
-        );
+        assert!(e.label().len() <= 40 && e.label().chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        assert_eq!(FetchError::Status { status: 503, retry_after: None }.label(), "http_503");
     }
 }

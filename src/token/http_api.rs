@@ -22,12 +22,7 @@ pub struct HttpFetcher {
 impl HttpFetcher {
     /// A fetcher for `config`; `name` is used in logs.
     pub fn new(name: &str, config: HttpProvider, http: reqwest::Client) -> Self {
-        HttpFetcher {
-            config,
-            http,
-            refresh_token: Mutex::new(None),
-            provider: name.to_owned(),
-        }
+        HttpFetcher { config, http, refresh_token: Mutex::new(None), provider: name.to_owned() }
     }
 
     /// Renews `current` when a refresh request and a refresh token exist, else (or when the
@@ -94,11 +89,8 @@ impl HttpFetcher {
             builder = builder.basic_auth(user.expose(), Some(password.expose()));
         }
         if spec.bearer_current_token {
-            let mut v =
-                HeaderValue::from_str(&format!("Bearer {}", access.map_or("", Secret::expose)))
-                    .map_err(|_| {
-                        FetchError::Local("the current token cannot be sent as a header".into())
-                    })?;
+            let mut v = HeaderValue::from_str(&format!("Bearer {}", access.map_or("", Secret::expose)))
+                .map_err(|_| FetchError::Local("the current token cannot be sent as a header".into()))?;
             v.set_sensitive(true);
             builder = builder.header(AUTHORIZATION, v);
         }
@@ -109,15 +101,11 @@ impl HttpFetcher {
                 for (k, v) in fields {
                     form.append_pair(k, &fill(v));
                 }
-                builder
-                    .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-                    .body(form.finish())
+                builder.header(CONTENT_TYPE, "application/x-www-form-urlencoded").body(form.finish())
             }
             BodySpec::Json(fields) => {
-                let object: serde_json::Map<String, serde_json::Value> = fields
-                    .iter()
-                    .map(|(k, v)| (k.clone(), fill(v).into()))
-                    .collect();
+                let object: serde_json::Map<String, serde_json::Value> =
+                    fields.iter().map(|(k, v)| (k.clone(), fill(v).into())).collect();
                 builder
                     .header(CONTENT_TYPE, "application/json")
                     .body(serde_json::Value::Object(object).to_string())
@@ -125,11 +113,7 @@ impl HttpFetcher {
         };
         let reply = send::send(builder).await?;
         if !reply.status.is_success() {
-            return Err(response::parse_error(
-                reply.status.as_u16(),
-                &reply.body,
-                reply.retry_after,
-            ));
+            return Err(response::parse_error(reply.status.as_u16(), &reply.body, reply.retry_after));
         }
         response::parse_success(
             &reply.body,
@@ -141,7 +125,5 @@ impl HttpFetcher {
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }

@@ -9,9 +9,8 @@ pub fn claims(token: &str) -> Option<serde_json::Map<String, serde_json::Value>>
     if parts.next().is_some() {
         return None;
     }
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
+    let bytes =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
     match serde_json::from_slice(&bytes).ok()? {
         serde_json::Value::Object(map) => Some(map),
         _ => None,

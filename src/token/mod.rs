@@ -69,10 +69,7 @@ pub struct Unavailable {
     pub reason: String,
 }
 
-#[allow(
-    clippy::large_enum_variant,
-    reason = "one per provider, never moved after creation"
-)]
+#[allow(clippy::large_enum_variant, reason = "one per provider, never moved after creation")]
 enum Fetcher {
     OAuth2(oauth2::OAuth2Fetcher),
     Http(http_api::HttpFetcher),
@@ -248,9 +245,7 @@ impl TokenSource {
         }
         {
             let mut h = self.health.lock().ok()?;
-            if h.last_rejection
-                .is_some_and(|at| at.elapsed() < REJECTION_REFRESH_INTERVAL)
-            {
+            if h.last_rejection.is_some_and(|at| at.elapsed() < REJECTION_REFRESH_INTERVAL) {
                 tracing::warn!(provider = %self.name, "upstream rejected a fresh token again; not refreshing (check the scopes and audience)");
                 return None;
             }
@@ -271,17 +266,11 @@ impl TokenSource {
             .observe(started.elapsed().as_secs_f64());
         let outcome = match result {
             Ok(issued) => {
-                self.metrics
-                    .token_fetches
-                    .with_label_values(&[&self.name, "success"])
-                    .inc();
+                self.metrics.token_fetches.with_label_values(&[&self.name, "success"]).inc();
                 Ok(self.install(issued))
             }
             Err(e) => {
-                self.metrics
-                    .token_fetches
-                    .with_label_values(&[self.name.as_str(), &e.label()])
-                    .inc();
+                self.metrics.token_fetches.with_label_values(&[self.name.as_str(), &e.label()]).inc();
                 let level_error = !e.is_transient();
                 if level_error {
                     tracing::error!(provider = %self.name, error = %e, "token fetch failed; check the provider configuration");
@@ -327,10 +316,7 @@ impl TokenSource {
             generation,
         });
         self.current.store(Some(Arc::clone(&token)));
-        self.metrics
-            .token_expiry
-            .with_label_values(&[&self.name])
-            .set(expires_unix);
+        self.metrics.token_expiry.with_label_values(&[&self.name]).set(expires_unix);
         if let Ok(mut h) = self.health.lock() {
             *h = Health {
                 last_success: Some(SystemTime::now()),
@@ -355,10 +341,7 @@ impl TokenSource {
             .ok()
             .and_then(|h| h.last_error.as_ref().map(ToString::to_string))
             .unwrap_or_else(|| "no token has been obtained yet".into());
-        Unavailable {
-            provider: self.name.clone(),
-            reason,
-        }
+        Unavailable { provider: self.name.clone(), reason }
     }
 
     /// State for health endpoints.
@@ -366,20 +349,13 @@ impl TokenSource {
         let token = self.usable();
         let h = self.health.lock();
         let (last_error, last_success, failures) = match &h {
-            Ok(h) => (
-                h.last_error.as_ref().map(ToString::to_string),
-                h.last_success,
-                h.failures,
-            ),
+            Ok(h) => (h.last_error.as_ref().map(ToString::to_string), h.last_success, h.failures),
             Err(_) => (None, None, 0),
         };
         Status {
             ready: token.is_some(),
-            expires_in_seconds: token.map(|t| {
-                t.expires_at
-                    .saturating_duration_since(Instant::now())
-                    .as_secs()
-            }),
+            expires_in_seconds: token
+                .map(|t| t.expires_at.saturating_duration_since(Instant::now()).as_secs()),
             last_success_unix: last_success
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map(|d| d.as_secs()),
@@ -394,11 +370,7 @@ async fn refresh_loop(weak: Weak<TokenSource>, wake: Arc<Notify>) {
         let delay = {
             let Some(source) = weak.upgrade() else { return };
             let now = Instant::now();
-            let retry_at = source
-                .health
-                .lock()
-                .ok()
-                .and_then(|h| h.quiet_until.filter(|_| h.failures > 0));
+            let retry_at = source.health.lock().ok().and_then(|h| h.quiet_until.filter(|_| h.failures > 0));
             let due = source.current.load().as_ref().map_or(now, |t| t.refresh_at);
             // After a failure, retry when the backoff says so, even if the token is still usable.
             retry_at.unwrap_or(due).saturating_duration_since(now)
@@ -410,11 +382,7 @@ async fn refresh_loop(weak: Weak<TokenSource>, wake: Arc<Notify>) {
             }
         }
         let Some(source) = weak.upgrade() else { return };
-        let due = source
-            .current
-            .load()
-            .as_ref()
-            .is_none_or(|t| Instant::now() >= t.refresh_at);
+        let due = source.current.load().as_ref().is_none_or(|t| Instant::now() >= t.refresh_at);
         if due {
             // Errors are recorded (and logged) inside; the next round computes the retry delay.
             let _ = source.refresh().await;

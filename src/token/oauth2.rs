@@ -36,34 +36,18 @@ pub enum GrantRequest<'a> {
 /// unless `raw` is set for servers that do not decode them.
 pub fn basic_auth(client_id: &str, secret: &str, raw: bool) -> String {
     let enc = |s: &str| -> String {
-        if raw {
-            s.to_owned()
-        } else {
-            form_urlencoded::byte_serialize(s.as_bytes()).collect()
-        }
+        if raw { s.to_owned() } else { form_urlencoded::byte_serialize(s.as_bytes()).collect() }
     };
     let pair = format!("{}:{}", enc(client_id), enc(secret));
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(pair)
-    )
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
 }
 
 /// Builds the token request for `provider` against `url`.
-pub fn build_request(
-    provider: &OAuth2Provider,
-    url: &reqwest::Url,
-    grant: GrantRequest<'_>,
-) -> TokenRequest {
+pub fn build_request(provider: &OAuth2Provider, url: &reqwest::Url, grant: GrantRequest<'_>) -> TokenRequest {
     let mut form = form_urlencoded::Serializer::new(String::new());
     match (grant, &provider.grant) {
         (GrantRequest::Refresh(rt), _)
-        | (
-            GrantRequest::Configured,
-            Grant::RefreshToken {
-                refresh_token: rt, ..
-            },
-        ) => {
+        | (GrantRequest::Configured, Grant::RefreshToken { refresh_token: rt, .. }) => {
             form.append_pair("grant_type", "refresh_token");
             form.append_pair("refresh_token", rt.expose());
         }
@@ -77,8 +61,8 @@ pub fn build_request(
         }
     }
     // RFC 6749 §6: a refresh keeps the original scope when none is sent.
-    let refreshing = matches!(grant, GrantRequest::Refresh(_))
-        || matches!(provider.grant, Grant::RefreshToken { .. });
+    let refreshing =
+        matches!(grant, GrantRequest::Refresh(_)) || matches!(provider.grant, Grant::RefreshToken { .. });
     if !provider.scopes.is_empty() && !refreshing {
         form.append_pair("scope", &provider.scopes.join(" "));
     }
@@ -86,18 +70,14 @@ pub fn build_request(
         form.append_pair(k, v);
     }
     let mut headers = vec![
-        (
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/x-www-form-urlencoded"),
-        ),
+        (CONTENT_TYPE, HeaderValue::from_static("application/x-www-form-urlencoded")),
         (ACCEPT, HeaderValue::from_static("application/json")),
     ];
     let secret = provider.client_secret.as_ref().map_or("", Secret::expose);
     match provider.client_auth {
         ClientAuth::Basic | ClientAuth::BasicRaw => {
             let raw = provider.client_auth == ClientAuth::BasicRaw;
-            if let Ok(mut v) = HeaderValue::from_str(&basic_auth(&provider.client_id, secret, raw))
-            {
+            if let Ok(mut v) = HeaderValue::from_str(&basic_auth(&provider.client_id, secret, raw)) {
                 v.set_sensitive(true);
                 headers.push((AUTHORIZATION, v));
             }
@@ -111,11 +91,7 @@ pub fn build_request(
         }
     }
     headers.extend(provider.headers.iter().cloned());
-    TokenRequest {
-        url: url.clone(),
-        headers,
-        body: form.finish(),
-    }
+    TokenRequest { url: url.clone(), headers, body: form.finish() }
 }
 
 /// Fetches tokens for one OAuth2 provider; remembers the discovered endpoint and the latest
@@ -132,11 +108,7 @@ impl OAuth2Fetcher {
     /// A fetcher for `config`; `name` is used in logs.
     pub fn new(name: &str, config: OAuth2Provider, http: reqwest::Client) -> Self {
         let mut initial = None;
-        if let Grant::RefreshToken {
-            refresh_token,
-            state_file,
-        } = &config.grant
-        {
+        if let Grant::RefreshToken { refresh_token, state_file } = &config.grant {
             initial = Some(refresh_token.clone());
             if let Some(path) = state_file {
                 match read_state(path) {
@@ -172,10 +144,7 @@ impl OAuth2Fetcher {
         if let (true, Some(rt)) = (uses_refresh, refresh) {
             match self.send(&url, GrantRequest::Refresh(&rt)).await {
                 Ok(issued) => return self.keep_refresh_token(issued, Some(rt)),
-                Err(e)
-                    if e.is_transient()
-                        || matches!(self.config.grant, Grant::RefreshToken { .. }) =>
-                {
+                Err(e) if e.is_transient() || matches!(self.config.grant, Grant::RefreshToken { .. }) => {
                     return Err(e);
                 }
                 Err(e) => {
@@ -187,33 +156,15 @@ impl OAuth2Fetcher {
             }
         }
         let issued = self.send(&url, GrantRequest::Configured).await?;
-        if uses_refresh {
-            self.keep_refresh_token(issued, None)
-        } else {
-            Ok(issued)
-        }
+        if uses_refresh { self.keep_refresh_token(issued, None) } else { Ok(issued) }
     }
 
     /// Stores a rotated refresh token (or keeps the one used when none came back).
-    fn keep_refresh_token(
-        &self,
-        issued: Issued,
-        used: Option<Secret>,
-    ) -> Result<Issued, FetchError> {
+    fn keep_refresh_token(&self, issued: Issued, used: Option<Secret>) -> Result<Issued, FetchError> {
         let next = issued.refresh_token.clone().or(used);
-        if let (
-            Some(rt),
-            Grant::RefreshToken {
-                state_file: Some(path),
-                ..
-            },
-        ) = (&next, &self.config.grant)
-        {
+        if let (Some(rt), Grant::RefreshToken { state_file: Some(path), .. }) = (&next, &self.config.grant) {
             write_state(path, rt).map_err(|e| {
-                FetchError::Local(format!(
-                    "cannot save the rotated refresh token to {}: {e}",
-                    path.display()
-                ))
+                FetchError::Local(format!("cannot save the rotated refresh token to {}: {e}", path.display()))
             })?;
         }
         if let Ok(mut g) = self.refresh_token.lock() {
@@ -222,11 +173,7 @@ impl OAuth2Fetcher {
         Ok(issued)
     }
 
-    async fn send(
-        &self,
-        url: &reqwest::Url,
-        grant: GrantRequest<'_>,
-    ) -> Result<Issued, FetchError> {
+    async fn send(&self, url: &reqwest::Url, grant: GrantRequest<'_>) -> Result<Issued, FetchError> {
         let req = build_request(&self.config, url, grant);
         let mut builder = self.http.post(req.url).body(req.body);
         for (k, v) in req.headers {
@@ -237,18 +184,9 @@ impl OAuth2Fetcher {
             if reply.status.as_u16() == 404 || reply.status.is_server_error() {
                 self.forget_discovery();
             }
-            return Err(response::parse_error(
-                reply.status.as_u16(),
-                &reply.body,
-                reply.retry_after,
-            ));
+            return Err(response::parse_error(reply.status.as_u16(), &reply.body, reply.retry_after));
         }
-        response::parse_success(
-            &reply.body,
-            &FieldMap::oauth2(),
-            reply.date,
-            self.config.common.default_ttl,
-        )
+        response::parse_success(&reply.body, &FieldMap::oauth2(), reply.date, self.config.common.default_ttl)
     }
 
     fn forget_discovery(&self) {
@@ -270,13 +208,8 @@ impl OAuth2Fetcher {
         if url.host_str() != issuer.host_str() {
             tracing::info!(provider = %self.provider, token_endpoint = %url, "discovered token endpoint is on another host than the issuer");
         }
-        if url.scheme() != "https"
-            && !crate::config::is_loopback(&url)
-            && issuer.scheme() == "https"
-        {
-            return Err(FetchError::Discovery(format!(
-                "token_endpoint {url} is not https"
-            )));
+        if url.scheme() != "https" && !crate::config::is_loopback(&url) && issuer.scheme() == "https" {
+            return Err(FetchError::Discovery(format!("token_endpoint {url} is not https")));
         }
         if let Ok(mut g) = self.discovered.lock() {
             *g = Some(url.clone());
@@ -287,27 +220,18 @@ impl OAuth2Fetcher {
 
 /// OIDC discovery: `GET {issuer}/.well-known/openid-configuration`, whose `issuer` must equal the
 /// configured one (RFC 8414 §3.3) and whose `token_endpoint` is returned.
-pub async fn discover(
-    http: &reqwest::Client,
-    issuer: &reqwest::Url,
-) -> Result<reqwest::Url, FetchError> {
+pub async fn discover(http: &reqwest::Client, issuer: &reqwest::Url) -> Result<reqwest::Url, FetchError> {
     let base = issuer.as_str().trim_end_matches('/');
     let doc_url = format!("{base}/.well-known/openid-configuration");
     let reply = send::send(http.get(&doc_url).header(ACCEPT, "application/json"))
         .await
         .map_err(|e| FetchError::Discovery(format!("{doc_url}: {e}")))?;
     if !reply.status.is_success() {
-        return Err(FetchError::Discovery(format!(
-            "{doc_url} answered HTTP {}",
-            reply.status.as_u16()
-        )));
+        return Err(FetchError::Discovery(format!("{doc_url} answered HTTP {}", reply.status.as_u16())));
     }
     let doc: serde_json::Value = serde_json::from_slice(&reply.body)
         .map_err(|_| FetchError::Discovery(format!("{doc_url} did not return JSON")))?;
-    let stated = doc
-        .get("issuer")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default();
+    let stated = doc.get("issuer").and_then(|v| v.as_str()).unwrap_or_default();
     if stated.trim_end_matches('/') != base {
         return Err(FetchError::Discovery(format!(
             "the document names issuer {:?}, not the configured {base:?}; refusing it",
@@ -318,9 +242,8 @@ pub async fn discover(
         .get("token_endpoint")
         .and_then(|v| v.as_str())
         .ok_or_else(|| FetchError::Discovery(format!("{doc_url} has no token_endpoint")))?;
-    reqwest::Url::parse(endpoint).map_err(|_| {
-        FetchError::Discovery(format!("token_endpoint {:?} is not a URL", tidy(endpoint)))
-    })
+    reqwest::Url::parse(endpoint)
+        .map_err(|_| FetchError::Discovery(format!("token_endpoint {:?} is not a URL", tidy(endpoint))))
 }
 
 fn read_state(path: &Path) -> std::io::Result<Option<Secret>> {
@@ -335,15 +258,9 @@ fn read_state(path: &Path) -> std::io::Result<Option<Secret>> {
 /// Writes the refresh token atomically (temp file, fsync, rename) with mode 0600.
 fn write_state(path: &Path, token: &Secret) -> std::io::Result<()> {
     use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map_or("tokengate-state".into(), |n| n.to_string_lossy())
-    ));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir
+        .join(format!(".{}.tmp", path.file_name().map_or("tokengate-state".into(), |n| n.to_string_lossy())));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -381,21 +298,14 @@ mod tests {
     }
 
     fn header<'a>(r: &'a TokenRequest, name: &HeaderName) -> Option<&'a str> {
-        r.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| v.to_str().ok())
+        r.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.to_str().ok())
     }
 
     #[test]
     fn basic_auth_vectors() {
         // Covata's document: exampleClientApplication:exampleClientApplicationSecret.
         assert_eq!(
-            basic_auth(
-                "exampleClientApplication",
-                "exampleClientApplicationSecret",
-                false
-            ),
+            basic_auth("exampleClientApplication", "exampleClientApplicationSecret", false),
             "Basic ZXhhbXBsZUNsaWVudEFwcGxpY2F0aW9uOmV4YW1wbGVDbGllbnRBcHBsaWNhdGlvblNlY3JldA=="
         );
         // CoreView's sample has a stray newline; ours decodes to exactly id:secret.
@@ -405,20 +315,10 @@ mod tests {
         );
         // RFC 6749 §2.3.1: reserved characters are form-urlencoded before base64.
         let h = basic_auth("id:x", "a+b%c d:é", false);
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(&h[6..])
-            .unwrap();
-        assert_eq!(
-            String::from_utf8(decoded).unwrap(),
-            "id%3Ax:a%2Bb%25c+d%3A%C3%A9"
-        );
+        let decoded = base64::engine::general_purpose::STANDARD.decode(&h[6..]).unwrap();
+        assert_eq!(String::from_utf8(decoded).unwrap(), "id%3Ax:a%2Bb%25c+d%3A%C3%A9");
         let raw = basic_auth("id", "a+b", true);
-        assert_eq!(
-            base64::engine::general_purpose::STANDARD
-                .decode(&raw[6..])
-                .unwrap(),
-            b"id:a+b"
-        );
+        assert_eq!(base64::engine::general_purpose::STANDARD.decode(&raw[6..]).unwrap(), b"id:a+b");
     }
 
     #[test]
@@ -435,14 +335,8 @@ mod tests {
             r.body,
             "grant_type=client_credentials&scope=delegation.read+delegation.write+operator.read+operator.write+platform.read+licensepool.write+licensepool.read+license.read"
         );
-        assert_eq!(
-            header(&r, &AUTHORIZATION),
-            Some("Basic c2FtcGxlY2xpZW50aWQ6c2FtcGxlY2xpZW50c2VjcmV0")
-        );
-        assert_eq!(
-            header(&r, &CONTENT_TYPE),
-            Some("application/x-www-form-urlencoded")
-        );
+        assert_eq!(header(&r, &AUTHORIZATION), Some("Basic c2FtcGxlY2xpZW50aWQ6c2FtcGxlY2xpZW50c2VjcmV0"));
+        assert_eq!(header(&r, &CONTENT_TYPE), Some("application/x-www-form-urlencoded"));
         assert!(!r.body.contains("client_secret"));
     }
 
@@ -454,27 +348,18 @@ mod tests {
             &reqwest::Url::parse("https://auth.eu.corti.app/t").unwrap(),
             GrantRequest::Configured,
         );
-        assert_eq!(
-            r.body,
-            "grant_type=client_credentials&client_id=sampleclientid&client_secret=se%2Bcret"
-        );
+        assert_eq!(r.body, "grant_type=client_credentials&client_id=sampleclientid&client_secret=se%2Bcret");
         assert_eq!(header(&r, &AUTHORIZATION), None);
     }
 
     #[test]
     fn password_and_refresh_grants() {
         let mut p = provider(ClientAuth::Basic, "s");
-        p.grant = Grant::Password {
-            username: Secret::new("alice"),
-            password: Secret::new("p&ss"),
-        };
+        p.grant = Grant::Password { username: Secret::new("alice"), password: Secret::new("p&ss") };
         p.scopes = vec!["a".into()];
         let url = reqwest::Url::parse("https://covata/token").unwrap();
         let r = build_request(&p, &url, GrantRequest::Configured);
-        assert_eq!(
-            r.body,
-            "grant_type=password&username=alice&password=p%26ss&scope=a"
-        );
+        assert_eq!(r.body, "grant_type=password&username=alice&password=p%26ss&scope=a");
         let rt = Secret::new("R1");
         let r = build_request(&p, &url, GrantRequest::Refresh(&rt));
         assert_eq!(r.body, "grant_type=refresh_token&refresh_token=R1");
@@ -489,10 +374,7 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(
-                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-                0o600
-            );
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         }
         assert!(read_state(&dir.path().join("missing")).unwrap().is_none());
     }

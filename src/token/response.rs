@@ -68,9 +68,7 @@ impl FieldMap {
 }
 
 fn field<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.')
-        .try_fold(v, |v, k| v.get(k))
-        .filter(|v| !v.is_null())
+    path.split('.').try_fold(v, |v, k| v.get(k)).filter(|v| !v.is_null())
 }
 
 /// A JSON number or numeric string, as seconds.
@@ -83,9 +81,7 @@ fn seconds(v: &Value) -> Option<f64> {
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Parses a successful (2xx) token response body.
@@ -108,23 +104,15 @@ pub fn parse_success(
         })
     })?;
     if !json.is_object() {
-        return Err(FetchError::Malformed(
-            "the body is not a JSON object".into(),
-        ));
+        return Err(FetchError::Malformed("the body is not a JSON object".into()));
     }
     let access_token = match field(&json, &map.access_token) {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         Some(_) => {
-            return Err(FetchError::Malformed(format!(
-                "`{}` is not a non-empty string",
-                map.access_token
-            )));
+            return Err(FetchError::Malformed(format!("`{}` is not a non-empty string", map.access_token)));
         }
         None => {
-            return Err(FetchError::Malformed(format!(
-                "no `{}` in the response",
-                map.access_token
-            )));
+            return Err(FetchError::Malformed(format!("no `{}` in the response", map.access_token)));
         }
     };
     if access_token.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
@@ -143,20 +131,14 @@ pub fn parse_success(
         match name.as_deref().and_then(|f| field(&json, f)) {
             None => Ok(None),
             Some(v) => seconds(v).map(Some).ok_or_else(|| {
-                FetchError::Malformed(format!(
-                    "`{}` is not a number",
-                    name.as_deref().unwrap_or_default()
-                ))
+                FetchError::Malformed(format!("`{}` is not a number", name.as_deref().unwrap_or_default()))
             }),
         }
     };
     let now = unix_now();
-    let reference = date
-        .and_then(|d| d.duration_since(UNIX_EPOCH).ok())
-        .map_or(now, |d| d.as_secs_f64());
-    let positive = |secs: f64| {
-        (secs.is_finite() && secs >= 1.0).then(|| Duration::from_secs_f64(secs.min(1e9)))
-    };
+    let reference = date.and_then(|d| d.duration_since(UNIX_EPOCH).ok()).map_or(now, |d| d.as_secs_f64());
+    let positive =
+        |secs: f64| (secs.is_finite() && secs >= 1.0).then(|| Duration::from_secs_f64(secs.min(1e9)));
     let (lifetime, lifetime_source) = if let Some(l) = stated(&map.expires_in)?.and_then(positive) {
         (l, LifetimeSource::ExpiresIn)
     } else if let Some(l) = stated(&map.expires_at)?.and_then(|at| positive(at - reference)) {
@@ -171,29 +153,17 @@ pub fn parse_success(
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .map(Secret::new);
-    let scope = map
-        .scope
-        .as_deref()
-        .and_then(|f| field(&json, f))
-        .and_then(Value::as_str)
-        .map(tidy);
-    Ok(Issued {
-        access_token: Secret::new(access_token),
-        lifetime,
-        lifetime_source,
-        refresh_token,
-        scope,
-    })
+    let scope = map.scope.as_deref().and_then(|f| field(&json, f)).and_then(Value::as_str).map(tidy);
+    Ok(Issued { access_token: Secret::new(access_token), lifetime, lifetime_source, refresh_token, scope })
 }
 
 /// The lifetime of a token whose response states none: its JWT `exp`, else `default_ttl`.
 pub fn fallback_lifetime(access_token: &str, default_ttl: Duration) -> (Duration, LifetimeSource) {
     let remaining = jwt::expiry(access_token).map(|exp| exp - unix_now());
     match remaining {
-        Some(secs) if secs.is_finite() && secs >= 1.0 => (
-            Duration::from_secs_f64(secs.min(1e9)),
-            LifetimeSource::JwtExp,
-        ),
+        Some(secs) if secs.is_finite() && secs >= 1.0 => {
+            (Duration::from_secs_f64(secs.min(1e9)), LifetimeSource::JwtExp)
+        }
         _ => (default_ttl, LifetimeSource::Default),
     }
 }
@@ -202,31 +172,17 @@ pub fn fallback_lifetime(access_token: &str, default_ttl: Duration) -> (Duration
 /// `{"error","errorDescription"}`; anything else becomes a bare status error.
 pub fn parse_error(status: u16, body: &[u8], retry_after: Option<Duration>) -> FetchError {
     let json: Option<Value> = serde_json::from_slice(body).ok();
-    let error = json
-        .as_ref()
-        .and_then(|j| j.get("error"))
-        .and_then(Value::as_str);
+    let error = json.as_ref().and_then(|j| j.get("error")).and_then(Value::as_str);
     match error {
         Some(error) => {
             let description = json
                 .as_ref()
-                .and_then(|j| {
-                    j.get("error_description")
-                        .or_else(|| j.get("errorDescription"))
-                })
+                .and_then(|j| j.get("error_description").or_else(|| j.get("errorDescription")))
                 .and_then(Value::as_str)
                 .map(tidy);
-            FetchError::Idp {
-                status,
-                error: tidy(error),
-                description,
-                retry_after,
-            }
+            FetchError::Idp { status, error: tidy(error), description, retry_after }
         }
-        None => FetchError::Status {
-            status,
-            retry_after,
-        },
+        None => FetchError::Status { status, retry_after },
     }
 }
 
@@ -236,10 +192,7 @@ pub fn retry_after(value: Option<&str>) -> Option<Duration> {
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    httpdate::parse_http_date(v)
-        .ok()?
-        .duration_since(SystemTime::now())
-        .ok()
+    httpdate::parse_http_date(v).ok()?.duration_since(SystemTime::now()).ok()
 }
 
 #[cfg(test)]
@@ -279,33 +232,19 @@ mod tests {
     fn missing_or_zero_expiry_falls_back_to_default_never_forever() {
         assert_eq!(ok(r#"{"access_token":"a"}"#).unwrap().lifetime, TTL);
         let t = ok(r#"{"access_token":"a","expires_in":0}"#).unwrap();
-        assert_eq!(
-            (t.lifetime, t.lifetime_source),
-            (TTL, LifetimeSource::Default)
-        );
+        assert_eq!((t.lifetime, t.lifetime_source), (TTL, LifetimeSource::Default));
     }
 
     #[test]
     fn rejects_unusable_responses() {
-        assert!(matches!(
-            ok(r#"{"token_type":"Bearer"}"#),
-            Err(FetchError::Malformed(_))
-        ));
-        assert!(
-            matches!(ok("<html>oops</html>"), Err(FetchError::Malformed(m)) if m.contains("HTML"))
-        );
+        assert!(matches!(ok(r#"{"token_type":"Bearer"}"#), Err(FetchError::Malformed(_))));
+        assert!(matches!(ok("<html>oops</html>"), Err(FetchError::Malformed(m)) if m.contains("HTML")));
         assert!(matches!(
             ok(r#"{"access_token":"a","token_type":"mac"}"#),
             Err(FetchError::UnsupportedTokenType(_))
         ));
-        assert!(matches!(
-            ok(r#"{"access_token":"a b"}"#),
-            Err(FetchError::Malformed(_))
-        ));
-        assert!(matches!(
-            ok(r#"{"access_token":"a","expires_in":"soon"}"#),
-            Err(FetchError::Malformed(_))
-        ));
+        assert!(matches!(ok(r#"{"access_token":"a b"}"#), Err(FetchError::Malformed(_))));
+        assert!(matches!(ok(r#"{"access_token":"a","expires_in":"soon"}"#), Err(FetchError::Malformed(_))));
     }
 
     #[test]
@@ -319,19 +258,12 @@ mod tests {
             e.to_string(),
             "the identity provider refused: HTTP 401, error \"unauthorized_client\": Invalid client"
         );
-        let e = parse_error(
-            403,
-            br#"{"error":"Forbidden","errorDescription":"permission denied"}"#,
-            None,
-        );
+        let e = parse_error(403, br#"{"error":"Forbidden","errorDescription":"permission denied"}"#, None);
         assert_eq!(
             e.to_string(),
             "the identity provider refused: HTTP 403, error \"Forbidden\": permission denied"
         );
-        assert!(matches!(
-            parse_error(502, b"<html>", None),
-            FetchError::Status { status: 502, .. }
-        ));
+        assert!(matches!(parse_error(502, b"<html>", None), FetchError::Status { status: 502, .. }));
     }
 
     #[test]

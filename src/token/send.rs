@@ -42,29 +42,18 @@ pub struct Reply {
 pub async fn send(builder: reqwest::RequestBuilder) -> Result<Reply, FetchError> {
     let mut resp = builder.send().await.map_err(classify)?;
     let status = resp.status();
-    let header = |name: http::HeaderName| {
-        resp.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
+    let header =
+        |name: http::HeaderName| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let date = header(http::header::DATE).and_then(|d| httpdate::parse_http_date(&d).ok());
     let retry_after = response::retry_after(header(http::header::RETRY_AFTER).as_deref());
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(classify)? {
         if body.len() + chunk.len() > MAX_BODY {
-            return Err(FetchError::Malformed(
-                "the response is larger than 1 MiB".into(),
-            ));
+            return Err(FetchError::Malformed("the response is larger than 1 MiB".into()));
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(Reply {
-        status,
-        body,
-        date,
-        retry_after,
-    })
+    Ok(Reply { status, body, date, retry_after })
 }
 
 fn classify(e: reqwest::Error) -> FetchError {

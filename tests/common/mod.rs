@@ -32,9 +32,7 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        self.headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
     }
     pub fn form(&self) -> HashMap<String, String> {
         form_urlencoded::parse(&self.body).into_owned().collect()
@@ -46,26 +44,14 @@ async fn capture(req: Request<Incoming>) -> Seen {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
     let headers = req.headers().clone();
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    Seen {
-        method,
-        path,
-        query,
-        headers,
-        body,
-    }
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    Seen { method, path, query, headers, body }
 }
 
 pub fn json(status: u16, v: serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
     *r.status_mut() = StatusCode::from_u16(status).unwrap();
-    r.headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut().insert("content-type", "application/json".parse().unwrap());
     r
 }
 
@@ -168,12 +154,7 @@ impl Idp {
         })
         .await
         .unwrap();
-        Idp {
-            addr,
-            calls,
-            seen,
-            issued,
-        }
+        Idp { addr, calls, seen, issued }
     }
 
     pub fn calls(&self) -> usize {
@@ -187,11 +168,7 @@ impl Idp {
     /// True when `bearer` is a token this IdP issued and it has not expired.
     pub fn valid(&self, bearer: &str) -> bool {
         let token = bearer.strip_prefix("Bearer ").unwrap_or("");
-        self.issued
-            .lock()
-            .unwrap()
-            .get(token)
-            .is_some_and(|exp| Instant::now() < *exp)
+        self.issued.lock().unwrap().get(token).is_some_and(|exp| Instant::now() < *exp)
     }
 }
 
@@ -251,12 +228,7 @@ impl Upstream {
                 let headers: serde_json::Map<String, serde_json::Value> = req
                     .headers
                     .iter()
-                    .map(|(k, v)| {
-                        (
-                            k.to_string(),
-                            String::from_utf8_lossy(v.as_bytes()).into_owned().into(),
-                        )
-                    })
+                    .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned().into()))
                     .collect();
                 json(
                     200,
@@ -299,9 +271,7 @@ pub fn h2_client() -> reqwest::Client {
 
 fn builder() -> reqwest::ClientBuilder {
     let tls = tokengate::tls::client_config(None, &[]).unwrap();
-    reqwest::Client::builder()
-        .no_proxy()
-        .tls_backend_preconfigured(tls)
+    reqwest::Client::builder().no_proxy().tls_backend_preconfigured(tls)
 }
 
 /// Waits until `/readyz` says ready.

@@ -1,0 +1,155 @@
+//! The first phases of a request: is it well-formed, may this client use this route?
+
+use std::net::SocketAddr;
+
+use http::{Method, Request, Version, header};
+
+use super::{ProxyError, Route, Runtime};
+use crate::config::allowed;
+use crate::route;
+
+/// What the request path knows about the downstream connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn {
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// Arrived on the TLS listener.
+    pub secure: bool,
+    /// The client presented a certificate that chains to the configured client CA.
+    pub client_cert: bool,
+}
+
+/// Why a request was refused by access control; the `reason` label of
+/// `tokengate_denied_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// The client address is not in an allow list.
+    Address,
+    /// `Host` is not one this proxy serves.
+    Host,
+    /// The request comes from a web browser.
+    Browser,
+    /// No API key, or an unknown one.
+    ApiKey,
+    /// The route needs a verified client certificate.
+    ClientCert,
+}
+
+impl Denied {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Denied::Address => "address_not_allowed",
+            Denied::Host => "host_not_allowed",
+            Denied::Browser => "browser_request",
+            Denied::ApiKey => "invalid_api_key",
+            Denied::ClientCert => "client_cert_required",
+        }
+    }
+}
+
+/// Checks the request's form and the listener-wide rules: request target, path, `Host`, header
+/// names, browser headers, client address.
+pub fn admit<B>(req: &Request<B>, conn: &Conn, runtime: &Runtime) -> Result<(), ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::Connect);
+    }
+    // HTTP/2 requests always carry scheme and authority; only HTTP/1 absolute-form is refused.
+    if req.version() != Version::HTTP_2 && req.uri().scheme().is_some() {
+        return Err(ProxyError::AbsoluteForm);
+    }
+    route::check_path(req.uri().path()).map_err(ProxyError::InvalidPath)?;
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    let host_ok = match req.version() {
+        Version::HTTP_2 => hosts <= 1,
+        Version::HTTP_10 | Version::HTTP_09 => hosts <= 1,
+        _ => hosts == 1,
+    };
+    if !host_ok {
+        return Err(ProxyError::InvalidHeader("exactly one Host header is required"));
+    }
+    // Upstreams may treat `_` and `-` alike, so `x_api_key` could smuggle a header past a
+    // filter on `x-api-key`.
+    if req.headers().keys().any(|k| k.as_str().contains('_')) {
+        return Err(ProxyError::InvalidHeader("header names with underscores are not accepted"));
+    }
+    let listener_allow = if conn.secure { &runtime.tls_allow } else { &runtime.access.allow };
+    if !allowed(listener_allow, conn.remote.ip()) {
+        return Err(ProxyError::Denied(Denied::Address));
+    }
+    if !runtime.hosts.is_empty() {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or("");
+        let name = strip_port(host);
+        if !runtime.hosts.iter().any(|h| h.eq_ignore_ascii_case(name)) {
+            return Err(ProxyError::Denied(Denied::Host));
+        }
+    }
+    if !runtime.access.allow_browsers {
+        let h = req.headers();
+        if h.contains_key(header::ORIGIN)
+            || h.contains_key("sec-fetch-mode")
+            || h.contains_key("sec-fetch-site")
+        {
+            return Err(ProxyError::Denied(Denied::Browser));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the route's own rules: address, method, API key, client certificate.
+pub fn authorize<B>(
+    req: &Request<B>,
+    conn: &Conn,
+    route: &Route,
+    runtime: &Runtime,
+) -> Result<(), ProxyError> {
+    if !allowed(&route.allow, conn.remote.ip()) {
+        return Err(ProxyError::Denied(Denied::Address));
+    }
+    if !route.methods.is_empty() && !route.methods.contains(req.method()) {
+        return Err(ProxyError::MethodNotAllowed { allow: route.methods.clone() });
+    }
+    if route.require_api_key {
+        let keys = runtime.access.api_keys.as_ref();
+        let presented = keys.and_then(|k| req.headers().get(&k.header));
+        let ok = match (keys, presented) {
+            (Some(keys), Some(value)) => keys.accepts(value.as_bytes()),
+            _ => false,
+        };
+        if !ok {
+            return Err(ProxyError::Denied(Denied::ApiKey));
+        }
+    }
+    if route.require_client_cert && !conn.client_cert {
+        return Err(ProxyError::Denied(Denied::ClientCert));
+    }
+    Ok(())
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_port;
+
+    #[test]
+    fn host_without_port() {
+        assert_eq!(strip_port("tokengate:8080"), "tokengate");
+        assert_eq!(strip_port("tokengate"), "tokengate");
+        assert_eq!(strip_port("[::1]:8080"), "::1");
+        assert_eq!(strip_port("127.0.0.1:80"), "127.0.0.1");
+    }
+}
