@@ -9,7 +9,6 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -41,6 +40,8 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     /// Where the admin listener listens.
     pub admin_addr: SocketAddr,
+    /// Where the TLS listener listens, if configured.
+    pub tls_addr: Option<SocketAddr>,
     /// Shared state.
     pub proxy: Arc<Proxy>,
     control: Arc<Control>,
@@ -82,10 +83,16 @@ pub async fn start_with(config: Config, path: Option<std::path::PathBuf>) -> Res
     let admin_addr = admin_listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr: config.admin.listen, source })?;
-    for (what, addr) in [("proxy", proxy_addr), ("admin", admin_addr)] {
-        if !addr.ip().is_loopback() {
-            tracing::warn!(listener = what, %addr, "listening on a non-loopback address: anyone who can reach it acts with tokengate's credentials");
-        }
+    let proxy_guarded = !config.access.allow.is_empty() || config.access.api_keys.is_some();
+    if !proxy_addr.ip().is_loopback() && !proxy_guarded {
+        tracing::warn!(
+            %proxy_addr,
+            "!!! the proxy listens on a non-loopback address with no access control: anyone who can reach it \
+             acts with tokengate's credentials; set access.allow and/or access.api_keys"
+        );
+    }
+    if !admin_addr.ip().is_loopback() {
+        tracing::warn!(%admin_addr, "the admin listener (metrics, POST /reload) is reachable from other hosts");
     }
 
     let (shutdown, rx) = watch::channel(false);
@@ -99,33 +106,64 @@ pub async fn start_with(config: Config, path: Option<std::path::PathBuf>) -> Res
     let proxy_settings = Listener {
         grace: config.limits.shutdown_grace,
         idle_timeout: config.limits.idle_timeout,
+        handshake_timeout: config.limits.header_read_timeout,
         max_connections: config.limits.max_connections,
+        tls: None,
     };
+    let builder = Arc::new(builder);
     let p = proxy.clone();
-    let proxy_task =
-        tokio::spawn(serve(proxy_listener, builder.clone(), rx.clone(), proxy_settings, move |remote| {
+    let proxy_service = move |conn: crate::proxy::Conn| {
+        let p = p.clone();
+        service_fn(move |req| {
             let p = p.clone();
-            service_fn(move |req| {
-                let p = p.clone();
-                let conn = crate::proxy::Conn { remote, secure: false, client_cert: false };
-                async move { Ok::<_, Infallible>(p.handle(req, conn).await) }
-            })
-        }));
+            async move { Ok::<_, Infallible>(p.handle(req, conn).await) }
+        })
+    };
+    let mut tasks = Vec::new();
+    let mut tls_addr = None;
+    if let Some(tls) = &config.tls {
+        let required =
+            tls.client_ca_file.is_some() && tls.client_cert != Some(crate::config::ClientCertMode::Optional);
+        let server_config =
+            crate::tls::server_config(&tls.cert_file, &tls.key_file, tls.client_ca_file.as_deref(), required)
+                .map_err(|e| StartError::Setup(e.to_string()))?;
+        let listener = bind(tls.listen).await?;
+        tls_addr =
+            Some(listener.local_addr().map_err(|source| StartError::Bind { addr: tls.listen, source })?);
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+        let settings = Listener { tls: Some(acceptor), ..proxy_settings.clone() };
+        tasks.push(tokio::spawn(serve(
+            listener,
+            builder.clone(),
+            rx.clone(),
+            settings,
+            proxy_service.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(serve(
+        proxy_listener,
+        builder.clone(),
+        rx.clone(),
+        proxy_settings,
+        proxy_service,
+    )));
     let admin_settings = Listener {
         grace: Duration::from_secs(1),
         idle_timeout: config.limits.idle_timeout,
+        handshake_timeout: config.limits.header_read_timeout,
         max_connections: 64,
+        tls: None,
     };
     let c = control.clone();
-    let admin_task = tokio::spawn(serve(admin_listener, builder, rx, admin_settings, move |_| {
+    tasks.push(tokio::spawn(serve(admin_listener, builder, rx, admin_settings, move |_| {
         let c = c.clone();
         service_fn(move |req| {
             let c = c.clone();
             async move { Ok::<_, Infallible>(crate::admin::handle(&c, req).await) }
         })
-    }));
-    tracing::info!(%proxy_addr, %admin_addr, "tokengate is listening");
-    Ok(Running { proxy_addr, admin_addr, proxy, control, shutdown, tasks: vec![proxy_task, admin_task] })
+    })));
+    tracing::info!(%proxy_addr, %admin_addr, tls_addr = ?tls_addr, "tokengate is listening");
+    Ok(Running { proxy_addr, admin_addr, tls_addr, proxy, control, shutdown, tasks })
 }
 
 fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -147,20 +185,28 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 }
 
 /// Per-listener connection settings.
+#[derive(Clone)]
 struct Listener {
     grace: Duration,
     idle_timeout: Duration,
+    handshake_timeout: Duration,
     max_connections: usize,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
+
+/// Shutdown phases sent to connections.
+const RUNNING: u8 = 0;
+const DRAINING: u8 = 1;
+const CLOSING: u8 = 2;
 
 async fn serve<F, S>(
     listener: TcpListener,
-    builder: auto::Builder<TokioExecutor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
     mut shutdown: watch::Receiver<bool>,
     settings: Listener,
     make_service: F,
 ) where
-    F: Fn(SocketAddr) -> S,
+    F: Fn(crate::proxy::Conn) -> S + Clone + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
             Response = http::Response<crate::proxy::Body>,
@@ -169,8 +215,9 @@ async fn serve<F, S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+    let max = settings.max_connections.min(tokio::sync::Semaphore::MAX_PERMITS);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let (phase, _) = watch::channel(RUNNING);
     loop {
         // At the connection limit, stop accepting: further clients wait in the kernel's queue.
         let permit = tokio::select! {
@@ -192,36 +239,99 @@ async fn serve<F, S>(
         };
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());
-        let io = TokioIo::new(TrackedIo { inner: stream, activity: activity.clone() });
-        let service = Tracked { inner: make_service(remote), activity: activity.clone() };
-        let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
-        let idle_timeout = settings.idle_timeout;
-        tokio::spawn(async move {
-            let _permit = permit;
-            tokio::pin!(conn);
-            let check_every = (idle_timeout / 4).max(Duration::from_millis(50));
-            loop {
-                tokio::select! {
-                    result = &mut conn => {
-                        if let Err(e) = result {
-                            tracing::debug!(%remote, error = %e, "connection ended with an error");
-                        }
-                        return;
-                    }
-                    () = tokio::time::sleep(check_every) => {
-                        if activity.idle_for() >= idle_timeout {
-                            // Nothing in flight and no bytes moved: dropping the connection closes it.
-                            tracing::debug!(%remote, "closing idle connection");
+        let stream = TrackedIo { inner: stream, activity: activity.clone() };
+        let (builder, phase, settings) = (builder.clone(), phase.subscribe(), settings.clone());
+        let plain = crate::proxy::Conn { remote, secure: false, client_cert: false };
+        match settings.tls.clone() {
+            None => {
+                let service = Tracked { inner: make_service(plain), activity: activity.clone() };
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    drive(&builder, TokioIo::new(stream), service, &activity, &settings, phase, remote).await;
+                });
+            }
+            Some(acceptor) => {
+                let make_service = make_service.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let handshake =
+                        tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream)).await;
+                    let tls = match handshake {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
                             return;
                         }
-                    }
-                }
+                        Err(_) => {
+                            tracing::debug!(%remote, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let has_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+                    let conn = crate::proxy::Conn { remote, secure: true, client_cert: has_cert };
+                    let service = Tracked { inner: make_service(conn), activity: activity.clone() };
+                    drive(&builder, TokioIo::new(tls), service, &activity, &settings, phase, remote).await;
+                });
             }
-        });
+        }
     }
     drop(listener);
-    if tokio::time::timeout(settings.grace, graceful.shutdown()).await.is_err() {
+    let _ = phase.send(DRAINING);
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    if tokio::time::timeout(settings.grace, slots.acquire_many(all)).await.is_err() {
         tracing::warn!("shutdown grace period over; closing the remaining connections");
+        let _ = phase.send(CLOSING);
+    }
+}
+
+/// Serves one connection until it ends, goes idle, or shutdown closes it.
+async fn drive<I, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    activity: &Activity,
+    settings: &Listener,
+    mut phase: watch::Receiver<u8>,
+    remote: SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::proxy::Body>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let check_every = (settings.idle_timeout / 4).max(Duration::from_millis(50));
+    let mut draining = false;
+    loop {
+        if !draining && *phase.borrow() >= DRAINING {
+            draining = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%remote, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow() == CLOSING {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(check_every) => {
+                if activity.idle_for() >= settings.idle_timeout {
+                    // Nothing in flight and no bytes moved: dropping the connection closes it.
+                    tracing::debug!(%remote, "closing idle connection");
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -48,3 +48,48 @@ pub fn client_config(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<rustls::C
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
+
+/// Inbound TLS settings that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("tls: {0}")]
+pub struct ServerTlsError(String);
+
+/// A rustls server configuration from PEM files, with client certificate verification against
+/// `client_ca` when given (`required` refuses handshakes without a valid certificate).
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca: Option<&Path>,
+    required: bool,
+) -> Result<rustls::ServerConfig, ServerTlsError> {
+    use rustls::pki_types::PrivateKeyDer;
+    let err = |what: &Path, e: &dyn std::fmt::Display| ServerTlsError(format!("{}: {e}", what.display()));
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .map_err(|e| err(cert_file, &e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(cert_file, &e))?;
+    if certs.is_empty() {
+        return Err(err(cert_file, &"no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| err(key_file, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerTlsError(e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca).map_err(|e| err(ca, &e))? {
+                roots.add(cert.map_err(|e| err(ca, &e))?).map_err(|e| err(ca, &e))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = if required { verifier } else { verifier.allow_unauthenticated() };
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| err(ca, &e))?)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key).map_err(|e| err(cert_file, &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
