@@ -292,3 +292,124 @@ pub fn closed_port() -> SocketAddr {
     let l = std::net::TcpListener::bind(ANY).unwrap();
     l.local_addr().unwrap()
 }
+
+/// A throwaway PKI: a CA, a server certificate for 127.0.0.1/localhost and a client certificate.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: std::path::PathBuf,
+    pub server_cert: std::path::PathBuf,
+    pub server_key: std::path::PathBuf,
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
+    pub ca_pem: String,
+}
+
+pub fn pki() -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "tokengate test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: &[&str], usage: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, &ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert_pem, server_key_pem) =
+        leaf(&["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+    let (client_cert_pem, client_key_pem) = leaf(&["app.internal"], ExtendedKeyUsagePurpose::ClientAuth);
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let ca_pem = ca.pem();
+    Pki {
+        ca: write("ca.pem", &ca_pem),
+        server_cert: write("server.pem", &server_cert_pem),
+        server_key: write("server.key", &server_key_pem),
+        client_cert_pem,
+        client_key_pem,
+        ca_pem,
+        dir,
+    }
+}
+
+/// An HTTPS upstream answering 200 with a JSON echo.
+pub async fn tls_upstream(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    let config = tokengate::tls::server_config(cert, key, None, false).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(any()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), s.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(move |req| {
+                    let seen = seen.clone();
+                    async move {
+                        let req = capture(req).await;
+                        seen.lock().unwrap().push(req.clone());
+                        Ok::<_, std::convert::Infallible>(json(200, serde_json::json!({"path": req.path})))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// An HTTPS client trusting `ca_pem`, presenting a client certificate when given.
+pub fn tls_client(ca_pem: &str, identity: Option<(&str, &str)>) -> reqwest::Client {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => {
+            let certs = CertificateDer::pem_slice_iter(cert.as_bytes()).map(|c| c.unwrap()).collect();
+            builder
+                .with_client_auth_cert(certs, PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap())
+                .unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    reqwest::Client::builder().no_proxy().tls_backend_preconfigured(config).build().unwrap()
+}
+
+/// Sends raw bytes and returns everything the server sends back until it closes or goes quiet.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(1500), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

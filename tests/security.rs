@@ -1,0 +1,426 @@
+//! The proxy as a security boundary: who may connect, hostile requests sent as raw bytes, TLS
+//! in both directions, and secrets that never leak.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const KEY_OLD: &str = "old-key-5f2c9a1e7b3d";
+const KEY_NEW: &str = "new-key-9d8e7f6a5b4c";
+
+fn provider(idp: &Idp) -> String {
+    format!(
+        "providers:\n  idp:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\n",
+        idp.token_url()
+    )
+}
+
+async fn body_error(r: reqwest::Response) -> (u16, String) {
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().await.unwrap();
+    (status, v["error"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn address_allow_lists_on_listener_and_route() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = start(&format!(
+        "access:\n  allow: [127.0.0.0/8]\n{}routes:\n  - prefix: /open\n    upstream: {}\n    provider: idp\n  - prefix: /office\n    upstream: {}\n    provider: idp\n    allow: [10.20.0.0/16]\n",
+        provider(&idp),
+        up.url(),
+        up.url()
+    ))
+    .await;
+    let c = client();
+    assert_eq!(c.get(format!("http://{}/open/x", tg.proxy_addr)).send().await.unwrap().status(), 200);
+    let (status, code) =
+        body_error(c.get(format!("http://{}/office/x", tg.proxy_addr)).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (403, "address_not_allowed"));
+    assert_eq!(up.requests().len(), 1);
+    let denied = start(&format!(
+        "access:\n  allow: [10.0.0.0/8, 'fd00::/8']\n{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
+        provider(&idp),
+        up.url()
+    ))
+    .await;
+    let (status, code) =
+        body_error(c.get(format!("http://{}/x", denied.proxy_addr)).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (403, "address_not_allowed"));
+    let m =
+        c.get(format!("http://{}/metrics", denied.admin_addr)).send().await.unwrap().text().await.unwrap();
+    assert!(
+        m.contains(r#"tokengate_denied_total{reason="address_not_allowed",route="_unmatched"} 1"#),
+        "{m}"
+    );
+    assert_eq!(up.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn api_keys_are_required_rotatable_and_never_forwarded() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = start(&format!(
+        "access:\n  api_keys:\n    header: X-Tokengate-Key\n    keys: [{KEY_OLD}, {KEY_NEW}]\n{}routes:\n  - prefix: /api\n    upstream: {}\n    provider: idp\n  - prefix: /public\n    upstream: {}\n    provider: idp\n    require_api_key: false\n",
+        provider(&idp),
+        up.url(),
+        up.url()
+    ))
+    .await;
+    let c = client();
+    let url = format!("http://{}/api/x", tg.proxy_addr);
+    let (s, code) = body_error(c.get(&url).send().await.unwrap()).await;
+    assert_eq!((s, code.as_str()), (401, "invalid_api_key"));
+    let (s, _) =
+        body_error(c.get(&url).header("x-tokengate-key", "new-key-9d8e7f6a5b4").send().await.unwrap()).await;
+    assert_eq!(s, 401);
+    for key in [KEY_OLD, KEY_NEW] {
+        assert_eq!(c.get(&url).header("x-tokengate-key", key).send().await.unwrap().status(), 200);
+    }
+    assert_eq!(c.get(format!("http://{}/public/x", tg.proxy_addr)).send().await.unwrap().status(), 200);
+    assert_eq!(up.requests().len(), 3);
+    assert!(
+        up.requests().iter().all(|s| s.header("x-tokengate-key").is_none()),
+        "the inbound key leaked upstream"
+    );
+}
+
+#[tokio::test]
+async fn read_only_route_answers_405_with_allow() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = start(&format!(
+        "{}routes:\n  - prefix: /ro\n    upstream: {}\n    provider: idp\n    methods: [get, HEAD]\n",
+        provider(&idp),
+        up.url()
+    ))
+    .await;
+    let c = client();
+    assert_eq!(c.get(format!("http://{}/ro/x", tg.proxy_addr)).send().await.unwrap().status(), 200);
+    assert_eq!(c.head(format!("http://{}/ro/x", tg.proxy_addr)).send().await.unwrap().status(), 200);
+    let r = c.delete(format!("http://{}/ro/x", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.headers()["allow"], "GET, HEAD");
+    assert_eq!(body_error(r).await, (405, "method_not_allowed".into()));
+    assert_eq!(up.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn foreign_hosts_and_browser_requests_are_refused() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = start(&format!(
+        "access:\n  hosts: [tokengate, 127.0.0.1]\n{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
+        provider(&idp),
+        up.url()
+    ))
+    .await;
+    let c = client();
+    let url = format!("http://{}/x", tg.proxy_addr);
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    assert_eq!(c.get(&url).header("host", "tokengate:8080").send().await.unwrap().status(), 200);
+    // DNS rebinding: a page on evil.example resolved to 127.0.0.1.
+    let (s, code) = body_error(c.get(&url).header("host", "evil.example:8080").send().await.unwrap()).await;
+    assert_eq!((s, code.as_str()), (403, "host_not_allowed"));
+    for (h, v) in
+        [("origin", "https://evil.example"), ("sec-fetch-mode", "cors"), ("sec-fetch-site", "same-origin")]
+    {
+        let (s, code) = body_error(c.get(&url).header(h, v).send().await.unwrap()).await;
+        assert_eq!((s, code.as_str()), (403, "browser_request"), "{h}");
+    }
+    assert_eq!(up.requests().len(), 2);
+}
+
+async fn hostile_setup() -> (Upstream, tokengate::server::Running) {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = start(&format!(
+        "{}routes:\n  - prefix: /coreview/eu\n    upstream: {}/eu\n    provider: idp\n  - prefix: /coreview/gov\n    upstream: {}/gov\n    provider: idp\n",
+        provider(&idp),
+        up.url(),
+        up.url()
+    ))
+    .await;
+    wait_ready(&tg).await;
+    (up, tg)
+}
+
+#[tokio::test]
+async fn traversal_and_ambiguous_paths_never_reach_another_route() {
+    let (up, tg) = hostile_setup().await;
+    for path in [
+        "/coreview/eu/../gov/users",
+        "/coreview/eu/%2e%2e/gov/users",
+        "/coreview/eu/%2E./gov/users",
+        "/coreview/eu/.%2e/gov/users",
+        "/coreview/eu/..;/gov/users",
+        "/coreview/eu/./users",
+        "/coreview/eu%2f..%2fgov/users",
+        "/coreview/eu/..%5cgov/users",
+        "/coreview/eu\\..\\gov/users",
+        "/coreview/eu//evil.example/x",
+        "/coreview/eu/%00x",
+    ] {
+        let resp = raw(
+            tg.proxy_addr,
+            format!("GET {path} HTTP/1.1\r\nHost: tokengate\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{path}: {resp}");
+        assert!(resp.contains("\"invalid_path\"") || resp.len() < 200, "{path}: {resp}");
+    }
+    assert!(
+        up.requests().is_empty(),
+        "upstream saw {:?}",
+        up.requests().iter().map(|s| &s.path).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn absolute_form_and_connect_are_refused() {
+    let (up, tg) = hostile_setup().await;
+    let resp = raw(
+        tg.proxy_addr,
+        b"GET http://evil.example/coreview/eu/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 400") && resp.contains("absolute_form_not_allowed"), "{resp}");
+    let resp =
+        raw(tg.proxy_addr, b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 405"), "{resp}");
+    let resp = raw(tg.proxy_addr, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(up.requests().is_empty());
+}
+
+#[tokio::test]
+async fn smuggling_attempts_are_rejected_or_reach_the_upstream_as_one_clean_request() {
+    let (up, tg) = hostile_setup().await;
+    let bad_framing: [&[u8]; 9] = [
+        // Two different Content-Lengths.
+        b"POST /coreview/eu/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        // A malformed Content-Length.
+        b"POST /coreview/eu/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4, 5\r\n\r\nabcde",
+        // obs-fold.
+        b"GET /coreview/eu/a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n\r\n",
+        // Invalid header name.
+        b"GET /coreview/eu/a HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
+        // Underscore header (may alias a dashed one upstream).
+        b"GET /coreview/eu/a HTTP/1.1\r\nHost: x\r\nX_Api_Key: 1\r\nConnection: close\r\n\r\n",
+        // Duplicate and missing Host.
+        b"GET /coreview/eu/a HTTP/1.1\r\nHost: x\r\nHost: y\r\nConnection: close\r\n\r\n",
+        b"GET /coreview/eu/a HTTP/1.1\r\nConnection: close\r\n\r\n",
+        // Bare LF inside a header value, NUL in a value.
+        b"GET /coreview/eu/a HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+        b"GET /coreview/eu/a HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n",
+    ];
+    for req in bad_framing {
+        let resp = raw(tg.proxy_addr, req).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{}: {resp}", String::from_utf8_lossy(req));
+    }
+    assert!(up.requests().is_empty(), "upstream saw {} requests", up.requests().len());
+
+    // Content-Length together with Transfer-Encoding: chunked wins, the smuggled request after it
+    // is not forwarded as a second request.
+    let resp = raw(
+        tg.proxy_addr,
+        b"POST /coreview/eu/a HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /coreview/gov/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let seen = up.requests();
+    assert_eq!(seen.len(), 1, "{:?}", seen.iter().map(|s| &s.path).collect::<Vec<_>>());
+    assert_eq!(seen[0].path, "/eu/a");
+    assert!(seen[0].body.is_empty());
+    assert!(seen[0].header("transfer-encoding").is_none() || seen[0].header("content-length").is_none());
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_and_slow_heads_are_cut() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = start(&format!(
+        "limits:\n  max_header_size: 16KiB\n  header_read_timeout: 500ms\n{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
+        provider(&idp),
+        up.url()
+    ))
+    .await;
+    let big = format!("GET /x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+    let resp = raw(tg.proxy_addr, big.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{}", &resp[..resp.len().min(200)]);
+    let started = std::time::Instant::now();
+    let resp = raw(tg.proxy_addr, b"GET /x HTTP/1.1\r\nHost: x\r\n").await;
+    assert!(!resp.contains("200 OK"), "{resp}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(up.requests().is_empty());
+}
+
+#[tokio::test]
+async fn mtls_listener_verifies_client_certificates() {
+    let pki = pki();
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = start(&format!(
+        "tls:\n  listen: 127.0.0.1:0\n  cert_file: {}\n  key_file: {}\n  client_ca_file: {}\n  client_cert: optional\n{}routes:\n  - prefix: /secure\n    upstream: {}\n    provider: idp\n    require_client_cert: true\n  - prefix: /open\n    upstream: {}\n    provider: idp\n",
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        pki.ca.display(),
+        provider(&idp),
+        up.url(),
+        up.url()
+    ))
+    .await;
+    let tls = tg.tls_addr.unwrap();
+    let with_cert = tls_client(&pki.ca_pem, Some((&pki.client_cert_pem, &pki.client_key_pem)));
+    let without = tls_client(&pki.ca_pem, None);
+    let r = with_cert.get(format!("https://127.0.0.1:{}/secure/x", tls.port())).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.requests()[0].header("x-forwarded-proto").as_deref(), Some("https"));
+    let r = without.get(format!("https://127.0.0.1:{}/secure/x", tls.port())).send().await.unwrap();
+    assert_eq!(body_error(r).await, (403, "client_cert_required".into()));
+    let r = without.get(format!("https://127.0.0.1:{}/open/x", tls.port())).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Over plain HTTP the certificate route is never reachable.
+    let r = client().get(format!("http://{}/secure/x", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(body_error(r).await, (403, "client_cert_required".into()));
+
+    // In `required` mode a client without a certificate cannot even complete the handshake.
+    let strict = start(&format!(
+        "tls:\n  listen: 127.0.0.1:0\n  cert_file: {}\n  key_file: {}\n  client_ca_file: {}\n{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        pki.ca.display(),
+        provider(&idp),
+        up.url()
+    ))
+    .await;
+    let port = strict.tls_addr.unwrap().port();
+    assert!(without.get(format!("https://127.0.0.1:{port}/x")).send().await.is_err());
+    assert_eq!(with_cert.get(format!("https://127.0.0.1:{port}/x")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn upstream_certificates_are_always_verified() {
+    let pki = pki();
+    let idp = Idp::start(IdpOptions::default()).await;
+    let (addr, seen) = tls_upstream(&pki.server_cert, &pki.server_key).await;
+    let tg = start(&format!(
+        "{}routes:\n  - prefix: /untrusted\n    upstream: https://127.0.0.1:{port}\n    provider: idp\n  - prefix: /trusted\n    upstream: https://127.0.0.1:{port}\n    provider: idp\n    ca_file: {}\n",
+        provider(&idp),
+        pki.ca.display(),
+        port = addr.port()
+    ))
+    .await;
+    let c = client();
+    let r = c.get(format!("http://{}/untrusted/x", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(seen.lock().unwrap().is_empty(), "a request crossed an unverified TLS connection");
+    let r = c.get(format!("http://{}/trusted/x", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(seen.lock().unwrap()[0].header("authorization").unwrap().starts_with("Bearer tok-"));
+}
+
+#[test]
+fn config_debug_output_has_no_secrets() {
+    let text = format!(
+        "access:\n  api_keys:\n    keys: [{KEY_OLD}]\nproviders:\n  p:\n    type: oauth2\n    grant: password\n    token_url: https://idp.example/token\n    client_id: c\n    client_secret: top-secret-value\n    username: u\n    password: hunter2-password\n  s:\n    type: http\n    login:\n      url: https://sensu.example/auth\n      username: u\n      password: sensu-password-1\nroutes:\n  - prefix: /\n    upstream: https://api.example\n    provider: p\n"
+    );
+    let config = tokengate::config::parse(&text, "t.yaml").unwrap();
+    let debug = format!("{config:?}");
+    for secret in [KEY_OLD, "top-secret-value", "hunter2-password", "sensu-password-1"] {
+        assert!(!debug.contains(secret), "{secret} in Debug output");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_or_token_appears_in_trace_logs_metrics_or_error_bodies() {
+    // A password-grant IdP that issues short-lived tokens with refresh tokens, so the trace log
+    // covers fetches, refreshes and forwarding.
+    let issued = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let i = issued.clone();
+    let idp = tokengate::demo::serve_fn(any(), move |_req| {
+        let issued = i.clone();
+        async move {
+            let n = issued.lock().unwrap().len();
+            let (access, refresh) = (format!("access-{n}-{:016x}", rand::random::<u64>()), format!("refresh-{n}-{:016x}", rand::random::<u64>()));
+            issued.lock().unwrap().extend([access.clone(), refresh.clone()]);
+            json(200, serde_json::json!({"access_token": access, "token_type": "Bearer", "expires_in": 2, "refresh_token": refresh}))
+        }
+    })
+    .await
+    .unwrap();
+    let up = Upstream::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, admin) = (closed_port(), closed_port());
+    let client_secret = "client-secret-7c1d2e";
+    let password = "user-password-9a8b7c";
+    let config = format!(
+        "listen: {proxy}\nadmin:\n  listen: {admin}\naccess:\n  api_keys:\n    keys: [{KEY_NEW}]\nproviders:\n  p:\n    type: oauth2\n    grant: password\n    token_url: http://{idp}/token\n    client_id: client-1\n    client_secret: ${{SECRET}}\n    username: svc\n    password_file: {}\nroutes:\n  - prefix: /\n    upstream: {}\n    provider: p\n",
+        dir.path().join("pw").display(),
+        up.url()
+    );
+    std::fs::write(dir.path().join("pw"), password).unwrap();
+    let path = dir.path().join("tg.yaml");
+    std::fs::write(&path, config).unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["--log", "trace", "run", "-c", path.to_str().unwrap()])
+        .env("SECRET", client_secret)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let c = client();
+    let mut ready = false;
+    for _ in 0..250 {
+        if c.get(format!("http://{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ready);
+    let mut bodies = String::new();
+    let client_credential = "Basic Y2xpZW50LW93bi1zZWNyZXQ=";
+    for path in ["/a", "/b?q=1"] {
+        let r = c
+            .get(format!("http://{proxy}{path}"))
+            .header("x-api-key", KEY_NEW)
+            .header("authorization", client_credential)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for (path, key) in
+        [("/nokey", None), ("/wrong", Some("wrong-key-000000000000")), ("/x//y", Some(KEY_NEW))]
+    {
+        let mut req = c.get(format!("http://{proxy}{path}"));
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        bodies.push_str(&req.send().await.unwrap().text().await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await; // at least two refreshes
+    let r = c.get(format!("http://{proxy}/c")).header("x-api-key", KEY_NEW).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let metrics = c.get(format!("http://{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    bodies.push_str(&c.get(format!("http://{admin}/readyz")).send().await.unwrap().text().await.unwrap());
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("TRACE") && logs.contains("DEBUG"), "trace logging is not on");
+    assert!(logs.contains("token obtained"));
+    assert!(bodies.contains("invalid_api_key") && bodies.contains("invalid_path"), "{bodies}");
+    let issued = issued.lock().unwrap().clone();
+    assert!(issued.len() >= 6, "expected refreshes, saw {} tokens", issued.len());
+    let mut secrets: Vec<&str> = vec![client_secret, password, KEY_NEW, "Y2xpZW50LW93bi1zZWNyZXQ"];
+    secrets.extend(issued.iter().map(String::as_str));
+    for secret in secrets {
+        assert!(!logs.contains(secret), "{secret} appears in the logs");
+        assert!(!metrics.contains(secret), "{secret} appears in the metrics");
+        assert!(!bodies.contains(secret), "{secret} appears in an error body");
+    }
+}
