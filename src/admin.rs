@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
 
 use crate::proxy::Body;
 use crate::proxy::error::json_response;
@@ -32,8 +31,7 @@ pub async fn handle<B>(control: &Arc<Control>, req: Request<B>) -> Response<Body
     }
     match req.uri().path() {
         "/metrics" => {
-            let mut resp =
-                Response::new(Full::from(proxy.metrics.render()).map_err(|never| match never {}).boxed());
+            let mut resp = Response::new(Body::full(proxy.metrics.render()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -151,3 +151,48 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+const METHODS: [&str; 10] =
+    ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "OTHER"];
+const STATUSES: [u16; 18] =
+    [200, 201, 202, 204, 206, 301, 302, 304, 400, 401, 403, 404, 405, 429, 500, 502, 503, 504];
+
+/// One route's request metrics, resolved once so the hot path does no label hashing or
+/// registry locking: the histogram, and counters for common method and status pairs (others
+/// fall back to the labelled lookup).
+pub struct RouteMetrics {
+    route: String,
+    requests: IntCounterVec,
+    duration: prometheus::Histogram,
+    common: Box<[std::sync::OnceLock<prometheus::IntCounter>]>,
+}
+
+impl RouteMetrics {
+    /// Handles for `route`.
+    pub fn new(metrics: &Metrics, route: &str) -> Self {
+        RouteMetrics {
+            route: route.to_owned(),
+            requests: metrics.requests.clone(),
+            duration: metrics.request_duration.with_label_values(&[route]),
+            common: (0..METHODS.len() * STATUSES.len()).map(|_| std::sync::OnceLock::new()).collect(),
+        }
+    }
+
+    /// The route label.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// Counts one answered request. `method` is one of the bounded method labels.
+    pub fn observe(&self, method: &'static str, status: http::StatusCode, seconds: f64) {
+        self.duration.observe(seconds);
+        let m = METHODS.iter().position(|x| *x == method);
+        let s = STATUSES.iter().position(|x| *x == status.as_u16());
+        match (m, s) {
+            (Some(m), Some(s)) => self.common[m * STATUSES.len() + s]
+                .get_or_init(|| self.requests.with_label_values(&[&self.route, method, status.as_str()]))
+                .inc(),
+            _ => self.requests.with_label_values(&[&self.route, method, status.as_str()]).inc(),
+        }
+    }
+}

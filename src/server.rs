@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -70,8 +69,8 @@ pub async fn start_with(config: Config, path: Option<std::path::PathBuf>) -> Res
     for p in providers.values() {
         p.start();
     }
-    let runtime = Runtime::build(&config, providers).map_err(StartError::Setup)?;
-    let proxy = Arc::new(Proxy { runtime: ArcSwap::from_pointee(runtime), metrics });
+    let runtime = Runtime::build(&config, providers, &metrics).map_err(StartError::Setup)?;
+    let proxy = Arc::new(Proxy::new(runtime, metrics));
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
@@ -306,6 +305,7 @@ async fn drive<I, S>(
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let check_every = (settings.idle_timeout / 4).max(Duration::from_millis(50));
+    let mut idle_since = tokio::time::Instant::now();
     let mut draining = false;
     loop {
         if !draining && *phase.borrow() >= DRAINING {
@@ -325,7 +325,9 @@ async fn drive<I, S>(
                 }
             }
             () = tokio::time::sleep(check_every) => {
-                if activity.idle_for() >= settings.idle_timeout {
+                if activity.busy_since_last_check() {
+                    idle_since = tokio::time::Instant::now();
+                } else if idle_since.elapsed() >= settings.idle_timeout {
                     // Nothing in flight and no bytes moved: dropping the connection closes it.
                     tracing::debug!(%remote, "closing idle connection");
                     return;
@@ -336,29 +338,27 @@ async fn drive<I, S>(
 }
 
 /// When a connection last moved bytes and how many of its requests are in flight.
+///
+/// Reads and writes only set a flag (no clock read on the hot path); the connection's watchdog
+/// samples and clears it.
 struct Activity {
-    start: std::time::Instant,
-    last_ms: std::sync::atomic::AtomicU64,
+    moved: std::sync::atomic::AtomicBool,
     active: std::sync::atomic::AtomicUsize,
 }
 
 impl Activity {
     fn new() -> Self {
-        Activity { start: std::time::Instant::now(), last_ms: 0.into(), active: 0.into() }
+        Activity { moved: false.into(), active: 0.into() }
     }
 
     fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+        self.moved.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Zero while a request is in flight.
-    fn idle_for(&self) -> Duration {
-        if self.active.load(std::sync::atomic::Ordering::Relaxed) > 0 {
-            return Duration::ZERO;
-        }
-        let last = Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
+    /// True if a request is in flight or bytes moved since the last call.
+    fn busy_since_last_check(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Relaxed) > 0
+            || self.moved.swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -437,24 +437,45 @@ struct Tracked<S> {
 impl<S, R> hyper::service::Service<R> for Tracked<S>
 where
     S: hyper::service::Service<R>,
-    S::Future: Send + 'static,
-    S::Response: Send + 'static,
-    S::Error: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = TrackedFuture<S::Future>;
 
     fn call(&self, req: R) -> Self::Future {
         self.activity.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let activity = self.activity.clone();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let out = fut.await;
-            activity.touch();
-            activity.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            out
-        })
+        TrackedFuture { inner: self.inner.call(req), activity: Some(self.activity.clone()) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The service future; decrements the in-flight count when it completes or is dropped.
+    struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        activity: Option<Arc<Activity>>,
+    }
+
+    impl<F> PinnedDrop for TrackedFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(a) = this.project().activity.take() {
+                a.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for TrackedFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        if let Some(a) = this.activity.take() {
+            a.touch();
+            a.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        std::task::Poll::Ready(out)
     }
 }
 
@@ -516,7 +537,7 @@ impl Control {
                 }
             }
         }
-        let runtime = Runtime::build(&config, providers)?;
+        let runtime = Runtime::build(&config, providers, &self.proxy.metrics)?;
         let mut prefetch = tokio::task::JoinSet::new();
         for p in &fresh {
             let p = p.clone();

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
@@ -59,7 +59,7 @@ impl Guarded {
     }
 }
 
-impl Body for Guarded {
+impl http_body::Body for Guarded {
     type Data = Bytes;
     type Error = super::BoxError;
 
@@ -100,5 +100,61 @@ impl Body for Guarded {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Every body tokengate sends, downstream or upstream. An enum rather than a boxed trait object:
+/// no allocation per request, and exact size hints so `Content-Length` is kept.
+pub enum Body {
+    /// No body.
+    Empty,
+    /// A body in memory (JSON errors, buffered request bodies for replay).
+    Full(Option<Bytes>),
+    /// A downstream request body streamed upstream.
+    Request(Guarded),
+    /// An upstream response body streamed downstream.
+    Incoming(Incoming),
+}
+
+impl Body {
+    /// A body held in memory.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        if bytes.is_empty() { Body::Empty } else { Body::Full(Some(bytes)) }
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Body::Empty => Poll::Ready(None),
+            Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Body::Request(g) => Pin::new(g).poll_frame(cx),
+            Body::Incoming(i) => Pin::new(i).poll_frame(cx).map_err(|e| Box::new(e) as super::BoxError),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Empty => true,
+            Body::Full(b) => b.is_none(),
+            Body::Request(g) => g.is_end_stream(),
+            Body::Incoming(i) => i.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Empty => SizeHint::with_exact(0),
+            Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Request(g) => g.size_hint(),
+            Body::Incoming(i) => i.size_hint(),
+        }
     }
 }

@@ -1,8 +1,6 @@
 //! Every way a request can fail inside tokengate, mapped to a status and a small JSON body.
 
-use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
 
 use super::Body;
 use crate::route::PathError;
@@ -123,7 +121,7 @@ fn denied_message(d: super::Denied) -> &'static str {
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
     let mut bytes = body.to_string().into_bytes();
     bytes.push(b'\n');
-    let mut resp = Response::new(Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed());
+    let mut resp = Response::new(Body::full(bytes));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

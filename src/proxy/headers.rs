@@ -60,7 +60,16 @@ pub fn rewrite_request(
     } else {
         headers.remove(HeaderName::from_static("x-forwarded-host"));
     }
-    append(headers, header::VIA, &format!("{http_version} tokengate"));
+    if headers.contains_key(header::VIA) {
+        append(headers, header::VIA, &format!("{http_version} tokengate"));
+    } else {
+        let via = match http_version {
+            "2" => "2 tokengate",
+            "1.0" => "1.0 tokengate",
+            _ => "1.1 tokengate",
+        };
+        headers.insert(header::VIA, HeaderValue::from_static(via));
+    }
     headers.insert(header::AUTHORIZATION, authorization);
 }
 

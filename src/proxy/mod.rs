@@ -15,19 +15,17 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 
 pub use admit::{Conn, Denied};
 pub use error::ProxyError;
 
 use crate::config::{Config, Limits, Upstream};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::{self, RouteTable};
 use crate::token::{Providers, TokenSource};
 
-/// Body type for everything tokengate sends.
-pub type Body = BoxBody<Bytes, BoxError>;
+pub use body::Body;
 /// Error type of streamed bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -47,6 +45,8 @@ pub struct Route {
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Replay once with a new token after a 401.
     pub retry_on_401: bool,
+    /// Request metrics, resolved once.
+    pub metrics: RouteMetrics,
     /// Allowed client blocks (empty: any).
     pub allow: Vec<crate::config::Cidr>,
     /// Allowed methods (empty: any).
@@ -77,7 +77,7 @@ pub struct Runtime {
 
 impl Runtime {
     /// Builds routes for `config` on top of already-built token sources.
-    pub fn build(config: &Config, providers: Providers) -> Result<Self, String> {
+    pub fn build(config: &Config, providers: Providers, metrics: &Metrics) -> Result<Self, String> {
         let mut clients = upstream::Clients::default();
         let mut table = RouteTable::default();
         for r in &config.routes {
@@ -96,6 +96,7 @@ impl Runtime {
                 provider,
                 headers: r.headers.clone(),
                 retry_on_401: r.retry_on_401,
+                metrics: RouteMetrics::new(metrics, r.label()),
                 allow: r.allow.clone(),
                 methods: r.methods.clone(),
                 require_api_key: r.require_api_key.unwrap_or(config.access.api_keys.is_some()),
@@ -121,9 +122,20 @@ pub struct Proxy {
     pub runtime: ArcSwap<Runtime>,
     /// Metrics.
     pub metrics: Metrics,
+    unmatched: RouteMetrics,
+}
+
+fn metrics_label(m: &RouteMetrics) -> &str {
+    m.route()
 }
 
 impl Proxy {
+    /// Shared state serving `runtime`.
+    pub fn new(runtime: Runtime, metrics: Metrics) -> Self {
+        let unmatched = RouteMetrics::new(&metrics, "_unmatched");
+        Proxy { runtime: ArcSwap::from_pointee(runtime), metrics, unmatched }
+    }
+
     /// Handles one downstream request. Never fails: every error becomes a response.
     pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
         let started = Instant::now();
@@ -160,7 +172,8 @@ impl Proxy {
             tracing::info!(route = label, client = %conn.remote.ip(), reason, "request denied");
         }
         let response = result.unwrap_or_else(ProxyError::into_response);
-        self.record(label, method, &response, started);
+        let metrics = route.as_ref().map_or(&self.unmatched, |r| &r.metrics);
+        self.record(metrics, method, &response, started);
         response
     }
 
@@ -207,7 +220,7 @@ impl Proxy {
                 let bytes = guarded.collect().await.map_err(|e| body_error(&fault, &*e))?.to_bytes();
                 (Some(bytes.clone()), full(bytes))
             }
-            _ => (None, guarded.boxed()),
+            _ => (None, Body::Request(guarded)),
         };
         let resp = self.send(runtime, route, template.build(first_body, None), &fault).await?;
         if resp.status() != StatusCode::UNAUTHORIZED || !route.retry_on_401 {
@@ -259,18 +272,24 @@ impl Proxy {
         };
         let (mut parts, body) = resp.into_parts();
         headers::rewrite_response(&mut parts.headers);
-        Ok(Response::from_parts(parts, body.map_err(BoxError::from).boxed()))
+        Ok(Response::from_parts(parts, Body::Incoming(body)))
     }
 
-    fn record(&self, route: &str, method: &str, response: &Response<Body>, started: Instant) {
+    fn record(
+        &self,
+        metrics: &RouteMetrics,
+        method: &'static str,
+        response: &Response<Body>,
+        started: Instant,
+    ) {
         let status = response.status();
-        self.metrics.requests.with_label_values(&[route, method, status.as_str()]).inc();
-        self.metrics.request_duration.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
+        metrics.observe(method, status, elapsed.as_secs_f64());
         tracing::debug!(
-            route,
+            route = metrics_label(metrics),
             method,
             status = status.as_u16(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
+            elapsed_us = elapsed.as_micros() as u64,
             "request"
         );
     }
@@ -299,7 +318,7 @@ impl Template {
 }
 
 fn full(bytes: Bytes) -> Body {
-    http_body_util::Full::new(bytes).map_err(|never| match never {}).boxed()
+    Body::full(bytes)
 }
 
 fn fault_error(fault: body::BodyFault) -> ProxyError {

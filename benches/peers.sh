@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# tokengate against nginx and HAProxy doing the same job (set a static Authorization header and
+# proxy to one origin), plus the origin directly, on this machine, in one run.
+#
+#   bash benches/peers.sh [--workers N] [--rounds R] [--duration SECONDS] [--connections C]
+#
+# Prints a markdown table of median requests/s, p50 and p99 latency, and ratios against direct and
+# against nginx, plus tokengate's peak RSS and CPU seconds per 10k requests. It compares; it never
+# fails on a number.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WORKERS=1 ROUNDS=3 DURATION=8 CONNECTIONS=50
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --workers) WORKERS=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --connections) CONNECTIONS=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v wrk >/dev/null || need+=(wrk)
+command -v h2load >/dev/null || need+=(nghttp2-client)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin"
+cargo build --release --quiet
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+ORIGIN=18000 NGINX=18001 HAPROXY=18002 TOKENGATE=18003 TG_ADMIN=18004
+mkdir -p "$WORK/www" "$WORK/logs"
+head -c 100 /dev/zero | tr '\0' 'x' > "$WORK/www/small"
+head -c 16384 /dev/zero | tr '\0' 'y' > "$WORK/www/large"
+
+# The origin: one nginx worker with static bodies, a token endpoint and an Authorization echo.
+cat > "$WORK/origin.conf" <<CONF
+worker_processes 1;
+pid $WORK/origin.pid;
+error_log $WORK/logs/origin.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$ORIGIN reuseport;
+    root $WORK/www;
+    location = /token { default_type application/json; return 200 '{"access_token":"bench-token","token_type":"Bearer","expires_in":3600}'; }
+    location = /whoami { default_type text/plain; return 200 "\$http_authorization"; }
+  }
+}
+CONF
+
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes $WORKERS;
+pid $WORK/nginx.pid;
+error_log $WORK/logs/nginx.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGINX;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer bench-token";
+    }
+  }
+}
+CONF
+
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread $WORKERS
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$HAPROXY
+  http-request set-header Authorization "Bearer bench-token"
+  default_backend origin
+backend origin
+  server o1 127.0.0.1:$ORIGIN
+CONF
+
+cat > "$WORK/tokengate.yaml" <<CONF
+listen: 127.0.0.1:$TOKENGATE
+admin:
+  listen: 127.0.0.1:$TG_ADMIN
+providers:
+  bench:
+    type: oauth2
+    token_url: http://127.0.0.1:$ORIGIN/token
+    client_id: bench
+    client_secret: bench-secret
+routes:
+  - prefix: /
+    upstream: http://127.0.0.1:$ORIGIN
+    provider: bench
+    strip_prefix: false
+CONF
+chmod 600 "$WORK/tokengate.yaml"
+
+nginx -c "$WORK/origin.conf" -g 'daemon off;' & PIDS+=($!)
+nginx -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/logs/haproxy.log" 2>&1 & PIDS+=($!)
+./target/release/tokengate --log warn run --workers "$WORKERS" -c "$WORK/tokengate.yaml" 2>"$WORK/logs/tokengate.err" & TG_PID=$!; PIDS+=($TG_PID)
+
+for _ in $(seq 100); do
+  curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+declare -A PORT=([direct]=$ORIGIN [nginx]=$NGINX [haproxy]=$HAPROXY [tokengate]=$TOKENGATE)
+for name in nginx haproxy tokengate; do
+  got=$(curl -s "http://127.0.0.1:${PORT[$name]}/whoami")
+  if [ "$got" != "Bearer bench-token" ]; then
+    echo "$name does not deliver the Authorization header (got: $got)" >&2; cat "$WORK"/logs/* >&2; exit 1
+  fi
+done
+
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+idle_rss=$(rss_kib "$TG_PID")
+
+# One wrk run: prints "requests_per_second p50_ms p99_ms requests".
+run() {
+  local port=$1 path=$2
+  wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$port$path" | awk '
+    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+    /Requests\/sec/ { rps=$2 }
+    /^ +50%/ { p50=ms($2) }
+    /^ +99%/ { p99=ms($2) }
+    /requests in/ { n=$1 }
+    END { printf "%s %s %s %s\n", rps, p50, p99, n }'
+}
+
+median() { sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+
+declare -A RPS P50 P99
+tg_requests=0 tg_ticks=0
+for size in small large; do
+  for name in direct nginx haproxy tokengate; do : > "$WORK/$name-$size"; done
+  for round in $(seq "$ROUNDS"); do
+    # Interleaved A B A B so drift on the machine hits every peer alike.
+    for name in direct nginx haproxy tokengate; do
+      before=$(cpu_ticks "$TG_PID")
+      read -r rps p50 p99 n < <(run "${PORT[$name]}" "/$size")
+      if [ "$name" = tokengate ]; then
+        tg_ticks=$((tg_ticks + $(cpu_ticks "$TG_PID") - before)); tg_requests=$((tg_requests + n))
+      fi
+      echo "$rps $p50 $p99" >> "$WORK/$name-$size"
+    done
+  done
+  for name in direct nginx haproxy tokengate; do
+    RPS[$name-$size]=$(cut -d' ' -f1 "$WORK/$name-$size" | median)
+    P50[$name-$size]=$(cut -d' ' -f2 "$WORK/$name-$size" | median)
+    P99[$name-$size]=$(cut -d' ' -f3 "$WORK/$name-$size" | median)
+  done
+done
+peak_rss=$(awk '/VmHWM/ {print $2}' "/proc/$TG_PID/status")
+hz=$(getconf CLK_TCK)
+
+echo
+echo "### workers=$WORKERS, $CONNECTIONS connections, ${DURATION}s x $ROUNDS rounds, $(nproc) cores ($(date -u +%Y-%m-%d))"
+echo
+echo "| response | peer | req/s (median) | p50 ms | p99 ms | vs direct | vs nginx |"
+echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+for size in small large; do
+  label=$([ $size = small ] && echo "100 B" || echo "16 KiB")
+  for name in direct nginx haproxy tokengate; do
+    awk -v l="$label" -v n="$name" -v r="${RPS[$name-$size]}" -v a="${P50[$name-$size]}" -v b="${P99[$name-$size]}" \
+        -v d="${RPS[direct-$size]}" -v x="${RPS[nginx-$size]}" \
+        'BEGIN { printf "| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f |\n", l, n, r, a, b, r/d, r/x }'
+  done
+done
+echo
+awk -v i="$idle_rss" -v p="$peak_rss" -v t="$tg_ticks" -v hz="$hz" -v n="$tg_requests" \
+  'BEGIN { printf "tokengate: idle RSS %.1f MiB, peak RSS %.1f MiB, %.3f CPU seconds per 10k requests\n", i/1024, p/1024, (t/hz)/(n/10000) }'
