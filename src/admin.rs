@@ -1,4 +1,4 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, and `POST /reload`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/tokens` and `POST /reload`.
 
 use std::sync::Arc;
 
@@ -39,6 +39,23 @@ pub async fn handle<B>(control: &Arc<Control>, req: Request<B>) -> Response<Body
             resp
         }
         "/healthz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        "/tokens" => {
+            let runtime = proxy.runtime.load();
+            let providers: serde_json::Map<String, serde_json::Value> = runtime
+                .providers
+                .iter()
+                .map(|(name, p)| {
+                    let mut v = serde_json::to_value(p.status()).unwrap_or_default();
+                    v["type"] = match p.config() {
+                        crate::config::Provider::OAuth2(_) => "oauth2",
+                        crate::config::Provider::Http(_) => "http",
+                    }
+                    .into();
+                    (name.clone(), v)
+                })
+                .collect();
+            json_response(StatusCode::OK, &serde_json::json!({ "providers": providers }))
+        }
         "/readyz" => {
             let runtime = proxy.runtime.load();
             let providers: serde_json::Map<String, serde_json::Value> = runtime
@@ -52,7 +69,7 @@ pub async fn handle<B>(control: &Arc<Control>, req: Request<B>) -> Response<Body
         }
         other => json_response(
             StatusCode::NOT_FOUND,
-            &serde_json::json!({"error": "not_found", "path": other, "message": "admin endpoints: /metrics, /healthz, /readyz, POST /reload"}),
+            &serde_json::json!({"error": "not_found", "path": other, "message": "admin endpoints: /metrics, /healthz, /readyz, /tokens, POST /reload"}),
         ),
     }
 }

@@ -187,13 +187,15 @@ async fn token_main(config: Config, provider: String, show: bool) -> ExitCode {
         eprintln!("error: no provider named {provider:?}; defined: {}", known.join(", "));
         return ExitCode::from(2);
     };
-    let source = match tokengate::token::TokenSource::new(&provider, p, tokengate::metrics::Metrics::new()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    // Straight to the IdP, bypassing any shared cache: this tests the credentials.
+    let source =
+        match tokengate::token::TokenSource::new(&provider, p, tokengate::metrics::Metrics::new(), None) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        };
     println!("provider   {provider}: {}", describe(p));
     match source.refresh().await {
         Ok(t) => {

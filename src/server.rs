@@ -41,6 +41,8 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// Where the TLS listener listens, if configured.
     pub tls_addr: Option<SocketAddr>,
+    /// Where the forward-proxy listener listens, if configured.
+    pub forward_addr: Option<SocketAddr>,
     /// Shared state.
     pub proxy: Arc<Proxy>,
     control: Arc<Control>,
@@ -139,6 +141,28 @@ pub async fn start_with(config: Config, path: Option<std::path::PathBuf>) -> Res
             proxy_service.clone(),
         )));
     }
+    let mut forward_addr = None;
+    if let Some(fwd) = &config.forward_proxy {
+        let listener = bind(fwd.listen).await?;
+        forward_addr =
+            Some(listener.local_addr().map_err(|source| StartError::Bind { addr: fwd.listen, source })?);
+        let p = proxy.clone();
+        let service = move |conn: crate::proxy::Conn| {
+            let p = p.clone();
+            let conn = crate::proxy::Conn { forward: true, ..conn };
+            service_fn(move |req| {
+                let p = p.clone();
+                async move { Ok::<_, Infallible>(p.handle(req, conn).await) }
+            })
+        };
+        tasks.push(tokio::spawn(serve(
+            listener,
+            builder.clone(),
+            rx.clone(),
+            proxy_settings.clone(),
+            service,
+        )));
+    }
     tasks.push(tokio::spawn(serve(
         proxy_listener,
         builder.clone(),
@@ -162,7 +186,7 @@ pub async fn start_with(config: Config, path: Option<std::path::PathBuf>) -> Res
         })
     })));
     tracing::info!(%proxy_addr, %admin_addr, tls_addr = ?tls_addr, "tokengate is listening");
-    Ok(Running { proxy_addr, admin_addr, tls_addr, proxy, control, shutdown, tasks })
+    Ok(Running { proxy_addr, admin_addr, tls_addr, forward_addr, proxy, control, shutdown, tasks })
 }
 
 fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -240,7 +264,7 @@ async fn serve<F, S>(
         let activity = Arc::new(Activity::new());
         let stream = TrackedIo { inner: stream, activity: activity.clone() };
         let (builder, phase, settings) = (builder.clone(), phase.subscribe(), settings.clone());
-        let plain = crate::proxy::Conn { remote, secure: false, client_cert: false };
+        let plain = crate::proxy::Conn { remote, secure: false, client_cert: false, forward: false };
         match settings.tls.clone() {
             None => {
                 let service = Tracked { inner: make_service(plain), activity: activity.clone() };
@@ -267,7 +291,8 @@ async fn serve<F, S>(
                         }
                     };
                     let has_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
-                    let conn = crate::proxy::Conn { remote, secure: true, client_cert: has_cert };
+                    let conn =
+                        crate::proxy::Conn { remote, secure: true, client_cert: has_cert, forward: false };
                     let service = Tracked { inner: make_service(conn), activity: activity.clone() };
                     drive(&builder, TokioIo::new(tls), service, &activity, &settings, phase, remote).await;
                 });
@@ -525,13 +550,14 @@ impl Control {
         }
         let mut providers = Providers::new();
         let mut fresh = Vec::new();
+        let shared = crate::token::shared_cache(&config)?;
         for (name, cfg) in &config.providers {
             match old.providers.get(name) {
                 Some(p) if p.config() == cfg => {
                     providers.insert(name.clone(), p.clone());
                 }
                 _ => {
-                    let p = TokenSource::new(name, cfg, self.proxy.metrics.clone())?;
+                    let p = TokenSource::new(name, cfg, self.proxy.metrics.clone(), shared.clone())?;
                     fresh.push(p.clone());
                     providers.insert(name.clone(), p);
                 }

@@ -37,6 +37,12 @@ pub struct Config {
     /// Who may use the proxy.
     #[serde(default)]
     pub access: Access,
+    /// Optional listener for apps that only honour `HTTP_PROXY`.
+    #[serde(default)]
+    pub forward_proxy: Option<ForwardProxy>,
+    /// Optional token cache shared by replicas through Redis.
+    #[serde(default)]
+    pub shared_cache: Option<SharedCacheConfig>,
     /// Timeouts and size limits.
     #[serde(default)]
     pub limits: Limits,
@@ -181,6 +187,89 @@ fn methods<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<http::Method>, 
                 .map_err(|_| serde::de::Error::custom(format!("{:?} is not an HTTP method", m.0)))
         })
         .collect()
+}
+
+/// The forward-proxy listener: accepts `GET http://host/path` from apps configured with
+/// `HTTP_PROXY`, matches routes by upstream host, and refuses every other host.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardProxy {
+    /// Where it listens.
+    #[serde(deserialize_with = "value::socket_addr")]
+    pub listen: SocketAddr,
+    /// Client address blocks allowed on this listener (empty: any).
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+}
+
+/// The Redis-backed token cache shared by replicas.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(try_from = "RawSharedCache")]
+pub struct SharedCacheConfig {
+    /// Where Redis is.
+    pub redis: crate::token::redis::RedisTarget,
+    /// AES-256-GCM key (32 bytes) that encrypts tokens at rest in Redis.
+    pub key: Vec<u8>,
+    /// Prefix of every Redis key.
+    pub prefix: String,
+    /// How long the refresh lock is held at most.
+    pub lock_ttl: Duration,
+    /// Timeout of each Redis call.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for SharedCacheConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedCacheConfig")
+            .field("redis", &self.redis.addr)
+            .field("key", &"***")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSharedCache {
+    redis: Text,
+    key: Option<Text>,
+    key_file: Option<Text>,
+    #[serde(default)]
+    prefix: Option<Text>,
+    #[serde(default, deserialize_with = "value::opt_duration")]
+    lock_ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "value::opt_duration")]
+    timeout: Option<Duration>,
+}
+
+impl TryFrom<RawSharedCache> for SharedCacheConfig {
+    type Error = String;
+
+    fn try_from(raw: RawSharedCache) -> Result<Self, String> {
+        use base64::Engine;
+        let redis = crate::token::redis::RedisTarget::parse(&raw.redis.0)?;
+        let key = provider::secret("key", raw.key, raw.key_file)?.ok_or(
+            "needs key (or key_file): 32 random bytes as base64 or hex, e.g. `openssl rand -base64 32`",
+        )?;
+        let text = key.expose().trim();
+        let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            (0..32).map(|i| u8::from_str_radix(&text[i * 2..i * 2 + 2], 16).unwrap_or(0)).collect()
+        } else {
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|_| "key is neither base64 nor hex")?
+        };
+        if bytes.len() != 32 {
+            return Err(format!("key must be 32 bytes, got {}", bytes.len()));
+        }
+        Ok(SharedCacheConfig {
+            redis,
+            key: bytes,
+            prefix: raw.prefix.map_or_else(|| "tokengate:".to_owned(), |p| p.0),
+            lock_ttl: raw.lock_ttl.unwrap_or(Duration::from_secs(10)),
+            timeout: raw.timeout.unwrap_or(Duration::from_millis(500)),
+        })
+    }
 }
 
 /// The HTTPS listener.

@@ -17,6 +17,8 @@ pub struct Conn {
     pub secure: bool,
     /// The client presented a certificate that chains to the configured client CA.
     pub client_cert: bool,
+    /// Arrived on the forward-proxy listener: absolute-form targets, routes matched by host.
+    pub forward: bool,
 }
 
 /// Why a request was refused by access control; the `reason` label of
@@ -54,8 +56,13 @@ pub fn admit<B>(req: &Request<B>, conn: &Conn, runtime: &Runtime) -> Result<(), 
     if req.method() == Method::CONNECT {
         return Err(ProxyError::Connect);
     }
-    // HTTP/2 requests always carry scheme and authority; only HTTP/1 absolute-form is refused.
-    if req.version() != Version::HTTP_2 && req.uri().scheme().is_some() {
+    if conn.forward {
+        // An HTTP_PROXY client names the upstream: `GET http://host/path`.
+        if req.uri().scheme_str() != Some("http") || req.uri().authority().is_none() {
+            return Err(ProxyError::OriginForm);
+        }
+    } else if req.version() != Version::HTTP_2 && req.uri().scheme().is_some() {
+        // HTTP/2 requests always carry scheme and authority; only HTTP/1 absolute-form is refused.
         return Err(ProxyError::AbsoluteForm);
     }
     route::check_path(req.uri().path()).map_err(ProxyError::InvalidPath)?;
@@ -73,11 +80,15 @@ pub fn admit<B>(req: &Request<B>, conn: &Conn, runtime: &Runtime) -> Result<(), 
     if req.headers().keys().any(|k| k.as_str().contains('_')) {
         return Err(ProxyError::InvalidHeader("header names with underscores are not accepted"));
     }
-    let listener_allow = if conn.secure { &runtime.tls_allow } else { &runtime.access.allow };
+    let listener_allow = match (conn.forward, conn.secure) {
+        (true, _) => &runtime.forward_allow,
+        (false, true) => &runtime.tls_allow,
+        (false, false) => &runtime.access.allow,
+    };
     if !allowed(listener_allow, conn.remote.ip()) {
         return Err(ProxyError::Denied(Denied::Address));
     }
-    if !runtime.hosts.is_empty() {
+    if !runtime.hosts.is_empty() && !conn.forward {
         let host = req
             .headers()
             .get(header::HOST)

@@ -21,6 +21,9 @@ pub enum ProxyError {
     /// `GET http://host/...`: tokengate is a reverse proxy, not an open forward proxy.
     #[error("absolute-form request targets are not accepted; send the path only")]
     AbsoluteForm,
+    /// A forward-proxy listener needs `GET http://host/path`.
+    #[error("this is the forward-proxy listener: send absolute-form requests (GET http://host/path)")]
+    OriginForm,
     /// `CONNECT` tunnels are never opened.
     #[error("CONNECT is not supported")]
     Connect,
@@ -70,6 +73,7 @@ impl ProxyError {
             ProxyError::InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
             ProxyError::AbsoluteForm => (StatusCode::BAD_REQUEST, "absolute_form_not_allowed"),
             ProxyError::Connect => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ProxyError::OriginForm => (StatusCode::BAD_REQUEST, "absolute_form_required"),
             ProxyError::TokenUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable"),
             ProxyError::Denied(super::Denied::ApiKey) => (StatusCode::UNAUTHORIZED, "invalid_api_key"),
             ProxyError::Denied(d) => (StatusCode::FORBIDDEN, d.label()),

@@ -71,8 +71,12 @@ pub struct Runtime {
     pub access: crate::config::Access,
     /// Allowed client blocks on the TLS listener.
     pub tls_allow: Vec<crate::config::Cidr>,
+    /// Allowed client blocks on the forward-proxy listener.
+    pub forward_allow: Vec<crate::config::Cidr>,
     /// `Host` names served (empty: any).
     pub hosts: Vec<String>,
+    /// Routes by upstream authority (`host:port` and bare `host`), for the forward proxy.
+    pub by_host: std::collections::HashMap<String, Vec<Arc<Route>>>,
 }
 
 impl Runtime {
@@ -80,6 +84,8 @@ impl Runtime {
     pub fn build(config: &Config, providers: Providers, metrics: &Metrics) -> Result<Self, String> {
         let mut clients = upstream::Clients::default();
         let mut table = RouteTable::default();
+        let mut by_host: std::collections::HashMap<String, Vec<Arc<Route>>> =
+            std::collections::HashMap::new();
         for r in &config.routes {
             let provider = providers
                 .get(&r.provider.0)
@@ -103,7 +109,14 @@ impl Runtime {
                 require_client_cert: r.require_client_cert,
                 client,
             };
-            table.insert(r.prefix.as_str(), Arc::new(route));
+            let route = Arc::new(route);
+            let authority = route.upstream.authority.as_str().to_ascii_lowercase();
+            let host = route.upstream.authority.host().to_ascii_lowercase();
+            by_host.entry(authority.clone()).or_default().push(route.clone());
+            if host != authority {
+                by_host.entry(host).or_default().push(route.clone());
+            }
+            table.insert(r.prefix.as_str(), route);
         }
         Ok(Runtime {
             table,
@@ -111,7 +124,9 @@ impl Runtime {
             limits: config.limits.clone(),
             access: config.access.clone(),
             tls_allow: config.tls.as_ref().map(|t| t.allow.clone()).unwrap_or_default(),
+            forward_allow: config.forward_proxy.as_ref().map(|f| f.allow.clone()).unwrap_or_default(),
             hosts: config.access.hosts.iter().map(|h| h.0.clone()).collect(),
+            by_host,
         })
     }
 }
@@ -141,12 +156,16 @@ impl Proxy {
         let started = Instant::now();
         let runtime = self.runtime.load_full();
         let method = method_label(req.method());
-        let matched = admit::admit(&req, &conn, &runtime).and_then(|()| match_route(&runtime, req.uri()));
+        let access_log = tracing::enabled!(target: "tokengate::access", tracing::Level::INFO);
+        let path = access_log.then(|| req.uri().path().to_owned());
+        let mut notes = Notes::default();
+        let matched =
+            admit::admit(&req, &conn, &runtime).and_then(|()| match_route(&runtime, req.uri(), conn.forward));
         let (route, result) = match matched {
             Err(e) => (None, Err(e)),
             Ok(route) => {
                 let result = match admit::authorize(&req, &conn, &route, &runtime) {
-                    Ok(()) => self.forward(&runtime, &route, req, conn).await,
+                    Ok(()) => self.forward(&runtime, &route, req, conn, &mut notes).await,
                     Err(e) => Err(e),
                 };
                 if let Err(
@@ -174,6 +193,23 @@ impl Proxy {
         let response = result.unwrap_or_else(ProxyError::into_response);
         let metrics = route.as_ref().map_or(&self.unmatched, |r| &r.metrics);
         self.record(metrics, method, &response, started);
+        if let Some(path) = path {
+            let bytes = response.body().size_hint().exact();
+            tracing::info!(
+                target: "tokengate::access",
+                client = %conn.remote.ip(),
+                route = label,
+                method,
+                path,
+                status = response.status().as_u16(),
+                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                upstream = route.as_ref().map(|r| r.upstream.to_string()),
+                provider = route.as_ref().map(|r| r.provider.name()),
+                response_bytes = bytes,
+                token_fetched = notes.token_fetched,
+                replayed_after_401 = notes.replayed,
+            );
+        }
         response
     }
 
@@ -185,6 +221,7 @@ impl Proxy {
         route: &Route,
         req: Request<Incoming>,
         conn: Conn,
+        notes: &mut Notes,
     ) -> Result<Response<Body>, ProxyError> {
         let limits = &runtime.limits;
         let declared = req.body().size_hint().exact();
@@ -210,7 +247,7 @@ impl Proxy {
         for (name, value) in &route.headers {
             parts.headers.insert(name, value.clone());
         }
-        let uri = upstream_uri(route, &parts.uri)?;
+        let uri = upstream_uri(route, &parts.uri, conn.forward)?;
         let fault = Arc::new(OnceLock::new());
         let guarded = body::Guarded::new(body, limits.max_body_size, limits.body_read_timeout, fault.clone());
         let template = Template { method: parts.method, uri, headers: parts.headers };
@@ -229,6 +266,7 @@ impl Proxy {
         let outcome = match (&kept, route.provider.replace_rejected(token.generation).await) {
             (Some(bytes), Some(fresh)) => {
                 self.count_401(route, "replayed");
+                notes.replayed = true;
                 drop(resp);
                 let replay = template.build(full(bytes.clone()), Some(fresh.header.clone()));
                 return self.send(runtime, route, replay, &fault).await;
@@ -338,7 +376,28 @@ fn body_error(fault: &OnceLock<body::BodyFault>, e: &(dyn std::error::Error + Se
     }
 }
 
-fn match_route(runtime: &Runtime, uri: &Uri) -> Result<Arc<Route>, ProxyError> {
+fn match_route(runtime: &Runtime, uri: &Uri, forward: bool) -> Result<Arc<Route>, ProxyError> {
+    if forward {
+        let authority = uri.authority().map(|a| a.as_str().to_ascii_lowercase()).unwrap_or_default();
+        let candidates = runtime.by_host.get(&authority).or_else(|| {
+            let host = uri.host().unwrap_or("").to_ascii_lowercase();
+            uri.port().is_none().then(|| runtime.by_host.get(&host)).flatten()
+        });
+        // Several routes may share a host with different base paths: the longest one that
+        // prefixes the path wins.
+        return candidates
+            .and_then(|routes| {
+                routes
+                    .iter()
+                    .filter(|r| {
+                        let base = r.upstream.base_path.as_str();
+                        base.is_empty() || uri.path() == base || uri.path().starts_with(&format!("{base}/"))
+                    })
+                    .max_by_key(|r| r.upstream.base_path.len())
+            })
+            .cloned()
+            .ok_or_else(|| ProxyError::NoRoute { path: format!("{authority}{}", uri.path()) });
+    }
     runtime
         .table
         .lookup(uri.path())
@@ -346,11 +405,21 @@ fn match_route(runtime: &Runtime, uri: &Uri) -> Result<Arc<Route>, ProxyError> {
         .ok_or_else(|| ProxyError::NoRoute { path: uri.path().to_owned() })
 }
 
+/// What happened to a request, for the access log.
+#[derive(Default)]
+struct Notes {
+    token_fetched: bool,
+    replayed: bool,
+}
+
 /// Builds the upstream URI from configured scheme and authority plus the checked path; client
 /// input is never parsed as a URL, so it cannot change the host.
-fn upstream_uri(route: &Route, uri: &Uri) -> Result<Uri, ProxyError> {
-    let mut path =
-        route::upstream_path(&route.upstream.base_path, &route.prefix, route.strip_prefix, uri.path());
+fn upstream_uri(route: &Route, uri: &Uri, forward: bool) -> Result<Uri, ProxyError> {
+    let mut path = if forward {
+        uri.path().to_owned()
+    } else {
+        route::upstream_path(&route.upstream.base_path, &route.prefix, route.strip_prefix, uri.path())
+    };
     if let Some(q) = uri.query() {
         path.push('?');
         path.push_str(q);

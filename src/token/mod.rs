@@ -5,9 +5,11 @@ mod error;
 pub mod http_api;
 pub mod jwt;
 pub mod oauth2;
+pub mod redis;
 pub mod response;
 pub mod schedule;
 mod send;
+pub mod shared;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -94,6 +96,10 @@ struct Health {
     quiet_until: Option<Instant>,
     /// Last time an upstream 401 triggered a refresh.
     last_rejection: Option<Instant>,
+    /// Successful fetches (IdP or shared cache) since start.
+    fetched: u64,
+    /// Failed fetches since start.
+    failed: u64,
 }
 
 /// Minimum time between refreshes triggered by upstream 401 answers, per provider.
@@ -112,6 +118,7 @@ pub struct TokenSource {
     wake: Arc<Notify>,
     refresher: Mutex<Option<tokio::task::AbortHandle>>,
     metrics: Metrics,
+    shared: Option<(Arc<shared::SharedCache>, String)>,
 }
 
 impl Drop for TokenSource {
@@ -122,9 +129,16 @@ impl Drop for TokenSource {
     }
 }
 
-/// A provider's state for `/readyz` and the CLI.
+/// A provider's state for `/readyz`, `/tokens` and the CLI. No token values.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Status {
+    /// `valid`, `refreshing` (a fetch is under way), `failing` (the last fetch failed) or
+    /// `empty` (nothing fetched yet).
+    pub state: &'static str,
+    /// Successful fetches since start.
+    pub fetches_ok: u64,
+    /// Failed fetches since start.
+    pub fetches_failed: u64,
     /// A usable token is cached.
     pub ready: bool,
     /// Seconds until the cached token expires.
@@ -139,7 +153,12 @@ pub struct Status {
 
 impl TokenSource {
     /// Creates the source; nothing is fetched until [`TokenSource::start`] or [`TokenSource::get`].
-    pub fn new(name: &str, config: &Provider, metrics: Metrics) -> Result<Arc<Self>, String> {
+    pub fn new(
+        name: &str,
+        config: &Provider,
+        metrics: Metrics,
+        shared: Option<Arc<shared::SharedCache>>,
+    ) -> Result<Arc<Self>, String> {
         let fetcher = match config {
             Provider::OAuth2(p) => {
                 let http = send::client(&p.common).map_err(|e| format!("provider {name}: {e}"))?;
@@ -162,6 +181,7 @@ impl TokenSource {
             wake: Arc::new(Notify::new()),
             refresher: Mutex::new(None),
             metrics,
+            shared: shared.map(|s| (s, shared_key(name, config))),
         }))
     }
 
@@ -259,26 +279,38 @@ impl TokenSource {
     async fn fetch_locked(&self) -> Result<Arc<Token>, Unavailable> {
         let started = Instant::now();
         let current = self.current.load_full();
-        let result = self.fetcher.fetch(current.as_deref()).await;
+        let result = match &self.shared {
+            None => self.fetcher.fetch(current.as_deref()).await.map(|i| (i, true)),
+            Some((cache, key)) => {
+                let margin = self.config.common().refresh_margin;
+                let fetch = || self.fetcher.fetch(current.as_deref());
+                match cache.fetch(key, current.as_ref().map(|t| &t.value), margin, fetch).await {
+                    Ok(shared::Shared::Hit(i)) => Ok((i, false)),
+                    Ok(shared::Shared::Fetched(i)) => Ok((i, true)),
+                    Err(e) => Err(e),
+                }
+            }
+        };
         self.metrics
             .token_fetch_duration
             .with_label_values(&[&self.name])
             .observe(started.elapsed().as_secs_f64());
         let outcome = match result {
-            Ok(issued) => {
-                self.metrics.token_fetches.with_label_values(&[&self.name, "success"]).inc();
+            Ok((issued, from_idp)) => {
+                let result = if from_idp { "success" } else { "shared_cache" };
+                self.metrics.token_fetches.with_label_values(&[&self.name, result]).inc();
                 Ok(self.install(issued))
             }
             Err(e) => {
                 self.metrics.token_fetches.with_label_values(&[self.name.as_str(), &e.label()]).inc();
-                let level_error = !e.is_transient();
-                if level_error {
-                    tracing::error!(provider = %self.name, error = %e, "token fetch failed; check the provider configuration");
-                } else {
+                if e.is_transient() {
                     tracing::warn!(provider = %self.name, error = %e, "token fetch failed; will retry");
+                } else {
+                    tracing::error!(provider = %self.name, error = %e, "token fetch failed; check the provider configuration");
                 }
                 if let Ok(mut h) = self.health.lock() {
                     h.failures += 1;
+                    h.failed += 1;
                     let delay = schedule::backoff(h.failures, rand::random(), e.retry_after());
                     h.quiet_until = Some(Instant::now() + delay);
                     h.last_error = Some(e);
@@ -321,6 +353,8 @@ impl TokenSource {
             *h = Health {
                 last_success: Some(SystemTime::now()),
                 last_rejection: h.last_rejection,
+                fetched: h.fetched + 1,
+                failed: h.failed,
                 ..Health::default()
             };
         }
@@ -348,11 +382,29 @@ impl TokenSource {
     pub fn status(&self) -> Status {
         let token = self.usable();
         let h = self.health.lock();
-        let (last_error, last_success, failures) = match &h {
-            Ok(h) => (h.last_error.as_ref().map(ToString::to_string), h.last_success, h.failures),
-            Err(_) => (None, None, 0),
+        let (last_error, last_success, failures, fetched, failed) = match &h {
+            Ok(h) => (
+                h.last_error.as_ref().map(ToString::to_string),
+                h.last_success,
+                h.failures,
+                h.fetched,
+                h.failed,
+            ),
+            Err(_) => (None, None, 0, 0, 0),
+        };
+        let state = if self.fetch_lock.try_lock().is_err() {
+            "refreshing"
+        } else if failures > 0 {
+            "failing"
+        } else if token.is_some() {
+            "valid"
+        } else {
+            "empty"
         };
         Status {
+            state,
+            fetches_ok: fetched,
+            fetches_failed: failed,
             ready: token.is_some(),
             expires_in_seconds: token
                 .map(|t| t.expires_at.saturating_duration_since(Instant::now()).as_secs()),
@@ -390,14 +442,31 @@ async fn refresh_loop(weak: Weak<TokenSource>, wake: Arc<Notify>) {
     }
 }
 
+/// The Redis key part for a provider: its name and a digest of its (secret-free) settings, so
+/// replicas share a token only when they would have fetched the same one.
+fn shared_key(name: &str, config: &Provider) -> String {
+    // FNV-1a: stable across processes and builds, unlike the std hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{config:?}").bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{name}:{h:016x}")
+}
+
 /// All providers of a configuration, by name.
 pub type Providers = std::collections::BTreeMap<String, Arc<TokenSource>>;
 
 /// Builds token sources for every provider in `config` (not started).
 pub fn build(config: &crate::config::Config, metrics: &Metrics) -> Result<Providers, String> {
+    let shared = shared_cache(config)?;
     config
         .providers
         .iter()
-        .map(|(name, p)| Ok((name.clone(), TokenSource::new(name, p, metrics.clone())?)))
+        .map(|(name, p)| Ok((name.clone(), TokenSource::new(name, p, metrics.clone(), shared.clone())?)))
         .collect()
+}
+
+/// The shared cache of a configuration, if it has one.
+pub fn shared_cache(config: &crate::config::Config) -> Result<Option<Arc<shared::SharedCache>>, String> {
+    config.shared_cache.as_ref().map(|c| shared::SharedCache::new(c).map(Arc::new)).transpose()
 }
