@@ -10,6 +10,7 @@ use prometheus::{
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    names: Vec<String>,
     /// `tokengate_requests_total{route,method,status}`.
     pub requests: IntCounterVec,
     /// `tokengate_request_duration_seconds{route}`: until the response head is sent.
@@ -105,6 +106,7 @@ impl Metrics {
                 .expect("valid metric");
         let up = Gauge::new("tokengate_up", "1 while tokengate is running.").expect("valid metric");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let mut names = Vec::new();
         up.set(1.0);
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -119,10 +121,12 @@ impl Metrics {
             Box::new(build_info.clone()),
             Box::new(up.clone()),
         ] {
+            names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
         }
         Metrics {
             registry,
+            names,
             requests,
             request_duration,
             upstream_errors,
@@ -135,6 +139,11 @@ impl Metrics {
             build_info,
             up,
         }
+    }
+
+    /// The name of every metric family, including ones with no samples yet.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The Prometheus text exposition of every metric.

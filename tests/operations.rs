@@ -1,0 +1,410 @@
+//! Day-one operations: shared token cache across processes, forward-proxy mode, token status,
+//! access log, and the Kubernetes and Grafana files matching the code.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// A `redis-server` on a free loopback port, stopped on drop. `.ci/run` installs it.
+struct RedisServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    fn start() -> Option<RedisServer> {
+        let port = closed_port().port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(_) => {
+                assert!(std::env::var_os("CI").is_none(), "redis-server must be installed in CI");
+                eprintln!("redis-server not installed; skipping");
+                return None;
+            }
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(RedisServer { child, port, _dir: dir });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Replica {
+    child: Child,
+    proxy: SocketAddr,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CACHE_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+fn spawn_replica(dir: &std::path::Path, name: &str, idp: &Idp, up: &Upstream, redis_port: u16) -> Replica {
+    let (proxy, admin) = (closed_port(), closed_port());
+    let config = format!(
+        "listen: {proxy}\nadmin:\n  listen: {admin}\nshared_cache:\n  redis: redis://127.0.0.1:{redis_port}\n  key: {CACHE_KEY}\nproviders:\n  idp:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\nroutes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
+        idp.token_url(),
+        up.url()
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["run", "-c", path.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Replica { child, proxy }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_token_per_lifetime_through_redis() {
+    let Some(redis) = RedisServer::start() else { return };
+    // 4 s tokens refresh about every 2 s.
+    let idp = Idp::start(IdpOptions { lifetime: Duration::from_secs(4), ..Default::default() }).await;
+    let up = Upstream::start(Some(idp.clone())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = spawn_replica(dir.path(), "a", &idp, &up, redis.port);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = spawn_replica(dir.path(), "b", &idp, &up, redis.port);
+    let c = client();
+    let started = std::time::Instant::now();
+    let mut ok = 0;
+    while started.elapsed() < Duration::from_secs(7) {
+        for r in [&a, &b] {
+            if let Ok(resp) = c.get(format!("http://{}/x", r.proxy)).send().await {
+                assert!(
+                    resp.status() == 200 || started.elapsed() < Duration::from_secs(1),
+                    "{}",
+                    resp.status()
+                );
+                ok += usize::from(resp.status() == 200);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok > 100, "only {ok} successful requests");
+    // One replica alone fetches about 4 times in 7 s; two without sharing would fetch about 8.
+    assert!(idp.calls() <= 5, "the IdP saw {} fetches for two replicas", idp.calls());
+    let tokens: std::collections::HashSet<_> =
+        up.requests().iter().filter_map(|s| s.header("authorization")).collect();
+    assert!(tokens.len() <= 5);
+    // Tokens are encrypted at rest.
+    let keys = redis.cli(&["--scan", "--pattern", "tokengate:*"]);
+    let token_key =
+        keys.lines().find(|k| k.ends_with(":token")).unwrap_or_else(|| panic!("no token key in {keys:?}"));
+    let stored = redis.cli(&["GET", token_key]);
+    for issued in idp.issued.lock().unwrap().keys() {
+        assert!(!stored.contains(issued.as_str()), "plaintext token in Redis");
+    }
+}
+
+#[tokio::test]
+async fn unreachable_redis_falls_back_to_own_fetches() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(Some(idp.clone())).await;
+    let tg = start(&format!(
+        "shared_cache:\n  redis: redis://127.0.0.1:{}\n  key: {CACHE_KEY}\n  timeout: 200ms\nproviders:\n  idp:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\nroutes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
+        closed_port().port(),
+        idp.token_url(),
+        up.url()
+    ))
+    .await;
+    assert_eq!(client().get(format!("http://{}/x", tg.proxy_addr)).send().await.unwrap().status(), 200);
+    assert_eq!(idp.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_proxy_mode_serves_configured_hosts_only() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(Some(idp.clone())).await;
+    let other = Upstream::start(None).await;
+    let tg = start(&format!(
+        "forward_proxy:\n  listen: 127.0.0.1:0\nproviders:\n  idp:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\nroutes:\n  - prefix: /api\n    upstream: {}\n    provider: idp\n",
+        idp.token_url(),
+        up.url()
+    ))
+    .await;
+    let fwd = tg.forward_addr.unwrap();
+    let curl = move |url: String| {
+        let out = Command::new("curl")
+            .args(["-s", "-i", "--noproxy", "", "--proxy", &format!("http://{fwd}"), &url])
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ok = tokio::task::spawn_blocking({
+        let url = format!("{}/v1/users?page=2", up.url());
+        move || curl(url)
+    })
+    .await
+    .unwrap();
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    let seen = &up.requests()[0];
+    assert_eq!((seen.path.as_str(), seen.query.as_deref()), ("/v1/users", Some("page=2")));
+    assert!(idp.valid(&seen.header("authorization").unwrap()));
+    let refused = tokio::task::spawn_blocking({
+        let url = format!("{}/x", other.url());
+        move || curl(url)
+    })
+    .await
+    .unwrap();
+    assert!(refused.starts_with("HTTP/1.1 404") && refused.contains("no_route"), "{refused}");
+    assert!(other.requests().is_empty(), "tokengate acted as an open proxy");
+    let connect = raw(fwd, format!("CONNECT {} HTTP/1.1\r\nHost: x\r\n\r\n", up.addr).as_bytes()).await;
+    assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
+    // The regular listener still refuses absolute-form targets.
+    let plain = raw(
+        tg.proxy_addr,
+        format!("GET {}/v1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", up.url()).as_bytes(),
+    )
+    .await;
+    assert!(plain.starts_with("HTTP/1.1 400"), "{plain}");
+}
+
+#[tokio::test]
+async fn tokens_endpoint_reports_state_without_token_values() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let tg = start(&format!(
+        "providers:\n  idp:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\n  down:\n    type: oauth2\n    token_url: http://{}/token\n    client_id: c\n    client_secret: s\nroutes:\n  - prefix: /\n    upstream: http://127.0.0.1:9\n    provider: idp\n",
+        idp.token_url(),
+        closed_port()
+    ))
+    .await;
+    wait_for_token(&tg).await;
+    let text =
+        client().get(format!("http://{}/tokens", tg.admin_addr)).send().await.unwrap().text().await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["providers"]["idp"]["state"], "valid");
+    assert_eq!(v["providers"]["idp"]["fetches_ok"], 1);
+    assert!(v["providers"]["idp"]["expires_in_seconds"].as_u64().unwrap() > 3500);
+    assert_eq!(v["providers"]["down"]["state"], "failing");
+    assert!(v["providers"]["down"]["last_error"].as_str().unwrap().contains("cannot reach"));
+    for token in idp.issued.lock().unwrap().keys() {
+        assert!(!text.contains(token.as_str()));
+    }
+    assert!(!text.contains("secret-1"));
+}
+
+async fn wait_for_token(tg: &tokengate::server::Running) {
+    for _ in 0..200 {
+        let v: serde_json::Value = client()
+            .get(format!("http://{}/tokens", tg.admin_addr))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["providers"]["idp"]["state"] == "valid" && v["providers"]["down"]["state"] == "failing" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_one_json_line_per_request_without_query_or_token() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, admin) = (closed_port(), closed_port());
+    let path = dir.path().join("tg.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen: {proxy}\nadmin:\n  listen: {admin}\nproviders:\n  idp:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\nroutes:\n  - name: api\n    prefix: /api\n    upstream: {}\n    provider: idp\n",
+            idp.token_url(),
+            up.url()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["--log-format", "json", "run", "-c", path.to_str().unwrap()])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let c = client();
+    let mut up_ok = false;
+    for _ in 0..200 {
+        if c.get(format!("http://{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+            up_ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(up_ok);
+    assert_eq!(
+        c.get(format!("http://{proxy}/api/users?token=query-secret")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(c.get(format!("http://{proxy}/nowhere")).send().await.unwrap().status(), 404);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let access: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "tokengate::access")
+        .collect();
+    assert_eq!(access.len(), 2, "{text}");
+    let f = &access[0]["fields"];
+    assert_eq!(f["route"], "api");
+    assert_eq!(f["method"], "GET");
+    assert_eq!(f["path"], "/api/users");
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["provider"], "idp");
+    assert_eq!(f["upstream"], up.url());
+    assert!(f["duration_ms"].as_f64().is_some());
+    assert_eq!(access[1]["fields"]["status"], 404);
+    assert!(!text.contains("query-secret"));
+    for token in idp.issued.lock().unwrap().keys() {
+        assert!(!text.contains(token.as_str()));
+    }
+}
+
+fn yaml_docs(path: &str) -> Vec<serde_json::Value> {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    serde_norway::Deserializer::from_str(&text).map(|d| serde_json::Value::deserialize(d).unwrap()).collect()
+}
+
+#[test]
+fn kubernetes_manifests_match_the_code() {
+    let deployment = &yaml_docs("deploy/kubernetes/deployment.yaml")[0];
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let port = |name: &str| {
+        container["ports"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap()["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"], "admin");
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"], true);
+    assert!(container["resources"]["requests"].is_object());
+
+    let configmap = &yaml_docs("deploy/kubernetes/configmap.yaml")[0];
+    let text = configmap["data"]["tokengate.yaml"].as_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = ["coreview-client-secret", "api-keys", "cache-key"];
+    for s in secrets {
+        let value = if s == "cache-key" {
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+        } else {
+            "placeholder-0123456789abcdef"
+        };
+        std::fs::write(dir.path().join(s), value).unwrap();
+    }
+    let text = text.replace("/etc/tokengate/secrets", dir.path().to_str().unwrap());
+    let config = tokengate::config::env::with_lookup(
+        |name| match name {
+            "TOKENGATE_REDIS_URL" => Some("redis://redis:6379".into()),
+            _ => Some("placeholder".into()),
+        },
+        || tokengate::config::parse(&text, "configmap.yaml"),
+    )
+    .unwrap();
+    assert_eq!(u64::from(config.listen.port()), port("proxy"));
+    assert_eq!(u64::from(config.admin.listen.port()), port("admin"));
+
+    let service = &yaml_docs("deploy/kubernetes/service.yaml")[0];
+    let targets: Vec<&str> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["targetPort"].as_str().unwrap())
+        .collect();
+    assert_eq!(targets, ["proxy", "admin"]);
+    let secret_docs = yaml_docs("deploy/kubernetes/secret.yaml");
+    for s in secrets {
+        assert!(secret_docs[0]["stringData"][s].is_string(), "{s} missing from the Secret");
+    }
+    for doc in ["pdb.yaml", "hpa.yaml", "servicemonitor.yaml"] {
+        let d = &yaml_docs(&format!("deploy/kubernetes/{doc}"))[0];
+        assert!(d["kind"].is_string() && d["spec"].is_object(), "{doc}");
+    }
+    assert_eq!(
+        yaml_docs("deploy/kubernetes/servicemonitor.yaml")[0]["spec"]["endpoints"][0]["path"],
+        "/metrics"
+    );
+}
+
+#[tokio::test]
+async fn probe_paths_and_dashboard_metrics_exist() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = start(&format!(
+        "providers:\n  idp:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\nroutes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
+        idp.token_url(),
+        up.url()
+    ))
+    .await;
+    wait_ready(&tg).await;
+    let c = client();
+    for path in ["/healthz", "/readyz", "/tokens", "/metrics"] {
+        assert_eq!(
+            c.get(format!("http://{}{path}", tg.admin_addr)).send().await.unwrap().status(),
+            200,
+            "{path}"
+        );
+    }
+    let names = tg.proxy.metrics.names();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/tokengate.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut used = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("tokengate_"))
+            {
+                let family = word.trim_end_matches("_bucket");
+                assert!(names.iter().any(|n| n == family), "dashboard uses unknown metric {word}");
+                used += 1;
+            }
+        }
+    }
+    assert!(used >= 10);
+}
