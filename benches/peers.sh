@@ -33,6 +33,8 @@ export PATH="$PATH:/usr/sbin"
 cargo build --release --quiet
 
 WORK=$(mktemp -d)
+# nginx workers run unprivileged and must read the bodies.
+chmod 755 "$WORK"
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
@@ -127,6 +129,12 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 declare -A PORT=([direct]=$ORIGIN [nginx]=$NGINX [haproxy]=$HAPROXY [tokengate]=$TOKENGATE)
+for name in direct nginx haproxy tokengate; do
+  for size in small:100 large:16384; do
+    got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' "http://127.0.0.1:${PORT[$name]}/${size%%:*}")
+    if [ "$got" != "200 ${size##*:}" ]; then echo "$name: /${size%%:*} answered '$got'" >&2; exit 1; fi
+  done
+done
 for name in nginx haproxy tokengate; do
   got=$(curl -s "http://127.0.0.1:${PORT[$name]}/whoami")
   if [ "$got" != "Bearer bench-token" ]; then

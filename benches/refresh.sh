@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# p99 latency while tokens refresh under load: tokengate with 2-second tokens (a background
+# refresh about every second) against the same setup with 1-hour tokens, wrk driving both.
+#
+#   bash benches/refresh.sh [--workers N] [--duration SECONDS]
+#
+# Prints the two p99s, their ratio and the failed requests; it never fails on a number.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORKERS=2 DURATION=10
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --workers) WORKERS=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+command -v wrk >/dev/null && { command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } || {
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx wrk >/dev/null; }
+export PATH="$PATH:/usr/sbin"
+cargo build --release --quiet
+
+WORK=$(mktemp -d)
+# nginx workers run unprivileged and must read the bodies.
+chmod 755 "$WORK"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+ORIGIN=18100 TG=18101 ADMIN=18102
+mkdir -p "$WORK/www"
+head -c 100 /dev/zero | tr '\0' 'x' > "$WORK/www/small"
+cat > "$WORK/origin.conf" <<CONF
+worker_processes 1;
+pid $WORK/origin.pid;
+error_log $WORK/origin.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$ORIGIN;
+    root $WORK/www;
+    location = /token-short { default_type application/json; return 200 '{"access_token":"short-\$request_id","token_type":"Bearer","expires_in":2}'; }
+    location = /token-long { default_type application/json; return 200 '{"access_token":"long-token","token_type":"Bearer","expires_in":3600}'; }
+  }
+}
+CONF
+nginx -c "$WORK/origin.conf" -g 'daemon off;' & PIDS+=($!)
+sleep 0.3
+
+measure() {
+  local endpoint=$1
+  cat > "$WORK/tg.yaml" <<CONF
+listen: 127.0.0.1:$TG
+admin:
+  listen: 127.0.0.1:$ADMIN
+providers:
+  p:
+    type: oauth2
+    token_url: http://127.0.0.1:$ORIGIN/$endpoint
+    client_id: bench
+    client_secret: bench-secret
+routes:
+  - prefix: /
+    upstream: http://127.0.0.1:$ORIGIN
+    provider: p
+    strip_prefix: false
+CONF
+  chmod 600 "$WORK/tg.yaml"
+  ./target/release/tokengate --log warn run --workers "$WORKERS" -c "$WORK/tg.yaml" 2>/dev/null & local pid=$!
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+  if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$TG/small")" != 200 ]; then
+    echo "tokengate does not proxy /small" >&2; exit 1
+  fi
+  wrk -t2 -c50 -d"${DURATION}s" --latency "http://127.0.0.1:$TG/small" > "$WORK/wrk.txt"
+  local fetches
+  fetches=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '/^tokengate_token_fetches_total/ {s += $2} END {print s+0}')
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  awk -v f="$fetches" '
+    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+    /Requests\/sec/ { rps=$2 } /^ +99%/ { p99=ms($2) } /Non-2xx/ { bad=$NF } /Socket errors/ { err=$0 }
+    END { printf "%s %s %d %s\n", rps, p99, bad+0, f }' "$WORK/wrk.txt"
+}
+
+read -r rps_steady p99_steady bad_steady fetch_steady < <(measure token-long)
+read -r rps_refresh p99_refresh bad_refresh fetch_refresh < <(measure token-short)
+echo
+echo "### refresh under load: workers=$WORKERS, 50 connections, ${DURATION}s ($(date -u +%Y-%m-%d))"
+echo
+echo "| tokens | req/s | p99 ms | failed requests | token fetches |"
+echo "| --- | ---: | ---: | ---: | ---: |"
+echo "| 1 h (steady state) | $rps_steady | $p99_steady | $bad_steady | $fetch_steady |"
+echo "| 2 s (refresh every ~1 s) | $rps_refresh | $p99_refresh | $bad_refresh | $fetch_refresh |"
+awk -v a="$p99_refresh" -v b="$p99_steady" 'BEGIN { printf "\np99 during refreshes / steady state: %.2f\n", a/b }'
