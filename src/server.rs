@@ -543,10 +543,10 @@ impl Control {
     pub async fn reload(&self, config: Config) -> Result<(), String> {
         let _one_at_a_time = self.reloading.lock().await;
         let old = self.proxy.runtime.load_full();
-        if let Ok(current) = self.config.lock() {
-            if current.listen != config.listen || current.admin.listen != config.admin.listen {
-                tracing::warn!("listen addresses cannot change on reload; restart to apply them");
-            }
+        if let Ok(current) = self.config.lock()
+            && (current.listen != config.listen || current.admin.listen != config.admin.listen)
+        {
+            tracing::warn!("listen addresses cannot change on reload; restart to apply them");
         }
         let mut providers = Providers::new();
         let mut fresh = Vec::new();

@@ -19,12 +19,13 @@ fn percent_decode(s: &str) -> Vec<u8> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -57,14 +58,13 @@ proptest! {
         for p in ["/coreview/eu", "/coreview/gov", "/a", "/eu"] {
             table.insert(p, p.to_owned());
         }
-        if check_path(&path).is_ok() {
-            if let Some((prefix, _)) = table.lookup(&path) {
+        if check_path(&path).is_ok()
+            && let Some((prefix, _)) = table.lookup(&path) {
                 prop_assert!(path == prefix || path.starts_with(&format!("{prefix}/")), "{path} matched {prefix}");
                 let up = upstream_path("/base", prefix, true, &path);
                 prop_assert!(up.starts_with("/base/") || up == "/base/", "{up}");
                 prop_assert!(!up.starts_with("//"));
             }
-        }
     }
 
     #[test]

@@ -532,13 +532,14 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
             ));
         }
     }
-    if let Some(tls) = &config.tls {
-        if tls.client_cert.is_some() && tls.client_ca_file.is_none() {
-            return Err(invalid(
-                "tls.client_cert".into(),
-                "needs tls.client_ca_file to verify certificates".into(),
-            ));
-        }
+    if let Some(tls) = &config.tls
+        && tls.client_cert.is_some()
+        && tls.client_ca_file.is_none()
+    {
+        return Err(invalid(
+            "tls.client_cert".into(),
+            "needs tls.client_ca_file to verify certificates".into(),
+        ));
     }
     if config.limits.max_connections == 0 {
         return Err(invalid("limits.max_connections".into(), "must be at least 1".into()));
@@ -559,10 +560,10 @@ fn bare_message(message: &str, key: &str) -> String {
     if let Some(i) = m.rfind(" at line ") {
         m = &m[..i];
     }
-    if let Some((prefix, rest)) = m.split_once(": ") {
-        if key.starts_with(prefix) {
-            m = rest;
-        }
+    if let Some((prefix, rest)) = m.split_once(": ")
+        && key.starts_with(prefix)
+    {
+        m = rest;
     }
     m.to_owned()
 }

@@ -225,10 +225,10 @@ impl Proxy {
     ) -> Result<Response<Body>, ProxyError> {
         let limits = &runtime.limits;
         let declared = req.body().size_hint().exact();
-        if let (Some(max), Some(len)) = (limits.max_body_size, declared) {
-            if len > max {
-                return Err(ProxyError::BodyTooLarge);
-            }
+        if let (Some(max), Some(len)) = (limits.max_body_size, declared)
+            && len > max
+        {
+            return Err(ProxyError::BodyTooLarge);
         }
         let token =
             route.provider.get().await.map_err(|e| ProxyError::TokenUnavailable { provider: e.provider })?;

@@ -241,10 +241,8 @@ impl TokenSource {
             // Someone else fetched while this caller waited: share the outcome.
             return self.usable().ok_or_else(|| self.unavailable());
         }
-        if !force {
-            if let Some(t) = self.usable() {
-                return Ok(t);
-            }
+        if !force && let Some(t) = self.usable() {
+            return Ok(t);
         }
         self.fetch_locked().await
     }

@@ -92,10 +92,10 @@ impl SharedCache {
         match self.redis.set(&lock_key, owner.as_bytes(), self.lock_ttl, true).await {
             Ok(true) => {
                 let result = fetch().await;
-                if let Ok(issued) = &result {
-                    if let Err(e) = self.store(&token_key, issued).await {
-                        tracing::warn!(error = %e, "could not store the token in the shared cache");
-                    }
+                if let Ok(issued) = &result
+                    && let Err(e) = self.store(&token_key, issued).await
+                {
+                    tracing::warn!(error = %e, "could not store the token in the shared cache");
                 }
                 let _ = self.redis.delete_if(&lock_key, owner.as_bytes()).await;
                 result.map(Shared::Fetched)
@@ -105,10 +105,10 @@ impl SharedCache {
                 let deadline = tokio::time::Instant::now() + self.lock_ttl.min(Duration::from_secs(5));
                 while tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    if let Ok(Some(entry)) = self.load(&token_key).await {
-                        if usable(&entry) {
-                            return Ok(Shared::Hit(issued(entry)));
-                        }
+                    if let Ok(Some(entry)) = self.load(&token_key).await
+                        && usable(&entry)
+                    {
+                        return Ok(Shared::Hit(issued(entry)));
                     }
                 }
                 tracing::warn!("no token from the replica holding the refresh lock; fetching directly");

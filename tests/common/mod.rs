@@ -220,10 +220,10 @@ impl Upstream {
                 let req = capture(req).await;
                 seen.lock().unwrap().push(req.clone());
                 tokio::time::sleep(delay).await;
-                if let Some(idp) = idp {
-                    if !idp.valid(&req.header("authorization").unwrap_or_default()) {
-                        return json(401, serde_json::json!({"error": "invalid_token"}));
-                    }
+                if let Some(idp) = idp
+                    && !idp.valid(&req.header("authorization").unwrap_or_default())
+                {
+                    return json(401, serde_json::json!({"error": "invalid_token"}));
                 }
                 let headers: serde_json::Map<String, serde_json::Value> = req
                     .headers
