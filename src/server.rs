@@ -146,15 +146,8 @@ pub async fn start_with(config: Config, path: Option<std::path::PathBuf>) -> Res
         let listener = bind(fwd.listen).await?;
         forward_addr =
             Some(listener.local_addr().map_err(|source| StartError::Bind { addr: fwd.listen, source })?);
-        let p = proxy.clone();
-        let service = move |conn: crate::proxy::Conn| {
-            let p = p.clone();
-            let conn = crate::proxy::Conn { forward: true, ..conn };
-            service_fn(move |req| {
-                let p = p.clone();
-                async move { Ok::<_, Infallible>(p.handle(req, conn).await) }
-            })
-        };
+        let plain = proxy_service.clone();
+        let service = move |conn: crate::proxy::Conn| plain(crate::proxy::Conn { forward: true, ..conn });
         tasks.push(tokio::spawn(serve(
             listener,
             builder.clone(),
@@ -207,6 +200,27 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// What every listener serves: an infallible HTTP service (errors are responses).
+trait Handler:
+    hyper::service::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<crate::proxy::Body>,
+        Error = Infallible,
+    > + Send
+    + 'static
+{
+}
+
+impl<S> Handler for S where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::proxy::Body>,
+            Error = Infallible,
+        > + Send
+        + 'static
+{
+}
+
 /// Per-listener connection settings.
 #[derive(Clone)]
 struct Listener {
@@ -230,12 +244,7 @@ async fn serve<F, S>(
     make_service: F,
 ) where
     F: Fn(crate::proxy::Conn) -> S + Clone + Send + 'static,
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::proxy::Body>,
-            Error = Infallible,
-        > + Send
-        + 'static,
+    S: Handler,
     S::Future: Send + 'static,
 {
     let max = settings.max_connections.min(tokio::sync::Semaphore::MAX_PERMITS);
@@ -319,12 +328,7 @@ async fn drive<I, S>(
     remote: SocketAddr,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::proxy::Body>,
-            Error = Infallible,
-        > + Send
-        + 'static,
+    S: Handler,
     S::Future: Send + 'static,
 {
     let conn = builder.serve_connection(io, service);

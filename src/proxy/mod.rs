@@ -140,10 +140,6 @@ pub struct Proxy {
     unmatched: RouteMetrics,
 }
 
-fn metrics_label(m: &RouteMetrics) -> &str {
-    m.route()
-}
-
 impl Proxy {
     /// Shared state serving `runtime`.
     pub fn new(runtime: Runtime, metrics: Metrics) -> Self {
@@ -230,8 +226,13 @@ impl Proxy {
         {
             return Err(ProxyError::BodyTooLarge);
         }
-        let token =
-            route.provider.get().await.map_err(|e| ProxyError::TokenUnavailable { provider: e.provider })?;
+        let token = match route.provider.usable() {
+            Some(t) => t,
+            None => {
+                notes.token_fetched = true;
+                route.provider.get().await.map_err(|e| ProxyError::TokenUnavailable { provider: e.provider })?
+            }
+        };
         let (mut parts, body) = req.into_parts();
         let version = match parts.version {
             Version::HTTP_2 => "2",
@@ -324,7 +325,7 @@ impl Proxy {
         let elapsed = started.elapsed();
         metrics.observe(method, status, elapsed.as_secs_f64());
         tracing::debug!(
-            route = metrics_label(metrics),
+            route = metrics.route(),
             method,
             status = status.as_u16(),
             elapsed_us = elapsed.as_micros() as u64,
