@@ -230,7 +230,11 @@ impl Proxy {
             Some(t) => t,
             None => {
                 notes.token_fetched = true;
-                route.provider.get().await.map_err(|e| ProxyError::TokenUnavailable { provider: e.provider })?
+                route
+                    .provider
+                    .get()
+                    .await
+                    .map_err(|e| ProxyError::TokenUnavailable { provider: e.provider })?
             }
         };
         let (mut parts, body) = req.into_parts();

@@ -102,6 +102,9 @@ struct Health {
     failed: u64,
 }
 
+/// Minimum delay before retrying after an error that looks like a configuration problem (4xx).
+const CONFIG_ERROR_RETRY: Duration = Duration::from_secs(10);
+
 /// Minimum time between refreshes triggered by upstream 401 answers, per provider.
 pub const REJECTION_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -309,7 +312,11 @@ impl TokenSource {
                 if let Ok(mut h) = self.health.lock() {
                     h.failures += 1;
                     h.failed += 1;
-                    let delay = schedule::backoff(h.failures, rand::random(), e.retry_after());
+                    let mut delay = schedule::backoff(h.failures, rand::random(), e.retry_after());
+                    if !e.is_transient() {
+                        // A wrong secret or scope does not fix itself: retry slowly.
+                        delay = delay.max(CONFIG_ERROR_RETRY);
+                    }
                     h.quiet_until = Some(Instant::now() + delay);
                     h.last_error = Some(e);
                 }
