@@ -304,6 +304,7 @@ async fn demo_main(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
          \n  curl -s --http2-prior-knowledge http://{p}/echo/over-h2\
          \n  curl -s http://{p}/nowhere                    # 404 no_route\
          \n  curl -s http://{a}/readyz\
+         \n  curl -s http://{a}/tokens\
          \n  curl -s http://{a}/metrics | grep tokengate_token\n\
          \nThe demo token lives {}s: watch it refresh in the log. Ctrl-C stops.\n",
         demo::TOKEN_LIFETIME_SECS,
