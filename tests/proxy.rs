@@ -8,20 +8,13 @@ use std::time::Duration;
 
 use common::*;
 
-fn provider(idp: &Idp) -> String {
-    format!(
-        "providers:\n  idp:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\n",
-        idp.token_url()
-    )
-}
-
 #[tokio::test]
 async fn replaces_client_authorization_with_the_injected_bearer_token() {
     let idp = Idp::start(IdpOptions::default()).await;
     let up = Upstream::start(Some(idp.clone())).await;
     let tg = start(&format!(
         "{}routes:\n  - prefix: /api/\n    upstream: {}\n    provider: idp\n",
-        provider(&idp),
+        idp.provider_yaml(),
         up.url()
     ))
     .await;
@@ -59,7 +52,7 @@ async fn longest_prefix_wins_and_strip_prefix_applies() {
     let c = Upstream::start(None).await;
     let tg = start(&format!(
         "{}routes:\n  - prefix: /api\n    upstream: {}\n    provider: idp\n  - prefix: /api/v2/\n    upstream: {}/base/path/\n    provider: idp\n  - prefix: /keep\n    upstream: {}/root\n    provider: idp\n    strip_prefix: false\n",
-        provider(&idp),
+        idp.provider_yaml(),
         a.url(),
         b.url(),
         c.url()
@@ -171,7 +164,7 @@ async fn two_hundred_sequential_requests_cause_one_token_fetch() {
     let up = Upstream::start(Some(idp.clone())).await;
     let tg = start(&format!(
         "{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-        provider(&idp),
+        idp.provider_yaml(),
         up.url()
     ))
     .await;
@@ -189,7 +182,7 @@ async fn a_hundred_concurrent_requests_at_cold_start_cause_one_token_fetch() {
     let up = Upstream::start(Some(idp.clone())).await;
     let tg = start(&format!(
         "{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-        provider(&idp),
+        idp.provider_yaml(),
         up.url()
     ))
     .await;
@@ -212,7 +205,7 @@ async fn short_lived_tokens_are_refreshed_before_expiry_without_failures() {
     let up = Upstream::start(Some(idp.clone())).await;
     let tg = start(&format!(
         "{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-        provider(&idp),
+        idp.provider_yaml(),
         up.url()
     ))
     .await;
@@ -240,7 +233,7 @@ async fn http2_clients_are_served() {
     let up = Upstream::start(Some(idp.clone())).await;
     let tg = start(&format!(
         "{}routes:\n  - prefix: /h2\n    upstream: {}\n    provider: idp\n",
-        provider(&idp),
+        idp.provider_yaml(),
         up.url()
     ))
     .await;
@@ -267,7 +260,7 @@ async fn errors_are_json_with_stable_codes_and_no_internal_detail() {
     let dead = closed_port();
     let tg = start(&format!(
         "limits:\n  upstream_timeout: 300ms\n{}routes:\n  - prefix: /slow\n    upstream: {}\n    provider: idp\n  - prefix: /dead\n    upstream: http://{dead}\n    provider: idp\n",
-        provider(&idp),
+        idp.provider_yaml(),
         slow.url()
     ))
     .await;
@@ -308,7 +301,7 @@ async fn readyz_waits_for_a_token_and_metrics_pass_promtool() {
     let up = Upstream::start(Some(idp.clone())).await;
     let tg = start(&format!(
         "{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-        provider(&idp),
+        idp.provider_yaml(),
         up.url()
     ))
     .await;

@@ -11,13 +11,6 @@ use common::*;
 const KEY_OLD: &str = "old-key-5f2c9a1e7b3d";
 const KEY_NEW: &str = "new-key-9d8e7f6a5b4c";
 
-fn provider(idp: &Idp) -> String {
-    format!(
-        "providers:\n  idp:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\n",
-        idp.token_url()
-    )
-}
-
 async fn body_error(r: reqwest::Response) -> (u16, String) {
     let status = r.status().as_u16();
     let v: serde_json::Value = r.json().await.unwrap();
@@ -30,7 +23,7 @@ async fn address_allow_lists_on_listener_and_route() {
     let up = Upstream::start(None).await;
     let tg = start(&format!(
         "access:\n  allow: [127.0.0.0/8]\n{}routes:\n  - prefix: /open\n    upstream: {}\n    provider: idp\n  - prefix: /office\n    upstream: {}\n    provider: idp\n    allow: [10.20.0.0/16]\n",
-        provider(&idp),
+        idp.provider_yaml(),
         up.url(),
         up.url()
     ))
@@ -43,7 +36,7 @@ async fn address_allow_lists_on_listener_and_route() {
     assert_eq!(up.requests().len(), 1);
     let denied = start(&format!(
         "access:\n  allow: [10.0.0.0/8, 'fd00::/8']\n{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-        provider(&idp),
+        idp.provider_yaml(),
         up.url()
     ))
     .await;
@@ -65,7 +58,7 @@ async fn api_keys_are_required_rotatable_and_never_forwarded() {
     let up = Upstream::start(None).await;
     let tg = start(&format!(
         "access:\n  api_keys:\n    header: X-Tokengate-Key\n    keys: [{KEY_OLD}, {KEY_NEW}]\n{}routes:\n  - prefix: /api\n    upstream: {}\n    provider: idp\n  - prefix: /public\n    upstream: {}\n    provider: idp\n    require_api_key: false\n",
-        provider(&idp),
+        idp.provider_yaml(),
         up.url(),
         up.url()
     ))
@@ -94,7 +87,7 @@ async fn read_only_route_answers_405_with_allow() {
     let up = Upstream::start(None).await;
     let tg = start(&format!(
         "{}routes:\n  - prefix: /ro\n    upstream: {}\n    provider: idp\n    methods: [get, HEAD]\n",
-        provider(&idp),
+        idp.provider_yaml(),
         up.url()
     ))
     .await;
@@ -113,7 +106,7 @@ async fn foreign_hosts_and_browser_requests_are_refused() {
     let up = Upstream::start(None).await;
     let tg = start(&format!(
         "access:\n  hosts: [tokengate, 127.0.0.1]\n{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-        provider(&idp),
+        idp.provider_yaml(),
         up.url()
     ))
     .await;
@@ -138,7 +131,7 @@ async fn hostile_setup() -> (Upstream, tokengate::server::Running) {
     let up = Upstream::start(None).await;
     let tg = start(&format!(
         "{}routes:\n  - prefix: /coreview/eu\n    upstream: {}/eu\n    provider: idp\n  - prefix: /coreview/gov\n    upstream: {}/gov\n    provider: idp\n",
-        provider(&idp),
+        idp.provider_yaml(),
         up.url(),
         up.url()
     ))
@@ -243,7 +236,7 @@ async fn oversized_headers_get_431_and_slow_heads_are_cut() {
     let up = Upstream::start(None).await;
     let tg = start(&format!(
         "limits:\n  max_header_size: 16KiB\n  header_read_timeout: 500ms\n{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-        provider(&idp),
+        idp.provider_yaml(),
         up.url()
     ))
     .await;
@@ -267,7 +260,7 @@ async fn mtls_listener_verifies_client_certificates() {
         pki.server_cert.display(),
         pki.server_key.display(),
         pki.ca.display(),
-        provider(&idp),
+        idp.provider_yaml(),
         up.url(),
         up.url()
     ))
@@ -292,7 +285,7 @@ async fn mtls_listener_verifies_client_certificates() {
         pki.server_cert.display(),
         pki.server_key.display(),
         pki.ca.display(),
-        provider(&idp),
+        idp.provider_yaml(),
         up.url()
     ))
     .await;
@@ -308,7 +301,7 @@ async fn upstream_certificates_are_always_verified() {
     let (addr, seen) = tls_upstream(&pki.server_cert, &pki.server_key).await;
     let tg = start(&format!(
         "{}routes:\n  - prefix: /untrusted\n    upstream: https://127.0.0.1:{port}\n    provider: idp\n  - prefix: /trusted\n    upstream: https://127.0.0.1:{port}\n    provider: idp\n    ca_file: {}\n",
-        provider(&idp),
+        idp.provider_yaml(),
         pki.ca.display(),
         port = addr.port()
     ))

@@ -165,6 +165,14 @@ impl Idp {
         format!("http://{}/token", self.addr)
     }
 
+    /// A `providers:` section with one provider `idp` using this IdP and its default client.
+    pub fn provider_yaml(&self) -> String {
+        format!(
+            "providers:\n  idp:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\n",
+            self.token_url()
+        )
+    }
+
     /// True when `bearer` is a token this IdP issued and it has not expired.
     pub fn valid(&self, bearer: &str) -> bool {
         let token = bearer.strip_prefix("Bearer ").unwrap_or("");
