@@ -556,11 +556,18 @@ impl Control {
         let mut fresh = Vec::new();
         let shared = crate::token::shared_cache(&config)?;
         for (name, cfg) in &config.providers {
-            match old.providers.get(name) {
-                Some(p) if p.config() == cfg => {
+            // Keep a running source with the same settings (under this name or another one).
+            let running = old
+                .providers
+                .get(name)
+                .filter(|p| p.config() == cfg)
+                .or_else(|| old.providers.values().find(|p| p.config() == cfg))
+                .or_else(|| providers.values().find(|p| p.config() == cfg));
+            match running {
+                Some(p) => {
                     providers.insert(name.clone(), p.clone());
                 }
-                _ => {
+                None => {
                     let p = TokenSource::new(name, cfg, self.proxy.metrics.clone(), shared.clone())?;
                     fresh.push(p.clone());
                     providers.insert(name.clone(), p);

@@ -353,3 +353,33 @@ fn promtool_check(metrics: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn providers_with_identical_settings_share_one_token() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(Some(idp.clone())).await;
+    let twin = |name: &str| {
+        format!(
+            "  {name}:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\n    scopes: [a, b]\n",
+            idp.token_url()
+        )
+    };
+    let tg = start(&format!(
+        "providers:\n{}{}routes:\n  - prefix: /eu\n    upstream: {}\n    provider: eu\n  - prefix: /us\n    upstream: {}\n    provider: us\n",
+        twin("eu"),
+        twin("us"),
+        up.url(),
+        up.url()
+    ))
+    .await;
+    for path in ["/eu/x", "/us/x", "/eu/y"] {
+        assert_eq!(
+            client().get(format!("http://{}{path}", tg.proxy_addr)).send().await.unwrap().status(),
+            200
+        );
+    }
+    assert_eq!(idp.calls(), 1);
+    let auth: std::collections::HashSet<_> =
+        up.requests().iter().map(|s| s.header("authorization")).collect();
+    assert_eq!(auth.len(), 1);
+}

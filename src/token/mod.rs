@@ -200,11 +200,11 @@ impl TokenSource {
 
     /// Starts the background task: an eager first fetch, then refreshes ahead of expiry and
     /// retries with backoff. It stops when the source is dropped.
+    /// Calling it again (a source shared by several provider names) does nothing.
     pub fn start(self: &Arc<Self>) {
-        let weak = Arc::downgrade(self);
-        let wake = self.wake.clone();
-        let handle = tokio::spawn(refresh_loop(weak, wake));
-        if let Ok(mut g) = self.refresher.lock() {
+        let Ok(mut g) = self.refresher.lock() else { return };
+        if g.is_none() {
+            let handle = tokio::spawn(refresh_loop(Arc::downgrade(self), self.wake.clone()));
             *g = Some(handle.abort_handle());
         }
     }
@@ -462,13 +462,21 @@ fn shared_key(name: &str, config: &Provider) -> String {
 pub type Providers = std::collections::BTreeMap<String, Arc<TokenSource>>;
 
 /// Builds token sources for every provider in `config` (not started).
+///
+/// Providers with identical settings (endpoint, client, secret, grant, scopes, parameters) share one
+/// source, so the IdP sees one token request per lifetime however many names point at it.
 pub fn build(config: &crate::config::Config, metrics: &Metrics) -> Result<Providers, String> {
     let shared = shared_cache(config)?;
-    config
-        .providers
-        .iter()
-        .map(|(name, p)| Ok((name.clone(), TokenSource::new(name, p, metrics.clone(), shared.clone())?)))
-        .collect()
+    let mut providers = Providers::new();
+    for (name, p) in &config.providers {
+        let twin = providers.values().find(|s| s.config() == p).cloned();
+        let source = match twin {
+            Some(s) => s,
+            None => TokenSource::new(name, p, metrics.clone(), shared.clone())?,
+        };
+        providers.insert(name.clone(), source);
+    }
+    Ok(providers)
 }
 
 /// The shared cache of a configuration, if it has one.
