@@ -12,9 +12,8 @@ COPY --from=build /src/target/release/tokengate /usr/local/bin/tokengate
 # Mount the configuration here (a ConfigMap) and secrets as files or environment variables.
 # In a container the config must listen on 0.0.0.0 (the default is loopback) and should
 # restrict who may connect.
-ENV TOKENGATE_CONFIG=/etc/tokengate/tokengate.yaml
-USER nonroot:nonroot
+USER 65532:65532
 EXPOSE 8080 9090
 # Probes: GET :9090/healthz (liveness) and :9090/readyz (readiness: a token per provider).
 ENTRYPOINT ["/usr/local/bin/tokengate"]
-CMD ["run"]
+CMD ["run", "-c", "/etc/tokengate/tokengate.yaml"]
