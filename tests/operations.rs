@@ -196,6 +196,41 @@ async fn forward_proxy_mode_serves_configured_hosts_only() {
     assert!(plain.starts_with("HTTP/1.1 400"), "{plain}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_proxy_takes_the_api_key_from_proxy_credentials() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let key = "fwd-key-0123456789abcdef";
+    let tg = start(&format!(
+        "forward_proxy:\n  listen: 127.0.0.1:0\naccess:\n  api_keys:\n    keys: [{key}]\n{}routes:\n  - prefix: /api\n    upstream: {}\n    provider: idp\n",
+        idp.provider_yaml(),
+        up.url()
+    ))
+    .await;
+    let fwd = tg.forward_addr.unwrap();
+    let url = format!("{}/v1/x", up.url());
+    let status = move |user: Option<&'static str>| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--proxy", &format!("http://{fwd}")]);
+        if let Some(u) = user {
+            cmd.args(["--proxy-user", u]);
+        }
+        String::from_utf8(cmd.arg(&url).output().unwrap().stdout).unwrap()
+    };
+    let (without, wrong, right) = tokio::task::spawn_blocking(move || {
+        (
+            status(None),
+            status(Some("app:wrong-key-000000000000")),
+            status(Some("app:fwd-key-0123456789abcdef")),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!((without.as_str(), wrong.as_str(), right.as_str()), ("401", "401", "200"));
+    assert_eq!(up.requests().len(), 1);
+    assert!(up.requests()[0].header("proxy-authorization").is_none(), "proxy credentials leaked upstream");
+}
+
 #[tokio::test]
 async fn tokens_endpoint_reports_state_without_token_values() {
     let idp = Idp::start(IdpOptions::default()).await;

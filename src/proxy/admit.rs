@@ -126,12 +126,15 @@ pub fn authorize<B>(
         return Err(ProxyError::MethodNotAllowed { allow: route.methods.clone() });
     }
     if route.require_api_key {
-        let keys = runtime.access.api_keys.as_ref();
-        let presented = keys.and_then(|k| req.headers().get(&k.header));
-        let ok = match (keys, presented) {
-            (Some(keys), Some(value)) => keys.accepts(value.as_bytes()),
-            _ => false,
-        };
+        let ok = runtime.access.api_keys.as_ref().is_some_and(|keys| {
+            match req.headers().get(&keys.header) {
+                Some(value) => keys.accepts(value.as_bytes()),
+                // HTTP_PROXY clients can only send proxy credentials: the key is the password of
+                // `http://any-user:KEY@tokengate:3128`.
+                None if conn.forward => proxy_password(req).is_some_and(|p| keys.accepts(&p)),
+                None => false,
+            }
+        });
         if !ok {
             return Err(ProxyError::Denied(Denied::ApiKey));
         }
@@ -140,6 +143,19 @@ pub fn authorize<B>(
         return Err(ProxyError::Denied(Denied::ClientCert));
     }
     Ok(())
+}
+
+/// The password of `Proxy-Authorization: Basic base64(user:password)`.
+fn proxy_password<B>(req: &Request<B>) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let value = req.headers().get(header::PROXY_AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let colon = decoded.iter().position(|b| *b == b':')?;
+    Some(decoded[colon + 1..].to_vec())
 }
 
 fn strip_port(host: &str) -> &str {
