@@ -66,11 +66,10 @@ pub fn admit<B>(req: &Request<B>, conn: &Conn, runtime: &Runtime) -> Result<(), 
         return Err(ProxyError::AbsoluteForm);
     }
     route::check_path(req.uri().path()).map_err(ProxyError::InvalidPath)?;
-    let hosts = req.headers().get_all(header::HOST).iter().count();
+    let host_headers = req.headers().get_all(header::HOST).iter().count();
     let host_ok = match req.version() {
-        Version::HTTP_2 => hosts <= 1,
-        Version::HTTP_10 | Version::HTTP_09 => hosts <= 1,
-        _ => hosts == 1,
+        Version::HTTP_2 | Version::HTTP_10 | Version::HTTP_09 => host_headers <= 1,
+        _ => host_headers == 1,
     };
     if !host_ok {
         return Err(ProxyError::InvalidHeader("exactly one Host header is required"));
@@ -88,7 +87,8 @@ pub fn admit<B>(req: &Request<B>, conn: &Conn, runtime: &Runtime) -> Result<(), 
     if !allowed(listener_allow, conn.remote.ip()) {
         return Err(ProxyError::Denied(Denied::Address));
     }
-    if !runtime.hosts.is_empty() && !conn.forward {
+    let served = &runtime.access.hosts;
+    if !served.is_empty() && !conn.forward {
         let host = req
             .headers()
             .get(header::HOST)
@@ -96,7 +96,7 @@ pub fn admit<B>(req: &Request<B>, conn: &Conn, runtime: &Runtime) -> Result<(), 
             .or_else(|| req.uri().authority().map(|a| a.as_str()))
             .unwrap_or("");
         let name = strip_port(host);
-        if !runtime.hosts.iter().any(|h| h.eq_ignore_ascii_case(name)) {
+        if !served.iter().any(|h| h.0.eq_ignore_ascii_case(name)) {
             return Err(ProxyError::Denied(Denied::Host));
         }
     }

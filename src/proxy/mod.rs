@@ -73,8 +73,6 @@ pub struct Runtime {
     pub tls_allow: Vec<crate::config::Cidr>,
     /// Allowed client blocks on the forward-proxy listener.
     pub forward_allow: Vec<crate::config::Cidr>,
-    /// `Host` names served (empty: any).
-    pub hosts: Vec<String>,
     /// Routes by upstream authority (`host:port` and bare `host`), for the forward proxy.
     pub by_host: std::collections::HashMap<String, Vec<Arc<Route>>>,
 }
@@ -125,7 +123,6 @@ impl Runtime {
             access: config.access.clone(),
             tls_allow: config.tls.as_ref().map(|t| t.allow.clone()).unwrap_or_default(),
             forward_allow: config.forward_proxy.as_ref().map(|f| f.allow.clone()).unwrap_or_default(),
-            hosts: config.access.hosts.iter().map(|h| h.0.clone()).collect(),
             by_host,
         })
     }
