@@ -2,9 +2,11 @@
 //! a route by longest path prefix, attaches a cached access token from the route's identity
 //! provider and forwards to the upstream over TLS.
 //!
-//! The file tree is the architecture: [`config`] (schema and loading), [`route`] (prefix table,
-//! path checks), [`proxy`] (the request path), [`token`] (providers, cache, refresh), [`admin`]
-//! and [`metrics`] (observability), [`server`] (listeners, shutdown, reload), [`demo`].
+//! The file tree is the architecture: [`config`] (schema, loading, access rules), [`route`] (prefix
+//! table, path checks), [`proxy`] (admission, the request path, header hygiene, upstream clients),
+//! [`token`] (OAuth2 and declarative flows, cache, refresh, shared cache), [`admin`] and
+//! [`metrics`] (observability), [`server`] (listeners, TLS, shutdown, reload), [`tls`], [`secret`],
+//! [`demo`].
 
 pub mod admin;
 pub mod config;
