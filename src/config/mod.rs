@@ -1,7 +1,7 @@
 //! Configuration: the YAML schema, loading and validation.
 //!
 //! The file is parsed once into these types; the rest of tokengate never sees an invalid route, an
-//! unknown grant or a missing secret. Every string value may use `${VAR}` (see [`env`]).
+//! unknown grant or a missing secret. Every string value may use `${VAR}` (see [`mod@env`]).
 
 mod access;
 pub mod env;
