@@ -154,3 +154,61 @@ pub(super) fn build(
     let refresh = refresh.map(|r| r.build("refresh", allow_insecure_http)).transpose()?;
     Ok(HttpProvider { login, refresh, response: response.unwrap_or_default().build(), common })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{BodySpec, Provider, env, parse};
+
+    fn provider(body: &str) -> Result<Provider, String> {
+        let text = format!(
+            "providers:\n  s:\n    type: http\n{body}routes:\n  - prefix: /\n    upstream: https://api.example\n    provider: s\n"
+        );
+        env::with_lookup(|_| None, || parse(&text, "t.yaml"))
+            .map(|mut c| c.providers.remove("s").unwrap())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn sensu_style_provider_parses_with_defaults() {
+        let p = provider(
+            "    login:\n      method: get\n      url: https://sensu/auth\n      username: u\n      password: p\n    refresh:\n      url: https://sensu/auth/token\n      bearer_current_token: true\n      json: {refresh_token: '{refresh_token}'}\n",
+        )
+        .unwrap();
+        let Provider::Http(h) = p else { panic!("not http") };
+        assert_eq!(h.login.method, http::Method::GET);
+        assert!(h.login.basic.is_some());
+        let refresh = h.refresh.unwrap();
+        assert_eq!(refresh.method, http::Method::POST);
+        assert!(refresh.bearer_current_token);
+        assert!(matches!(&refresh.body, BodySpec::Json(f) if f[0].0 == "refresh_token"));
+        assert_eq!(h.response.expires_at.as_deref(), Some("expires_at"));
+    }
+
+    #[test]
+    fn invalid_http_providers_are_explained() {
+        for (body, needle) in [
+            ("", "needs a login request"),
+            ("    login:\n      url: https://x/auth\n      username: u\n", "both username and password"),
+            (
+                "    login:\n      method: GET\n      url: https://x/auth\n      form: {a: b}\n",
+                "GET request cannot carry",
+            ),
+            (
+                "    login:\n      url: https://x/auth\n      bearer_current_token: true\n",
+                "no token before the first login",
+            ),
+            ("    login:\n      url: http://x.example/auth\n", "plain http"),
+            (
+                "    client_id: c\n    login:\n      url: https://x/auth\n",
+                "client_id applies to type: oauth2",
+            ),
+            (
+                "    login:\n      url: https://x/auth\n      form: {a: b}\n      json: {a: b}\n",
+                "either form or json",
+            ),
+        ] {
+            let err = provider(body).unwrap_err();
+            assert!(err.contains(needle), "{body:?}: {err}");
+        }
+    }
+}
