@@ -110,6 +110,7 @@ async fn guarded_upstream(issued: Arc<Mutex<HashSet<String>>>) -> Guarded {
                 query: None,
                 headers: parts.headers.clone(),
                 body: body.clone(),
+                version: parts.version,
             });
             if reject_next.swap(false, Ordering::SeqCst) {
                 rejected.lock().unwrap().insert(token.clone());

@@ -61,7 +61,7 @@ impl Covata {
         let addr = tokengate::demo::serve_fn(any(), move |req| {
             let (log, valid, counter) = (l.clone(), v.clone(), counter.clone());
             async move {
-                let req = seen(req).await;
+                let req = capture(req).await;
                 log.lock().unwrap().push(req.clone());
                 if !basic_matches(&req, "exampleClientApplication", "exampleClientApplicationSecret") {
                     return json(401, serde_json::json!({"error": "invalid_client"}));
@@ -101,16 +101,6 @@ impl Covata {
             })
             .collect()
     }
-}
-
-async fn seen(req: http::Request<hyper::body::Incoming>) -> Seen {
-    use http_body_util::BodyExt;
-    let method = req.method().to_string();
-    let path = req.uri().path().to_owned();
-    let query = req.uri().query().map(str::to_owned);
-    let headers = req.headers().clone();
-    let body = req.into_body().collect().await.unwrap().to_bytes();
-    Seen { method, path, query, headers, body }
 }
 
 fn covata_config(addr: std::net::SocketAddr, up: &Upstream) -> String {
@@ -213,7 +203,7 @@ impl Sensu {
         let addr = tokengate::demo::serve_fn(any(), move |req| {
             let (log, live, expiry, counter) = (l.clone(), v.clone(), expiry.clone(), counter.clone());
             async move {
-                let req = seen(req).await;
+                let req = capture(req).await;
                 log.lock().unwrap().push(req.clone());
                 let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                 let exp = unix() + lifetime;

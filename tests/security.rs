@@ -312,7 +312,10 @@ async fn upstream_certificates_are_always_verified() {
     assert!(seen.lock().unwrap().is_empty(), "a request crossed an unverified TLS connection");
     let r = c.get(format!("http://{}/trusted/x", tg.proxy_addr)).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert!(seen.lock().unwrap()[0].header("authorization").unwrap().starts_with("Bearer tok-"));
+    let seen = seen.lock().unwrap()[0].clone();
+    assert!(seen.header("authorization").unwrap().starts_with("Bearer tok-"));
+    // ALPN picked HTTP/2 with this upstream, which offers both.
+    assert_eq!(seen.version, http::Version::HTTP_2);
 }
 
 #[test]

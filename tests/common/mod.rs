@@ -28,6 +28,7 @@ pub struct Seen {
     pub query: Option<String>,
     pub headers: http::HeaderMap,
     pub body: Bytes,
+    pub version: http::Version,
 }
 
 impl Seen {
@@ -39,13 +40,15 @@ impl Seen {
     }
 }
 
-async fn capture(req: Request<Incoming>) -> Seen {
+/// Reads a whole request as a mock server saw it.
+pub async fn capture(req: Request<Incoming>) -> Seen {
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
     let headers = req.headers().clone();
+    let version = req.version();
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    Seen { method, path, query, headers, body }
+    Seen { method, path, query, headers, body, version }
 }
 
 pub fn json(status: u16, v: serde_json::Value) -> Response<Full<Bytes>> {
