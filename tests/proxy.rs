@@ -162,12 +162,7 @@ async fn oidc_discovery_finds_the_token_endpoint_and_checks_the_issuer() {
 async fn two_hundred_sequential_requests_cause_one_token_fetch() {
     let idp = Idp::start(IdpOptions::default()).await;
     let up = Upstream::start(Some(idp.clone())).await;
-    let tg = start(&format!(
-        "{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-        idp.provider_yaml(),
-        up.url()
-    ))
-    .await;
+    let tg = start(&idp.config_to(&up.url())).await;
     let c = client();
     for i in 0..200 {
         let r = c.get(format!("http://{}/n/{i}", tg.proxy_addr)).send().await.unwrap();
@@ -180,12 +175,7 @@ async fn two_hundred_sequential_requests_cause_one_token_fetch() {
 async fn a_hundred_concurrent_requests_at_cold_start_cause_one_token_fetch() {
     let idp = Idp::start(IdpOptions { delay: Duration::from_millis(300), ..Default::default() }).await;
     let up = Upstream::start(Some(idp.clone())).await;
-    let tg = start(&format!(
-        "{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-        idp.provider_yaml(),
-        up.url()
-    ))
-    .await;
+    let tg = start(&idp.config_to(&up.url())).await;
     let c = client();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..100 {
@@ -203,12 +193,7 @@ async fn a_hundred_concurrent_requests_at_cold_start_cause_one_token_fetch() {
 async fn short_lived_tokens_are_refreshed_before_expiry_without_failures() {
     let idp = Idp::start(IdpOptions { lifetime: Duration::from_secs(2), ..Default::default() }).await;
     let up = Upstream::start(Some(idp.clone())).await;
-    let tg = start(&format!(
-        "{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-        idp.provider_yaml(),
-        up.url()
-    ))
-    .await;
+    let tg = start(&idp.config_to(&up.url())).await;
     wait_ready(&tg).await;
     let c = client();
     let started = std::time::Instant::now();
@@ -299,12 +284,7 @@ async fn errors_are_json_with_stable_codes_and_no_internal_detail() {
 async fn readyz_waits_for_a_token_and_metrics_pass_promtool() {
     let idp = Idp::start(IdpOptions { delay: Duration::from_millis(300), ..Default::default() }).await;
     let up = Upstream::start(Some(idp.clone())).await;
-    let tg = start(&format!(
-        "{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-        idp.provider_yaml(),
-        up.url()
-    ))
-    .await;
+    let tg = start(&idp.config_to(&up.url())).await;
     let ready = client().get(format!("http://{}/readyz", tg.admin_addr)).send().await.unwrap();
     assert_eq!(ready.status(), 503);
     wait_ready(&tg).await;

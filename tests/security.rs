@@ -34,12 +34,8 @@ async fn address_allow_lists_on_listener_and_route() {
         body_error(c.get(format!("http://{}/office/x", tg.proxy_addr)).send().await.unwrap()).await;
     assert_eq!((status, code.as_str()), (403, "address_not_allowed"));
     assert_eq!(up.requests().len(), 1);
-    let denied = start(&format!(
-        "access:\n  allow: [10.0.0.0/8, 'fd00::/8']\n{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-        idp.provider_yaml(),
-        up.url()
-    ))
-    .await;
+    let denied =
+        start(&format!("access:\n  allow: [10.0.0.0/8, 'fd00::/8']\n{}", idp.config_to(&up.url()))).await;
     let (status, code) =
         body_error(c.get(format!("http://{}/x", denied.proxy_addr)).send().await.unwrap()).await;
     assert_eq!((status, code.as_str()), (403, "address_not_allowed"));
@@ -104,12 +100,7 @@ async fn read_only_route_answers_405_with_allow() {
 async fn foreign_hosts_and_browser_requests_are_refused() {
     let idp = Idp::start(IdpOptions::default()).await;
     let up = Upstream::start(None).await;
-    let tg = start(&format!(
-        "access:\n  hosts: [tokengate, 127.0.0.1]\n{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-        idp.provider_yaml(),
-        up.url()
-    ))
-    .await;
+    let tg = start(&format!("access:\n  hosts: [tokengate, 127.0.0.1]\n{}", idp.config_to(&up.url()))).await;
     let c = client();
     let url = format!("http://{}/x", tg.proxy_addr);
     assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
@@ -235,9 +226,8 @@ async fn oversized_headers_get_431_and_slow_heads_are_cut() {
     let idp = Idp::start(IdpOptions::default()).await;
     let up = Upstream::start(None).await;
     let tg = start(&format!(
-        "limits:\n  max_header_size: 16KiB\n  header_read_timeout: 500ms\n{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-        idp.provider_yaml(),
-        up.url()
+        "limits:\n  max_header_size: 16KiB\n  header_read_timeout: 500ms\n{}",
+        idp.config_to(&up.url())
     ))
     .await;
     let big = format!("GET /x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));

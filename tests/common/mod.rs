@@ -168,6 +168,14 @@ impl Idp {
         format!("http://{}/token", self.addr)
     }
 
+    /// A configuration body: provider `idp` and one route `/` to `upstream`.
+    pub fn config_to(&self, upstream: &str) -> String {
+        format!(
+            "{}routes:\n  - prefix: /\n    upstream: {upstream}\n    provider: idp\n",
+            self.provider_yaml()
+        )
+    }
+
     /// A `providers:` section with one provider `idp` using this IdP and its default client.
     pub fn provider_yaml(&self) -> String {
         format!(
