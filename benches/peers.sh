@@ -21,23 +21,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-need=()
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
-command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
-command -v wrk >/dev/null || need+=(wrk)
-command -v h2load >/dev/null || need+=(nghttp2-client)
-if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-export PATH="$PATH:/usr/sbin"
+. benches/lib.sh
+need nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client curl:curl
 cargo build --release --quiet
-
-WORK=$(mktemp -d)
-# nginx workers run unprivileged and must read the bodies.
-chmod 755 "$WORK"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
 
 ORIGIN=18000 NGINX=18001 HAPROXY=18002 TOKENGATE=18003 TG_ADMIN=18004
 mkdir -p "$WORK/www" "$WORK/logs"
@@ -124,10 +110,7 @@ nginx -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
 haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/logs/haproxy.log" 2>&1 & PIDS+=($!)
 ./target/release/tokengate --log warn run --workers "$WORKERS" -c "$WORK/tokengate.yaml" 2>"$WORK/logs/tokengate.err" & TG_PID=$!; PIDS+=($TG_PID)
 
-for _ in $(seq 100); do
-  curl -sf "http://127.0.0.1:$TG_ADMIN/readyz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+wait_ready "$TG_ADMIN"
 declare -A PORT=([direct]=$ORIGIN [nginx]=$NGINX [haproxy]=$HAPROXY [tokengate]=$TOKENGATE)
 for name in direct nginx haproxy tokengate; do
   for size in small:100 large:16384; do

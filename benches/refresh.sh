@@ -15,17 +15,10 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-command -v wrk >/dev/null && { command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } || {
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx wrk >/dev/null; }
-export PATH="$PATH:/usr/sbin"
+. benches/lib.sh
+need nginx:nginx wrk:wrk curl:curl
 cargo build --release --quiet
 
-WORK=$(mktemp -d)
-# nginx workers run unprivileged and must read the bodies.
-chmod 755 "$WORK"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
 ORIGIN=18100 TG=18101 ADMIN=18102
 mkdir -p "$WORK/www"
 head -c 100 /dev/zero | tr '\0' 'x' > "$WORK/www/small"
@@ -68,7 +61,7 @@ routes:
 CONF
   chmod 600 "$WORK/tg.yaml"
   ./target/release/tokengate --log warn run --workers "$WORKERS" -c "$WORK/tg.yaml" 2>/dev/null & local pid=$!
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+  wait_ready "$ADMIN"
   if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$TG/small")" != 200 ]; then
     echo "tokengate does not proxy /small" >&2; exit 1
   fi

@@ -11,7 +11,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -257,7 +256,7 @@ impl Proxy {
         let (kept, first_body) = match declared {
             Some(len) if route.retry_on_401 && len <= limits.replay_buffer => {
                 let bytes = guarded.collect().await.map_err(|e| body_error(&fault, &*e))?.to_bytes();
-                (Some(bytes.clone()), full(bytes))
+                (Some(bytes.clone()), Body::full(bytes))
             }
             _ => (None, Body::Request(guarded)),
         };
@@ -270,7 +269,7 @@ impl Proxy {
                 self.count_401(route, "replayed");
                 notes.replayed = true;
                 drop(resp);
-                let replay = template.build(full(bytes.clone()), Some(fresh.header.clone()));
+                let replay = template.build(Body::full(bytes.clone()), Some(fresh.header.clone()));
                 return self.send(runtime, route, replay, &fault).await;
             }
             (None, _) => "not_replayable",
@@ -355,10 +354,6 @@ impl Template {
         }
         req
     }
-}
-
-fn full(bytes: Bytes) -> Body {
-    Body::full(bytes)
 }
 
 fn fault_error(fault: body::BodyFault) -> ProxyError {
