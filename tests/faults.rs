@@ -358,10 +358,13 @@ async fn upstream_reset_mid_response_is_not_passed_off_as_complete() {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n").await;
-                let _ = s.write_all(&[b'a'; 100]).await;
-                // Dropped here: the connection closes 900 bytes short.
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                // Small bodies are read whole before answering; large ones stream.
+                let len = if buf[..n].starts_with(b"GET /small") { 1000 } else { 1_000_000 };
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n");
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&vec![b'a'; len / 2]).await;
+                // Dropped here: the connection closes half-way through the body.
             });
         }
     });
@@ -371,6 +374,9 @@ async fn upstream_reset_mid_response_is_not_passed_off_as_complete() {
         idp.token_url()
     ))
     .await;
+    let r = client().get(format!("http://{}/small", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 502, "caught before the head went out: a clean error");
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"], "upstream_error");
     let r = client().get(format!("http://{}/reset", tg.proxy_addr)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.bytes().await.is_err(), "a truncated body must surface as an error");

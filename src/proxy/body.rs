@@ -114,6 +114,8 @@ pub enum Body {
     Request(Guarded),
     /// An upstream response body streamed downstream.
     Incoming(Incoming),
+    /// An upstream response body read from a lean HTTP/1.1 connection.
+    Upstream(super::h1::Streaming),
 }
 
 impl Body {
@@ -137,6 +139,7 @@ impl http_body::Body for Body {
             Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Body::Request(g) => Pin::new(g).poll_frame(cx),
             Body::Incoming(i) => Pin::new(i).poll_frame(cx).map_err(|e| Box::new(e) as super::BoxError),
+            Body::Upstream(u) => Pin::new(u).poll_frame(cx),
         }
     }
 
@@ -146,6 +149,7 @@ impl http_body::Body for Body {
             Body::Full(b) => b.is_none(),
             Body::Request(g) => g.is_end_stream(),
             Body::Incoming(i) => i.is_end_stream(),
+            Body::Upstream(u) => u.is_end_stream(),
         }
     }
 
@@ -155,6 +159,7 @@ impl http_body::Body for Body {
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Request(g) => g.size_hint(),
             Body::Incoming(i) => i.size_hint(),
+            Body::Upstream(u) => u.size_hint(),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod admit;
 pub mod body;
 pub mod error;
+pub mod h1;
 pub mod headers;
 pub mod upstream;
 
@@ -11,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -55,6 +57,8 @@ pub struct Route {
     /// A verified client certificate is required.
     pub require_client_cert: bool,
     client: upstream::UpstreamClient,
+    // Plain-http upstreams: the lean client for requests whose body is in memory.
+    h1: Option<Arc<h1::Pool>>,
 }
 
 /// What a configuration turns into: the route table and its token sources. Swapped whole on
@@ -80,6 +84,7 @@ impl Runtime {
     /// Builds routes for `config` on top of already-built token sources.
     pub fn build(config: &Config, providers: Providers, metrics: &Metrics) -> Result<Self, String> {
         let mut clients = upstream::Clients::default();
+        let mut pools: std::collections::HashMap<String, Arc<h1::Pool>> = std::collections::HashMap::new();
         let mut table = RouteTable::default();
         let mut by_host: std::collections::HashMap<String, Vec<Arc<Route>>> =
             std::collections::HashMap::new();
@@ -91,6 +96,19 @@ impl Runtime {
             let client = clients
                 .get(&config.limits, r.ca_file.as_ref())
                 .map_err(|e| format!("route {}: {e}", r.label()))?;
+            let h1 = (r.upstream.scheme == http::uri::Scheme::HTTP).then(|| {
+                let limits = &config.limits;
+                let pool =
+                    pools.entry(r.upstream.authority.as_str().to_ascii_lowercase()).or_insert_with(|| {
+                        Arc::new(h1::Pool::new(
+                            &r.upstream.authority,
+                            limits.upstream_connect_timeout,
+                            limits.upstream_idle_timeout,
+                            usize::try_from(limits.max_header_size).unwrap_or(usize::MAX),
+                        ))
+                    });
+                pool.clone()
+            });
             let route = Route {
                 label: r.label().to_owned(),
                 prefix: r.prefix.as_str().to_owned(),
@@ -105,6 +123,7 @@ impl Runtime {
                 require_api_key: r.require_api_key.unwrap_or(config.access.api_keys.is_some()),
                 require_client_cert: r.require_client_cert,
                 client,
+                h1,
             };
             let route = Arc::new(route);
             let authority = route.upstream.authority.as_str().to_ascii_lowercase();
@@ -248,29 +267,35 @@ impl Proxy {
         for (name, value) in &route.headers {
             parts.headers.insert(name, value.clone());
         }
-        let uri = upstream_uri(route, &parts.uri, conn.forward)?;
+        let target = upstream_target(route, &parts.uri, conn.forward);
         let fault = Arc::new(OnceLock::new());
         let guarded = body::Guarded::new(body, limits.max_body_size, limits.body_read_timeout, fault.clone());
-        let template = Template { method: parts.method, uri, headers: parts.headers };
-        // Keep small bodies so the request can be replayed after a 401.
-        let (kept, first_body) = match declared {
-            Some(len) if route.retry_on_401 && len <= limits.replay_buffer => {
+        // Small bodies of known length are read first: they can be replayed after a 401, and the
+        // lean client sends them with the head in one write.
+        let payload = match declared {
+            Some(0) => Payload::Buffered(Bytes::new()),
+            Some(len) if len <= limits.replay_buffer && (route.retry_on_401 || route.h1.is_some()) => {
                 let bytes = guarded.collect().await.map_err(|e| body_error(&fault, &*e))?.to_bytes();
-                (Some(bytes.clone()), Body::full(bytes))
+                Payload::Buffered(bytes)
             }
-            _ => (None, Body::Request(guarded)),
+            _ => Payload::Streamed(guarded),
         };
-        let resp = self.send(runtime, route, template.build(first_body, None), &fault).await?;
+        let kept = match &payload {
+            Payload::Buffered(bytes) => Some(bytes.clone()),
+            Payload::Streamed(_) => None,
+        };
+        let mut request = Outgoing { method: parts.method, target, headers: parts.headers };
+        let resp = self.send(runtime, route, &request, payload, &fault).await?;
         if resp.status() != StatusCode::UNAUTHORIZED || !route.retry_on_401 {
             return Ok(resp);
         }
-        let outcome = match (&kept, route.provider.replace_rejected(token.generation).await) {
+        let outcome = match (kept, route.provider.replace_rejected(token.generation).await) {
             (Some(bytes), Some(fresh)) => {
                 self.count_401(route, "replayed");
                 notes.replayed = true;
                 drop(resp);
-                let replay = template.build(Body::full(bytes.clone()), Some(fresh.header.clone()));
-                return self.send(runtime, route, replay, &fault).await;
+                request.headers.insert(http::header::AUTHORIZATION, fresh.header.clone());
+                return self.send(runtime, route, &request, Payload::Buffered(bytes), &fault).await;
             }
             (None, _) => "not_replayable",
             (Some(_), None) => "no_new_token",
@@ -288,30 +313,49 @@ impl Proxy {
         &self,
         runtime: &Runtime,
         route: &Route,
-        req: Request<Body>,
+        request: &Outgoing,
+        payload: Payload,
         fault: &OnceLock<body::BodyFault>,
     ) -> Result<Response<Body>, ProxyError> {
         self.metrics.inflight.inc();
         let _inflight = scopeguard(|| self.metrics.inflight.dec());
-        let sent = tokio::time::timeout(runtime.limits.upstream_timeout, route.client.request(req)).await;
-        let resp = match sent {
+        let timeout = runtime.limits.upstream_timeout;
+        let body = match (&route.h1, payload) {
+            (Some(pool), Payload::Buffered(bytes)) => {
+                let head =
+                    h1::Head { method: &request.method, target: &request.target, headers: &request.headers };
+                return match tokio::time::timeout(timeout, pool.send(&head, &bytes)).await {
+                    Err(_elapsed) => Err(ProxyError::UpstreamTimeout),
+                    Ok(Err(e)) => Err(self.upstream_error(route, e.is_connect(), &e)),
+                    Ok(Ok(resp)) => Ok(resp),
+                };
+            }
+            (_, Payload::Buffered(bytes)) => Body::full(bytes),
+            (_, Payload::Streamed(guarded)) => Body::Request(guarded),
+        };
+        let req = request.build(route, body)?;
+        let resp = match tokio::time::timeout(timeout, route.client.request(req)).await {
             Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
             Ok(Err(e)) => {
                 if let Some(f) = fault.get() {
                     return Err(fault_error(*f));
                 }
-                if e.is_connect() {
-                    tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, "upstream unreachable");
-                    return Err(ProxyError::UpstreamUnreachable);
-                }
-                tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, "upstream request failed");
-                return Err(ProxyError::UpstreamFailed);
+                return Err(self.upstream_error(route, e.is_connect(), &e));
             }
             Ok(Ok(resp)) => resp,
         };
         let (mut parts, body) = resp.into_parts();
         headers::rewrite_response(&mut parts.headers);
         Ok(Response::from_parts(parts, Body::Incoming(body)))
+    }
+
+    fn upstream_error(&self, route: &Route, connect: bool, e: &dyn std::fmt::Display) -> ProxyError {
+        if connect {
+            tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, "upstream unreachable");
+            return ProxyError::UpstreamUnreachable;
+        }
+        tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, "upstream request failed");
+        ProxyError::UpstreamFailed
     }
 
     fn record(
@@ -334,25 +378,36 @@ impl Proxy {
     }
 }
 
-/// What is needed to build the upstream request again for a replay.
-struct Template {
+/// The upstream request without its body, kept to be sent again after a 401.
+struct Outgoing {
     method: Method,
-    uri: Uri,
+    /// Path and query.
+    target: String,
     headers: http::HeaderMap,
 }
 
-impl Template {
-    fn build(&self, body: Body, authorization: Option<http::HeaderValue>) -> Request<Body> {
+/// The request body as it goes upstream.
+enum Payload {
+    /// Read whole; can be sent again.
+    Buffered(Bytes),
+    /// Streamed from the client; sent once.
+    Streamed(body::Guarded),
+}
+
+impl Outgoing {
+    /// A request for the hyper client, which picks its own version (ALPN) and sets `Host`.
+    fn build(&self, route: &Route, body: Body) -> Result<Request<Body>, ProxyError> {
+        let uri = Uri::builder()
+            .scheme(route.upstream.scheme.clone())
+            .authority(route.upstream.authority.clone())
+            .path_and_query(self.target.as_str())
+            .build()
+            .map_err(|_| ProxyError::InvalidPath(route::PathError::BadByte))?;
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        // The upstream connection picks its own version (ALPN); hyper sets Host for HTTP/1.
-        *req.version_mut() = Version::HTTP_11;
+        *req.uri_mut() = uri;
         *req.headers_mut() = self.headers.clone();
-        if let Some(auth) = authorization {
-            req.headers_mut().insert(http::header::AUTHORIZATION, auth);
-        }
-        req
+        Ok(req)
     }
 }
 
@@ -409,24 +464,19 @@ struct Notes {
     replayed: bool,
 }
 
-/// Builds the upstream URI from configured scheme and authority plus the checked path; client
-/// input is never parsed as a URL, so it cannot change the host.
-fn upstream_uri(route: &Route, uri: &Uri, forward: bool) -> Result<Uri, ProxyError> {
-    let mut path = if forward {
+/// The upstream path and query: the configured base path plus the checked request path. Client
+/// input never becomes a URL of its own, so it cannot change the host.
+fn upstream_target(route: &Route, uri: &Uri, forward: bool) -> String {
+    let mut target = if forward {
         uri.path().to_owned()
     } else {
         route::upstream_path(&route.upstream.base_path, &route.prefix, route.strip_prefix, uri.path())
     };
     if let Some(q) = uri.query() {
-        path.push('?');
-        path.push_str(q);
+        target.push('?');
+        target.push_str(q);
     }
-    Uri::builder()
-        .scheme(route.upstream.scheme.clone())
-        .authority(route.upstream.authority.clone())
-        .path_and_query(path)
-        .build()
-        .map_err(|_| ProxyError::InvalidPath(route::PathError::BadByte))
+    target
 }
 
 /// A bounded label for the method (clients can send any token as a method).

@@ -1,0 +1,679 @@
+//! A lean HTTP/1.1 client for plain-http upstreams.
+//!
+//! The task serving the downstream connection writes the request and reads the response itself:
+//! no connection task, channel or checkout future in between, the response head and a body of up
+//! to [`WHOLE_BODY`] come from one read into one buffer, and headers are slices of that buffer.
+//! It only sends bodies held in memory (empty or buffered for a 401 replay); streamed uploads and
+//! https upstreams (which may negotiate HTTP/2) go through the hyper client.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::Body;
+
+/// The first read's buffer: a head and a small body arrive in one read.
+const READ_BUF: usize = 32 * 1024;
+/// Bodies up to this size are read whole before the response goes downstream, so the head and
+/// body leave in one write; larger ones stream.
+const WHOLE_BODY: u64 = 64 * 1024;
+/// Idle connections kept per upstream.
+const MAX_IDLE: usize = 256;
+/// At most this many headers in a response head (hyper's default too).
+const MAX_HEADERS: usize = 100;
+/// Bound on a chunk-size line and on trailers, which are read and dropped.
+const MAX_CHUNK_META: usize = 8 * 1024;
+/// Informational (1xx) responses accepted before the final one.
+const MAX_INFORMATIONAL: usize = 8;
+
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No connection could be made.
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        /// Where to.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Connecting took longer than the connect timeout.
+    #[error("connect to {0}: timed out")]
+    ConnectTimeout(String),
+    /// Reading or writing failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The upstream closed the connection before answering.
+    #[error("connection closed before a response")]
+    Closed,
+    /// The upstream sent something that is not valid HTTP/1.1.
+    #[error("invalid response: {0}")]
+    Invalid(&'static str),
+}
+
+impl Error {
+    /// Connecting failed (as opposed to a failure on an open connection).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Error::Connect { .. } | Error::ConnectTimeout(_))
+    }
+}
+
+/// What goes on the request line and in the head; `Host` comes from the pool.
+pub struct Head<'a> {
+    /// The method.
+    pub method: &'a Method,
+    /// Path and query.
+    pub target: &'a str,
+    /// Headers, already rewritten for the upstream. `Content-Length` and `Expect` are replaced.
+    pub headers: &'a HeaderMap,
+}
+
+/// Keep-alive connections to one upstream `host:port`.
+pub struct Pool {
+    addr: String,
+    host: String,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_head: usize,
+    idle: Mutex<VecDeque<(TcpStream, Instant)>>,
+}
+
+impl Pool {
+    /// A pool for `authority` (port 80 when none is given).
+    pub fn new(
+        authority: &http::uri::Authority,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_head: usize,
+    ) -> Self {
+        Pool {
+            addr: format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80)),
+            host: authority.as_str().to_owned(),
+            connect_timeout,
+            idle_timeout,
+            max_head,
+            idle: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Sends one request and reads the response head (and a small body). A reused connection
+    /// that turns out to be closed is replaced once, when the request cannot have been acted on.
+    pub async fn send(self: &Arc<Self>, head: &Head<'_>, body: &Bytes) -> Result<Response<Body>, Error> {
+        let mut out = Vec::with_capacity(512 + body.len().min(WHOLE_BODY as usize));
+        encode(&mut out, &self.host, head, body);
+        let inline = out.len() + body.len() <= out.capacity();
+        if inline {
+            out.extend_from_slice(body);
+        }
+        if let Some(io) = self.checkout() {
+            match self.exchange(io, &out, (!inline).then_some(body), head.method).await {
+                Err(Attempt::Unsent(_)) => {}
+                Err(Attempt::Stale(_)) if replayable(head.method) => {}
+                Err(Attempt::Stale(e) | Attempt::Failed(e)) => return Err(e),
+                Ok(resp) => return Ok(resp),
+            }
+        }
+        let io = self.connect().await?;
+        match self.exchange(io, &out, (!inline).then_some(body), head.method).await {
+            Ok(resp) => Ok(resp),
+            Err(Attempt::Unsent(e) | Attempt::Stale(e) | Attempt::Failed(e)) => Err(e),
+        }
+    }
+
+    async fn exchange(
+        self: &Arc<Self>,
+        mut io: TcpStream,
+        head: &[u8],
+        body: Option<&Bytes>,
+        method: &Method,
+    ) -> Result<Response<Body>, Attempt> {
+        let written = async {
+            io.write_all(head).await?;
+            if let Some(body) = body {
+                io.write_all(body).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        // A write that fails never reached a request handler: safe to retry on a new connection.
+        written.await.map_err(|e| Attempt::Unsent(e.into()))?;
+        let mut buf = BytesMut::with_capacity(READ_BUF);
+        let mut informational = 0;
+        let (parts, framing, reusable) = loop {
+            let (parts, framing, reusable) = read_head(&mut io, &mut buf, method, self.max_head).await?;
+            // 1xx answers (100 Continue, 103 Early Hints) precede the real one.
+            if !parts.status.is_informational() {
+                break (parts, framing, reusable);
+            }
+            informational += 1;
+            if parts.status == StatusCode::SWITCHING_PROTOCOLS || informational > MAX_INFORMATIONAL {
+                return Err(Attempt::Failed(Error::Invalid("unexpected informational response")));
+            }
+        };
+        let mut stream = Streaming { io: Some(io), pool: self.clone(), buf, framing, reusable };
+        let body = match stream.framing {
+            Framing::Length(n) if n <= WHOLE_BODY => {
+                let whole = stream.read_whole(n).await.map_err(Attempt::Failed)?;
+                Body::full(whole)
+            }
+            _ => Body::Upstream(stream),
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+
+    async fn connect(&self) -> Result<TcpStream, Error> {
+        let connect = TcpStream::connect(self.addr.as_str());
+        let io = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Err(_) => return Err(Error::ConnectTimeout(self.addr.clone())),
+            Ok(Err(source)) => return Err(Error::Connect { addr: self.addr.clone(), source }),
+            Ok(Ok(io)) => io,
+        };
+        io.set_nodelay(true)?;
+        Ok(io)
+    }
+
+    /// The most recently used live idle connection; stale ones are dropped.
+    fn checkout(&self) -> Option<TcpStream> {
+        loop {
+            let (io, since) = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop_back()?;
+            if since.elapsed() < self.idle_timeout && still_open(&io) {
+                return Some(io);
+            }
+        }
+    }
+
+    fn put(&self, io: TcpStream) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while idle.front().is_some_and(|(_, since)| now.duration_since(*since) >= self.idle_timeout)
+            || idle.len() >= MAX_IDLE
+        {
+            idle.pop_front();
+        }
+        idle.push_back((io, now));
+    }
+}
+
+enum Attempt {
+    /// The request could not be written: the upstream never saw it.
+    Unsent(Error),
+    /// Failed before anything came back on a connection that may have been closed while idle.
+    Stale(Error),
+    /// Failed otherwise.
+    Failed(Error),
+}
+
+impl From<Error> for Attempt {
+    fn from(e: Error) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+/// Methods RFC 9110 calls idempotent: a request that may have reached the upstream can be sent
+/// again.
+fn replayable(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// An idle connection has nothing to read; readable means closed by the peer or garbage. The
+/// readiness check itself costs no system call.
+fn still_open(io: &TcpStream) -> bool {
+    match io.poll_read_ready(&mut Context::from_waker(Waker::noop())) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        // Readiness can be left over from the last read: ask the socket.
+        Poll::Ready(Ok(())) => {
+            matches!(io.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        }
+    }
+}
+
+fn encode(out: &mut Vec<u8>, host: &str, head: &Head<'_>, body: &Bytes) {
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in head.headers {
+        // The body is sent whole with its own length; the client's Expect was answered by us.
+        if name == header::CONTENT_LENGTH || name == header::EXPECT || name == header::HOST {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !body.is_empty() || matches!(*head.method, Method::POST | Method::PUT | Method::PATCH) {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the response body ends (RFC 9112 section 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked(Chunk),
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// Reads and parses one response head; `buf` keeps what follows it.
+async fn read_head(
+    io: &mut TcpStream,
+    buf: &mut BytesMut,
+    method: &Method,
+    max_head: usize,
+) -> Result<(http::response::Parts, Framing, bool), Attempt> {
+    loop {
+        if !buf.is_empty() {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let parsed = parse_head(&resp, buf.as_ptr() as usize, method)?;
+                    let head = buf.split_to(len).freeze();
+                    return build(parsed, &head).map_err(Attempt::Failed);
+                }
+                Ok(httparse::Status::Partial) if buf.len() >= max_head => {
+                    return Err(Attempt::Failed(Error::Invalid("response head too large")));
+                }
+                Ok(httparse::Status::Partial) => {}
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(Attempt::Failed(Error::Invalid("too many headers")));
+                }
+                Err(_) => return Err(Attempt::Failed(Error::Invalid("malformed response head"))),
+            }
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(READ_BUF);
+        }
+        let fresh = buf.is_empty();
+        match io.read_buf(buf).await {
+            Ok(0) if fresh => return Err(Attempt::Stale(Error::Closed)),
+            Ok(0) => return Err(Attempt::Failed(Error::Invalid("connection closed inside the head"))),
+            Ok(_) => {}
+            Err(e) if fresh && is_reset(&e) => return Err(Attempt::Stale(e.into())),
+            Err(e) => return Err(Attempt::Failed(e.into())),
+        }
+    }
+}
+
+fn is_reset(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
+}
+
+/// A parsed head as offsets into the read buffer, so values can become slices of it.
+struct Parsed {
+    status: StatusCode,
+    version: Version,
+    headers: Vec<(HeaderName, std::ops::Range<usize>)>,
+    framing: Framing,
+    reusable: bool,
+}
+
+fn parse_head(resp: &httparse::Response<'_, '_>, base: usize, method: &Method) -> Result<Parsed, Attempt> {
+    let invalid = |why| Attempt::Failed(Error::Invalid(why));
+    let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(invalid("bad status"))?;
+    let version = if resp.version == Some(1) { Version::HTTP_11 } else { Version::HTTP_10 };
+    let mut reusable = version == Version::HTTP_11;
+    let mut length: Option<u64> = None;
+    let mut chunked = None;
+    let mut headers = Vec::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| invalid("bad header name"))?;
+        if name == header::CONTENT_LENGTH {
+            // Repeated lengths must agree (RFC 9110 section 8.6); anything else is smuggling bait.
+            for part in h.value.split(|b| *b == b',') {
+                let n = parse_length(part.trim_ascii()).ok_or(invalid("bad content-length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(invalid("conflicting content-length"));
+                }
+                length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default().trim_ascii();
+            chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION
+            && h.value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+        {
+            reusable = false;
+        }
+        let start = h.value.as_ptr() as usize - base;
+        headers.push((name, start..start + h.value.len()));
+    }
+    let no_body = *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = match (no_body, chunked, length) {
+        (true, _, _) => Framing::Length(0),
+        (false, Some(true), _) => Framing::Chunked(Chunk::Size),
+        // Transfer-Encoding wins over Content-Length; a non-chunked coding runs to the close.
+        (false, Some(false), _) | (false, None, None) => Framing::Close,
+        (false, None, Some(n)) => Framing::Length(n),
+    };
+    if framing == Framing::Close || (chunked.is_some() && length.is_some()) {
+        reusable = false;
+    }
+    Ok(Parsed { status, version, headers, framing, reusable })
+}
+
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+fn build(parsed: Parsed, head: &Bytes) -> Result<(http::response::Parts, Framing, bool), Error> {
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    for (name, range) in parsed.headers {
+        let value = HeaderValue::from_maybe_shared(head.slice(range))
+            .map_err(|_| Error::Invalid("bad header value"))?;
+        headers.append(name, value);
+    }
+    super::headers::rewrite_response(&mut headers);
+    let mut parts = Response::new(()).into_parts().0;
+    parts.status = parsed.status;
+    parts.version = parsed.version;
+    parts.headers = headers;
+    Ok((parts, parsed.framing, parsed.reusable))
+}
+
+/// A response body read from the upstream connection as the downstream side asks for it. The
+/// connection goes back to the pool once the body has been read to its end.
+pub struct Streaming {
+    io: Option<TcpStream>,
+    pool: Arc<Pool>,
+    buf: BytesMut,
+    framing: Framing,
+    reusable: bool,
+}
+
+impl Streaming {
+    /// Reads a body of `n` bytes whole (the caller bounds `n`).
+    async fn read_whole(&mut self, n: u64) -> Result<Bytes, Error> {
+        let n = usize::try_from(n).map_err(|_| Error::Invalid("body too large"))?;
+        if self.buf.len() < n {
+            let io = self.io.as_mut().ok_or(Error::Closed)?;
+            // One spare byte, so a read that completes the body is short and tokio knows the
+            // socket is drained without another system call.
+            self.buf.reserve(n + 1 - self.buf.len());
+            while self.buf.len() < n {
+                if io.read_buf(&mut self.buf).await? == 0 {
+                    return Err(Error::Invalid("connection closed inside the body"));
+                }
+            }
+        }
+        let body = self.buf.split_to(n).freeze();
+        self.framing = Framing::Length(0);
+        self.finish();
+        Ok(body)
+    }
+
+    /// The body is complete: the connection is reusable if nothing unexpected followed it.
+    fn finish(&mut self) {
+        if let Some(io) = self.io.take()
+            && self.reusable
+            && self.buf.is_empty()
+        {
+            self.pool.put(io);
+        }
+    }
+
+    /// The next data frame from what is buffered, or `None` when more must be read.
+    fn decode(&mut self) -> Result<Option<Option<Bytes>>, Error> {
+        loop {
+            match self.framing {
+                Framing::Length(0) => return Ok(Some(None)),
+                Framing::Length(n) => {
+                    if self.buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = self.buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+                    self.framing = Framing::Length(n - take as u64);
+                    return Ok(Some(Some(self.buf.split_to(take).freeze())));
+                }
+                Framing::Close => {
+                    if self.buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(Some(self.buf.split().freeze())));
+                }
+                Framing::Chunked(state) => match state {
+                    Chunk::Size => match httparse::parse_chunk_size(&self.buf) {
+                        Ok(httparse::Status::Complete((used, size))) => {
+                            self.buf.advance(used);
+                            let next = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
+                            self.framing = Framing::Chunked(next);
+                        }
+                        Ok(httparse::Status::Partial) if self.buf.len() < MAX_CHUNK_META => return Ok(None),
+                        _ => return Err(Error::Invalid("bad chunk size")),
+                    },
+                    Chunk::Data(n) => {
+                        if self.buf.is_empty() {
+                            return Ok(None);
+                        }
+                        let take = self.buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+                        let left = n - take as u64;
+                        self.framing =
+                            Framing::Chunked(if left == 0 { Chunk::DataEnd } else { Chunk::Data(left) });
+                        return Ok(Some(Some(self.buf.split_to(take).freeze())));
+                    }
+                    Chunk::DataEnd => {
+                        if self.buf.len() < 2 {
+                            return Ok(None);
+                        }
+                        if &self.buf[..2] != b"\r\n" {
+                            return Err(Error::Invalid("bad chunk end"));
+                        }
+                        self.buf.advance(2);
+                        self.framing = Framing::Chunked(Chunk::Size);
+                    }
+                    // Trailers are not forwarded; they end with an empty line.
+                    Chunk::Trailers => {
+                        let end = if self.buf.starts_with(b"\r\n") {
+                            Some(2)
+                        } else {
+                            self.buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+                        };
+                        match end {
+                            Some(end) => {
+                                self.buf.advance(end);
+                                self.framing = Framing::Length(0);
+                            }
+                            None if self.buf.len() < MAX_CHUNK_META => return Ok(None),
+                            None => return Err(Error::Invalid("trailers too large")),
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+impl http_body::Body for Streaming {
+    type Data = Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        loop {
+            match this.decode() {
+                Err(e) => {
+                    this.io = None;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                Ok(Some(Some(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Some(None)) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(None) => {}
+            }
+            let Some(io) = this.io.as_mut() else {
+                return Poll::Ready(Some(Err(Box::new(Error::Closed))));
+            };
+            if this.buf.capacity() - this.buf.len() < 4096 {
+                this.buf.reserve(READ_BUF);
+            }
+            let read = std::pin::pin!(io.read_buf(&mut this.buf)).poll(cx);
+            match read {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => {
+                    this.io = None;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                Poll::Ready(Ok(0)) if this.framing == Framing::Close => {
+                    this.io = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Ok(0)) => {
+                    this.io = None;
+                    return Poll::Ready(Some(Err(Box::new(Error::Invalid(
+                        "connection closed inside the body",
+                    )))));
+                }
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Length(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framing(head: &str, method: Method) -> Result<(Framing, bool), &'static str> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        resp.parse(head.as_bytes()).map_err(|_| "parse")?;
+        match parse_head(&resp, head.as_ptr() as usize, &method) {
+            Ok(p) => Ok((p.framing, p.reusable)),
+            Err(Attempt::Failed(Error::Invalid(why)) | Attempt::Stale(Error::Invalid(why))) => Err(why),
+            Err(_) => Err("other"),
+        }
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let ok = |h: &str| framing(h, Method::GET);
+        assert_eq!(ok("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"), Ok((Framing::Length(5), true)));
+        assert_eq!(ok("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n"), Ok((Framing::Length(5), true)));
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n"),
+            Err("conflicting content-length")
+        );
+        assert_eq!(ok("HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n"), Err("bad content-length"));
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
+            Ok((Framing::Chunked(Chunk::Size), true))
+        );
+        // Both: Transfer-Encoding wins and the connection is not reused.
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"),
+            Ok((Framing::Chunked(Chunk::Size), false))
+        );
+        assert_eq!(ok("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"), Ok((Framing::Close, false)));
+        assert_eq!(ok("HTTP/1.1 200 OK\r\n\r\n"), Ok((Framing::Close, false)));
+        assert_eq!(
+            ok("HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n"),
+            Ok((Framing::Length(0), true))
+        );
+        assert_eq!(
+            ok("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n"),
+            Ok((Framing::Length(1), false))
+        );
+        assert_eq!(ok("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n"), Ok((Framing::Length(1), false)));
+        assert_eq!(
+            framing("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n", Method::HEAD),
+            Ok((Framing::Length(0), true))
+        );
+    }
+
+    fn decode_all(framing: Framing, wire: &[u8]) -> Result<Vec<u8>, Error> {
+        let pool = Arc::new(Pool::new(
+            &"127.0.0.1:1".parse().unwrap(),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            8192,
+        ));
+        let mut s = Streaming { io: None, pool, buf: BytesMut::new(), framing, reusable: true };
+        let mut out = Vec::new();
+        // Byte by byte: every state must cope with a split anywhere.
+        for b in wire {
+            s.buf.extend_from_slice(&[*b]);
+            while let Some(frame) = s.decode()? {
+                match frame {
+                    Some(data) => out.extend_from_slice(&data),
+                    None => return Ok(out),
+                }
+            }
+        }
+        Err(Error::Invalid("incomplete"))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_any_split() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n";
+        assert_eq!(decode_all(Framing::Chunked(Chunk::Size), wire).unwrap(), b"hello world");
+        assert_eq!(decode_all(Framing::Chunked(Chunk::Size), b"0\r\n\r\n").unwrap(), b"");
+        assert!(decode_all(Framing::Chunked(Chunk::Size), b"5\r\nhelloXX0\r\n\r\n").is_err());
+        assert!(decode_all(Framing::Chunked(Chunk::Size), b"zz\r\n").is_err());
+        assert_eq!(decode_all(Framing::Length(3), b"abc").unwrap(), b"abc");
+    }
+
+    #[test]
+    fn requests_are_encoded_with_host_and_own_length() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        headers.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        let mut out = Vec::new();
+        let head = Head { method: &Method::POST, target: "/a?b=1", headers: &headers };
+        encode(&mut out, "api.example:8080", &head, &Bytes::from_static(b"xy"));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /a?b=1 HTTP/1.1\r\nhost: api.example:8080\r\nauthorization: Bearer t\r\ncontent-length: 2\r\n\r\n"
+        );
+    }
+}
