@@ -85,7 +85,15 @@ pub struct Pool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_head: usize,
-    idle: Mutex<VecDeque<(TcpStream, Instant)>>,
+    idle: Mutex<VecDeque<Idle>>,
+}
+
+/// A kept-alive connection with its read buffer, whose memory is reused once the last response
+/// read into it has been written downstream.
+struct Idle {
+    io: TcpStream,
+    buf: BytesMut,
+    since: Instant,
 }
 
 impl Pool {
@@ -115,8 +123,8 @@ impl Pool {
         if inline {
             out.extend_from_slice(body);
         }
-        if let Some(io) = self.checkout() {
-            match self.exchange(io, &out, (!inline).then_some(body), head.method).await {
+        if let Some((io, buf)) = self.checkout() {
+            match self.exchange(io, buf, &out, (!inline).then_some(body), head.method).await {
                 Err(Attempt::Unsent(_)) => {}
                 Err(Attempt::Stale(_)) if replayable(head.method) => {}
                 Err(Attempt::Stale(e) | Attempt::Failed(e)) => return Err(e),
@@ -124,7 +132,7 @@ impl Pool {
             }
         }
         let io = self.connect().await?;
-        match self.exchange(io, &out, (!inline).then_some(body), head.method).await {
+        match self.exchange(io, BytesMut::new(), &out, (!inline).then_some(body), head.method).await {
             Ok(resp) => Ok(resp),
             Err(Attempt::Unsent(e) | Attempt::Stale(e) | Attempt::Failed(e)) => Err(e),
         }
@@ -133,6 +141,7 @@ impl Pool {
     async fn exchange(
         self: &Arc<Self>,
         mut io: TcpStream,
+        mut buf: BytesMut,
         head: &[u8],
         body: Option<&Bytes>,
         method: &Method,
@@ -146,7 +155,8 @@ impl Pool {
         };
         // A write that fails never reached a request handler: safe to retry on a new connection.
         written.await.map_err(|e| Attempt::Unsent(e.into()))?;
-        let mut buf = BytesMut::with_capacity(READ_BUF);
+        buf.clear();
+        buf.reserve(READ_BUF);
         let mut informational = 0;
         let (parts, framing, reusable) = loop {
             let (parts, framing, reusable) = read_head(&mut io, &mut buf, method, self.max_head).await?;
@@ -182,24 +192,24 @@ impl Pool {
     }
 
     /// The most recently used live idle connection; stale ones are dropped.
-    fn checkout(&self) -> Option<TcpStream> {
+    fn checkout(&self) -> Option<(TcpStream, BytesMut)> {
         loop {
-            let (io, since) = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop_back()?;
-            if since.elapsed() < self.idle_timeout && still_open(&io) {
-                return Some(io);
+            let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop_back()?;
+            if idle.since.elapsed() < self.idle_timeout && still_open(&idle.io) {
+                return Some((idle.io, idle.buf));
             }
         }
     }
 
-    fn put(&self, io: TcpStream) {
+    fn put(&self, io: TcpStream, buf: BytesMut) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while idle.front().is_some_and(|(_, since)| now.duration_since(*since) >= self.idle_timeout)
+        while idle.front().is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
             || idle.len() >= MAX_IDLE
         {
             idle.pop_front();
         }
-        idle.push_back((io, now));
+        idle.push_back(Idle { io, buf, since: now });
     }
 }
 
@@ -392,12 +402,20 @@ fn parse_length(digits: &[u8]) -> Option<u64> {
 
 fn build(parsed: Parsed, head: &Bytes) -> Result<(http::response::Parts, Framing, bool), Error> {
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut connection = None;
     for (name, range) in parsed.headers {
         let value = HeaderValue::from_maybe_shared(head.slice(range))
             .map_err(|_| Error::Invalid("bad header value"))?;
-        headers.append(name, value);
+        // Hop-by-hop headers are dropped here rather than removed later: no map lookups.
+        if name == header::CONNECTION {
+            connection.get_or_insert_with(Vec::new).push(value);
+        } else if !super::headers::is_hop_by_hop(&name) {
+            headers.append(name, value);
+        }
     }
-    super::headers::rewrite_response(&mut headers);
+    for value in connection.iter().flatten() {
+        super::headers::remove_listed(&mut headers, value);
+    }
     let mut parts = Response::new(()).into_parts().0;
     parts.status = parsed.status;
     parts.version = parsed.version;
@@ -442,7 +460,7 @@ impl Streaming {
             && self.reusable
             && self.buf.is_empty()
         {
-            self.pool.put(io);
+            self.pool.put(io, std::mem::take(&mut self.buf));
         }
     }
 

@@ -15,19 +15,29 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHENTICATE,
 ];
 
+/// Whether `name` is a hop-by-hop header of its own (those named in `Connection` aside). `TE`
+/// counts: [`strip_hop_by_hop`] puts `TE: trailers` back on requests.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// Removes the headers a `Connection` value lists.
+pub fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
+    let listed = connection.to_str().into_iter().flat_map(|v| v.split(','));
+    for name in listed.filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok()) {
+        headers.remove(name);
+    }
+}
+
 /// Removes hop-by-hop headers and every header the `Connection` header names. Runs before the
 /// credential is attached: a client sending `Connection: authorization` must not be able to make
 /// the next hop drop it. `TE: trailers` survives (gRPC needs it end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
+        for connection in &listed {
+            remove_listed(headers, connection);
+        }
     }
     let te_trailers = headers
         .get_all(header::TE)
@@ -53,7 +63,12 @@ pub fn rewrite_request(
     strip_hop_by_hop(headers);
     headers.remove(header::PROXY_AUTHORIZATION);
     let original_host = headers.remove(header::HOST);
-    append(headers, HeaderName::from_static("x-forwarded-for"), &client_ip.to_string());
+    let forwarded_for = HeaderName::from_static("x-forwarded-for");
+    if headers.contains_key(&forwarded_for) {
+        append(headers, forwarded_for, &client_ip.to_string());
+    } else {
+        headers.insert(forwarded_for, ip_value(client_ip));
+    }
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
     if let Some(host) = original_host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);
@@ -77,6 +92,17 @@ pub fn rewrite_request(
 pub fn rewrite_response(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
     headers.remove(header::TE);
+}
+
+/// The address as a header value, formatted without a heap string.
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    use std::io::Write;
+    let mut buf = [0u8; 64];
+    let mut rest = &mut buf[..];
+    // An IPv6 address is at most 45 characters, so this always fits.
+    let _ = write!(rest, "{ip}");
+    let len = 64 - rest.len();
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Appends `value` to a comma-separated header, joining existing values into one.
