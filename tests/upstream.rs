@@ -185,6 +185,12 @@ async fn chunked_responses_are_decoded_and_the_connection_reused() {
     let up = RawUpstream::start(move |_, req| {
         let body = if req.starts_with("GET /big") {
             format!("{wire}0\r\n\r\n")
+        } else if req.starts_with("GET /both") {
+            // Transfer-Encoding wins; the stray length must not reach the client.
+            return Act::Answer(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                    .to_vec(),
+            );
         } else {
             "5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: dropped\r\n\r\n".to_owned()
         };
@@ -193,13 +199,15 @@ async fn chunked_responses_are_decoded_and_the_connection_reused() {
     .await;
     let (_idp, tg) = proxy_to(&up).await;
     assert_eq!(fetch(&tg, "GET", "/small").await, (200, "hello world".to_owned()));
+    assert_eq!(fetch(&tg, "GET", "/both").await, (200, "hello".to_owned()));
     let (status, got) = fetch(&tg, "GET", "/big").await;
     assert_eq!(status, 200);
     assert_eq!(got.len(), big.len());
     assert!(got == big, "the body arrives byte for byte");
     let h2 = h2_client().get(format!("http://{}/small", tg.proxy_addr)).send().await.unwrap();
     assert_eq!(h2.text().await.unwrap(), "hello world");
-    assert_eq!(up.connections(), 1);
+    // The response with both framings was not trusted to leave the connection clean.
+    assert_eq!(up.connections(), 2);
 }
 
 #[tokio::test]

@@ -409,6 +409,9 @@ fn build(parsed: Parsed, head: &Bytes) -> Result<(http::response::Parts, Framing
         // Hop-by-hop headers are dropped here rather than removed later: no map lookups.
         if name == header::CONNECTION {
             connection.get_or_insert_with(Vec::new).push(value);
+        } else if name == header::CONTENT_LENGTH && !matches!(parsed.framing, Framing::Length(_)) {
+            // Beside Transfer-Encoding it is wrong (RFC 9112 section 6.3): the body is re-framed
+            // downstream, so it is dropped.
         } else if !super::headers::is_hop_by_hop(&name) {
             headers.append(name, value);
         }
