@@ -38,7 +38,7 @@ enum LogFormat {
 enum Command {
     /// Serve (the default when only -c is given).
     Run {
-        /// Tokio worker threads (default: number of cores).
+        /// Worker threads serving requests, each with its own event loop (default: number of cores).
         #[arg(long)]
         workers: Option<usize>,
     },
@@ -79,9 +79,15 @@ fn main() -> ExitCode {
             with_config(&cli.config, |_, c| block_on(None, token_main(c, provider, show)))
         }
         Some(Command::Demo { listen, admin }) => block_on(workers, demo_main(listen, admin)),
-        Some(Command::Run { .. }) | None => {
-            with_config(&cli.config, |path, config| block_on(workers, run(path.to_owned(), config)))
-        }
+        Some(Command::Run { .. }) | None => with_config(&cli.config, |path, config| {
+            let threads = workers
+                .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+                .and_then(std::num::NonZeroUsize::new)
+                .unwrap_or(std::num::NonZeroUsize::MIN);
+            // Requests are served on the worker threads; this runtime only has the admin
+            // listener, token refreshes and signals.
+            block_on(Some(1), run(path.to_owned(), config, server::Workers::Threads(threads)))
+        }),
     }
 }
 
@@ -225,11 +231,11 @@ async fn token_main(config: Config, provider: String, show: bool) -> ExitCode {
     }
 }
 
-async fn run(path: PathBuf, config: Config) -> ExitCode {
+async fn run(path: PathBuf, config: Config, workers: server::Workers) -> ExitCode {
     if let Some(warning) = config::permission_warning(&path) {
         tracing::warn!("{warning}");
     }
-    let running = match server::start_with(config, Some(path)).await {
+    let running = match server::start_with(config, Some(path), workers).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");

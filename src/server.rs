@@ -33,6 +33,17 @@ pub enum StartError {
     Setup(String),
 }
 
+/// Where connections to the proxy listeners are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    /// On the runtime that calls [`start_with`] (tests, embedding).
+    Caller,
+    /// On this many threads, each with its own event loop and its own listening socket
+    /// (`SO_REUSEPORT`), as nginx runs worker processes: a connection, its requests and its
+    /// upstream connections stay on one thread, with no task stealing or cross-thread wake-ups.
+    Threads(std::num::NonZeroUsize),
+}
+
 /// A running tokengate: both listeners, the token sources and their background tasks.
 pub struct Running {
     /// Where the proxy listens.
@@ -48,6 +59,8 @@ pub struct Running {
     control: Arc<Control>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    // Worker threads report here when their listeners have drained.
+    threads: Vec<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// What reloads need: the state to swap and where the configuration came from.
@@ -61,11 +74,17 @@ pub struct Control {
 
 /// Binds the listeners, starts fetching tokens and serves until [`Running::shutdown`].
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    start_with(config, None).await
+    start_with(config, None, Workers::Caller).await
 }
 
-/// As [`start`]; `path` is the file that SIGHUP and `POST /reload` read again.
-pub async fn start_with(config: Config, path: Option<std::path::PathBuf>) -> Result<Running, StartError> {
+/// As [`start`]; `path` is the file that SIGHUP and `POST /reload` read again, `workers` says
+/// where the proxy listeners' connections are served. The admin listener and token refreshes
+/// run on the caller's runtime.
+pub async fn start_with(
+    config: Config,
+    path: Option<std::path::PathBuf>,
+    workers: Workers,
+) -> Result<Running, StartError> {
     let metrics = Metrics::new();
     let providers = token::build(&config, &metrics).map_err(StartError::Setup)?;
     for p in providers.values() {
@@ -77,10 +96,13 @@ pub async fn start_with(config: Config, path: Option<std::path::PathBuf>) -> Res
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
     };
-    let proxy_listener = bind(config.listen).await?;
+    let threads = match workers {
+        Workers::Caller => 1,
+        Workers::Threads(n) => n.get(),
+    };
+    let proxy_listener = bind_shared(config.listen, threads)?;
     let admin_listener = bind(config.admin.listen).await?;
-    let proxy_addr =
-        proxy_listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+    let proxy_addr = proxy_listener.addr;
     let admin_addr = admin_listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr: config.admin.listen, source })?;
@@ -121,6 +143,13 @@ pub async fn start_with(config: Config, path: Option<std::path::PathBuf>) -> Res
         })
     };
     let mut tasks = Vec::new();
+    // Serving loops by worker.
+    let mut loops: Vec<Vec<ServeFuture>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut add = |per_worker: Vec<ServeFuture>| {
+        for (worker, serving) in per_worker.into_iter().enumerate() {
+            loops[worker].push(serving);
+        }
+    };
     let mut tls_addr = None;
     if let Some(tls) = &config.tls {
         let required =
@@ -128,41 +157,28 @@ pub async fn start_with(config: Config, path: Option<std::path::PathBuf>) -> Res
         let server_config =
             crate::tls::server_config(&tls.cert_file, &tls.key_file, tls.client_ca_file.as_deref(), required)
                 .map_err(|e| StartError::Setup(e.to_string()))?;
-        let listener = bind(tls.listen).await?;
-        tls_addr =
-            Some(listener.local_addr().map_err(|source| StartError::Bind { addr: tls.listen, source })?);
+        let listener = bind_shared(tls.listen, threads)?;
+        tls_addr = Some(listener.addr);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
         let settings = Listener { tls: Some(acceptor), ..proxy_settings.clone() };
-        tasks.push(tokio::spawn(serve(
-            listener,
-            builder.clone(),
-            rx.clone(),
-            settings,
-            proxy_service.clone(),
-        )));
+        add(listener.serve(builder.clone(), rx.clone(), settings, proxy_service.clone()));
     }
     let mut forward_addr = None;
     if let Some(fwd) = &config.forward_proxy {
-        let listener = bind(fwd.listen).await?;
-        forward_addr =
-            Some(listener.local_addr().map_err(|source| StartError::Bind { addr: fwd.listen, source })?);
+        let listener = bind_shared(fwd.listen, threads)?;
+        forward_addr = Some(listener.addr);
         let plain = proxy_service.clone();
         let service = move |conn: crate::proxy::Conn| plain(crate::proxy::Conn { forward: true, ..conn });
-        tasks.push(tokio::spawn(serve(
-            listener,
-            builder.clone(),
-            rx.clone(),
-            proxy_settings.clone(),
-            service,
-        )));
+        add(listener.serve(builder.clone(), rx.clone(), proxy_settings.clone(), service));
     }
-    tasks.push(tokio::spawn(serve(
-        proxy_listener,
-        builder.clone(),
-        rx.clone(),
-        proxy_settings,
-        proxy_service,
-    )));
+    add(proxy_listener.serve(builder.clone(), rx.clone(), proxy_settings, proxy_service));
+    let mut worker_done = Vec::new();
+    for (index, serving) in loops.into_iter().enumerate() {
+        match workers {
+            Workers::Caller => tasks.extend(serving.into_iter().map(tokio::spawn)),
+            Workers::Threads(_) => worker_done.push(spawn_worker(index, serving)?),
+        }
+    }
     let admin_settings = Listener {
         grace: Duration::from_secs(1),
         idle_timeout: config.limits.idle_timeout,
@@ -171,7 +187,8 @@ pub async fn start_with(config: Config, path: Option<std::path::PathBuf>) -> Res
         tls: None,
     };
     let c = control.clone();
-    tasks.push(tokio::spawn(serve(admin_listener, builder, rx, admin_settings, move |_| {
+    let admin_slots = Arc::new(tokio::sync::Semaphore::new(admin_settings.max_connections));
+    tasks.push(tokio::spawn(serve(admin_listener, builder, rx, admin_settings, admin_slots, move |_| {
         let c = c.clone();
         service_fn(move |req| {
             let c = c.clone();
@@ -179,7 +196,117 @@ pub async fn start_with(config: Config, path: Option<std::path::PathBuf>) -> Res
         })
     })));
     tracing::info!(%proxy_addr, %admin_addr, tls_addr = ?tls_addr, "tokengate is listening");
-    Ok(Running { proxy_addr, admin_addr, tls_addr, forward_addr, proxy, control, shutdown, tasks })
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        tls_addr,
+        forward_addr,
+        proxy,
+        control,
+        shutdown,
+        tasks,
+        threads: worker_done,
+    })
+}
+
+/// One listener's serving loop on one worker.
+type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A listening address with one socket per worker.
+struct SharedListener {
+    addr: SocketAddr,
+    sockets: Vec<std::net::TcpListener>,
+}
+
+/// Binds `count` sockets to `addr` (for port 0, the port the first one got). More than one uses
+/// `SO_REUSEPORT`, so the kernel spreads new connections over the workers.
+fn bind_shared(addr: SocketAddr, count: usize) -> Result<SharedListener, StartError> {
+    let failed = |source| StartError::Bind { addr, source };
+    let one = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let socket =
+            if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        if count > 1 {
+            socket.set_reuseport(true)?;
+        }
+        socket.bind(addr)?;
+        // Back to a std socket: the thread that serves it registers it with its own event loop.
+        socket.listen(1024)?.into_std()
+    };
+    let first = one(addr).map_err(failed)?;
+    let actual = first.local_addr().map_err(failed)?;
+    let mut sockets = vec![first];
+    for _ in 1..count {
+        sockets.push(one(actual).map_err(failed)?);
+    }
+    Ok(SharedListener { addr: actual, sockets })
+}
+
+impl SharedListener {
+    /// A serving loop per socket (per worker), sharing one connection limit.
+    fn serve<F, S>(
+        self,
+        builder: Arc<auto::Builder<TokioExecutor>>,
+        shutdown: watch::Receiver<bool>,
+        settings: Listener,
+        make_service: F,
+    ) -> Vec<ServeFuture>
+    where
+        F: Fn(crate::proxy::Conn) -> S + Clone + Send + Sync + 'static,
+        S: Handler,
+        S::Future: Send + 'static,
+    {
+        let max = settings.max_connections.min(tokio::sync::Semaphore::MAX_PERMITS);
+        let slots = Arc::new(tokio::sync::Semaphore::new(max));
+        self.sockets
+            .into_iter()
+            .map(|socket| {
+                let (builder, shutdown, settings, slots, make_service) = (
+                    builder.clone(),
+                    shutdown.clone(),
+                    settings.clone(),
+                    slots.clone(),
+                    make_service.clone(),
+                );
+                Box::pin(async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(listener) => {
+                            serve(listener, builder, shutdown, settings, slots, make_service).await
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot serve a listening socket"),
+                    }
+                }) as ServeFuture
+            })
+            .collect()
+    }
+}
+
+/// Starts worker thread `index` with its own single-threaded runtime, serving `loops` until
+/// they have drained; the receiver hears when that is.
+fn spawn_worker(
+    index: usize,
+    loops: Vec<ServeFuture>,
+) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StartError::Setup(format!("cannot start worker {index}: {e}")))?;
+    let (done, report) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("tokengate-worker-{index}"))
+        .spawn(move || {
+            crate::proxy::h1::set_worker(index);
+            runtime.block_on(async move {
+                let mut set = tokio::task::JoinSet::new();
+                for serving in loops {
+                    set.spawn(serving);
+                }
+                while set.join_next().await.is_some() {}
+            });
+            let _ = done.send(());
+        })
+        .map_err(|e| StartError::Setup(format!("cannot start worker {index}: {e}")))?;
+    Ok(report)
 }
 
 fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -241,6 +368,7 @@ async fn serve<F, S>(
     builder: Arc<auto::Builder<TokioExecutor>>,
     mut shutdown: watch::Receiver<bool>,
     settings: Listener,
+    slots: Arc<tokio::sync::Semaphore>,
     make_service: F,
 ) where
     F: Fn(crate::proxy::Conn) -> S + Clone + Send + 'static,
@@ -248,7 +376,6 @@ async fn serve<F, S>(
     S::Future: Send + 'static,
 {
     let max = settings.max_connections.min(tokio::sync::Semaphore::MAX_PERMITS);
-    let slots = Arc::new(tokio::sync::Semaphore::new(max));
     let (phase, _) = watch::channel(RUNNING);
     loop {
         // At the connection limit, stop accepting: further clients wait in the kernel's queue.
@@ -514,6 +641,9 @@ impl Running {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
+        }
+        for worker in self.threads {
+            let _ = worker.await;
         }
     }
 

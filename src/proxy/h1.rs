@@ -85,7 +85,21 @@ pub struct Pool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_head: usize,
-    idle: Mutex<VecDeque<Idle>>,
+    // One idle list per worker thread: a connection stays with the event loop it is registered
+    // with, so its readiness never has to cross threads.
+    idle: Box<[Mutex<VecDeque<Idle>>]>,
+}
+
+/// Idle lists per pool; workers beyond this share them.
+const SHARDS: usize = 16;
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as worker `index`, whose upstream connections are pooled apart.
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
 }
 
 /// A kept-alive connection with its read buffer, whose memory is reused once the last response
@@ -110,8 +124,13 @@ impl Pool {
             connect_timeout,
             idle_timeout,
             max_head,
-            idle: Mutex::new(VecDeque::new()),
+            idle: (0..SHARDS).map(|_| Mutex::new(VecDeque::new())).collect(),
         }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
+        let shard = &self.idle[WORKER.with(std::cell::Cell::get) % SHARDS];
+        shard.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Sends one request and reads the response head (and a small body). A reused connection
@@ -194,7 +213,7 @@ impl Pool {
     /// The most recently used live idle connection; stale ones are dropped.
     fn checkout(&self) -> Option<(TcpStream, BytesMut)> {
         loop {
-            let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop_back()?;
+            let idle = self.idle().pop_back()?;
             if idle.since.elapsed() < self.idle_timeout && still_open(&idle.io) {
                 return Some((idle.io, idle.buf));
             }
@@ -203,7 +222,7 @@ impl Pool {
 
     fn put(&self, io: TcpStream, buf: BytesMut) {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.idle();
         while idle.front().is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
             || idle.len() >= MAX_IDLE
         {

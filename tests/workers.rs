@@ -1,0 +1,107 @@
+//! Serving on worker threads (`tokengate run --workers N`): each thread has its own event loop
+//! and its own socket on the listening port; the connection limit and graceful shutdown still
+//! hold for the process as a whole.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use common::*;
+use tokengate::server::{Running, Workers};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn start_threads(yaml: &str, threads: usize) -> Running {
+    let text = format!("listen: {ANY}\nadmin:\n  listen: {ANY}\n{yaml}");
+    let config = tokengate::config::parse(&text, "test.yaml").unwrap();
+    let workers = Workers::Threads(NonZeroUsize::new(threads).unwrap());
+    tokengate::server::start_with(config, None, workers).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_is_served_and_shutdown_drains_all_workers() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start_with(None, Duration::from_millis(300)).await;
+    let tg = start_threads(&idp.config_to(&up.url()), 4).await;
+    wait_ready(&tg).await;
+
+    // Separate clients, separate connections: the kernel spreads them over the four sockets.
+    let mut clients = Vec::new();
+    for n in 0..32 {
+        let url = format!("http://{}/c{n}", tg.proxy_addr);
+        clients.push(tokio::spawn(async move {
+            let c = client();
+            let mut statuses = Vec::new();
+            for _ in 0..2 {
+                statuses.push(c.get(&url).send().await.unwrap().status().as_u16());
+            }
+            statuses
+        }));
+    }
+    for c in clients {
+        assert_eq!(c.await.unwrap(), [200, 200]);
+    }
+    assert_eq!(up.requests().len(), 64);
+    assert!(
+        up.requests().iter().all(|r| r.header("authorization").is_some_and(|a| a.starts_with("Bearer ")))
+    );
+
+    // Requests in flight on any worker finish; then the port is closed.
+    let addr = tg.proxy_addr;
+    let in_flight: Vec<_> = (0..8)
+        .map(|n| tokio::spawn(async move { client().get(format!("http://{addr}/slow{n}")).send().await }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tg.shutdown().await;
+    for r in in_flight {
+        assert_eq!(r.await.unwrap().unwrap().status(), 200);
+    }
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "no worker listens after shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_holds_across_workers() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let yaml = format!("limits:\n  max_connections: 3\n{}", idp.config_to(&up.url()));
+    let tg = start_threads(&yaml, 2).await;
+    wait_ready(&tg).await;
+
+    // Six keep-alive connections each send a request; only the limit's worth are answered.
+    let request = format!("GET /x HTTP/1.1\r\nhost: {}\r\n\r\n", tg.proxy_addr);
+    let mut conns = Vec::new();
+    for _ in 0..6 {
+        let mut s = tokio::net::TcpStream::connect(tg.proxy_addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        conns.push(s);
+    }
+    let mut answered = Vec::new();
+    for s in &mut conns {
+        let mut buf = [0u8; 4096];
+        let got = tokio::time::timeout(Duration::from_millis(400), s.read(&mut buf)).await;
+        answered.push(matches!(got, Ok(Ok(n)) if n > 0 && buf.starts_with(b"HTTP/1.1 200")));
+    }
+    let served = answered.iter().filter(|a| **a).count();
+    // Never more than the limit; a worker waiting to accept keeps one slot, so one may sit idle.
+    assert!((2..=3).contains(&served), "{served} connections served with a limit of 3");
+
+    // Closing the served connections lets waiting ones in.
+    let waiting: Vec<_> =
+        conns.into_iter().zip(answered).filter_map(|(s, answered)| (!answered).then_some(s)).collect();
+    let reads: Vec<_> = waiting
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let got = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+                matches!(got, Ok(Ok(n)) if n > 0 && buf.starts_with(b"HTTP/1.1 200"))
+            })
+        })
+        .collect();
+    let mut later = 0;
+    for r in reads {
+        later += usize::from(r.await.unwrap());
+    }
+    assert!(later >= 2, "only {later} waiting connections were served once slots were free");
+}
