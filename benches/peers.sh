@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
 done
 
 . benches/lib.sh
-need nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client curl:curl
+need nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client curl:curl python3:python3
 cargo build --release --quiet
 
 ORIGIN=18000 NGINX=18001 HAPROXY=18002 TOKENGATE=18003 TG_ADMIN=18004
@@ -165,6 +165,23 @@ for size in small large; do
   done
 done
 peak_rss=$(awk '/VmHWM/ {print $2}' "/proc/$TG_PID/status")
+
+# 1,000 client connections, each after one request, held open while RSS is read.
+held_rss=$(python3 - "$TOKENGATE" "$TG_PID" <<'PY'
+import socket, sys
+port, pid = int(sys.argv[1]), sys.argv[2]
+conns = []
+for _ in range(1000):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /small HTTP/1.1\r\nhost: bench\r\n\r\n")
+    conns.append(s)
+for s in conns:
+    got = b""
+    while not got.endswith(b"x" * 100):
+        got += s.recv(4096)
+print(next(l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")))
+PY
+)
 hz=$(getconf CLK_TCK)
 
 echo
@@ -181,5 +198,5 @@ for size in small large; do
   done
 done
 echo
-awk -v i="$idle_rss" -v p="$peak_rss" -v t="$tg_ticks" -v hz="$hz" -v n="$tg_requests" \
-  'BEGIN { printf "tokengate: idle RSS %.1f MiB, peak RSS %.1f MiB, %.3f CPU seconds per 10k requests\n", i/1024, p/1024, (t/hz)/(n/10000) }'
+awk -v i="$idle_rss" -v p="$peak_rss" -v h="$held_rss" -v t="$tg_ticks" -v hz="$hz" -v n="$tg_requests" \
+  'BEGIN { printf "tokengate: idle RSS %.1f MiB, peak RSS under load %.1f MiB, RSS with 1,000 open connections %.1f MiB, %.3f CPU seconds per 10k requests\n", i/1024, p/1024, h/1024, (t/hz)/(n/10000) }'

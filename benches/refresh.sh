@@ -2,15 +2,16 @@
 # p99 latency while tokens refresh under load: tokengate with 2-second tokens (a background
 # refresh about every second) against the same setup with 1-hour tokens, wrk driving both.
 #
-#   bash benches/refresh.sh [--workers N] [--duration SECONDS]
+#   bash benches/refresh.sh [--workers N] [--duration SECONDS] [--rounds R]
 #
 # Prints the two p99s, their ratio and the failed requests; it never fails on a number.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORKERS=2 DURATION=10
+WORKERS=2 DURATION=10 ROUNDS=3
 while [ $# -gt 0 ]; do
   case "$1" in
     --workers) WORKERS=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
     --duration) DURATION=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -69,19 +70,29 @@ CONF
   local fetches
   fetches=$(curl -s "http://127.0.0.1:$ADMIN/metrics" | awk '/^tokengate_token_fetches_total/ {s += $2} END {print s+0}')
   kill "$pid"; wait "$pid" 2>/dev/null || true
+  # Failed: non-2xx answers plus socket errors (connect, read, write, timeout).
   awk -v f="$fetches" '
     function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
-    /Requests\/sec/ { rps=$2 } /^ +99%/ { p99=ms($2) } /Non-2xx/ { bad=$NF } /Socket errors/ { err=$0 }
+    /Requests\/sec/ { rps=$2 } /^ +99%/ { p99=ms($2) } /Non-2xx/ { bad+=$NF }
+    /Socket errors/ { for (i = 3; i <= NF; i += 2) { v = $(i+1); gsub(",", "", v); bad += v } }
     END { printf "%s %s %d %s\n", rps, p99, bad+0, f }' "$WORK/wrk.txt"
 }
 
-read -r rps_steady p99_steady bad_steady fetch_steady < <(measure token-long)
-read -r rps_refresh p99_refresh bad_refresh fetch_refresh < <(measure token-short)
+median() { sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+
+# Interleaved rounds, since one 99th percentile over a few seconds is noisy.
+: > "$WORK/long"; : > "$WORK/short"
+for _ in $(seq "$ROUNDS"); do
+  measure token-long >> "$WORK/long"
+  measure token-short >> "$WORK/short"
+done
+col() { cut -d' ' -f"$2" "$WORK/$1" | median; }
+sum() { awk -v c="$2" '{s += $c} END {print s+0}' "$WORK/$1"; }
 echo
-echo "### refresh under load: workers=$WORKERS, 50 connections, ${DURATION}s ($(date -u +%Y-%m-%d))"
+echo "### refresh under load: workers=$WORKERS, 50 connections, ${DURATION}s x $ROUNDS rounds ($(date -u +%Y-%m-%d))"
 echo
-echo "| tokens | req/s | p99 ms | failed requests | token fetches |"
+echo "| tokens | req/s (median) | p99 ms (median) | failed requests (all rounds) | token fetches per round |"
 echo "| --- | ---: | ---: | ---: | ---: |"
-echo "| 1 h (steady state) | $rps_steady | $p99_steady | $bad_steady | $fetch_steady |"
-echo "| 2 s (refresh every ~1 s) | $rps_refresh | $p99_refresh | $bad_refresh | $fetch_refresh |"
-awk -v a="$p99_refresh" -v b="$p99_steady" 'BEGIN { printf "\np99 during refreshes / steady state: %.2f\n", a/b }'
+echo "| 1 h (steady state) | $(col long 1) | $(col long 2) | $(sum long 3) | $(col long 4) |"
+echo "| 2 s (refresh every ~1 s) | $(col short 1) | $(col short 2) | $(sum short 3) | $(col short 4) |"
+awk -v a="$(col short 2)" -v b="$(col long 2)" 'BEGIN { printf "\np99 during refreshes / steady state: %.2f\n", a/b }'
