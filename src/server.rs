@@ -378,11 +378,6 @@ async fn serve<F, S>(
     let max = settings.max_connections.min(tokio::sync::Semaphore::MAX_PERMITS);
     let (phase, _) = watch::channel(RUNNING);
     loop {
-        // At the connection limit, stop accepting: further clients wait in the kernel's queue.
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.changed() => break,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.changed() => break,
@@ -395,6 +390,13 @@ async fn serve<F, S>(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        // At the connection limit, this connection waits for a slot and the loop accepts no
+        // more: further clients wait in the kernel's queue. The slot is taken after accepting,
+        // so a worker with nobody to accept holds none that another worker's client could use.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());

@@ -110,9 +110,8 @@ pub struct Limits {
     /// upstream 401; larger ones stream and are not replayed.
     #[serde(deserialize_with = "value::size")]
     pub replay_buffer: u64,
-    /// Downstream connections served at once, shared by all worker threads; further clients
-    /// wait in the accept queue. A worker waiting to accept holds one slot, so at the limit up
-    /// to `workers - 1` slots can sit unused.
+    /// Downstream connections served at once, across all worker threads; further clients wait
+    /// in the accept queue.
     pub max_connections: usize,
 }
 
