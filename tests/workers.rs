@@ -104,3 +104,32 @@ async fn the_connection_limit_holds_across_workers() {
     }
     assert_eq!(later, 3, "the waiting connections are served once slots are free");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_and_http2_clients_work_on_worker_threads() {
+    let pki = pki();
+    let idp = Idp::start(IdpOptions::default()).await;
+    let (addr, seen) = tls_upstream(&pki.server_cert, &pki.server_key).await;
+    let yaml = format!(
+        "{}routes:\n  - prefix: /\n    upstream: https://127.0.0.1:{}\n    provider: idp\n    ca_file: {}\n",
+        idp.provider_yaml(),
+        addr.port(),
+        pki.ca.display()
+    );
+    let tg = start_threads(&yaml, 2).await;
+    wait_ready(&tg).await;
+    let mut calls = Vec::new();
+    for n in 0..16 {
+        let url = format!("http://{}/h{n}", tg.proxy_addr);
+        calls.push(tokio::spawn(async move {
+            // Separate HTTP/2 (prior knowledge) connections, spread over both workers.
+            h2_client().get(url).send().await.unwrap().status().as_u16()
+        }));
+    }
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 16);
+    assert!(seen.iter().all(|r| r.version == http::Version::HTTP_2 && r.header("authorization").is_some()));
+}
