@@ -4,7 +4,9 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+// `Connection` first and `TE` fourth: `strip_hop_by_hop` treats them by position.
+const HOP_COUNT: usize = 8;
+const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -14,6 +16,9 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
     header::PROXY_AUTHENTICATE,
 ];
+
+const CONNECTION_AT: usize = 0;
+const TE_AT: usize = 3;
 
 /// Whether `name` is a hop-by-hop header of its own (those named in `Connection` aside). `TE`
 /// counts: [`strip_hop_by_hop`] puts `TE: trailers` back on requests.
@@ -33,18 +38,28 @@ pub fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
 /// credential is attached: a client sending `Connection: authorization` must not be able to make
 /// the next hop drop it. `TE: trailers` survives (gRPC needs it end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
+    // One pass over the names, then lookups only for what is there: most requests carry no
+    // hop-by-hop header but `Connection`.
+    let mut present = [false; HOP_COUNT];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
+    }
+    if present[CONNECTION_AT] {
         let listed: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
         for connection in &listed {
             remove_listed(headers, connection);
         }
     }
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    let te_trailers = present[TE_AT]
+        && headers.get_all(header::TE).iter().any(|v| {
+            v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
+        });
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -167,6 +182,12 @@ mod tests {
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(h.get("via").unwrap(), "1.1 tokengate");
         assert_eq!(h.get("accept").unwrap(), "application/json");
+    }
+
+    #[test]
+    fn positions_match_the_list() {
+        assert_eq!(HOP_BY_HOP[CONNECTION_AT], header::CONNECTION);
+        assert_eq!(HOP_BY_HOP[TE_AT], header::TE);
     }
 
     #[test]
