@@ -27,8 +27,11 @@ const READ_BUF: usize = 32 * 1024;
 /// Bodies up to this size are read whole before the response goes downstream, so the head and
 /// body leave in one write; larger ones stream.
 const WHOLE_BODY: u64 = 64 * 1024;
-/// Idle connections kept per upstream.
+/// Idle connections kept per upstream and worker thread.
 const MAX_IDLE: usize = 256;
+/// Idle connections that keep their read buffer for reuse, per upstream and worker thread; the
+/// rest give it back, so a burst does not leave megabytes parked in idle buffers.
+const KEEP_BUFFERS: usize = 64;
 /// At most this many headers in a response head (hyper's default too).
 const MAX_HEADERS: usize = 100;
 /// Bound on a chunk-size line and on trailers, which are read and dropped.
@@ -228,6 +231,7 @@ impl Pool {
         {
             idle.pop_front();
         }
+        let buf = if idle.len() < KEEP_BUFFERS { buf } else { BytesMut::new() };
         idle.push_back(Idle { io, buf, since: now });
     }
 }
