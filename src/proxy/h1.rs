@@ -27,6 +27,8 @@ const READ_BUF: usize = 32 * 1024;
 /// Bodies up to this size are read whole before the response goes downstream, so the head and
 /// body leave in one write; larger ones stream.
 const WHOLE_BODY: u64 = 64 * 1024;
+/// Request bodies up to this size are copied behind the head and sent with it.
+const INLINE_BODY: usize = 64 * 1024;
 /// Idle connections kept per upstream and worker thread.
 const MAX_IDLE: usize = 256;
 /// Idle connections that keep their read buffer for reuse, per upstream and worker thread; the
@@ -139,9 +141,10 @@ impl Pool {
     /// Sends one request and reads the response head (and a small body). A reused connection
     /// that turns out to be closed is replaced once, when the request cannot have been acted on.
     pub async fn send(self: &Arc<Self>, head: &Head<'_>, body: &Bytes) -> Result<Response<Body>, Error> {
-        let mut out = Vec::with_capacity(512 + body.len().min(WHOLE_BODY as usize));
+        // A body up to the inline size goes behind the head, so the request is one write.
+        let inline = body.len() <= INLINE_BODY;
+        let mut out = Vec::with_capacity(512 + if inline { body.len() } else { 0 });
         encode(&mut out, &self.host, head, body);
-        let inline = out.len() + body.len() <= out.capacity();
         if inline {
             out.extend_from_slice(body);
         }
