@@ -296,3 +296,18 @@ async fn request_bodies_go_with_their_own_length_and_hop_by_hop_headers_stay_beh
     assert!(seen.ends_with("\r\n\r\nhello"), "{seen}");
     assert!(!seen.to_lowercase().contains("expect:"), "{seen}");
 }
+
+#[tokio::test]
+async fn a_large_buffered_body_is_sent_after_the_head() {
+    let up = RawUpstream::start(|_, _| Act::Answer(ok("stored"))).await;
+    let idp = Idp::start(IdpOptions::default()).await;
+    // A replay buffer above the inline size: the body is kept, then written after the head.
+    let yaml = format!("limits:\n  replay_buffer: 1MiB\n{}", idp.config_to(&format!("http://{}", up.addr)));
+    let tg = start(&yaml).await;
+    let body: Vec<u8> = (0..200 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+    let r = client().put(format!("http://{}/blob", tg.proxy_addr)).body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = &up.requests()[0];
+    assert!(seen.contains("content-length: 204800\r\n"), "{}", &seen[..seen.len().min(400)]);
+    assert!(seen.as_bytes().ends_with(&body), "the upstream got the body byte for byte");
+}
