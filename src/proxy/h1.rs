@@ -493,18 +493,25 @@ impl Streaming {
         }
     }
 
+    /// Up to `n` buffered body bytes and how many of the `n` are still to come; `None` when
+    /// nothing is buffered.
+    fn take(&mut self, n: u64) -> Option<(Bytes, u64)> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        let take = self.buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+        Some((self.buf.split_to(take).freeze(), n - take as u64))
+    }
+
     /// The next data frame from what is buffered, or `None` when more must be read.
     fn decode(&mut self) -> Result<Option<Option<Bytes>>, Error> {
         loop {
             match self.framing {
                 Framing::Length(0) => return Ok(Some(None)),
                 Framing::Length(n) => {
-                    if self.buf.is_empty() {
-                        return Ok(None);
-                    }
-                    let take = self.buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-                    self.framing = Framing::Length(n - take as u64);
-                    return Ok(Some(Some(self.buf.split_to(take).freeze())));
+                    let Some((data, left)) = self.take(n) else { return Ok(None) };
+                    self.framing = Framing::Length(left);
+                    return Ok(Some(Some(data)));
                 }
                 Framing::Close => {
                     if self.buf.is_empty() {
@@ -523,14 +530,10 @@ impl Streaming {
                         _ => return Err(Error::Invalid("bad chunk size")),
                     },
                     Chunk::Data(n) => {
-                        if self.buf.is_empty() {
-                            return Ok(None);
-                        }
-                        let take = self.buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-                        let left = n - take as u64;
+                        let Some((data, left)) = self.take(n) else { return Ok(None) };
                         self.framing =
                             Framing::Chunked(if left == 0 { Chunk::DataEnd } else { Chunk::Data(left) });
-                        return Ok(Some(Some(self.buf.split_to(take).freeze())));
+                        return Ok(Some(Some(data)));
                     }
                     Chunk::DataEnd => {
                         if self.buf.len() < 2 {
