@@ -1,24 +1,46 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/tokens` and `POST /reload`.
+//!
+//! It is part of the security boundary: `/tokens` and `/readyz` describe the credentials and a
+//! reload changes where they are sent. Every request passes [`guard`] first: the client address
+//! must be in `admin.allow`, a web browser is refused (`Origin` / `Sec-Fetch-*`: CSRF), and `Host`
+//! must be an IP literal, `localhost` or a name in `admin.hosts` (DNS rebinding).
 
 use std::sync::Arc;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
-use crate::proxy::Body;
+use crate::config::Admin;
 use crate::proxy::error::json_response;
+use crate::proxy::{Body, Conn};
 use crate::server::Control;
 
 /// Answers one admin request.
-pub async fn handle<B>(control: &Arc<Control>, req: Request<B>) -> Response<Body> {
+pub async fn handle<B>(control: &Arc<Control>, req: Request<B>, conn: Conn) -> Response<Body> {
     let proxy = control.proxy();
+    let admin = control.admin();
+    if let Err((reason, message)) = guard(&admin, &req, &conn) {
+        proxy.metrics.denied.with_label_values(&["_admin", reason]).inc();
+        tracing::info!(client = %conn.remote.ip(), reason, "admin request denied");
+        return json_response(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({"error": reason, "message": message}),
+        );
+    }
     if req.method() == Method::POST && req.uri().path() == "/reload" {
+        if !admin.reload {
+            return json_response(
+                StatusCode::FORBIDDEN,
+                &serde_json::json!({"error": "reload_disabled", "message": "POST /reload is off; set admin.reload: true, or send SIGHUP"}),
+            );
+        }
         return match control.reload_file().await {
             Ok(()) => json_response(StatusCode::OK, &serde_json::json!({"reloaded": true})),
             Err(e) => {
+                // The reason can quote configuration values and paths: it goes to the log only.
                 tracing::error!(error = %e, "reload failed; the previous configuration stays in force");
                 json_response(
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    &serde_json::json!({"error": "reload_failed", "message": e}),
+                    &serde_json::json!({"error": "reload_failed", "message": "the configuration was not reloaded; the previous one stays in force (details are in tokengate's log)"}),
                 )
             }
         };
@@ -71,5 +93,69 @@ pub async fn handle<B>(control: &Arc<Control>, req: Request<B>) -> Response<Body
             StatusCode::NOT_FOUND,
             &serde_json::json!({"error": "not_found", "path": other, "message": "admin endpoints: /metrics, /healthz, /readyz, /tokens, POST /reload"}),
         ),
+    }
+}
+
+/// The admin listener's access rules; the error is a metric reason and a message.
+fn guard<B>(admin: &Admin, req: &Request<B>, conn: &Conn) -> Result<(), (&'static str, &'static str)> {
+    if !crate::config::allowed(&admin.allow, conn.remote.ip()) {
+        return Err(("address_not_allowed", "this client address may not use the admin listener"));
+    }
+    let h = req.headers();
+    if h.contains_key(header::ORIGIN) || h.contains_key("sec-fetch-site") || h.contains_key("sec-fetch-mode")
+    {
+        return Err(("browser_request", "requests from web browsers are not accepted"));
+    }
+    let host = h
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if let Some(host) = host
+        && !host_allowed(admin, host)
+    {
+        return Err(("host_not_allowed", "this Host is not served by the admin listener"));
+    }
+    Ok(())
+}
+
+/// An IP literal (what probes and scrapers send), `localhost`, or a configured name.
+fn host_allowed(admin: &Admin, host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => {
+            return rest.split_once(']').is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => host
+            .rsplit_once(':')
+            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host, |(n, _)| n),
+    };
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || admin.hosts.iter().any(|h| h.0.eq_ignore_ascii_case(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_ip_literals_localhost_or_configured() {
+        let admin =
+            Admin { hosts: vec![crate::config::Text("tokengate-admin.svc".into())], ..Admin::default() };
+        for ok in [
+            "127.0.0.1:9090",
+            "10.1.2.3",
+            "[::1]:9090",
+            "localhost:9090",
+            "LOCALHOST",
+            "tokengate-admin.svc:9090",
+        ] {
+            assert!(host_allowed(&admin, ok), "{ok}");
+        }
+        for bad in
+            ["evil.example", "evil.example:9090", "127.0.0.1.evil.example", "[evil]:1", "localhost.evil"]
+        {
+            assert!(!host_allowed(&admin, bad), "{bad}");
+        }
     }
 }

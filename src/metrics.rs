@@ -29,6 +29,8 @@ pub struct Metrics {
     pub token_expiry: GaugeVec,
     /// `tokengate_inflight_requests`.
     pub inflight: IntGauge,
+    /// `tokengate_connections_closed_total{listener,reason}`: connections tokengate closed itself.
+    pub connections_closed: IntCounterVec,
     /// `tokengate_build_info{version}`.
     pub build_info: IntGaugeVec,
     /// `tokengate_up`: a constant 1 proving the scrape reached the process.
@@ -101,6 +103,15 @@ impl Metrics {
         let inflight =
             IntGauge::new("tokengate_inflight_requests", "Requests waiting for an upstream response head.")
                 .expect("valid metric");
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "tokengate_connections_closed_total",
+                "Downstream connections tokengate closed itself, by listener and reason \
+                 (first_request_timeout, idle, evicted).",
+            ),
+            &["listener", "reason"],
+        )
+        .expect("valid metric");
         let build_info =
             IntGaugeVec::new(Opts::new("tokengate_build_info", "Build information; always 1."), &["version"])
                 .expect("valid metric");
@@ -118,6 +129,7 @@ impl Metrics {
             Box::new(token_fetch_duration.clone()),
             Box::new(token_expiry.clone()),
             Box::new(inflight.clone()),
+            Box::new(connections_closed.clone()),
             Box::new(build_info.clone()),
             Box::new(up.clone()),
         ] {
@@ -136,6 +148,7 @@ impl Metrics {
             token_fetch_duration,
             token_expiry,
             inflight,
+            connections_closed,
             build_info,
             up,
         }

@@ -63,11 +63,21 @@ pub struct Admin {
     /// Where `/metrics`, `/healthz` and `/readyz` are served (default `127.0.0.1:9090`).
     #[serde(default = "default_admin_listen", deserialize_with = "value::socket_addr")]
     pub listen: SocketAddr,
+    /// Client address blocks allowed to use the admin listener (empty: any that can reach it).
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+    /// Host names the admin listener answers to besides IP literals and `localhost`
+    /// (DNS-rebinding defence).
+    #[serde(default)]
+    pub hosts: Vec<Text>,
+    /// Serve `POST /reload` (off by default: a reload is a privileged action; SIGHUP always works).
+    #[serde(default)]
+    pub reload: bool,
 }
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin { listen: default_admin_listen() }
+        Admin { listen: default_admin_listen(), allow: Vec::new(), hosts: Vec::new(), reload: false }
     }
 }
 
@@ -110,9 +120,12 @@ pub struct Limits {
     /// upstream 401; larger ones stream and are not replayed.
     #[serde(deserialize_with = "value::size")]
     pub replay_buffer: u64,
-    /// Downstream connections served at once, across all worker threads; further clients wait
-    /// in the accept queue.
+    /// Downstream connections served at once per listener, across all worker threads. When all
+    /// are taken, the oldest connection with no request in flight is closed for the newcomer;
+    /// if every connection is busy, further clients wait in the accept queue.
     pub max_connections: usize,
+    /// Streams one HTTP/2 client connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Default for Limits {
@@ -129,6 +142,7 @@ impl Default for Limits {
             max_body_size: None,
             replay_buffer: 64 * 1024,
             max_connections: 10_000,
+            http2_max_concurrent_streams: 100,
         }
     }
 }

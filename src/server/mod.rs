@@ -1,4 +1,7 @@
-//! Listeners, connection handling, graceful shutdown and reload.
+//! Listeners, worker threads, graceful shutdown and reload. [`connection`] follows one
+//! connection from accept to close.
+
+mod connection;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -6,11 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use connection::{Handler, Listener, Slots, serve};
 
 use crate::config::{Config, Limits};
 use crate::metrics::Metrics;
@@ -129,10 +134,12 @@ pub async fn start_with(
     let proxy_settings = Listener {
         grace: config.limits.shutdown_grace,
         idle_timeout: config.limits.idle_timeout,
-        handshake_timeout: config.limits.header_read_timeout,
-        max_connections: config.limits.max_connections,
+        first_request_timeout: first_request_timeout(&config.limits),
         tls: None,
+        closed: proxy.metrics.connections_closed.clone(),
+        name: "proxy",
     };
+    let max_connections = config.limits.max_connections;
     let builder = Arc::new(builder);
     let p = proxy.clone();
     let proxy_service = move |conn: crate::proxy::Conn| {
@@ -160,8 +167,8 @@ pub async fn start_with(
         let listener = bind_shared(tls.listen, threads)?;
         tls_addr = Some(listener.addr);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
-        let settings = Listener { tls: Some(acceptor), ..proxy_settings.clone() };
-        add(listener.serve(builder.clone(), rx.clone(), settings, proxy_service.clone()));
+        let settings = Listener { tls: Some(acceptor), name: "tls", ..proxy_settings.clone() };
+        add(listener.serve(builder.clone(), rx.clone(), settings, max_connections, proxy_service.clone()));
     }
     let mut forward_addr = None;
     if let Some(fwd) = &config.forward_proxy {
@@ -169,9 +176,10 @@ pub async fn start_with(
         forward_addr = Some(listener.addr);
         let plain = proxy_service.clone();
         let service = move |conn: crate::proxy::Conn| plain(crate::proxy::Conn { forward: true, ..conn });
-        add(listener.serve(builder.clone(), rx.clone(), proxy_settings.clone(), service));
+        let settings = Listener { name: "forward_proxy", ..proxy_settings.clone() };
+        add(listener.serve(builder.clone(), rx.clone(), settings, max_connections, service));
     }
-    add(proxy_listener.serve(builder.clone(), rx.clone(), proxy_settings, proxy_service));
+    add(proxy_listener.serve(builder.clone(), rx.clone(), proxy_settings, max_connections, proxy_service));
     let mut worker_done = Vec::new();
     for (index, serving) in loops.into_iter().enumerate() {
         match workers {
@@ -182,17 +190,18 @@ pub async fn start_with(
     let admin_settings = Listener {
         grace: Duration::from_secs(1),
         idle_timeout: config.limits.idle_timeout,
-        handshake_timeout: config.limits.header_read_timeout,
-        max_connections: 64,
+        first_request_timeout: first_request_timeout(&config.limits),
         tls: None,
+        closed: proxy.metrics.connections_closed.clone(),
+        name: "admin",
     };
     let c = control.clone();
-    let admin_slots = Arc::new(tokio::sync::Semaphore::new(admin_settings.max_connections));
-    tasks.push(tokio::spawn(serve(admin_listener, builder, rx, admin_settings, admin_slots, move |_| {
+    let admin_slots = Slots::new(ADMIN_CONNECTIONS);
+    tasks.push(tokio::spawn(serve(admin_listener, builder, rx, admin_settings, admin_slots, move |conn| {
         let c = c.clone();
         service_fn(move |req| {
             let c = c.clone();
-            async move { Ok::<_, Infallible>(crate::admin::handle(&c, req).await) }
+            async move { Ok::<_, Infallible>(crate::admin::handle(&c, req, conn).await) }
         })
     })));
     tracing::info!(%proxy_addr, %admin_addr, tls_addr = ?tls_addr, "tokengate is listening");
@@ -208,6 +217,17 @@ pub async fn start_with(
         threads: worker_done,
     })
 }
+
+/// A connection that has sent no request is idle too: it must send its first request head
+/// within the header timeout, and within the idle timeout if that is shorter.
+fn first_request_timeout(limits: &Limits) -> Duration {
+    limits.header_read_timeout.min(limits.idle_timeout)
+}
+
+/// Connections the admin listener serves at once. Probes and scrapers open one at a time; when
+/// all are taken, the oldest idle one is closed for a newcomer, so a flood of silent sockets
+/// cannot make `/healthz` fail.
+const ADMIN_CONNECTIONS: usize = 64;
 
 /// One listener's serving loop on one worker.
 type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -249,6 +269,7 @@ impl SharedListener {
         builder: Arc<auto::Builder<TokioExecutor>>,
         shutdown: watch::Receiver<bool>,
         settings: Listener,
+        max_connections: usize,
         make_service: F,
     ) -> Vec<ServeFuture>
     where
@@ -256,8 +277,7 @@ impl SharedListener {
         S: Handler,
         S::Future: Send + 'static,
     {
-        let max = settings.max_connections.min(tokio::sync::Semaphore::MAX_PERMITS);
-        let slots = Arc::new(tokio::sync::Semaphore::new(max));
+        let slots = Slots::new(max_connections);
         self.sockets
             .into_iter()
             .map(|socket| {
@@ -320,321 +340,11 @@ fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(100)
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
         .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     builder
-}
-
-/// What every listener serves: an infallible HTTP service (errors are responses).
-trait Handler:
-    hyper::service::Service<
-        http::Request<hyper::body::Incoming>,
-        Response = http::Response<crate::proxy::Body>,
-        Error = Infallible,
-    > + Send
-    + 'static
-{
-}
-
-impl<S> Handler for S where
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::proxy::Body>,
-            Error = Infallible,
-        > + Send
-        + 'static
-{
-}
-
-/// Per-listener connection settings.
-#[derive(Clone)]
-struct Listener {
-    grace: Duration,
-    idle_timeout: Duration,
-    handshake_timeout: Duration,
-    max_connections: usize,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-}
-
-/// Shutdown phases sent to connections.
-const RUNNING: u8 = 0;
-const DRAINING: u8 = 1;
-const CLOSING: u8 = 2;
-
-async fn serve<F, S>(
-    listener: TcpListener,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    mut shutdown: watch::Receiver<bool>,
-    settings: Listener,
-    slots: Arc<tokio::sync::Semaphore>,
-    make_service: F,
-) where
-    F: Fn(crate::proxy::Conn) -> S + Clone + Send + 'static,
-    S: Handler,
-    S::Future: Send + 'static,
-{
-    let max = settings.max_connections.min(tokio::sync::Semaphore::MAX_PERMITS);
-    let (phase, _) = watch::channel(RUNNING);
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.changed() => break,
-        };
-        let (stream, remote) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors, usually: pause instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        // At the connection limit, this connection waits for a slot and the loop accepts no
-        // more: further clients wait in the kernel's queue. The slot is taken after accepting,
-        // so a worker with nobody to accept holds none that another worker's client could use.
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = shutdown.changed() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let activity = Arc::new(Activity::new());
-        let stream = TrackedIo { inner: stream, activity: activity.clone() };
-        let (builder, phase, settings) = (builder.clone(), phase.subscribe(), settings.clone());
-        let plain = crate::proxy::Conn { remote, secure: false, client_cert: false, forward: false };
-        match settings.tls.clone() {
-            None => {
-                let service = Tracked { inner: make_service(plain), activity: activity.clone() };
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    drive(&builder, TokioIo::new(stream), service, &activity, &settings, phase, remote).await;
-                });
-            }
-            Some(acceptor) => {
-                let make_service = make_service.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let handshake =
-                        tokio::time::timeout(settings.handshake_timeout, acceptor.accept(stream)).await;
-                    let tls = match handshake {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%remote, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let has_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
-                    let conn =
-                        crate::proxy::Conn { remote, secure: true, client_cert: has_cert, forward: false };
-                    let service = Tracked { inner: make_service(conn), activity: activity.clone() };
-                    drive(&builder, TokioIo::new(tls), service, &activity, &settings, phase, remote).await;
-                });
-            }
-        }
-    }
-    drop(listener);
-    let _ = phase.send(DRAINING);
-    let all = u32::try_from(max).unwrap_or(u32::MAX);
-    if tokio::time::timeout(settings.grace, slots.acquire_many(all)).await.is_err() {
-        tracing::warn!("shutdown grace period over; closing the remaining connections");
-        let _ = phase.send(CLOSING);
-    }
-}
-
-/// Serves one connection until it ends, goes idle, or shutdown closes it.
-async fn drive<I, S>(
-    builder: &auto::Builder<TokioExecutor>,
-    io: I,
-    service: S,
-    activity: &Activity,
-    settings: &Listener,
-    mut phase: watch::Receiver<u8>,
-    remote: SocketAddr,
-) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: Handler,
-    S::Future: Send + 'static,
-{
-    let conn = builder.serve_connection(io, service);
-    tokio::pin!(conn);
-    let check_every = (settings.idle_timeout / 4).max(Duration::from_millis(50));
-    let mut idle_since = tokio::time::Instant::now();
-    let mut draining = false;
-    loop {
-        if !draining && *phase.borrow() >= DRAINING {
-            draining = true;
-            conn.as_mut().graceful_shutdown();
-        }
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(%remote, error = %e, "connection ended with an error");
-                }
-                return;
-            }
-            changed = phase.changed() => {
-                if changed.is_err() || *phase.borrow() == CLOSING {
-                    return;
-                }
-            }
-            () = tokio::time::sleep(check_every) => {
-                if activity.busy_since_last_check() {
-                    idle_since = tokio::time::Instant::now();
-                } else if idle_since.elapsed() >= settings.idle_timeout {
-                    // Nothing in flight and no bytes moved: dropping the connection closes it.
-                    tracing::debug!(%remote, "closing idle connection");
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// When a connection last moved bytes and how many of its requests are in flight.
-///
-/// Reads and writes only set a flag (no clock read on the hot path); the connection's watchdog
-/// samples and clears it.
-struct Activity {
-    moved: std::sync::atomic::AtomicBool,
-    active: std::sync::atomic::AtomicUsize,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Activity { moved: false.into(), active: 0.into() }
-    }
-
-    fn touch(&self) {
-        self.moved.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// True if a request is in flight or bytes moved since the last call.
-    fn busy_since_last_check(&self) -> bool {
-        self.active.load(std::sync::atomic::Ordering::Relaxed) > 0
-            || self.moved.swap(false, std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
-/// A socket that records when bytes last moved.
-struct TrackedIo<T> {
-    inner: T,
-    activity: Arc<Activity>,
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for TrackedIo<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        poll
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for TrackedIo<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        data: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        poll
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let poll = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(poll, std::task::Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        poll
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// A service that counts its in-flight requests (until the response head) in [`Activity`].
-#[derive(Clone)]
-struct Tracked<S> {
-    inner: S,
-    activity: Arc<Activity>,
-}
-
-impl<S, R> hyper::service::Service<R> for Tracked<S>
-where
-    S: hyper::service::Service<R>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = TrackedFuture<S::Future>;
-
-    fn call(&self, req: R) -> Self::Future {
-        self.activity.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        TrackedFuture { inner: self.inner.call(req), activity: Some(self.activity.clone()) }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The service future; decrements the in-flight count when it completes or is dropped.
-    struct TrackedFuture<F> {
-        #[pin]
-        inner: F,
-        activity: Option<Arc<Activity>>,
-    }
-
-    impl<F> PinnedDrop for TrackedFuture<F> {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(a) = this.project().activity.take() {
-                a.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-    }
-}
-
-impl<F: std::future::Future> std::future::Future for TrackedFuture<F> {
-    type Output = F::Output;
-
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
-        let this = self.project();
-        let out = std::task::ready!(this.inner.poll(cx));
-        if let Some(a) = this.activity.take() {
-            a.touch();
-            a.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        std::task::Poll::Ready(out)
-    }
 }
 
 impl Running {
@@ -666,6 +376,11 @@ impl Control {
         let path = self.path.as_ref().ok_or("this instance was not started from a file")?;
         let config = crate::config::load(path).map_err(|e| e.to_string())?;
         self.reload(config).await
+    }
+
+    /// The admin listener's settings in force.
+    pub fn admin(&self) -> crate::config::Admin {
+        self.config.lock().map(|c| c.admin.clone()).unwrap_or_default()
     }
 
     /// The shared proxy state.

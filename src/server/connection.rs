@@ -1,0 +1,579 @@
+//! The life of one downstream connection: a slot, a deadline to earn it, idleness, eviction under
+//! pressure and draining on shutdown.
+//!
+//! Every connection must send its whole first request head (or, for HTTP/2, the preface and the
+//! first SETTINGS frame) within `header_read_timeout` of accept. hyper's own header timer starts
+//! only after hyper-util has detected the protocol, so a socket that sends nothing or a few bytes
+//! would otherwise hold its slot until the idle timeout. After that, a connection is idle when it
+//! has no request in flight (a request counts until its response body has been sent): bytes such as
+//! HTTP/2 PINGs do not keep it alive.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+
+use crate::proxy::Body;
+
+/// What every listener serves: an infallible HTTP service (errors are responses).
+pub(super) trait Handler:
+    hyper::service::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<Body>,
+        Error = Infallible,
+    > + Send
+    + 'static
+{
+}
+
+impl<S> Handler for S where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<Body>,
+            Error = Infallible,
+        > + Send
+        + 'static
+{
+}
+
+/// Per-listener connection settings.
+#[derive(Clone)]
+pub(super) struct Listener {
+    /// How long in-flight requests may finish after shutdown starts.
+    pub grace: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Time from accept until the first request head (or HTTP/2 preface and SETTINGS), TLS
+    /// handshake included.
+    pub first_request_timeout: Duration,
+    /// Present for the TLS listener.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `tokengate_connections_closed_total{listener,reason}`.
+    pub closed: prometheus::IntCounterVec,
+    /// The listener label of that metric.
+    pub name: &'static str,
+}
+
+/// Shutdown phases sent to connections.
+const RUNNING: u8 = 0;
+const DRAINING: u8 = 1;
+const CLOSING: u8 = 2;
+
+/// A listener's connection slots, shared by its worker threads, and the connections holding them.
+pub(super) struct Slots {
+    max: usize,
+    free: Arc<Semaphore>,
+    live: Mutex<HashMap<u64, Arc<Activity>>>,
+    next_id: AtomicU64,
+}
+
+impl Slots {
+    pub(super) fn new(max: usize) -> Arc<Self> {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        Arc::new(Slots {
+            max,
+            free: Arc::new(Semaphore::new(max)),
+            live: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+        })
+    }
+
+    /// A slot for a new connection. When none is free, the oldest connection with no request in
+    /// flight is asked to close first (serve the living), then this waits for a slot.
+    async fn take(self: &Arc<Self>) -> Option<Slot> {
+        let permit = match self.free.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return None,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                self.evict_oldest_idle();
+                self.free.clone().acquire_owned().await.ok()?
+            }
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let activity = Arc::new(Activity::new());
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(id, activity.clone());
+        }
+        Some(Slot { slots: self.clone(), id, activity, _permit: permit })
+    }
+
+    fn evict_oldest_idle(&self) {
+        let Ok(live) = self.live.lock() else { return };
+        let oldest = live
+            .values()
+            .filter(|a| a.active.load(Ordering::Relaxed) == 0 && !a.evicting.load(Ordering::Relaxed))
+            .min_by_key(|a| a.accepted);
+        if let Some(a) = oldest {
+            a.evicting.store(true, Ordering::Relaxed);
+            a.evict.notify_one();
+        }
+    }
+
+    /// Waits until every slot is free again (all connections closed), at most `grace`.
+    async fn drained(&self, grace: Duration) -> bool {
+        let all = u32::try_from(self.max).unwrap_or(u32::MAX);
+        tokio::time::timeout(grace, self.free.acquire_many(all)).await.is_ok()
+    }
+}
+
+/// One connection's hold on a slot; released when the connection task ends.
+struct Slot {
+    slots: Arc<Slots>,
+    id: u64,
+    activity: Arc<Activity>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut live) = self.slots.live.lock() {
+            live.remove(&self.id);
+        }
+    }
+}
+
+/// Accepts connections on `listener` and serves each on its own task until shutdown.
+pub(super) async fn serve<F, S>(
+    listener: TcpListener,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    mut shutdown: watch::Receiver<bool>,
+    settings: Listener,
+    slots: Arc<Slots>,
+    make_service: F,
+) where
+    F: Fn(crate::proxy::Conn) -> S + Clone + Send + 'static,
+    S: Handler,
+    S::Future: Send + 'static,
+{
+    let (phase, _) = watch::channel(RUNNING);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, remote) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors, usually: pause instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // The slot is taken after accepting, so a worker with nobody to accept holds none that
+        // another worker's client could use. At the limit this connection waits and the loop
+        // accepts no more: further clients wait in the kernel's queue.
+        let slot = tokio::select! {
+            s = slots.take() => match s { Some(s) => s, None => break },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let (builder, phase, settings) = (builder.clone(), phase.subscribe(), settings.clone());
+        let make_service = make_service.clone();
+        tokio::spawn(async move {
+            let activity = slot.activity.clone();
+            let deadline = activity.accepted + settings.first_request_timeout;
+            let plain = crate::proxy::Conn { remote, secure: false, client_cert: false, forward: false };
+            let closed = match settings.tls.clone() {
+                None => {
+                    let io = FirstFlight::new(stream, activity.clone());
+                    let service = Tracked { inner: make_service(plain), activity: activity.clone() };
+                    drive(&builder, TokioIo::new(io), service, &activity, &settings, phase, remote).await
+                }
+                Some(acceptor) => {
+                    let handshake = tokio::select! {
+                        h = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => h,
+                        () = activity.evict.notified() => return settings.count_closed(Closed::Evicted),
+                    };
+                    let tls = match handshake {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%remote, "TLS handshake timed out");
+                            return settings.count_closed(Closed::FirstRequestTimeout);
+                        }
+                    };
+                    let has_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+                    let conn = crate::proxy::Conn { client_cert: has_cert, secure: true, ..plain };
+                    let io = FirstFlight::new(tls, activity.clone());
+                    let service = Tracked { inner: make_service(conn), activity: activity.clone() };
+                    drive(&builder, TokioIo::new(io), service, &activity, &settings, phase, remote).await
+                }
+            };
+            if let Some(reason) = closed {
+                settings.count_closed(reason);
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    let _ = phase.send(DRAINING);
+    if !slots.drained(settings.grace).await {
+        tracing::warn!("shutdown grace period over; closing the remaining connections");
+        let _ = phase.send(CLOSING);
+    }
+}
+
+/// Why tokengate closed a connection itself.
+#[derive(Debug, Clone, Copy)]
+enum Closed {
+    /// No complete first request head (or HTTP/2 preface and SETTINGS) in time.
+    FirstRequestTimeout,
+    /// No request in flight for `idle_timeout`.
+    Idle,
+    /// Closed to make room for a new connection while all slots were taken.
+    Evicted,
+}
+
+impl Listener {
+    fn count_closed(&self, reason: Closed) {
+        let label = match reason {
+            Closed::FirstRequestTimeout => "first_request_timeout",
+            Closed::Idle => "idle",
+            Closed::Evicted => "evicted",
+        };
+        self.closed.with_label_values(&[self.name, label]).inc();
+    }
+}
+
+/// How long an HTTP/2 connection told to go away (GOAWAY) may take to finish its last streams.
+const GOAWAY_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves one connection until it ends, misses its first-request deadline, goes idle, is
+/// evicted, or shutdown closes it. Returns why tokengate closed it, if it did.
+async fn drive<I, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: Tracked<S>,
+    activity: &Activity,
+    settings: &Listener,
+    mut phase: watch::Receiver<u8>,
+    remote: SocketAddr,
+) -> Option<Closed>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: Handler,
+    S::Future: Send + 'static,
+{
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let first_deadline = activity.accepted + settings.first_request_timeout;
+    let check_every = (settings.idle_timeout / 4).max(Duration::from_millis(50));
+    let mut idle_since = Instant::now();
+    let mut draining = false;
+    // Set once tokengate has asked the connection to close (idle or evicted): it gets a short
+    // grace to finish what is in flight and is then dropped.
+    let mut closing: Option<(Closed, Instant)> = None;
+    loop {
+        if !draining && *phase.borrow() >= DRAINING {
+            draining = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        let earned = activity.earned.load(Ordering::Relaxed);
+        let wake_at = match closing {
+            Some((_, until)) => until,
+            None if !earned => first_deadline,
+            None => Instant::now() + check_every,
+        };
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%remote, error = %e, "connection ended with an error");
+                }
+                return closing.map(|(why, _)| why);
+            }
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow() == CLOSING {
+                    return None;
+                }
+            }
+            () = activity.evict.notified(), if closing.is_none() => {
+                tracing::debug!(%remote, "closing an idle connection to make room for a new one");
+                if !earned {
+                    return Some(Closed::Evicted);
+                }
+                conn.as_mut().graceful_shutdown();
+                closing = Some((Closed::Evicted, Instant::now() + GOAWAY_GRACE));
+            }
+            () = tokio::time::sleep_until(wake_at) => {
+                if let Some((why, _)) = closing {
+                    return Some(why);
+                }
+                if !earned {
+                    if activity.earned.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    tracing::debug!(%remote, "no complete request head within header_read_timeout; closing");
+                    return Some(Closed::FirstRequestTimeout);
+                }
+                if activity.busy_since_last_check() {
+                    idle_since = Instant::now();
+                } else if idle_since.elapsed() >= settings.idle_timeout {
+                    // HTTP/1: closes now; HTTP/2: GOAWAY, then close once no stream is open.
+                    tracing::debug!(%remote, "closing idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some((Closed::Idle, Instant::now() + GOAWAY_GRACE));
+                }
+            }
+        }
+    }
+}
+
+/// What the watchdog and the slot registry know about one connection.
+pub(super) struct Activity {
+    /// When it was accepted; eviction picks the oldest idle connection.
+    accepted: Instant,
+    /// Requests whose response body has not been sent completely.
+    active: AtomicUsize,
+    /// A request started or finished since the watchdog last looked.
+    changed: AtomicBool,
+    /// The first request head (or HTTP/2 preface and SETTINGS frame) has arrived.
+    earned: AtomicBool,
+    /// Set when eviction picked this connection.
+    evicting: AtomicBool,
+    evict: Notify,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            accepted: Instant::now(),
+            active: AtomicUsize::new(0),
+            changed: AtomicBool::new(false),
+            earned: AtomicBool::new(false),
+            evicting: AtomicBool::new(false),
+            evict: Notify::new(),
+        }
+    }
+
+    fn start_request(&self) {
+        self.earned.store(true, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn end_request(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.changed.store(true, Ordering::Relaxed);
+    }
+
+    /// True if a request is in flight or one started or ended since the last call.
+    fn busy_since_last_check(&self) -> bool {
+        self.changed.swap(false, Ordering::Relaxed) || self.active.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 section 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Preface plus a frame header.
+const H2_FIRST_FRAME_AT: usize = 24;
+const FRAME_HEADER: usize = 9;
+const SETTINGS: u8 = 0x4;
+
+/// The downstream socket, watching the first bytes: an HTTP/2 client earns its slot with the
+/// preface and a complete first SETTINGS frame. (An HTTP/1 client earns it when hyper hands over
+/// the first request head, see [`Tracked`].) After that, reads pass straight through.
+struct FirstFlight<T> {
+    inner: T,
+    activity: Arc<Activity>,
+    watching: bool,
+    // The first preface + frame header bytes, and how many of them arrived.
+    head: [u8; H2_FIRST_FRAME_AT + FRAME_HEADER],
+    len: usize,
+    // Bytes read so far, while watching.
+    seen: usize,
+}
+
+impl<T> FirstFlight<T> {
+    fn new(inner: T, activity: Arc<Activity>) -> Self {
+        FirstFlight {
+            inner,
+            activity,
+            watching: true,
+            head: [0; H2_FIRST_FRAME_AT + FRAME_HEADER],
+            len: 0,
+            seen: 0,
+        }
+    }
+
+    fn watch(&mut self, data: &[u8]) {
+        let take = data.len().min(self.head.len() - self.len);
+        self.head[self.len..self.len + take].copy_from_slice(&data[..take]);
+        self.len += take;
+        self.seen += data.len();
+        let n = self.len.min(H2_PREFACE.len());
+        if self.head[..n] != H2_PREFACE[..n] {
+            // Not HTTP/2 with prior knowledge: HTTP/1 earns its slot with a request head.
+            self.watching = false;
+            return;
+        }
+        if self.len < self.head.len() {
+            return;
+        }
+        let frame = &self.head[H2_FIRST_FRAME_AT..];
+        let length = usize::from(frame[0]) << 16 | usize::from(frame[1]) << 8 | usize::from(frame[2]);
+        if frame[3] != SETTINGS {
+            // hyper answers a protocol error; nothing is earned.
+            self.watching = false;
+        } else if self.seen >= H2_FIRST_FRAME_AT + FRAME_HEADER + length {
+            self.activity.earned.store(true, Ordering::Relaxed);
+            self.watching = false;
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstFlight<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.watching && buf.filled().len() > before {
+            let this = &mut *self;
+            this.watch(&buf.filled()[before..]);
+        }
+        poll
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstFlight<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A service that counts its requests as in flight from the request head until the response
+/// body has been sent (or dropped).
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, R> hyper::service::Service<R> for Tracked<S>
+where
+    S: hyper::service::Service<R, Response = http::Response<Body>>,
+{
+    type Response = http::Response<TrackedBody>;
+    type Error = S::Error;
+    type Future = TrackedFuture<S::Future>;
+
+    fn call(&self, req: R) -> Self::Future {
+        self.activity.start_request();
+        TrackedFuture { inner: self.inner.call(req), activity: Some(self.activity.clone()) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The service future; hands the in-flight count on to the response body.
+    struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        activity: Option<Arc<Activity>>,
+    }
+
+    impl<F> PinnedDrop for TrackedFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(a) = this.project().activity.take() {
+                a.end_request();
+            }
+        }
+    }
+}
+
+impl<F, E> std::future::Future for TrackedFuture<F>
+where
+    F: std::future::Future<Output = Result<http::Response<Body>, E>>,
+{
+    type Output = Result<http::Response<TrackedBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        let activity = this.activity.take();
+        Poll::Ready(out.map(|resp| resp.map(|inner| TrackedBody { inner, activity })))
+    }
+}
+
+/// A response body that ends its request's in-flight count when it is done or dropped.
+pub(super) struct TrackedBody {
+    inner: Body,
+    activity: Option<Arc<Activity>>,
+}
+
+impl TrackedBody {
+    fn finish(&mut self) {
+        if let Some(a) = self.activity.take() {
+            a.end_request();
+        }
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = crate::proxy::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let poll = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(poll, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.finish();
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
