@@ -1,5 +1,6 @@
 //! The prefix table and the path checks that run before it.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// Why a request path was refused before routing.
@@ -20,43 +21,113 @@ pub enum PathError {
     /// A control byte, raw or percent-encoded, or a malformed escape.
     #[error("the path contains a control character or a malformed percent escape")]
     BadByte,
+    /// A `;` parameter decides the route: servers that strip `;` parameters (Tomcat, Jetty,
+    /// Spring) would serve a path another route guards.
+    #[error("a ';' parameter in the path changes which route it belongs to")]
+    AmbiguousParameter,
 }
 
-/// Checks a request path (without query) so that what is routed is what the upstream sees.
+/// Checks a request path (without query) and returns its normal form (RFC 3986 section 6.2.2):
+/// percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`) decoded, the hex digits of
+/// every other escape upper-cased. Routes are matched on this form and it is what the upstream
+/// receives, so `/a/%61dmin` is `/a/admin` to tokengate exactly as it is to the upstream.
 ///
-/// Rather than normalise (and risk disagreeing with the upstream about the result), anything
-/// ambiguous is refused.
-pub fn check_path(path: &str) -> Result<(), PathError> {
+/// What stays ambiguous after normalising is refused: dot segments (also `..;x`, which servlet
+/// containers read as `..`), empty segments, backslashes and encoded `/` or `\`, control bytes
+/// and malformed escapes. `;` is otherwise an ordinary character; [`matrix_free`] gives the
+/// path as servers that strip `;` parameters see it, so the caller can refuse a path whose route
+/// depends on that reading.
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(PathError::NotOriginForm);
     }
+    let mut normal: Option<String> = None;
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
             b'\\' => return Err(PathError::EncodedSeparator),
             b if b < 0x20 || b == 0x7f => return Err(PathError::BadByte),
             b'%' => {
-                let decoded = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or(PathError::BadByte)?;
+                let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadByte)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return Err(PathError::BadByte);
+                }
+                let decoded = (hex_value(hex[0]) << 4) | hex_value(hex[1]);
                 match decoded {
                     b'/' | b'\\' => return Err(PathError::EncodedSeparator),
                     b if b < 0x20 || b == 0x7f => return Err(PathError::BadByte),
                     _ => {}
+                }
+                let unreserved =
+                    decoded.is_ascii_alphanumeric() || matches!(decoded, b'-' | b'.' | b'_' | b'~');
+                let canonical = !unreserved && !hex.iter().any(u8::is_ascii_lowercase);
+                if !canonical && normal.is_none() {
+                    normal = Some(path[..i].to_owned());
+                }
+                if let Some(out) = normal.as_mut() {
+                    if unreserved {
+                        out.push(char::from(decoded));
+                    } else {
+                        out.push('%');
+                        out.push(char::from(hex[0].to_ascii_uppercase()));
+                        out.push(char::from(hex[1].to_ascii_uppercase()));
+                    }
                 }
                 i += 3;
                 continue;
             }
             _ => {}
         }
-        i += 1;
+        if let Some(out) = normal.as_mut() {
+            // Copy one character (multi-byte ones whole); its first byte was checked above and
+            // continuation bytes are never ASCII.
+            let len = path[i..].chars().next().map_or(1, char::len_utf8);
+            out.push_str(&path[i..i + len]);
+            i += len;
+        } else {
+            i += 1;
+        }
     }
-    let segments = path[1..].split('/');
+    let normal = match normal {
+        Some(n) => Cow::Owned(n),
+        None => Cow::Borrowed(path),
+    };
+    check_segments(&normal)?;
+    Ok(normal)
+}
+
+fn hex_value(digit: u8) -> u8 {
+    match digit {
+        b'0'..=b'9' => digit - b'0',
+        _ => (digit | 0x20) - b'a' + 10,
+    }
+}
+
+/// Checks a request path without normalising it; see [`normalize`].
+pub fn check_path(path: &str) -> Result<(), PathError> {
+    normalize(path).map(|_| ())
+}
+
+/// The path with `;` parameters removed from every segment (`/a;x/b` → `/a/b`), as Tomcat,
+/// Jetty and Spring read it; `None` when it has none.
+pub fn matrix_free(path: &str) -> Option<String> {
+    if !path.contains(';') {
+        return None;
+    }
+    let mut out = String::with_capacity(path.len());
+    for (n, segment) in path.split('/').enumerate() {
+        if n > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split(';').next().unwrap_or(segment));
+    }
+    Some(out)
+}
+
+fn check_segments(path: &str) -> Result<(), PathError> {
     let count = path[1..].split('/').count();
-    for (n, segment) in segments.enumerate() {
+    for (n, segment) in path[1..].split('/').enumerate() {
         if segment.is_empty() && n + 1 < count {
             return Err(PathError::EmptySegment);
         }
@@ -135,6 +206,22 @@ impl<T> RouteTable<T> {
     }
 }
 
+impl<T> RouteTable<T> {
+    /// The route for a path in normal form (see [`normalize`]). A path whose route changes when
+    /// its `;` parameters are removed is refused: a servlet container upstream would serve a
+    /// path that another route guards.
+    pub fn route<'a>(&'a self, normal_path: &str) -> Result<Option<(&'a str, &'a T)>, PathError> {
+        let found = self.lookup(normal_path);
+        if let Some(plain) = matrix_free(normal_path) {
+            let other = self.lookup(&plain).map(|(prefix, _)| prefix);
+            if other != found.map(|(prefix, _)| prefix) {
+                return Err(PathError::AmbiguousParameter);
+            }
+        }
+        Ok(found)
+    }
+}
+
 /// The upstream path for a request: base path, then the request path with the route prefix
 /// removed when `strip` is set. Always starts with `/`.
 pub fn upstream_path(base: &str, prefix: &str, strip: bool, path: &str) -> String {
@@ -177,6 +264,31 @@ mod tests {
         assert_eq!(upstream_path("/api/v2", "/echo", true, "/echo/x"), "/api/v2/x");
         assert_eq!(upstream_path("/api/v2", "/echo", false, "/echo/x"), "/api/v2/echo/x");
         assert_eq!(upstream_path("", "/", true, "/x"), "/x");
+    }
+
+    #[test]
+    fn normal_form_decodes_unreserved_and_uppercases_the_rest() {
+        for (raw, normal) in [
+            ("/a/%61dmin/users", "/a/admin/users"),
+            ("/%41%42c", "/ABc"),
+            ("/a%7e%7E%2D%5f", "/a~~-_"),
+            ("/caf%c3%a9", "/caf%C3%A9"),
+            ("/x%3b%20y", "/x%3B%20y"),
+            ("/plain/path", "/plain/path"),
+            ("/d\u{e9}j\u{e0}/%61", "/d\u{e9}j\u{e0}/a"),
+        ] {
+            assert_eq!(normalize(raw).as_deref(), Ok(normal), "{raw}");
+            assert_eq!(normalize(normal).as_deref(), Ok(normal), "idempotent: {normal}");
+        }
+        assert!(matches!(normalize("/already/normal%20x"), Ok(Cow::Borrowed(_))));
+        assert_eq!(normalize("/a/%2e%2E/b"), Err(PathError::DotSegment));
+        assert_eq!(normalize("/a/%2+/b"), Err(PathError::BadByte));
+    }
+
+    #[test]
+    fn matrix_parameters_are_removed_per_segment() {
+        assert_eq!(matrix_free("/a;x=1/admin;v/u"), Some("/a/admin/u".into()));
+        assert_eq!(matrix_free("/a/b"), None);
     }
 
     #[test]

@@ -162,6 +162,57 @@ async fn traversal_and_ambiguous_paths_never_reach_another_route() {
     );
 }
 
+/// One raw HTTP/1.1 request; returns the status code.
+async fn raw_status(addr: std::net::SocketAddr, method: &str, path: &str) -> u16 {
+    let resp = raw(
+        addr,
+        format!("{method} {path} HTTP/1.1\r\nHost: tokengate\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{method} {path}: {resp}"))
+}
+
+#[tokio::test]
+async fn every_spelling_of_a_path_is_checked_by_the_route_that_serves_it() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = start(&format!(
+        "{}routes:\n  - prefix: /a\n    upstream: {}/open\n    provider: idp\n  - prefix: /a/admin\n    upstream: {}/admin\n    provider: idp\n    allow: [10.20.0.0/16]\n  - prefix: /a/ro\n    upstream: {}/ro\n    provider: idp\n    methods: [GET]\n",
+        idp.provider_yaml(),
+        up.url(),
+        up.url(),
+        up.url()
+    ))
+    .await;
+    // Spellings of /a/admin/users: all belong to the guarded route, so all are refused.
+    for path in
+        ["/a/admin/users", "/a/%61dmin/users", "/a/%61%64%6D%69%6E/users", "/%61/admin/users", "/a/admin%2Fx"]
+    {
+        let status = raw_status(tg.proxy_addr, "GET", path).await;
+        assert!(status == 403 || status == 400, "{path}: {status}");
+    }
+    // A ';' parameter that would move the path into another route for a servlet container.
+    assert_eq!(raw_status(tg.proxy_addr, "GET", "/a;x=1/admin/users").await, 400);
+    assert_eq!(raw_status(tg.proxy_addr, "DELETE", "/a/r%6F/item").await, 405);
+    assert!(
+        up.requests().is_empty(),
+        "upstream saw {:?}",
+        up.requests().iter().map(|s| &s.path).collect::<Vec<_>>()
+    );
+    // Allowed requests are forwarded in normal form.
+    for (path, forwarded) in [
+        ("/a/%7Euser/caf%c3%a9", "/open/~user/caf%C3%A9"),
+        ("/a/items;v=2", "/open/items;v=2"),
+        ("/a/x%3b%2d", "/open/x%3B-"),
+        ("/a/r%6F/item?q=%61", "/ro/item"),
+    ] {
+        assert_eq!(raw_status(tg.proxy_addr, "GET", path).await, 200, "{path}");
+        let seen = up.requests().pop().unwrap();
+        assert_eq!(seen.path, forwarded, "{path}");
+    }
+    assert_eq!(up.requests().last().unwrap().query.as_deref(), Some("q=%61"), "the query is not touched");
+}
+
 #[tokio::test]
 async fn absolute_form_and_connect_are_refused() {
     let (up, tg) = hostile_setup().await;

@@ -338,15 +338,16 @@ impl Prefix {
         if !s.starts_with('/') {
             return Err(format!("prefix {s:?} must start with '/'"));
         }
-        if crate::route::check_path(s).is_err() {
+        // Requests are matched in normal form, so the prefix is put in it too.
+        let Ok(normal) = crate::route::normalize(s) else {
             return Err(format!(
                 "prefix {s:?} must be a plain path: no '.', '..' or empty segments, percent-encoded slashes or control characters"
             ));
+        };
+        if s.contains(['?', '#', ';']) {
+            return Err(format!("prefix {s:?} must not contain '?', '#' or ';'"));
         }
-        if s.contains(['?', '#']) {
-            return Err(format!("prefix {s:?} must not contain '?' or '#'"));
-        }
-        let trimmed = s.trim_end_matches('/');
+        let trimmed = normal.trim_end_matches('/');
         Ok(Prefix(if trimmed.is_empty() { "/".into() } else { trimmed.into() }))
     }
 
@@ -396,10 +397,11 @@ impl Upstream {
         if uri.query().is_some() || s.contains('#') {
             return Err(format!("upstream {s:?} must not have a query or fragment"));
         }
-        let path = uri.path();
-        if path != "/" && crate::route::check_path(path).is_err() {
-            return Err(format!("upstream {s:?} has an invalid base path"));
-        }
+        let path = match uri.path() {
+            "/" => "/".into(),
+            path => crate::route::normalize(path)
+                .map_err(|_| format!("upstream {s:?} has an invalid base path"))?,
+        };
         Ok(Upstream { scheme, authority, base_path: path.trim_end_matches('/').to_owned() })
     }
 }

@@ -51,8 +51,9 @@ impl Denied {
 }
 
 /// Checks the request's form and the listener-wide rules: request target, path, `Host`, header
-/// names, browser headers, client address.
-pub fn admit<B>(req: &Request<B>, conn: &Conn, runtime: &Runtime) -> Result<(), ProxyError> {
+/// names, browser headers, client address. The path is put in its normal form (see
+/// [`route::normalize`]): what is routed and checked is what the upstream receives.
+pub fn admit<B>(req: &mut Request<B>, conn: &Conn, runtime: &Runtime) -> Result<(), ProxyError> {
     if req.method() == Method::CONNECT {
         return Err(ProxyError::Connect);
     }
@@ -65,7 +66,13 @@ pub fn admit<B>(req: &Request<B>, conn: &Conn, runtime: &Runtime) -> Result<(), 
         // HTTP/2 requests always carry scheme and authority; only HTTP/1 absolute-form is refused.
         return Err(ProxyError::AbsoluteForm);
     }
-    route::check_path(req.uri().path()).map_err(ProxyError::InvalidPath)?;
+    let normal = match route::normalize(req.uri().path()).map_err(ProxyError::InvalidPath)? {
+        std::borrow::Cow::Borrowed(_) => None,
+        std::borrow::Cow::Owned(normal) => Some(normal),
+    };
+    if let Some(path) = normal {
+        *req.uri_mut() = with_path(req.uri(), &path)?;
+    }
     let host_headers = req.headers().get_all(header::HOST).iter().count();
     let host_ok = match req.version() {
         Version::HTTP_2 | Version::HTTP_10 | Version::HTTP_09 => host_headers <= 1,
@@ -143,6 +150,20 @@ pub fn authorize<B>(
         return Err(ProxyError::Denied(Denied::ClientCert));
     }
     Ok(())
+}
+
+/// `uri` with its path replaced, query kept.
+fn with_path(uri: &http::Uri, path: &str) -> Result<http::Uri, ProxyError> {
+    let mut target = String::with_capacity(path.len() + uri.query().map_or(0, |q| q.len() + 1));
+    target.push_str(path);
+    if let Some(q) = uri.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query =
+        Some(target.parse().map_err(|_| ProxyError::InvalidPath(route::PathError::BadByte))?);
+    http::Uri::from_parts(parts).map_err(|_| ProxyError::InvalidPath(route::PathError::BadByte))
 }
 
 /// The password of `Proxy-Authorization: Basic base64(user:password)`.

@@ -163,15 +163,15 @@ impl Proxy {
     }
 
     /// Handles one downstream request. Never fails: every error becomes a response.
-    pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    pub async fn handle(&self, mut req: Request<Incoming>, conn: Conn) -> Response<Body> {
         let started = Instant::now();
         let runtime = self.runtime.load_full();
         let method = method_label(req.method());
         let access_log = tracing::enabled!(target: "tokengate::access", tracing::Level::INFO);
         let path = access_log.then(|| req.uri().path().to_owned());
         let mut notes = Notes::default();
-        let matched =
-            admit::admit(&req, &conn, &runtime).and_then(|()| match_route(&runtime, req.uri(), conn.forward));
+        let matched = admit::admit(&mut req, &conn, &runtime)
+            .and_then(|()| match_route(&runtime, req.uri(), conn.forward));
         let (route, result) = match matched {
             Err(e) => (None, Err(e)),
             Ok(route) => {
@@ -452,7 +452,8 @@ fn match_route(runtime: &Runtime, uri: &Uri, forward: bool) -> Result<Arc<Route>
     }
     runtime
         .table
-        .lookup(uri.path())
+        .route(uri.path())
+        .map_err(ProxyError::InvalidPath)?
         .map(|(_, r)| Arc::clone(r))
         .ok_or_else(|| ProxyError::NoRoute { path: uri.path().to_owned() })
 }
