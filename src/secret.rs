@@ -37,9 +37,86 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Longest text a remote party chose (an IdP's error description) that tokengate repeats in a
+/// log line, a status page or an error.
+pub const MAX_REMOTE_TEXT: usize = 200;
+
+/// Removes secret values from text a remote party chose before it is logged or shown: an IdP
+/// that echoes the request in its error text would otherwise put the client secret, password or
+/// refresh token into the log and `/readyz`. Each value is also looked for in the spellings it
+/// had on the wire (form-encoded, JSON-escaped, inside a Basic credential).
+#[derive(Default)]
+pub struct Redactor {
+    needles: Vec<String>,
+}
+
+impl Redactor {
+    /// Adds a secret value.
+    pub fn add(&mut self, value: &str) {
+        if value.is_empty() {
+            return;
+        }
+        let form: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
+        let json = serde_json::to_string(value).unwrap_or_default();
+        let json = json.trim_matches('"').to_owned();
+        for needle in [value.to_owned(), form, json] {
+            if !needle.is_empty() && !self.needles.contains(&needle) {
+                self.needles.push(needle);
+            }
+        }
+        // Longest first, so a secret that contains another is removed whole.
+        self.needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    }
+
+    /// Adds the credential of an `Authorization` value (`Basic xyz`, `Bearer xyz`) and, for
+    /// Basic, the decoded `id:secret` pair's secret.
+    pub fn add_authorization(&mut self, header: &str) {
+        use base64::Engine;
+        let credential = header.split_once(' ').map_or(header, |(_, c)| c.trim());
+        self.add(credential);
+        if let Ok(pair) = base64::engine::general_purpose::STANDARD.decode(credential)
+            && let Ok(pair) = String::from_utf8(pair)
+            && let Some((_, secret)) = pair.split_once(':')
+        {
+            self.add(secret);
+        }
+    }
+
+    /// `text` with every secret replaced by `***`, control characters removed, and at most
+    /// [`MAX_REMOTE_TEXT`] characters long.
+    pub fn clean(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for needle in &self.needles {
+            if out.contains(needle.as_str()) {
+                out = out.replace(needle.as_str(), "***");
+            }
+        }
+        let mut chars = out.chars().filter(|c| !c.is_control());
+        let mut bounded: String = chars.by_ref().take(MAX_REMOTE_TEXT).collect();
+        if chars.next().is_some() {
+            bounded.push_str("...");
+        }
+        bounded
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redaction_covers_wire_spellings_and_bounds_length() {
+        let mut r = Redactor::default();
+        r.add("p&ss w\"rd");
+        r.add_authorization("Basic Y2xpZW50LTE6czNjcjN0LXZhbHVl"); // client-1:s3cr3t-value
+        let text = "bad password p&ss w\"rd, p%26ss+w%22rd, p&ss w\\\"rd; got Basic Y2xpZW50LTE6czNjcjN0LXZhbHVl for s3cr3t-value";
+        let clean = r.clean(text);
+        assert!(!clean.contains("p&ss") && !clean.contains("p%26ss") && !clean.contains("s3cr3t"), "{clean}");
+        assert!(!clean.contains("Y2xpZW50"), "{clean}");
+        assert!(clean.starts_with("bad password ***"), "{clean}");
+        let long = r.clean(&"x\n".repeat(500));
+        assert_eq!(long, format!("{}...", "x".repeat(MAX_REMOTE_TEXT)));
+    }
 
     #[test]
     fn debug_and_display_never_show_the_value() {

@@ -461,3 +461,82 @@ async fn no_secret_or_token_appears_in_trace_logs_metrics_or_error_bodies() {
         assert!(!bodies.contains(secret), "{secret} appears in an error body");
     }
 }
+
+#[tokio::test]
+async fn secrets_an_idp_echoes_in_its_error_text_are_redacted_everywhere() {
+    // An IdP that quotes the whole request back in its error: headers and body.
+    let idp = tokengate::demo::serve_fn(any(), move |req| async move {
+        let seen = capture(req).await;
+        let echo = format!(
+            "refused {} {:?} body={} json={}",
+            seen.path,
+            seen.header("authorization"),
+            String::from_utf8_lossy(&seen.body),
+            serde_json::to_string(&String::from_utf8_lossy(&seen.body)).unwrap()
+        );
+        json(401, serde_json::json!({"error": "invalid_client", "error_description": format!("{echo} {}", "padding ".repeat(100))}))
+    })
+    .await
+    .unwrap();
+    let up = Upstream::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, admin) = (closed_port(), closed_port());
+    let (client_secret, password, sensu_password) = ("cl!ent secret&7c1d", "pass:word+9a8b", "sensu-pw-55aa");
+    let config = format!(
+        "listen: {proxy}\nadmin:\n  listen: {admin}\nproviders:\n  basic:\n    type: oauth2\n    grant: password\n    token_url: http://{idp}/token\n    client_id: client-1\n    client_secret: ${{SECRET}}\n    username: svc\n    password: ${{PASSWORD}}\n  post:\n    type: oauth2\n    token_url: http://{idp}/token\n    client_id: client-2\n    client_auth: post\n    client_secret: ${{SECRET}}\n  sensu:\n    type: http\n    login:\n      method: GET\n      url: http://{idp}/auth\n      username: admin\n      password: ${{SENSU}}\n    response:\n      access_token: access_token\nroutes:\n  - prefix: /a\n    upstream: {}\n    provider: basic\n  - prefix: /b\n    upstream: {}\n    provider: post\n  - prefix: /c\n    upstream: {}\n    provider: sensu\n",
+        up.url(),
+        up.url(),
+        up.url()
+    );
+    let path = dir.path().join("tg.yaml");
+    std::fs::write(&path, config).unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["--log", "debug", "run", "-c", path.to_str().unwrap()])
+        .env("SECRET", client_secret)
+        .env("PASSWORD", password)
+        .env("SENSU", sensu_password)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let c = client();
+    let mut shown = String::new();
+    for _ in 0..250 {
+        if let Ok(r) = c.get(format!("http://{admin}/readyz")).send().await {
+            shown = r.text().await.unwrap();
+            if shown.matches("refused").count() >= 3 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for route in ["/a/x", "/b/x", "/c/x"] {
+        shown.push_str(&c.get(format!("http://{proxy}{route}")).send().await.unwrap().text().await.unwrap());
+    }
+    shown.push_str(&c.get(format!("http://{admin}/tokens")).send().await.unwrap().text().await.unwrap());
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(shown.matches("refused").count() >= 3, "the IdP errors are not reported: {shown}");
+    assert!(logs.contains("refused"), "the IdP errors are not logged");
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let form = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    for secret in [
+        client_secret.to_owned(),
+        form(client_secret),
+        password.to_owned(),
+        form(password),
+        sensu_password.to_owned(),
+        b64(&format!("admin:{sensu_password}")),
+        b64(&format!("client-1:{}", form(client_secret))),
+    ] {
+        // Not even a part of one: text cut before redaction would leave most of a secret behind.
+        let part = &secret[..8];
+        assert!(!logs.contains(part), "{secret} appears (partly) in the log");
+        assert!(!shown.contains(part), "{secret} appears (partly) in /readyz, /tokens or an error body");
+    }
+    // IdP text is bounded: the 800-character padding is cut.
+    assert!(!shown.contains(&"padding ".repeat(40)), "IdP error text is not bounded");
+}

@@ -81,6 +81,26 @@ impl FetchError {
         }
     }
 
+    /// The error with every text field passed through `redactor`: secrets the IdP echoed are
+    /// removed and IdP-chosen text is bounded.
+    pub fn redact(self, redactor: &crate::secret::Redactor) -> Self {
+        let clean = |s: String| redactor.clean(&s);
+        match self {
+            FetchError::Discovery(s) => FetchError::Discovery(clean(s)),
+            FetchError::Network(s) => FetchError::Network(clean(s)),
+            FetchError::Idp { status, error, description, retry_after } => FetchError::Idp {
+                status,
+                error: clean(error),
+                description: description.map(clean),
+                retry_after,
+            },
+            FetchError::Malformed(s) => FetchError::Malformed(clean(s)),
+            FetchError::UnsupportedTokenType(s) => FetchError::UnsupportedTokenType(clean(s)),
+            FetchError::Local(s) => FetchError::Local(clean(s)),
+            e @ (FetchError::Timeout | FetchError::Status { .. }) => e,
+        }
+    }
+
     /// True for an OAuth2 `invalid_grant` (a refresh token that is expired, revoked or used).
     pub fn is_invalid_grant(&self) -> bool {
         matches!(self, FetchError::Idp { error, .. } if error == "invalid_grant")

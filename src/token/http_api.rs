@@ -73,6 +73,21 @@ impl HttpFetcher {
         access: Option<&Secret>,
         refresh: Option<&Secret>,
     ) -> Result<Issued, FetchError> {
+        // Whatever secret this request carries must not come back in an error text.
+        let mut redactor = crate::secret::Redactor::default();
+        for secret in [access, refresh].into_iter().flatten() {
+            redactor.add(secret.expose());
+        }
+        if let Some((user, password)) = &spec.basic {
+            redactor.add(password.expose());
+            redactor.add_authorization(&format!(
+                "Basic {}",
+                base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    format!("{}:{}", user.expose(), password.expose())
+                )
+            ));
+        }
         let fill = |v: &Secret| {
             v.expose()
                 .replace("{refresh_token}", refresh.map_or("", Secret::expose))
@@ -94,6 +109,11 @@ impl HttpFetcher {
             v.set_sensitive(true);
             builder = builder.header(AUTHORIZATION, v);
         }
+        if let BodySpec::Form(fields) | BodySpec::Json(fields) = &spec.body {
+            for (_, v) in fields {
+                redactor.add(&fill(v));
+            }
+        }
         builder = match &spec.body {
             BodySpec::None => builder,
             BodySpec::Form(fields) => {
@@ -111,9 +131,10 @@ impl HttpFetcher {
                     .body(serde_json::Value::Object(object).to_string())
             }
         };
-        let reply = send::send(builder).await?;
+        let reply = send::send(builder).await.map_err(|e| e.redact(&redactor))?;
         if !reply.status.is_success() {
-            return Err(response::parse_error(reply.status.as_u16(), &reply.body, reply.retry_after));
+            return Err(response::parse_error(reply.status.as_u16(), &reply.body, reply.retry_after)
+                .redact(&redactor));
         }
         response::parse_success(
             &reply.body,
@@ -121,6 +142,7 @@ impl HttpFetcher {
             reply.date,
             self.config.common.default_ttl,
         )
+        .map_err(|e| e.redact(&redactor))
     }
 }
 

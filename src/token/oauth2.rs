@@ -174,19 +174,40 @@ impl OAuth2Fetcher {
     }
 
     async fn send(&self, url: &reqwest::Url, grant: GrantRequest<'_>) -> Result<Issued, FetchError> {
+        // Whatever secret this request carries must not come back in an error text.
+        let mut redactor = crate::secret::Redactor::default();
+        if let Some(secret) = &self.config.client_secret {
+            redactor.add(secret.expose());
+        }
+        if let Grant::Password { password, .. } = &self.config.grant {
+            redactor.add(password.expose());
+        }
+        match grant {
+            GrantRequest::Refresh(rt) => redactor.add(rt.expose()),
+            GrantRequest::Configured => {
+                if let Grant::RefreshToken { refresh_token, .. } = &self.config.grant {
+                    redactor.add(refresh_token.expose());
+                }
+            }
+        }
         let req = build_request(&self.config, url, grant);
         let mut builder = self.http.post(req.url).body(req.body);
         for (k, v) in req.headers {
+            if k == http::header::AUTHORIZATION {
+                redactor.add_authorization(v.to_str().unwrap_or_default());
+            }
             builder = builder.header(k, v);
         }
-        let reply = send::send(builder).await?;
+        let reply = send::send(builder).await.map_err(|e| e.redact(&redactor))?;
         if !reply.status.is_success() {
             if reply.status.as_u16() == 404 || reply.status.is_server_error() {
                 self.forget_discovery();
             }
-            return Err(response::parse_error(reply.status.as_u16(), &reply.body, reply.retry_after));
+            return Err(response::parse_error(reply.status.as_u16(), &reply.body, reply.retry_after)
+                .redact(&redactor));
         }
         response::parse_success(&reply.body, &FieldMap::oauth2(), reply.date, self.config.common.default_ttl)
+            .map_err(|e| e.redact(&redactor))
     }
 
     fn forget_discovery(&self) {

@@ -169,7 +169,9 @@ pub fn fallback_lifetime(access_token: &str, default_ttl: Duration) -> (Duration
 }
 
 /// Parses a non-2xx answer: RFC 6749 §5.2 `{"error","error_description"}` or Screening Eagle's
-/// `{"error","errorDescription"}`; anything else becomes a bare status error.
+/// `{"error","errorDescription"}`; anything else becomes a bare status error. The text is kept
+/// whole: [`FetchError::redact`] removes echoed secrets and only then bounds it (cutting first
+/// could leave most of a secret behind).
 pub fn parse_error(status: u16, body: &[u8], retry_after: Option<Duration>) -> FetchError {
     let json: Option<Value> = serde_json::from_slice(body).ok();
     let error = json.as_ref().and_then(|j| j.get("error")).and_then(Value::as_str);
@@ -179,8 +181,8 @@ pub fn parse_error(status: u16, body: &[u8], retry_after: Option<Duration>) -> F
                 .as_ref()
                 .and_then(|j| j.get("error_description").or_else(|| j.get("errorDescription")))
                 .and_then(Value::as_str)
-                .map(tidy);
-            FetchError::Idp { status, error: tidy(error), description, retry_after }
+                .map(str::to_owned);
+            FetchError::Idp { status, error: error.to_owned(), description, retry_after }
         }
         None => FetchError::Status { status, retry_after },
     }
