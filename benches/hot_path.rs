@@ -46,12 +46,19 @@ fn header_rewrite(c: &mut Criterion) {
     let token = HeaderValue::from_static(
         "Bearer eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.sig",
     );
-    let ip = "10.1.2.3".parse().unwrap();
+    let hop = tokengate::proxy::headers::Forwarding {
+        client: "10.1.2.3".parse().unwrap(),
+        trusted: false,
+        proto: "http",
+        authority: None,
+        format: Default::default(),
+        version: "1.1",
+    };
     c.bench_function("request header rewrite", |b| {
         b.iter_batched(
             || base.clone(),
             |mut h| {
-                tokengate::proxy::headers::rewrite_request(&mut h, ip, "http", token.clone(), "1.1");
+                tokengate::proxy::headers::rewrite_request(&mut h, &hop, token.clone());
                 h
             },
             criterion::BatchSize::SmallInput,

@@ -88,7 +88,7 @@ impl Redactor {
         let mut out = text.to_owned();
         for needle in &self.needles {
             if out.contains(needle.as_str()) {
-                out = out.replace(needle.as_str(), "***");
+                out = replace_secret(&out, needle);
             }
         }
         let mut chars = out.chars().filter(|c| !c.is_control());
@@ -98,6 +98,32 @@ impl Redactor {
         }
         bounded
     }
+}
+
+/// Secrets shorter than this are replaced only where they stand alone (not inside a word), so a
+/// short test secret such as `ss` does not turn `permission` into `permi***ion`.
+const WHOLE_WORD_BELOW: usize = 8;
+
+fn replace_secret(text: &str, needle: &str) -> String {
+    if needle.len() >= WHOLE_WORD_BELOW {
+        return text.replace(needle, "***");
+    }
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(needle) {
+        out.push_str(&rest[..at]);
+        let before = out.chars().next_back();
+        let after = rest[at + needle.len()..].chars().next();
+        if word(before) || word(after) {
+            out.push_str(needle);
+        } else {
+            out.push_str("***");
+        }
+        rest = &rest[at + needle.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -114,6 +140,9 @@ mod tests {
         assert!(!clean.contains("p&ss") && !clean.contains("p%26ss") && !clean.contains("s3cr3t"), "{clean}");
         assert!(!clean.contains("Y2xpZW50"), "{clean}");
         assert!(clean.starts_with("bad password ***"), "{clean}");
+        let mut short = Redactor::default();
+        short.add("ss");
+        assert_eq!(short.clean("permission: ss, (ss) ss"), "permission: ***, (***) ***");
         let long = r.clean(&"x\n".repeat(500));
         assert_eq!(long, format!("{}...", "x".repeat(MAX_REMOTE_TEXT)));
     }

@@ -540,3 +540,136 @@ async fn secrets_an_idp_echoes_in_its_error_text_are_redacted_everywhere() {
     // IdP text is bounded: the 800-character padding is cut.
     assert!(!shown.contains(&"padding ".repeat(40)), "IdP error text is not bounded");
 }
+
+#[tokio::test]
+async fn forwarding_claims_of_untrusted_clients_are_replaced_and_trusted_proxies_are_appended_to() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let request = "GET /x HTTP/1.1\r\nHost: tokengate:8080\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Host: admin.internal\r\nX-Forwarded-Proto: https\r\nForwarded: for=1.2.3.4\r\nX-Real-IP: 1.2.3.4\r\nTrue-Client-IP: 1.2.3.4\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\nConnection: close\r\n\r\n";
+    let untrusted = start(&idp.config_to(&up.url())).await;
+    assert!(raw(untrusted.proxy_addr, request.as_bytes()).await.starts_with("HTTP/1.1 200"));
+    let seen = up.requests().pop().unwrap();
+    assert_eq!(seen.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-host").as_deref(), Some("tokengate:8080"));
+    assert_eq!(seen.header("x-forwarded-proto").as_deref(), Some("http"));
+    for gone in ["forwarded", "x-real-ip", "true-client-ip", "x-original-url", "x-rewrite-url"] {
+        assert_eq!(seen.header(gone), None, "{gone} passed through from an untrusted client");
+    }
+    let trusted = start(&format!(
+        "access:\n  trusted_proxies: [127.0.0.0/8]\n  forwarded: both\n{}",
+        idp.config_to(&up.url())
+    ))
+    .await;
+    assert!(raw(trusted.proxy_addr, request.as_bytes()).await.starts_with("HTTP/1.1 200"));
+    let seen = up.requests().pop().unwrap();
+    assert_eq!(seen.header("x-forwarded-for").as_deref(), Some("1.2.3.4, 127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-host").as_deref(), Some("admin.internal"));
+    assert_eq!(seen.header("x-real-ip").as_deref(), Some("1.2.3.4"));
+    assert_eq!(
+        seen.header("forwarded").as_deref(),
+        Some("for=1.2.3.4, for=127.0.0.1;host=\"tokengate:8080\";proto=http")
+    );
+    assert_eq!(seen.header("x-original-url"), None, "path overrides never pass");
+    // HTTP/2 has no Host header: the authority is what the upstream is told.
+    let r = h2_client().get(format!("http://{}/h2", untrusted.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = up.requests().pop().unwrap();
+    assert_eq!(seen.header("x-forwarded-host"), Some(untrusted.proxy_addr.to_string()));
+}
+
+#[tokio::test]
+async fn trace_unknown_methods_and_method_overrides_need_a_route_that_allows_them() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = start(&format!(
+        "{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n  - prefix: /ro\n    upstream: {}\n    provider: idp\n    methods: [GET]\n  - prefix: /dav\n    upstream: {}\n    provider: idp\n    methods: [PROPFIND, TRACE]\n",
+        idp.provider_yaml(),
+        up.url(),
+        up.url(),
+        up.url()
+    ))
+    .await;
+    for (method, path, extra, want) in [
+        ("TRACE", "/x", "", "405"),
+        ("PROPFIND", "/x", "", "405"),
+        ("BREW", "/x", "", "405"),
+        ("GET", "/x", "X-HTTP-Method-Override: TRACE\r\n", "405"),
+        ("GET", "/ro/x", "X-HTTP-Method-Override: DELETE\r\n", "405"),
+        ("POST", "/ro/x", "X-Method-Override: GET\r\n", "405"),
+        ("GET", "/ro/x", "X-HTTP-Method: bad method\r\n", "405"),
+    ] {
+        let resp = raw(
+            tg.proxy_addr,
+            format!("{method} {path} HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(resp.starts_with(&format!("HTTP/1.1 {want}")), "{method} {path} {extra}: {resp}");
+        assert!(
+            resp.contains("method_not_allowed") && resp.to_ascii_lowercase().contains("\r\nallow: "),
+            "{resp}"
+        );
+    }
+    assert!(
+        up.requests().is_empty(),
+        "upstream saw {:?}",
+        up.requests().iter().map(|s| &s.method).collect::<Vec<_>>()
+    );
+    for (method, path, extra) in [
+        ("PROPFIND", "/dav/x", ""),
+        ("TRACE", "/dav/x", ""),
+        ("GET", "/ro/x", "X-HTTP-Method-Override: GET\r\n"),
+        ("DELETE", "/x", ""),
+    ] {
+        let resp = raw(
+            tg.proxy_addr,
+            format!("{method} {path} HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{method} {path}: {resp}");
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_the_clients_error_and_never_reaches_the_upstream_whole() {
+    // A raw upstream that records every byte it receives.
+    let listener = tokio::net::TcpListener::bind(any()).await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let r = received.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut s, _)) = listener.accept().await {
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
+                    if n == 0 {
+                        break;
+                    }
+                    r.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    let idp = Idp::start(IdpOptions::default()).await;
+    let tg = start(&idp.config_to(&format!("http://{upstream}"))).await;
+    for body in [
+        "5\r\nhello\r\nZZ\r\nworld\r\n0\r\n\r\n",
+        "5\r\nhello\r\n3;ext\r\nabcdef\r\n0\r\n\r\n",
+        "5\r\nhelloXX",
+    ] {
+        let resp = raw(
+            tg.proxy_addr,
+            format!("POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{body}")
+                .as_bytes(),
+        )
+        .await;
+        assert!(resp.starts_with("HTTP/1.1 400") && resp.contains("invalid_body"), "{body:?}: {resp}");
+    }
+    let seen = String::from_utf8_lossy(&received.lock().unwrap()).into_owned();
+    assert!(!seen.contains("0\r\n\r\n"), "the upstream got a terminated body: {seen:?}");
+    let m =
+        client().get(format!("http://{}/metrics", tg.admin_addr)).send().await.unwrap().text().await.unwrap();
+    assert!(!m.contains("tokengate_upstream_errors_total{"), "counted as an upstream error: {m}");
+    assert!(m.contains(r#"tokengate_requests_total{method="POST",route="/",status="400"} 3"#), "{m}");
+}

@@ -63,46 +63,39 @@ async fn every_connection_is_served_and_shutdown_drains_all_workers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_limit_holds_across_workers() {
     let idp = Idp::start(IdpOptions::default()).await;
-    let up = Upstream::start(None).await;
+    let up = Upstream::start_with(None, Duration::from_millis(600)).await;
     let yaml = format!("limits:\n  max_connections: 3\n{}", idp.config_to(&up.url()));
     let tg = start_threads(&yaml, 2).await;
     wait_ready(&tg).await;
 
-    // Six keep-alive connections each send a request; only the limit's worth are answered.
+    // Six keep-alive connections each send a slow request: only the limit's worth are in flight.
     let request = format!("GET /x HTTP/1.1\r\nhost: {}\r\n\r\n", tg.proxy_addr);
-    let mut conns = Vec::new();
+    let mut reads = Vec::new();
     for _ in 0..6 {
         let mut s = tokio::net::TcpStream::connect(tg.proxy_addr).await.unwrap();
         s.write_all(request.as_bytes()).await.unwrap();
-        conns.push(s);
+        reads.push(tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            let got = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+            let ok = matches!(got, Ok(Ok(n)) if n > 0 && buf.starts_with(b"HTTP/1.1 200"));
+            (ok, s)
+        }));
     }
-    let mut answered = Vec::new();
-    for s in &mut conns {
-        let mut buf = [0u8; 4096];
-        let got = tokio::time::timeout(Duration::from_millis(400), s.read(&mut buf)).await;
-        answered.push(matches!(got, Ok(Ok(n)) if n > 0 && buf.starts_with(b"HTTP/1.1 200")));
-    }
-    let served = answered.iter().filter(|a| **a).count();
-    assert_eq!(served, 3, "connections served with a limit of 3");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(up.requests().len(), 3, "requests in flight with a limit of 3");
 
-    // Closing the served connections lets waiting ones in.
-    let waiting: Vec<_> =
-        conns.into_iter().zip(answered).filter_map(|(s, answered)| (!answered).then_some(s)).collect();
-    let reads: Vec<_> = waiting
-        .into_iter()
-        .map(|mut s| {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let got = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
-                matches!(got, Ok(Ok(n)) if n > 0 && buf.starts_with(b"HTTP/1.1 200"))
-            })
-        })
-        .collect();
-    let mut later = 0;
+    // Once the first three are answered their connections are idle, and each waiting
+    // connection takes the slot of the oldest idle one.
+    let mut open = Vec::new();
     for r in reads {
-        later += usize::from(r.await.unwrap());
+        let (ok, s) = r.await.unwrap();
+        assert!(ok, "a waiting connection was not served");
+        open.push(s);
     }
-    assert_eq!(later, 3, "the waiting connections are served once slots are free");
+    assert_eq!(up.requests().len(), 6);
+    let m =
+        client().get(format!("http://{}/metrics", tg.admin_addr)).send().await.unwrap().text().await.unwrap();
+    assert!(m.contains(r#"tokengate_connections_closed_total{listener="proxy",reason="evicted"} 3"#), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

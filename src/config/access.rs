@@ -82,6 +82,38 @@ pub struct Access {
     /// Serve requests that carry browser headers (`Origin`, `Sec-Fetch-*`). Off by default: a web
     /// page must not be able to use tokengate's credentials through the user's browser.
     pub allow_browsers: bool,
+    /// Peers (load balancers, ingress proxies) whose `X-Forwarded-*`, `Forwarded` and
+    /// `X-Real-IP` headers are kept and appended to. From anyone else they are removed: a client
+    /// must not be able to choose the address or host the upstream is told about.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Which forwarding headers tokengate adds: `x_forwarded` (default), `rfc7239`
+    /// (`Forwarded`) or `both`.
+    pub forwarded: ForwardedFormat,
+}
+
+/// The forwarding headers tokengate adds to upstream requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ForwardedFormat {
+    /// `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`.
+    #[default]
+    XForwarded,
+    /// RFC 7239 `Forwarded: for=...;host=...;proto=...`.
+    Rfc7239,
+    /// Both.
+    Both,
+}
+
+impl ForwardedFormat {
+    /// Adds `X-Forwarded-*`.
+    pub fn x_forwarded(self) -> bool {
+        self != ForwardedFormat::Rfc7239
+    }
+
+    /// Adds `Forwarded`.
+    pub fn rfc7239(self) -> bool {
+        self != ForwardedFormat::XForwarded
+    }
 }
 
 /// Inbound API keys.

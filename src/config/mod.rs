@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use access::{Access, ApiKeys, Cidr, allowed, constant_time_eq};
+pub use access::{Access, ApiKeys, Cidr, ForwardedFormat, allowed, constant_time_eq};
 pub use http_provider::{BodySpec, HttpProvider, HttpRequestSpec};
 pub use provider::{ClientAuth, Grant, OAuth2Provider, Provider, ProviderCommon, TokenEndpoint, is_loopback};
 pub use value::{Text, parse_duration, parse_size};

@@ -119,6 +119,15 @@ pub fn admit<B>(req: &mut Request<B>, conn: &Conn, runtime: &Runtime) -> Result<
     Ok(())
 }
 
+/// Methods a route serves unless its `methods` list says otherwise. `TRACE` echoes the request,
+/// credential included, back to whoever sent it; unknown methods (WebDAV and the like) are for
+/// routes that name them.
+pub const DEFAULT_METHODS: [Method; 7] =
+    [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE, Method::PATCH, Method::OPTIONS];
+
+/// Headers that frameworks (Rails, Express, Spring, Google APIs) read as the request's method.
+const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+
 /// Checks the route's own rules: address, method, API key, client certificate.
 pub fn authorize<B>(
     req: &Request<B>,
@@ -129,8 +138,18 @@ pub fn authorize<B>(
     if !allowed(&route.allow, conn.remote.ip()) {
         return Err(ProxyError::Denied(Denied::Address));
     }
-    if !route.methods.is_empty() && !route.methods.contains(req.method()) {
-        return Err(ProxyError::MethodNotAllowed { allow: route.methods.clone() });
+    // A method override header is the method to frameworks that honour it, so it must pass the
+    // same rule as the request method.
+    let overrides = METHOD_OVERRIDES.iter().flat_map(|h| req.headers().get_all(*h));
+    let overridden = overrides.map(|v| Method::from_bytes(v.as_bytes()).map_err(|_| ()));
+    let allowed_method = |m: &Method| {
+        if route.methods.is_empty() { DEFAULT_METHODS.contains(m) } else { route.methods.contains(m) }
+    };
+    let refused =
+        !allowed_method(req.method()) || overridden.into_iter().any(|m| !m.is_ok_and(|m| allowed_method(&m)));
+    if refused {
+        let allow = if route.methods.is_empty() { DEFAULT_METHODS.to_vec() } else { route.methods.clone() };
+        return Err(ProxyError::MethodNotAllowed { allow });
     }
     if route.require_api_key {
         let ok = runtime.access.api_keys.as_ref().is_some_and(|keys| {

@@ -18,6 +18,8 @@ pub enum BodyFault {
     TooLarge,
     /// No data for `body_read_timeout`.
     Timeout,
+    /// The client sent a body that cannot be read (malformed chunked encoding, a reset stream).
+    Malformed,
 }
 
 impl std::fmt::Display for BodyFault {
@@ -25,6 +27,7 @@ impl std::fmt::Display for BodyFault {
         f.write_str(match self {
             BodyFault::TooLarge => "request body too large",
             BodyFault::Timeout => "request body timed out",
+            BodyFault::Malformed => "request body malformed",
         })
     }
 }
@@ -81,7 +84,12 @@ impl http_body::Body for Guarded {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => {
+                // The client's fault, not the upstream's: the request path answers 400.
+                tracing::debug!(error = %e, "downstream request body failed");
+                let _ = this.fault.set(BodyFault::Malformed);
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 let timeout = this.timeout;

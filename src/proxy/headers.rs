@@ -66,34 +66,108 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Prepares the downstream request headers for the upstream: hop-by-hop headers and client
-/// credentials removed, forwarding headers added, the token attached.
-pub fn rewrite_request(
-    headers: &mut HeaderMap,
-    client_ip: IpAddr,
-    proto: &'static str,
-    authorization: HeaderValue,
-    http_version: &'static str,
-) {
+/// What the upstream is told about the client and the request's first hop.
+pub struct Forwarding<'a> {
+    /// The peer's address.
+    pub client: IpAddr,
+    /// The peer is in `access.trusted_proxies`: its forwarding headers are kept and appended to.
+    pub trusted: bool,
+    /// `http` or `https`: how the request reached tokengate.
+    pub proto: &'static str,
+    /// The request's authority (HTTP/2 sends no `Host`).
+    pub authority: Option<&'a http::uri::Authority>,
+    /// Which forwarding headers to add.
+    pub format: crate::config::ForwardedFormat,
+    /// `1.0`, `1.1` or `2`, for `Via`.
+    pub version: &'static str,
+}
+
+/// Headers through which a client claims who it is or how it connected. Only a trusted proxy may
+/// send them; anyone else's are removed.
+fn is_client_claim(name: &str) -> bool {
+    matches!(
+        name,
+        "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "x-forwarded-port"
+            | "x-forwarded-prefix"
+            | "x-forwarded-server"
+            | "x-forwarded-ssl"
+            | "x-forwarded-scheme"
+            | "forwarded"
+            | "x-real-ip"
+            | "x-client-ip"
+            | "client-ip"
+            | "true-client-ip"
+            | "x-cluster-client-ip"
+            | "cf-connecting-ip"
+            | "fastly-client-ip"
+            | "x-original-forwarded-for"
+    )
+}
+
+/// Headers some frameworks (IIS, Symfony, Zend, nginx auth setups) read as the request's real
+/// path: an upstream honouring them would serve a path that another route guards. Never forwarded.
+fn is_path_override(name: &str) -> bool {
+    matches!(name, "x-original-url" | "x-rewrite-url" | "x-original-uri")
+}
+
+/// Prepares the downstream request headers for the upstream: hop-by-hop headers, client
+/// credentials, path overrides and (from untrusted peers) forwarding claims removed, forwarding
+/// headers added, the token attached.
+pub fn rewrite_request(headers: &mut HeaderMap, hop: &Forwarding<'_>, authorization: HeaderValue) {
     strip_hop_by_hop(headers);
     headers.remove(header::PROXY_AUTHORIZATION);
-    let original_host = headers.remove(header::HOST);
-    let forwarded_for = HeaderName::from_static("x-forwarded-for");
-    if headers.contains_key(&forwarded_for) {
-        append(headers, forwarded_for, &client_ip.to_string());
-    } else {
-        headers.insert(forwarded_for, ip_value(client_ip));
+    // One pass over the names; most requests carry none of these.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        let n = name.as_str();
+        if n.len() >= 9 && (is_path_override(n) || (!hop.trusted && is_client_claim(n))) {
+            doomed.push(name.clone());
+        }
     }
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto));
-    if let Some(host) = original_host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host);
-    } else {
-        headers.remove(HeaderName::from_static("x-forwarded-host"));
+    for name in doomed {
+        headers.remove(name);
+    }
+    let host = headers
+        .remove(header::HOST)
+        .or_else(|| hop.authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    if hop.format.x_forwarded() {
+        let forwarded_for = HeaderName::from_static("x-forwarded-for");
+        if headers.contains_key(&forwarded_for) {
+            append(headers, forwarded_for, &hop.client.to_string());
+        } else {
+            headers.insert(forwarded_for, ip_value(hop.client));
+        }
+        let proto = HeaderName::from_static("x-forwarded-proto");
+        if !headers.contains_key(&proto) {
+            headers.insert(proto, HeaderValue::from_static(hop.proto));
+        }
+        let forwarded_host = HeaderName::from_static("x-forwarded-host");
+        match &host {
+            Some(h) if !headers.contains_key(&forwarded_host) => {
+                headers.insert(forwarded_host, h.clone());
+            }
+            _ => {}
+        }
+    }
+    if hop.format.rfc7239() {
+        let mut element = match hop.client {
+            IpAddr::V4(ip) => format!("for={ip}"),
+            IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+        };
+        if let Some(h) = host.as_ref().and_then(|h| h.to_str().ok()).filter(|h| !h.contains(['"', '\\'])) {
+            element.push_str(&format!(";host=\"{h}\""));
+        }
+        element.push_str(";proto=");
+        element.push_str(hop.proto);
+        append(headers, header::FORWARDED, &element);
     }
     if headers.contains_key(header::VIA) {
-        append(headers, header::VIA, &format!("{http_version} tokengate"));
+        append(headers, header::VIA, &format!("{} tokengate", hop.version));
     } else {
-        let via = match http_version {
+        let via = match hop.version {
             "2" => "2 tokengate",
             "1.0" => "1.0 tokengate",
             _ => "1.1 tokengate",
@@ -143,6 +217,17 @@ mod tests {
         h
     }
 
+    fn hop(trusted: bool, format: crate::config::ForwardedFormat) -> Forwarding<'static> {
+        Forwarding {
+            client: "127.0.0.1".parse().unwrap(),
+            trusted,
+            proto: "http",
+            authority: None,
+            format,
+            version: "1.1",
+        }
+    }
+
     #[test]
     fn connection_named_headers_cannot_remove_the_credential() {
         let mut h = map(&[
@@ -157,13 +242,7 @@ mod tests {
             ("x-forwarded-for", "10.0.0.1"),
             ("accept", "application/json"),
         ]);
-        rewrite_request(
-            &mut h,
-            "127.0.0.1".parse().unwrap(),
-            "http",
-            HeaderValue::from_static("Bearer T"),
-            "1.1",
-        );
+        rewrite_request(&mut h, &hop(true, Default::default()), HeaderValue::from_static("Bearer T"));
         assert_eq!(h.get("authorization").unwrap(), "Bearer T");
         assert_eq!(h.get_all("authorization").iter().count(), 1);
         for gone in [
@@ -182,6 +261,48 @@ mod tests {
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(h.get("via").unwrap(), "1.1 tokengate");
         assert_eq!(h.get("accept").unwrap(), "application/json");
+    }
+
+    #[test]
+    fn an_untrusted_client_cannot_choose_what_the_upstream_is_told() {
+        let claims = [
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-host", "admin.internal"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=1.2.3.4;proto=https"),
+            ("x-real-ip", "1.2.3.4"),
+            ("true-client-ip", "1.2.3.4"),
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
+            ("host", "tokengate"),
+        ];
+        let mut h = map(&claims);
+        rewrite_request(
+            &mut h,
+            &hop(false, crate::config::ForwardedFormat::Both),
+            HeaderValue::from_static("Bearer T"),
+        );
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "127.0.0.1");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "tokengate");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+        assert_eq!(h.get("forwarded").unwrap(), "for=127.0.0.1;host=\"tokengate\";proto=http");
+        for gone in ["x-real-ip", "true-client-ip", "x-original-url", "x-rewrite-url"] {
+            assert!(h.get(gone).is_none(), "{gone} should be removed");
+        }
+        // A trusted proxy's claims are kept and appended to; path overrides never pass.
+        let mut h = map(&claims);
+        rewrite_request(
+            &mut h,
+            &hop(true, crate::config::ForwardedFormat::Rfc7239),
+            HeaderValue::from_static("Bearer T"),
+        );
+        assert_eq!(
+            h.get("forwarded").unwrap(),
+            "for=1.2.3.4;proto=https, for=127.0.0.1;host=\"tokengate\";proto=http"
+        );
+        assert_eq!(h.get("x-real-ip").unwrap(), "1.2.3.4");
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4");
+        assert!(h.get("x-original-url").is_none());
     }
 
     #[test]

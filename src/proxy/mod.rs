@@ -262,8 +262,16 @@ impl Proxy {
             // The app's key to tokengate is not for the upstream.
             parts.headers.remove(&keys.header);
         }
-        let proto = if conn.secure { "https" } else { "http" };
-        headers::rewrite_request(&mut parts.headers, conn.remote.ip(), proto, token.header.clone(), version);
+        let hop = headers::Forwarding {
+            client: conn.remote.ip(),
+            trusted: !runtime.access.trusted_proxies.is_empty()
+                && crate::config::allowed(&runtime.access.trusted_proxies, conn.remote.ip()),
+            proto: if conn.secure { "https" } else { "http" },
+            authority: parts.uri.authority(),
+            format: runtime.access.forwarded,
+            version,
+        };
+        headers::rewrite_request(&mut parts.headers, &hop, token.header.clone());
         for (name, value) in &route.headers {
             parts.headers.insert(name, value.clone());
         }
@@ -415,6 +423,7 @@ fn fault_error(fault: body::BodyFault) -> ProxyError {
     match fault {
         body::BodyFault::TooLarge => ProxyError::BodyTooLarge,
         body::BodyFault::Timeout => ProxyError::BodyTimeout,
+        body::BodyFault::Malformed => ProxyError::InvalidBody,
     }
 }
 

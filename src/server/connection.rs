@@ -70,6 +70,13 @@ const RUNNING: u8 = 0;
 const DRAINING: u8 = 1;
 const CLOSING: u8 = 2;
 
+/// How often a connection waiting for a slot looks for an idle one to close.
+const EVICTION_RETRY: Duration = Duration::from_millis(50);
+
+/// A connection younger than this that has not sent a request yet is not closed for a newcomer:
+/// its first request may still be on the way.
+const NEWCOMER_GRACE: Duration = Duration::from_millis(500);
+
 /// A listener's connection slots, shared by its worker threads, and the connections holding them.
 pub(super) struct Slots {
     max: usize,
@@ -92,12 +99,16 @@ impl Slots {
     /// A slot for a new connection. When none is free, the oldest connection with no request in
     /// flight is asked to close first (serve the living), then this waits for a slot.
     async fn take(self: &Arc<Self>) -> Option<Slot> {
-        let permit = match self.free.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(tokio::sync::TryAcquireError::Closed) => return None,
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                self.evict_oldest_idle();
-                self.free.clone().acquire_owned().await.ok()?
+        let permit = loop {
+            match self.free.clone().try_acquire_owned() {
+                Ok(p) => break p,
+                Err(tokio::sync::TryAcquireError::Closed) => return None,
+                Err(tokio::sync::TryAcquireError::NoPermits) => {}
+            }
+            self.evict_oldest_idle();
+            // Busy connections become idle without telling anyone: look again shortly.
+            if let Ok(p) = tokio::time::timeout(EVICTION_RETRY, self.free.clone().acquire_owned()).await {
+                break p.ok()?;
             }
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -110,9 +121,15 @@ impl Slots {
 
     fn evict_oldest_idle(&self) {
         let Ok(live) = self.live.lock() else { return };
+        let now = Instant::now();
         let oldest = live
             .values()
-            .filter(|a| a.active.load(Ordering::Relaxed) == 0 && !a.evicting.load(Ordering::Relaxed))
+            .filter(|a| {
+                a.active.load(Ordering::Relaxed) == 0
+                    && !a.evicting.load(Ordering::Relaxed)
+                    // A connection that has sent nothing yet may have its request on the way.
+                    && (a.earned.load(Ordering::Relaxed) || now.duration_since(a.accepted) >= NEWCOMER_GRACE)
+            })
             .min_by_key(|a| a.accepted);
         if let Some(a) = oldest {
             a.evicting.store(true, Ordering::Relaxed);
