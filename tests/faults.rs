@@ -333,6 +333,52 @@ async fn a_burst_of_401s_causes_one_refresh() {
 }
 
 #[tokio::test]
+async fn a_token_that_worked_and_is_then_refused_is_replaced_at_once_every_time() {
+    let (idp, up, tg) = replay_setup().await;
+    assert_eq!(get(&tg, "/1").await.0, 200, "tok-1 accepted");
+    // Two revocations 100 ms apart: each is replaced at once, and the request replayed.
+    up.rejected.lock().unwrap().insert("tok-1".into());
+    let (status, body) = get(&tg, "/2").await;
+    assert_eq!((status, body.contains("tok-2")), (200, true), "{body}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    up.rejected.lock().unwrap().insert("tok-2".into());
+    let (status, body) = get(&tg, "/3").await;
+    assert_eq!((status, body.contains("tok-3")), (200, true), "{body}");
+    for n in 4..8 {
+        assert_eq!(get(&tg, &format!("/{n}")).await.0, 200);
+    }
+    // A burst that meets a revoked token still makes one IdP call for that generation.
+    up.rejected.lock().unwrap().insert("tok-3".into());
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let url = format!("http://{}/burst/{i}", tg.proxy_addr);
+        tasks.spawn(async move { client().get(url).send().await.unwrap().status().as_u16() });
+    }
+    while let Some(s) = tasks.join_next().await {
+        assert_eq!(s.unwrap(), 200);
+    }
+    assert_eq!(idp.calls(), 4, "one IdP call per revoked generation");
+}
+
+#[tokio::test]
+async fn a_token_that_never_worked_backs_off_instead_of_flooding_the_idp() {
+    let idp = ScriptedIdp::start(Arc::new(|_| Reply::Token { lifetime: 3600 })).await;
+    // An upstream that accepts no token at all: wrong audience, say.
+    let up = guarded_upstream(Arc::new(Mutex::new(HashSet::new()))).await;
+    let tg = start(&config(idp.addr, &up.up.url(), "")).await;
+    wait_ready(&tg).await;
+    assert_eq!(get(&tg, "/1").await.0, 401);
+    assert_eq!(idp.calls(), 2, "the first rejection of a fresh token refreshes once");
+    for n in 0..10 {
+        assert_eq!(get(&tg, &format!("/again/{n}")).await.0, 401);
+    }
+    assert_eq!(idp.calls(), 2, "later rejections wait for the backoff");
+    assert!(
+        metrics(&tg).await.contains(r#"tokengate_upstream_401_total{outcome="no_new_token",route="/"} 10"#)
+    );
+}
+
+#[tokio::test]
 async fn large_post_is_not_replayed_and_the_401_passes_through() {
     let (idp, up, tg) = replay_setup().await;
     up.reject_next.store(true, Ordering::SeqCst);

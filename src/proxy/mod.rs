@@ -294,16 +294,22 @@ impl Proxy {
         };
         let mut request = Outgoing { method: parts.method, target, headers: parts.headers };
         let resp = self.send(runtime, route, &request, payload, &fault).await?;
-        if resp.status() != StatusCode::UNAUTHORIZED || !route.retry_on_401 {
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            accepted(route, &token, resp.status());
             return Ok(resp);
         }
-        let outcome = match (kept, route.provider.replace_rejected(token.generation).await) {
+        if !route.retry_on_401 {
+            return Ok(resp);
+        }
+        let outcome = match (kept, route.provider.replace_rejected(&token).await) {
             (Some(bytes), Some(fresh)) => {
                 self.count_401(route, "replayed");
                 notes.replayed = true;
                 drop(resp);
                 request.headers.insert(http::header::AUTHORIZATION, fresh.header.clone());
-                return self.send(runtime, route, &request, Payload::Buffered(bytes), &fault).await;
+                let resp = self.send(runtime, route, &request, Payload::Buffered(bytes), &fault).await?;
+                accepted(route, &fresh, resp.status());
+                return Ok(resp);
             }
             (None, _) => "not_replayable",
             (Some(_), None) => "no_new_token",
@@ -416,6 +422,14 @@ impl Outgoing {
         *req.uri_mut() = uri;
         *req.headers_mut() = self.headers.clone();
         Ok(req)
+    }
+}
+
+/// An answer other than 401 (and not a server error, which says nothing about the credential)
+/// shows the upstream accepted the token.
+fn accepted(route: &Route, token: &crate::token::Token, status: StatusCode) {
+    if status != StatusCode::UNAUTHORIZED && !status.is_server_error() {
+        route.provider.confirm(token);
     }
 }
 

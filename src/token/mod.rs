@@ -49,6 +49,8 @@ pub struct Token {
     pub scope: Option<String>,
     /// Increases with every token this source installs.
     pub generation: u64,
+    /// An upstream has accepted this token at least once: a later 401 means it was revoked.
+    pub accepted: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Token {
@@ -94,8 +96,8 @@ struct Health {
     /// Requests finding no token do not call the IdP again before this; they get 503 at once
     /// while the background task retries.
     quiet_until: Option<Instant>,
-    /// Last time an upstream 401 triggered a refresh.
-    last_rejection: Option<Instant>,
+    /// Backoff for refreshes after upstream 401s of tokens no upstream ever accepted.
+    rejection: Option<Rejection>,
     /// Successful fetches (IdP or shared cache) since start.
     fetched: u64,
     /// Failed fetches since start.
@@ -105,8 +107,12 @@ struct Health {
 /// Minimum delay before retrying after an error that looks like a configuration problem (4xx).
 const CONFIG_ERROR_RETRY: Duration = Duration::from_secs(10);
 
-/// Minimum time between refreshes triggered by upstream 401 answers, per provider.
-pub const REJECTION_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// No rejection-triggered refresh before `until`, which was `wait` after the last one.
+#[derive(Clone, Copy)]
+struct Rejection {
+    until: Instant,
+    wait: Duration,
+}
 
 /// A provider's token cache and the machinery that keeps it filled.
 pub struct TokenSource {
@@ -250,13 +256,27 @@ impl TokenSource {
         self.fetch_locked().await
     }
 
+    /// Records that an upstream accepted `token`: from now on a 401 for it means revocation.
+    /// Costs one relaxed load once a token is known good.
+    pub fn confirm(&self, token: &Token) {
+        if !token.accepted.load(Ordering::Relaxed) {
+            token.accepted.store(true, Ordering::Relaxed);
+            if let Ok(mut h) = self.health.lock() {
+                h.rejection = None;
+            }
+        }
+    }
+
     /// Replaces a token the upstream rejected (401). Returns a different token to replay with:
     /// one that replaced it meanwhile (another request's refresh, a renewal), or a fresh one.
-    /// A burst of 401s for one token causes one IdP call, and rejections trigger at most one
-    /// refresh per [`REJECTION_REFRESH_INTERVAL`], so an upstream that rejects every token
-    /// cannot make tokengate flood the IdP.
-    pub async fn replace_rejected(&self, rejected_generation: u64) -> Option<Arc<Token>> {
-        let newer = |t: &Arc<Token>| t.generation != rejected_generation;
+    ///
+    /// A token an upstream accepted before was revoked: it is replaced at once. A token no
+    /// upstream ever accepted points at the scopes or audience, which a new token rarely cures:
+    /// such refreshes back off ([`schedule::rejection_backoff`]: 5 s doubling to 5 min), so an
+    /// upstream that rejects every token cannot make tokengate flood the IdP. Either way a burst
+    /// of 401s for one token causes one IdP call.
+    pub async fn replace_rejected(&self, rejected: &Token) -> Option<Arc<Token>> {
+        let newer = |t: &Arc<Token>| t.generation != rejected.generation;
         if let Some(t) = self.usable().filter(newer) {
             return Some(t);
         }
@@ -264,15 +284,18 @@ impl TokenSource {
         if let Some(t) = self.usable().filter(newer) {
             return Some(t);
         }
-        {
+        let revoked = rejected.accepted.load(Ordering::Relaxed);
+        if !revoked {
             let mut h = self.health.lock().ok()?;
-            if h.last_rejection.is_some_and(|at| at.elapsed() < REJECTION_REFRESH_INTERVAL) {
-                tracing::warn!(provider = %self.name, "upstream rejected a fresh token again; not refreshing (check the scopes and audience)");
+            let now = Instant::now();
+            if let Some(r) = h.rejection.filter(|r| now < r.until) {
+                tracing::warn!(provider = %self.name, retry_in_s = r.until.duration_since(now).as_secs(), "upstream rejected a token it never accepted; not refreshing yet (check the scopes and audience)");
                 return None;
             }
-            h.last_rejection = Some(Instant::now());
+            let wait = schedule::rejection_backoff(h.rejection.map(|r| r.wait));
+            h.rejection = Some(Rejection { until: now + wait, wait });
         }
-        tracing::info!(provider = %self.name, generation = rejected_generation, "upstream rejected the token; fetching a new one");
+        tracing::info!(provider = %self.name, generation = rejected.generation, revoked, "upstream rejected the token; fetching a new one");
         self.fetch_locked().await.ok().filter(newer)
     }
 
@@ -351,13 +374,14 @@ impl TokenSource {
             lifetime_source: issued.lifetime_source,
             scope: issued.scope,
             generation,
+            accepted: std::sync::atomic::AtomicBool::new(false),
         });
         self.current.store(Some(Arc::clone(&token)));
         self.metrics.token_expiry.with_label_values(&[&self.name]).set(expires_unix);
         if let Ok(mut h) = self.health.lock() {
             *h = Health {
                 last_success: Some(SystemTime::now()),
-                last_rejection: h.last_rejection,
+                rejection: h.rejection,
                 fetched: h.fetched + 1,
                 failed: h.failed,
                 ..Health::default()

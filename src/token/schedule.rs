@@ -36,6 +36,13 @@ pub fn backoff(attempt: u32, unit_random: f64, retry_after: Option<Duration>) ->
     }
 }
 
+/// After an upstream rejects a token it never accepted, how long before another such rejection
+/// may refresh: 5 s, doubling after each one up to 5 min (`previous` is the last wait). Rejected
+/// fresh tokens point at the scopes or audience, which a new token rarely cures.
+pub fn rejection_backoff(previous: Option<Duration>) -> Duration {
+    previous.map_or(Duration::from_secs(5), |p| p.saturating_mul(2).min(Duration::from_secs(300)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +67,15 @@ mod tests {
         assert_eq!(expiry_skew(S(2)), Duration::from_millis(200));
         assert_eq!(jitter(S(30), 1.0), S(3));
         assert_eq!(jitter(S(30), 0.0), S(0));
+    }
+
+    #[test]
+    fn rejection_backoff_doubles_from_5s_to_5min() {
+        let mut waits = vec![rejection_backoff(None)];
+        for _ in 0..8 {
+            waits.push(rejection_backoff(waits.last().copied()));
+        }
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300, 300].map(S));
     }
 
     #[test]
