@@ -235,6 +235,7 @@ async fn run(path: PathBuf, config: Config, workers: server::Workers) -> ExitCod
     if let Some(warning) = config::permission_warning(&path) {
         tracing::warn!("{warning}");
     }
+    raise_descriptor_limit(&config);
     let running = match server::start_with(config, Some(path), workers).await {
         Ok(r) => r,
         Err(e) => {
@@ -245,6 +246,29 @@ async fn run(path: PathBuf, config: Config, workers: server::Workers) -> ExitCod
     wait_for_signals(&running, true).await;
     running.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// Raises the soft limit on open files to the hard limit (the common default soft limit, 1,024,
+/// is far below what 10,000 client connections and their upstream connections need) and says how
+/// many descriptors there are.
+fn raise_descriptor_limit(config: &Config) {
+    let limits = &config.limits;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(available) => {
+            // Each client connection and each upstream connection is one descriptor.
+            let wanted = limits.max_connections as u64 + limits.upstream_max_connections as u64 * 2 + 64;
+            if available < wanted {
+                tracing::warn!(
+                    available,
+                    wanted,
+                    "few file descriptors: raise the hard limit (ulimit -Hn) or lower limits.max_connections"
+                );
+            } else {
+                tracing::info!(available, "file descriptors available");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
 }
 
 /// Waits for SIGTERM or SIGINT; SIGHUP reloads the configuration file on the way.

@@ -126,6 +126,13 @@ pub struct Limits {
     pub max_connections: usize,
     /// Streams one HTTP/2 client connection may have open at once.
     pub http2_max_concurrent_streams: u32,
+    /// Connections tokengate opens to one upstream `host:port` at most, per process.
+    pub upstream_max_connections: usize,
+    /// How long a request waits for an upstream connection slot before `503 upstream_busy`.
+    #[serde(deserialize_with = "value::duration")]
+    pub upstream_queue_timeout: Duration,
+    /// Requests worked on at once across all listeners; more get `503 overloaded` at once.
+    pub max_requests_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -143,6 +150,9 @@ impl Default for Limits {
             replay_buffer: 64 * 1024,
             max_connections: 10_000,
             http2_max_concurrent_streams: 100,
+            upstream_max_connections: 256,
+            upstream_queue_timeout: Duration::from_secs(5),
+            max_requests_in_flight: 4096,
         }
     }
 }

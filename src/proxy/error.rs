@@ -63,6 +63,12 @@ pub enum ProxyError {
     /// The upstream connection failed after it was established.
     #[error("the upstream connection failed")]
     UpstreamFailed,
+    /// Every connection slot of the upstream stayed taken for `upstream_queue_timeout`.
+    #[error("the upstream has too many requests in progress; retry later")]
+    UpstreamBusy,
+    /// `max_requests_in_flight` requests are already being worked on.
+    #[error("tokengate has too many requests in progress; retry later")]
+    Overloaded,
 }
 
 impl ProxyError {
@@ -85,6 +91,8 @@ impl ProxyError {
             ProxyError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ProxyError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             ProxyError::InvalidBody => (StatusCode::BAD_REQUEST, "invalid_body"),
+            ProxyError::UpstreamBusy => (StatusCode::SERVICE_UNAVAILABLE, "upstream_busy"),
+            ProxyError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         }
     }
 
@@ -105,6 +113,10 @@ impl ProxyError {
         let mut resp = json_response(status, &body);
         if let Some(v) = allow_header {
             resp.headers_mut().insert(header::ALLOW, v);
+        }
+        if matches!(self, ProxyError::UpstreamBusy | ProxyError::Overloaded) {
+            // Load passes quickly; a client that honours Retry-After comes back soon.
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }

@@ -64,6 +64,9 @@ pub enum Error {
     /// The upstream sent something that is not valid HTTP/1.1.
     #[error("invalid response: {0}")]
     Invalid(&'static str),
+    /// Every connection slot of the upstream stayed taken for the queue timeout.
+    #[error(transparent)]
+    Busy(#[from] super::limit::Busy),
 }
 
 impl Error {
@@ -93,6 +96,27 @@ pub struct Pool {
     // One idle list per worker thread: a connection stays with the event loop it is registered
     // with, so its readiness never has to cross threads.
     idle: Box<[Mutex<VecDeque<Idle>>]>,
+    limit: super::limit::UpstreamLimit,
+}
+
+/// An upstream connection holding one of its upstream's slots until it is dropped.
+struct Conn {
+    io: TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Conn {
+    type Target = TcpStream;
+
+    fn deref(&self) -> &TcpStream {
+        &self.io
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut TcpStream {
+        &mut self.io
+    }
 }
 
 /// Idle lists per pool; workers beyond this share them.
@@ -110,7 +134,7 @@ pub fn set_worker(index: usize) {
 /// A kept-alive connection with its read buffer, whose memory is reused once the last response
 /// read into it has been written downstream.
 struct Idle {
-    io: TcpStream,
+    io: Conn,
     buf: BytesMut,
     since: Instant,
 }
@@ -122,9 +146,12 @@ impl Pool {
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_head: usize,
+        slots: &Arc<super::limit::UpstreamSlots>,
     ) -> Self {
+        let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
         Pool {
-            addr: format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80)),
+            limit: slots.of(&addr.to_ascii_lowercase()),
+            addr,
             host: authority.as_str().to_owned(),
             connect_timeout,
             idle_timeout,
@@ -165,7 +192,7 @@ impl Pool {
 
     async fn exchange(
         self: &Arc<Self>,
-        mut io: TcpStream,
+        mut io: Conn,
         mut buf: BytesMut,
         head: &[u8],
         body: Option<&Bytes>,
@@ -205,7 +232,8 @@ impl Pool {
         Ok(Response::from_parts(parts, body))
     }
 
-    async fn connect(&self) -> Result<TcpStream, Error> {
+    async fn connect(&self) -> Result<Conn, Error> {
+        let slot = self.limit.acquire().await?;
         let connect = TcpStream::connect(self.addr.as_str());
         let io = match tokio::time::timeout(self.connect_timeout, connect).await {
             Err(_) => return Err(Error::ConnectTimeout(self.addr.clone())),
@@ -213,11 +241,11 @@ impl Pool {
             Ok(Ok(io)) => io,
         };
         io.set_nodelay(true)?;
-        Ok(io)
+        Ok(Conn { io, _slot: slot })
     }
 
     /// The most recently used live idle connection; stale ones are dropped.
-    fn checkout(&self) -> Option<(TcpStream, BytesMut)> {
+    fn checkout(&self) -> Option<(Conn, BytesMut)> {
         loop {
             let idle = self.idle().pop_back()?;
             if idle.since.elapsed() < self.idle_timeout && still_open(&idle.io) {
@@ -226,7 +254,7 @@ impl Pool {
         }
     }
 
-    fn put(&self, io: TcpStream, buf: BytesMut) {
+    fn put(&self, io: Conn, buf: BytesMut) {
         let now = Instant::now();
         let mut idle = self.idle();
         while idle.front().is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
@@ -319,7 +347,7 @@ enum Chunk {
 
 /// Reads and parses one response head; `buf` keeps what follows it.
 async fn read_head(
-    io: &mut TcpStream,
+    io: &mut Conn,
     buf: &mut BytesMut,
     method: &Method,
     max_head: usize,
@@ -455,7 +483,7 @@ fn build(parsed: Parsed, head: &Bytes) -> Result<(http::response::Parts, Framing
 /// A response body read from the upstream connection as the downstream side asks for it. The
 /// connection goes back to the pool once the body has been read to its end.
 pub struct Streaming {
-    io: Option<TcpStream>,
+    io: Option<Conn>,
     pool: Arc<Pool>,
     buf: BytesMut,
     framing: Framing,
@@ -686,6 +714,7 @@ mod tests {
             Duration::from_secs(1),
             Duration::from_secs(1),
             8192,
+            &crate::proxy::limit::UpstreamSlots::new(1, Duration::from_secs(1)),
         ));
         let mut s = Streaming { io: None, pool, buf: BytesMut::new(), framing, reusable: true };
         let mut out = Vec::new();

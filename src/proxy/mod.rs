@@ -6,6 +6,7 @@ pub mod body;
 pub mod error;
 pub mod h1;
 pub mod headers;
+pub mod limit;
 pub mod upstream;
 
 use std::sync::{Arc, OnceLock};
@@ -84,6 +85,10 @@ impl Runtime {
     /// Builds routes for `config` on top of already-built token sources.
     pub fn build(config: &Config, providers: Providers, metrics: &Metrics) -> Result<Self, String> {
         let mut clients = upstream::Clients::default();
+        let slots = limit::UpstreamSlots::new(
+            config.limits.upstream_max_connections,
+            config.limits.upstream_queue_timeout,
+        );
         let mut pools: std::collections::HashMap<String, Arc<h1::Pool>> = std::collections::HashMap::new();
         let mut table = RouteTable::default();
         let mut by_host: std::collections::HashMap<String, Vec<Arc<Route>>> =
@@ -94,7 +99,7 @@ impl Runtime {
                 .cloned()
                 .ok_or_else(|| format!("route {}: unknown provider {}", r.label(), r.provider.0))?;
             let client = clients
-                .get(&config.limits, r.ca_file.as_ref())
+                .get(&config.limits, r.ca_file.as_ref(), &slots)
                 .map_err(|e| format!("route {}: {e}", r.label()))?;
             let h1 = (r.upstream.scheme == http::uri::Scheme::HTTP).then(|| {
                 let limits = &config.limits;
@@ -105,6 +110,7 @@ impl Runtime {
                             limits.upstream_connect_timeout,
                             limits.upstream_idle_timeout,
                             usize::try_from(limits.max_header_size).unwrap_or(usize::MAX),
+                            &slots,
                         ))
                     });
                 pool.clone()
@@ -153,13 +159,19 @@ pub struct Proxy {
     /// Metrics.
     pub metrics: Metrics,
     unmatched: RouteMetrics,
+    in_flight: limit::InFlight,
 }
 
 impl Proxy {
     /// Shared state serving `runtime`.
     pub fn new(runtime: Runtime, metrics: Metrics) -> Self {
         let unmatched = RouteMetrics::new(&metrics, "_unmatched");
-        Proxy { runtime: ArcSwap::from_pointee(runtime), metrics, unmatched }
+        Proxy {
+            runtime: ArcSwap::from_pointee(runtime),
+            metrics,
+            unmatched,
+            in_flight: limit::InFlight::new(),
+        }
     }
 
     /// Handles one downstream request. Never fails: every error becomes a response.
@@ -170,8 +182,12 @@ impl Proxy {
         let access_log = tracing::enabled!(target: "tokengate::access", tracing::Level::INFO);
         let path = access_log.then(|| req.uri().path().to_owned());
         let mut notes = Notes::default();
-        let matched = admit::admit(&mut req, &conn, &runtime)
-            .and_then(|()| match_route(&runtime, req.uri(), conn.forward));
+        let place = self.in_flight.enter(runtime.limits.max_requests_in_flight);
+        let matched = match place {
+            None => Err(ProxyError::Overloaded),
+            Some(_) => admit::admit(&mut req, &conn, &runtime)
+                .and_then(|()| match_route(&runtime, req.uri(), conn.forward)),
+        };
         let (route, result) = match matched {
             Err(e) => (None, Err(e)),
             Ok(route) => {
@@ -182,7 +198,8 @@ impl Proxy {
                 if let Err(
                     e @ (ProxyError::UpstreamUnreachable
                     | ProxyError::UpstreamTimeout
-                    | ProxyError::UpstreamFailed),
+                    | ProxyError::UpstreamFailed
+                    | ProxyError::UpstreamBusy),
                 ) = &result
                 {
                     let kind = e.status_and_code().1;
@@ -340,6 +357,10 @@ impl Proxy {
                     h1::Head { method: &request.method, target: &request.target, headers: &request.headers };
                 return match tokio::time::timeout(timeout, pool.send(&head, &bytes)).await {
                     Err(_elapsed) => Err(ProxyError::UpstreamTimeout),
+                    Ok(Err(h1::Error::Busy(e))) => {
+                        tracing::warn!(route = %route.label, error = %e, "upstream connection limit reached");
+                        Err(ProxyError::UpstreamBusy)
+                    }
                     Ok(Err(e)) => Err(self.upstream_error(route, e.is_connect(), &e)),
                     Ok(Ok(resp)) => Ok(resp),
                 };
@@ -353,6 +374,10 @@ impl Proxy {
             Ok(Err(e)) => {
                 if let Some(f) = fault.get() {
                     return Err(fault_error(*f));
+                }
+                if limit::is_busy(&e) {
+                    tracing::warn!(route = %route.label, upstream = %route.upstream, "upstream connection limit reached");
+                    return Err(ProxyError::UpstreamBusy);
                 }
                 return Err(self.upstream_error(route, e.is_connect(), &e));
             }

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -9,15 +10,17 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::Body;
+use super::limit::{Limited, UpstreamSlots};
 use crate::config::Limits;
 
-/// A pooled client for upstream requests.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+/// A pooled client for upstream requests; every connection holds one of its upstream's slots.
+pub type UpstreamClient = Client<HttpsConnector<Limited<HttpConnector>>, Body>;
 
 /// Builds a client trusting the public roots plus `ca_file`.
 pub fn client(
     limits: &Limits,
     ca_file: Option<&std::path::Path>,
+    slots: &Arc<UpstreamSlots>,
 ) -> Result<UpstreamClient, crate::tls::TlsError> {
     // hyper-rustls sets ALPN (h2, http/1.1) itself from enable_all_versions().
     let tls = crate::tls::client_config(ca_file, &[])?;
@@ -30,7 +33,7 @@ pub fn client(
         .with_tls_config(tls)
         .https_or_http()
         .enable_all_versions()
-        .wrap_connector(http);
+        .wrap_connector(Limited::new(http, slots.clone()));
     Ok(Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
@@ -49,11 +52,12 @@ impl Clients {
         &mut self,
         limits: &Limits,
         ca_file: Option<&PathBuf>,
+        slots: &Arc<UpstreamSlots>,
     ) -> Result<UpstreamClient, crate::tls::TlsError> {
         if let Some(c) = self.0.get(&ca_file.cloned()) {
             return Ok(c.clone());
         }
-        let c = client(limits, ca_file.map(PathBuf::as_path))?;
+        let c = client(limits, ca_file.map(PathBuf::as_path), slots)?;
         self.0.insert(ca_file.cloned(), c.clone());
         Ok(c)
     }

@@ -1,0 +1,200 @@
+//! Bounded fan-out: one client cannot open unbounded upstream connections or requests, and the
+//! process raises its descriptor limit.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A raw HTTP/1.1 upstream that answers each request after `hold`, closing the connection after
+/// it, and counts how many connections it had open at once.
+async fn counting_upstream(hold: Duration) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind(any()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (open, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let p = peak.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (open, peak) = (open.clone(), p.clone());
+            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                // Read the head and the body its Content-Length announces.
+                let complete = |got: &[u8]| {
+                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                    got.len() >= end + 4 + len
+                };
+                while !complete(&got) {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                tokio::time::sleep(hold).await;
+                let _ =
+                    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+                let _ = s.shutdown().await;
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, peak)
+}
+
+#[tokio::test]
+async fn one_http2_client_cannot_open_more_than_the_upstream_limit() {
+    // GETs go through the lean HTTP/1.1 client, bodies above replay_buffer stream through the
+    // hyper client: both are bounded, each on its own and mixed.
+    for (mode, post) in [("lean", &[false][..]), ("hyper", &[true]), ("mixed", &[false, true])] {
+        let (addr, peak) = counting_upstream(Duration::from_millis(800)).await;
+        let idp = Idp::start(IdpOptions::default()).await;
+        let tg = start(&format!(
+            "limits:\n  upstream_max_connections: 4\n  upstream_queue_timeout: 200ms\n{}",
+            idp.config_to(&format!("http://{addr}"))
+        ))
+        .await;
+        wait_ready(&tg).await;
+        // One HTTP/2 connection, 20 concurrent streams.
+        let h2 = h2_client();
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..20 {
+            let (h2, url) = (h2.clone(), format!("http://{}/fan/{i}", tg.proxy_addr));
+            let req =
+                if post[i % post.len()] { h2.post(url).body(vec![b'x'; 100 * 1024]) } else { h2.get(url) };
+            calls.spawn(async move {
+                let r = req.send().await.unwrap();
+                let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+                (r.status().as_u16(), retry, r.text().await.unwrap())
+            });
+        }
+        let (mut ok, mut busy) = (0, 0);
+        while let Some(r) = calls.join_next().await {
+            let (status, retry, body) = r.unwrap();
+            match status {
+                200 => ok += 1,
+                503 => {
+                    assert!(body.contains("upstream_busy"), "{mode}: {body}");
+                    assert_eq!(retry.as_deref(), Some("1"), "{mode}");
+                    busy += 1;
+                }
+                other => panic!("{mode}: unexpected {other}: {body}"),
+            }
+        }
+        let peak = peak.load(Ordering::SeqCst);
+        assert!(peak <= 4, "{mode}: the upstream saw {peak} connections at once");
+        assert_eq!((ok, busy), (4, 16), "{mode}");
+        let m = client()
+            .get(format!("http://{}/metrics", tg.admin_addr))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            m.contains(r#"tokengate_upstream_errors_total{kind="upstream_busy",route="/"} 16"#),
+            "{mode}: {m}"
+        );
+        // Once the slots are free, requests are served again.
+        assert_eq!(
+            client().get(format!("http://{}/after", tg.proxy_addr)).send().await.unwrap().status(),
+            200
+        );
+    }
+}
+
+#[tokio::test]
+async fn requests_beyond_the_in_flight_limit_get_503_at_once() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let slow = Upstream::start_with(None, Duration::from_millis(600)).await;
+    let tg = start(&format!("limits:\n  max_requests_in_flight: 2\n{}", idp.config_to(&slow.url()))).await;
+    wait_ready(&tg).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..5 {
+        let url = format!("http://{}/{i}", tg.proxy_addr);
+        calls.spawn(async move {
+            let started = std::time::Instant::now();
+            let r = client().get(url).send().await.unwrap();
+            (r.status().as_u16(), started.elapsed(), r.text().await.unwrap())
+        });
+    }
+    let mut statuses = Vec::new();
+    while let Some(r) = calls.join_next().await {
+        let (status, took, body) = r.unwrap();
+        if status == 503 {
+            assert!(body.contains("\"overloaded\""), "{body}");
+            assert!(took < Duration::from_millis(500), "refused only after {took:?}");
+        }
+        statuses.push(status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 503, 503, 503]);
+    assert_eq!(slow.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn http2_concurrent_streams_are_configurable() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let tg = start(&format!(
+        "limits:\n  http2_max_concurrent_streams: 7\n{}",
+        idp.config_to("http://127.0.0.1:9")
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(tg.proxy_addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(head[3], 0x4, "the server's first frame is SETTINGS");
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.unwrap();
+    let settings: Vec<(u16, u32)> = payload
+        .chunks(6)
+        .map(|c| (u16::from_be_bytes([c[0], c[1]]), u32::from_be_bytes([c[2], c[3], c[4], c[5]])))
+        .collect();
+    assert!(settings.contains(&(0x3, 7)), "SETTINGS_MAX_CONCURRENT_STREAMS: {settings:?}");
+}
+
+#[test]
+fn the_binary_raises_its_descriptor_limit_and_says_how_many_it_has() {
+    let hard = std::process::Command::new("sh").args(["-c", "ulimit -Hn"]).output().unwrap();
+    let hard = String::from_utf8_lossy(&hard.stdout).trim().to_owned();
+    if hard != "unlimited" && hard.parse::<u64>().unwrap() <= 1024 {
+        panic!("this machine's hard limit on open files is {hard}: the test needs more than 1024");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tg.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen: {ANY}\nadmin:\n  listen: {ANY}\nproviders:\n  p:\n    type: oauth2\n    token_url: http://127.0.0.1:9/token\n    client_id: a\n    client_secret: b\nroutes:\n  - prefix: /\n    upstream: http://127.0.0.1:9\n    provider: p\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("log");
+    // Start with the soft limit most machines default to, and stop after the first lines.
+    let script = format!(
+        "ulimit -Sn 1024; {} --log-format json run -c {} 2> {} & pid=$!; sleep 1; kill -TERM $pid; wait $pid",
+        env!("CARGO_BIN_EXE_tokengate"),
+        path.display(),
+        log.display()
+    );
+    std::process::Command::new("sh").args(["-c", &script]).status().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text.lines().find(|l| l.contains("file descriptors")).unwrap_or_else(|| panic!("{text}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    let available = v["fields"]["available"].as_u64().unwrap();
+    assert!(available > 1024, "{line}");
+}
