@@ -36,8 +36,10 @@ const MAX_IDLE: usize = 256;
 const KEEP_BUFFERS: usize = 64;
 /// At most this many headers in a response head (hyper's default too).
 const MAX_HEADERS: usize = 100;
-/// Bound on a chunk-size line and on trailers, which are read and dropped.
-const MAX_CHUNK_META: usize = 8 * 1024;
+/// Bound on the chunk extensions of one body, all chunk-size lines together (hyper's limit).
+const CHUNK_EXTENSIONS_LIMIT: usize = 16 * 1024;
+/// Bound on the trailers of one body, which are read and dropped (hyper's limit).
+const TRAILERS_LIMIT: usize = 16 * 1024;
 /// Informational (1xx) responses accepted before the final one.
 const MAX_INFORMATIONAL: usize = 8;
 
@@ -160,6 +162,11 @@ impl Pool {
         }
     }
 
+    /// Idle connections kept for this thread.
+    pub fn idle_connections(&self) -> usize {
+        self.idle().len()
+    }
+
     fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
         let shard = &self.idle[WORKER.with(std::cell::Cell::get) % SHARDS];
         shard.lock().unwrap_or_else(PoisonError::into_inner)
@@ -221,7 +228,8 @@ impl Pool {
                 return Err(Attempt::Failed(Error::Invalid("unexpected informational response")));
             }
         };
-        let mut stream = Streaming { io: Some(io), pool: self.clone(), buf, framing, reusable };
+        let mut stream =
+            Streaming { io: Some(io), pool: self.clone(), buf, framing, reusable, extensions: 0 };
         let body = match stream.framing {
             Framing::Length(n) if n <= WHOLE_BODY => {
                 let whole = stream.read_whole(n).await.map_err(Attempt::Failed)?;
@@ -408,18 +416,22 @@ fn parse_head(resp: &httparse::Response<'_, '_>, base: usize, method: &Method) -
     let mut length: Option<u64> = None;
     let mut chunked = None;
     let mut headers = Vec::with_capacity(resp.headers.len());
+    let mut lengths: Vec<&[u8]> = Vec::new();
+    // These have no body whatever the head says (RFC 9112 section 6.3), so, as hyper does,
+    // their Content-Length is not read.
+    let no_body = *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| invalid("bad header name"))?;
         if name == header::CONTENT_LENGTH {
-            // Repeated lengths must agree (RFC 9110 section 8.6); anything else is smuggling bait.
-            for part in h.value.split(|b| *b == b',') {
-                let n = parse_length(part.trim_ascii()).ok_or(invalid("bad content-length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(invalid("conflicting content-length"));
-                }
-                length = Some(n);
-            }
+            lengths.push(h.value);
         } else if name == header::TRANSFER_ENCODING {
+            if version == Version::HTTP_10 {
+                // HTTP/1.0 has no transfer codings: such a response is faulty (RFC 9112 section 6.1).
+                return Err(invalid("transfer-encoding in an HTTP/1.0 response"));
+            }
             let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default().trim_ascii();
             chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONNECTION
@@ -430,10 +442,18 @@ fn parse_head(resp: &httparse::Response<'_, '_>, base: usize, method: &Method) -
         let start = h.value.as_ptr() as usize - base;
         headers.push((name, start..start + h.value.len()));
     }
-    let no_body = *method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
+    // Content-Length matters only when nothing else frames the body (Transfer-Encoding wins,
+    // and the value is then dropped), as in hyper. Repeated lengths must agree (RFC 9110
+    // section 8.6); anything else is smuggling bait.
+    if !no_body && chunked.is_none() {
+        for part in lengths.iter().flat_map(|v| v.split(|b| *b == b',')) {
+            let n = parse_length(part.trim_ascii()).ok_or(invalid("bad content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(invalid("conflicting content-length"));
+            }
+            length = Some(n);
+        }
+    }
     let framing = match (no_body, chunked, length) {
         (true, _, _) => Framing::Length(0),
         (false, Some(true), _) => Framing::Chunked(Chunk::Size),
@@ -441,7 +461,7 @@ fn parse_head(resp: &httparse::Response<'_, '_>, base: usize, method: &Method) -
         (false, Some(false), _) | (false, None, None) => Framing::Close,
         (false, None, Some(n)) => Framing::Length(n),
     };
-    if framing == Framing::Close || (chunked.is_some() && length.is_some()) {
+    if framing == Framing::Close || (chunked.is_some() && !lengths.is_empty()) {
         reusable = false;
     }
     Ok(Parsed { status, version, headers, framing, reusable })
@@ -488,6 +508,8 @@ pub struct Streaming {
     buf: BytesMut,
     framing: Framing,
     reusable: bool,
+    // Chunk-extension bytes read so far.
+    extensions: usize,
 }
 
 impl Streaming {
@@ -550,11 +572,21 @@ impl Streaming {
                 Framing::Chunked(state) => match state {
                     Chunk::Size => match httparse::parse_chunk_size(&self.buf) {
                         Ok(httparse::Status::Complete((used, size))) => {
+                            // Extensions are ignored, but their bytes count against the body.
+                            let line = &self.buf[..used];
+                            self.extensions += line.iter().position(|b| *b == b';').map_or(0, |at| used - at);
+                            if self.extensions > CHUNK_EXTENSIONS_LIMIT {
+                                return Err(Error::Invalid("chunk extensions too large"));
+                            }
                             self.buf.advance(used);
                             let next = if size == 0 { Chunk::Trailers } else { Chunk::Data(size) };
                             self.framing = Framing::Chunked(next);
                         }
-                        Ok(httparse::Status::Partial) if self.buf.len() < MAX_CHUNK_META => return Ok(None),
+                        Ok(httparse::Status::Partial)
+                            if self.buf.len() < CHUNK_EXTENSIONS_LIMIT - self.extensions =>
+                        {
+                            return Ok(None);
+                        }
                         _ => return Err(Error::Invalid("bad chunk size")),
                     },
                     Chunk::Data(n) => {
@@ -581,11 +613,18 @@ impl Streaming {
                             self.buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
                         };
                         match end {
+                            Some(end)
+                                if end > TRAILERS_LIMIT
+                                    || self.buf[..end].windows(2).filter(|w| w == b"\r\n").count()
+                                        > MAX_HEADERS =>
+                            {
+                                return Err(Error::Invalid("trailers too large"));
+                            }
                             Some(end) => {
                                 self.buf.advance(end);
                                 self.framing = Framing::Length(0);
                             }
-                            None if self.buf.len() < MAX_CHUNK_META => return Ok(None),
+                            None if self.buf.len() < TRAILERS_LIMIT => return Ok(None),
                             None => return Err(Error::Invalid("trailers too large")),
                         }
                     }
@@ -716,7 +755,8 @@ mod tests {
             8192,
             &crate::proxy::limit::UpstreamSlots::new(1, Duration::from_secs(1)),
         ));
-        let mut s = Streaming { io: None, pool, buf: BytesMut::new(), framing, reusable: true };
+        let mut s =
+            Streaming { io: None, pool, buf: BytesMut::new(), framing, reusable: true, extensions: 0 };
         let mut out = Vec::new();
         // Byte by byte: every state must cope with a split anywhere.
         for b in wire {
