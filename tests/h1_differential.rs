@@ -117,8 +117,8 @@ fn response() -> impl Strategy<Value = Vec<u8>> {
     )
 }
 
-/// Every status line with every single header line, body and ending: about 19,000 exchanges,
-/// 64 at a time.
+/// Every status line with every single header line and body: about 9,500 exchanges, 64 at a
+/// time. (Bytes after the response, which decide reuse, are covered by the combinations below.)
 #[test]
 fn every_single_header_response_is_read_as_hyper_reads_it() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -126,20 +126,19 @@ fn every_single_header_response_is_read_as_hyper_reads_it() {
     for status in STATUS_LINES {
         for header in HEADER_LINES {
             for body in BODIES {
-                for ending in ["", "x"] {
-                    cases.push([*status, *header, "\r\n", *body, ending].concat().into_bytes());
-                }
+                cases.push([*status, *header, "\r\n", *body].concat().into_bytes());
             }
         }
     }
     let disagreements = rt.block_on(async {
+        let server = h1_diff::Server::start().await;
         let mut out = Vec::new();
         for chunk in cases.chunks(64) {
             let runs: Vec<_> = chunk
                 .iter()
                 .map(|c| {
-                    let c = c.clone();
-                    tokio::spawn(async move { (h1_diff::both(c.clone()).await, c) })
+                    let (c, server) = (c.clone(), server.clone());
+                    tokio::spawn(async move { (server.both(c.clone()).await, c) })
                 })
                 .collect();
             for run in runs {

@@ -396,14 +396,35 @@ fn kubernetes_manifests_match_the_code() {
     assert_eq!(u64::from(config.listen.port()), port("proxy"));
     assert_eq!(u64::from(config.admin.listen.port()), port("admin"));
 
-    let service = &yaml_docs("deploy/kubernetes/service.yaml")[0];
-    let targets: Vec<&str> = service["spec"]["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["targetPort"].as_str().unwrap())
-        .collect();
-    assert_eq!(targets, ["proxy", "admin"]);
+    // The proxy Service does not publish the admin port; a metrics-only Service does, and the
+    // NetworkPolicy admits only the scraper to it.
+    let services = yaml_docs("deploy/kubernetes/service.yaml");
+    let targets = |s: &serde_json::Value| -> Vec<String> {
+        s["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["targetPort"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(targets(&services[0]), ["proxy"]);
+    assert_eq!(targets(&services[1]), ["admin"]);
+    let monitor = &yaml_docs("deploy/kubernetes/servicemonitor.yaml")[0];
+    for (k, v) in monitor["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            &services[1]["metadata"]["labels"][k], v,
+            "the ServiceMonitor selects the metrics Service"
+        );
+    }
+    let policy = &yaml_docs("deploy/kubernetes/networkpolicy.yaml")[0];
+    let rules = policy["spec"]["ingress"].as_array().unwrap();
+    let admin_rules: Vec<_> = rules.iter().filter(|r| r["ports"][0]["port"] == "admin").collect();
+    assert_eq!(admin_rules.len(), 1);
+    assert_eq!(
+        admin_rules[0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "prometheus"
+    );
+    assert!(rules.iter().all(|r| r["ports"].as_array().unwrap().len() == 1));
     let secret_docs = yaml_docs("deploy/kubernetes/secret.yaml");
     for s in secrets {
         assert!(secret_docs[0]["stringData"][s].is_string(), "{s} missing from the Secret");

@@ -412,7 +412,7 @@ fn parse_head(resp: &httparse::Response<'_, '_>, base: usize, method: &Method) -
     let invalid = |why| Attempt::Failed(Error::Invalid(why));
     let status = resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(invalid("bad status"))?;
     let version = if resp.version == Some(1) { Version::HTTP_11 } else { Version::HTTP_10 };
-    let mut reusable = version == Version::HTTP_11;
+    let (mut close, mut keep_alive) = (false, false);
     let mut length: Option<u64> = None;
     let mut chunked = None;
     let mut headers = Vec::with_capacity(resp.headers.len());
@@ -434,10 +434,16 @@ fn parse_head(resp: &httparse::Response<'_, '_>, base: usize, method: &Method) -
             }
             let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default().trim_ascii();
             chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION
-            && h.value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-        {
-            reusable = false;
+        } else if name == header::CONNECTION {
+            let has = |option: &[u8]| {
+                h.value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(option))
+            };
+            if has(b"close") {
+                close = true;
+            } else if has(b"keep-alive") {
+                // HTTP/1.0 keeps a connection only when asked to (RFC 9112 section 9.3).
+                keep_alive = true;
+            }
         }
         let start = h.value.as_ptr() as usize - base;
         headers.push((name, start..start + h.value.len()));
@@ -454,6 +460,7 @@ fn parse_head(resp: &httparse::Response<'_, '_>, base: usize, method: &Method) -
             length = Some(n);
         }
     }
+    let mut reusable = !close && (version == Version::HTTP_11 || keep_alive);
     let framing = match (no_body, chunked, length) {
         (true, _, _) => Framing::Length(0),
         (false, Some(true), _) => Framing::Chunked(Chunk::Size),
@@ -613,12 +620,12 @@ impl Streaming {
                             self.buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
                         };
                         match end {
-                            Some(end)
-                                if end > TRAILERS_LIMIT
-                                    || self.buf[..end].windows(2).filter(|w| w == b"\r\n").count()
-                                        > MAX_HEADERS =>
-                            {
+                            Some(end) if end > TRAILERS_LIMIT => {
                                 return Err(Error::Invalid("trailers too large"));
+                            }
+                            // Dropped, but they must be header fields, as for hyper.
+                            Some(end) if !valid_trailers(&self.buf[..end]) => {
+                                return Err(Error::Invalid("bad trailers"));
                             }
                             Some(end) => {
                                 self.buf.advance(end);
@@ -632,6 +639,13 @@ impl Streaming {
             }
         }
     }
+}
+
+/// A trailer section (ending in an empty line) is well-formed header fields, at most
+/// [`MAX_HEADERS`] of them.
+fn valid_trailers(section: &[u8]) -> bool {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    matches!(httparse::parse_headers(section, &mut fields), Ok(httparse::Status::Complete(_)))
 }
 
 impl http_body::Body for Streaming {

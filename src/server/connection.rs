@@ -71,11 +71,13 @@ const DRAINING: u8 = 1;
 const CLOSING: u8 = 2;
 
 /// How often a connection waiting for a slot looks for an idle one to close.
-const EVICTION_RETRY: Duration = Duration::from_millis(50);
+const EVICTION_RETRY: Duration = Duration::from_millis(20);
 
 /// A connection younger than this that has not sent a request yet is not closed for a newcomer:
-/// its first request may still be on the way.
-const NEWCOMER_GRACE: Duration = Duration::from_millis(500);
+/// its first request is usually in the socket already and only needs the task to run. Longer
+/// would let a flood of silent sockets outpace eviction (nginx, which evicts such connections
+/// oldest first, has no grace at all).
+const NEWCOMER_GRACE: Duration = Duration::from_millis(50);
 
 /// A listener's connection slots, shared by its worker threads, and the connections holding them.
 pub(super) struct Slots {
@@ -198,20 +200,30 @@ pub(super) async fn serve<F, S>(
         let _ = stream.set_nodelay(true);
         let (builder, phase, settings) = (builder.clone(), phase.subscribe(), settings.clone());
         let make_service = make_service.clone();
-        tokio::spawn(async move {
-            let activity = slot.activity.clone();
-            let deadline = activity.accepted + settings.first_request_timeout;
-            let plain = crate::proxy::Conn { remote, secure: false, client_cert: false, forward: false };
-            let closed = match settings.tls.clone() {
-                None => {
+        let plain = crate::proxy::Conn { remote, secure: false, client_cert: false, forward: false };
+        // Two spawns rather than one task with a branch: a task is as large as its largest state,
+        // and a TLS session must not make every plain connection's task larger.
+        match settings.tls.clone() {
+            None => {
+                let service = make_service(plain);
+                tokio::spawn(async move {
+                    let activity = slot.activity.clone();
                     let io = FirstFlight::new(stream, activity.clone());
-                    let service = Tracked { inner: make_service(plain), activity: activity.clone() };
-                    drive(&builder, TokioIo::new(io), service, &activity, &settings, phase, remote).await
-                }
-                Some(acceptor) => {
+                    let service = Tracked { inner: service, activity: activity.clone() };
+                    let closed =
+                        drive(&builder, TokioIo::new(io), service, &activity, &settings, phase, remote).await;
+                    settings.count_closed(closed);
+                    drop(slot);
+                });
+            }
+            Some(acceptor) => {
+                let make_service = make_service.clone();
+                tokio::spawn(async move {
+                    let activity = slot.activity.clone();
+                    let deadline = activity.accepted + settings.first_request_timeout;
                     let handshake = tokio::select! {
                         h = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => h,
-                        () = activity.evict.notified() => return settings.count_closed(Closed::Evicted),
+                        () = activity.evict.notified() => return settings.count_closed(Some(Closed::Evicted)),
                     };
                     let tls = match handshake {
                         Ok(Ok(tls)) => tls,
@@ -221,21 +233,20 @@ pub(super) async fn serve<F, S>(
                         }
                         Err(_) => {
                             tracing::debug!(%remote, "TLS handshake timed out");
-                            return settings.count_closed(Closed::FirstRequestTimeout);
+                            return settings.count_closed(Some(Closed::FirstRequestTimeout));
                         }
                     };
                     let has_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
                     let conn = crate::proxy::Conn { client_cert: has_cert, secure: true, ..plain };
                     let io = FirstFlight::new(tls, activity.clone());
                     let service = Tracked { inner: make_service(conn), activity: activity.clone() };
-                    drive(&builder, TokioIo::new(io), service, &activity, &settings, phase, remote).await
-                }
-            };
-            if let Some(reason) = closed {
-                settings.count_closed(reason);
+                    let closed =
+                        drive(&builder, TokioIo::new(io), service, &activity, &settings, phase, remote).await;
+                    settings.count_closed(closed);
+                    drop(slot);
+                });
             }
-            drop(slot);
-        });
+        }
     }
     drop(listener);
     let _ = phase.send(DRAINING);
@@ -257,7 +268,8 @@ enum Closed {
 }
 
 impl Listener {
-    fn count_closed(&self, reason: Closed) {
+    fn count_closed(&self, reason: Option<Closed>) {
+        let Some(reason) = reason else { return };
         let label = match reason {
             Closed::FirstRequestTimeout => "first_request_timeout",
             Closed::Idle => "idle",

@@ -224,10 +224,10 @@ fn first_request_timeout(limits: &Limits) -> Duration {
     limits.header_read_timeout.min(limits.idle_timeout)
 }
 
-/// Connections the admin listener serves at once. Probes and scrapers open one at a time; when
-/// all are taken, the oldest idle one is closed for a newcomer, so a flood of silent sockets
-/// cannot make `/healthz` fail.
-const ADMIN_CONNECTIONS: usize = 64;
+/// Connections the admin listener serves at once. Probes and scrapers open a few; when all are
+/// taken, the oldest idle one is closed for a newcomer, so a flood of silent sockets cannot make
+/// `/healthz` fail. Many slots cost nothing and let eviction keep up with a fast flood.
+const ADMIN_CONNECTIONS: usize = 256;
 
 /// One listener's serving loop on one worker.
 type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;

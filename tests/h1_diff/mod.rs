@@ -26,25 +26,68 @@ pub enum Verdict {
 /// reusable connection is seen as reusable, short enough for a close-delimited body to end.
 const HOLD: Duration = Duration::from_millis(150);
 
-/// Serves `bytes` as the answer to the first request on one connection, then holds it open for
-/// [`HOLD`] and closes it.
-async fn serve_once(bytes: Vec<u8>) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let Ok((mut s, _)) = listener.accept().await else { return };
-        let mut buf = [0u8; 4096];
-        let mut got = Vec::new();
-        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
+/// An upstream that answers `GET /case/N` with case N's bytes, byte for byte, then holds the
+/// connection open for [`HOLD`] and closes it. One listener serves every case, so thousands of
+/// cases do not use up the machine's ports.
+pub struct Server {
+    addr: SocketAddr,
+    cases: Arc<std::sync::Mutex<std::collections::HashMap<u64, Vec<u8>>>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Server {
+    /// Starts the listener on the current runtime.
+    pub async fn start() -> Arc<Server> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cases: Arc<std::sync::Mutex<std::collections::HashMap<u64, Vec<u8>>>> = Arc::default();
+        let c = cases.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let cases = c.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let line = String::from_utf8_lossy(&got);
+                    let id = line
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|p| p.strip_prefix("/case/"))
+                        .and_then(|n| n.parse().ok());
+                    let Some(bytes) = id.and_then(|id| cases.lock().unwrap().remove(&id)) else { return };
+                    let _ = s.write_all(&bytes).await;
+                    tokio::time::sleep(HOLD).await;
+                    // When the client has closed already (it usually has), close with a reset:
+                    // it then keeps no TIME_WAIT socket, and thousands of cases leave the port
+                    // range free. (A zero linger never blocks, which is what the deprecation is about.)
+                    if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await
+                    {
+                        #[allow(deprecated)]
+                        let _ = s.set_linger(Some(Duration::ZERO));
+                    }
+                });
             }
-        }
-        let _ = s.write_all(&bytes).await;
-        tokio::time::sleep(HOLD).await;
-    });
-    addr
+        });
+        Arc::new(Server { addr, cases, next: std::sync::atomic::AtomicU64::new(0) })
+    }
+
+    fn add(&self, bytes: Vec<u8>) -> String {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.cases.lock().unwrap().insert(id, bytes);
+        format!("/case/{id}")
+    }
+
+    /// Both verdicts for `bytes`.
+    pub async fn both(&self, bytes: Vec<u8>) -> (Verdict, Verdict) {
+        let (a, b) = (self.add(bytes.clone()), self.add(bytes));
+        tokio::join!(lean(self.addr, &a), hyper(self.addr, &b))
+    }
 }
 
 /// Headers both clients keep: hop-by-hop ones (and `Content-Length`, which each re-frames) are
@@ -69,8 +112,7 @@ fn end_to_end(headers: &http::HeaderMap) -> BTreeMap<String, Vec<Vec<u8>>> {
 }
 
 /// tokengate's lean client.
-pub async fn lean(bytes: Vec<u8>) -> Verdict {
-    let addr = serve_once(bytes).await;
+async fn lean(addr: SocketAddr, target: &str) -> Verdict {
     let authority: http::uri::Authority = addr.to_string().parse().unwrap();
     let slots = tokengate::proxy::limit::UpstreamSlots::new(4, Duration::from_secs(1));
     let pool = Arc::new(tokengate::proxy::h1::Pool::new(
@@ -81,7 +123,7 @@ pub async fn lean(bytes: Vec<u8>) -> Verdict {
         &slots,
     ));
     let headers = http::HeaderMap::new();
-    let head = tokengate::proxy::h1::Head { method: &http::Method::GET, target: "/", headers: &headers };
+    let head = tokengate::proxy::h1::Head { method: &http::Method::GET, target, headers: &headers };
     let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), pool.send(&head, &Bytes::new())).await
     else {
         return Verdict::Refused;
@@ -97,8 +139,7 @@ pub async fn lean(bytes: Vec<u8>) -> Verdict {
 }
 
 /// hyper's HTTP/1.1 client connection.
-pub async fn hyper(bytes: Vec<u8>) -> Verdict {
-    let addr = serve_once(bytes).await;
+async fn hyper(addr: SocketAddr, target: &str) -> Verdict {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake::<_, http_body_util::Empty<Bytes>>(
         hyper_util::rt::TokioIo::new(tcp),
@@ -109,7 +150,7 @@ pub async fn hyper(bytes: Vec<u8>) -> Verdict {
     };
     tokio::spawn(conn);
     let req = http::Request::builder()
-        .uri("/")
+        .uri(target)
         .header("host", addr.to_string())
         .body(http_body_util::Empty::new())
         .unwrap();
@@ -127,9 +168,9 @@ pub async fn hyper(bytes: Vec<u8>) -> Verdict {
     Verdict::Response { status: parts.status.as_u16(), headers: end_to_end(&parts.headers), body, reusable }
 }
 
-/// Both verdicts for `bytes`.
+/// Both verdicts for `bytes`, with a server of its own.
 pub async fn both(bytes: Vec<u8>) -> (Verdict, Verdict) {
-    tokio::join!(lean(bytes.clone()), hyper(bytes))
+    Server::start().await.both(bytes).await
 }
 
 /// Whether the verdicts on `bytes` agree. Two differences are by design, both stricter:
