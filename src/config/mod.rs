@@ -110,6 +110,10 @@ pub struct Limits {
     /// A downstream connection with no request in flight and no traffic for this long is closed.
     #[serde(deserialize_with = "value::duration")]
     pub idle_timeout: Duration,
+    /// Longest time a client may take none of the response data ready for it (slow-reader bound:
+    /// the connection is closed, freeing the upstream connection the response holds).
+    #[serde(deserialize_with = "value::duration")]
+    pub send_timeout: Duration,
     /// Longest pause allowed between two pieces of a request body (slow-body bound; 408).
     #[serde(deserialize_with = "value::duration")]
     pub body_read_timeout: Duration,
@@ -146,6 +150,7 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
             body_read_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(60),
             max_body_size: None,
             replay_buffer: 64 * 1024,
             max_connections: 10_000,

@@ -54,6 +54,8 @@ pub(super) struct Listener {
     pub grace: Duration,
     /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
+    /// A response body the client takes nothing of for this long closes its connection.
+    pub send_timeout: Duration,
     /// Time from accept until the first request head (or HTTP/2 preface and SETTINGS), TLS
     /// handshake included.
     pub first_request_timeout: Duration,
@@ -265,6 +267,9 @@ enum Closed {
     Idle,
     /// Closed to make room for a new connection while all slots were taken.
     Evicted,
+    /// The client took no response data for `send_timeout` (a slow reader holding an upstream
+    /// connection).
+    SendTimeout,
 }
 
 impl Listener {
@@ -274,6 +279,7 @@ impl Listener {
             Closed::FirstRequestTimeout => "first_request_timeout",
             Closed::Idle => "idle",
             Closed::Evicted => "evicted",
+            Closed::SendTimeout => "send_timeout",
         };
         self.closed.with_label_values(&[self.name, label]).inc();
     }
@@ -301,8 +307,10 @@ where
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let first_deadline = activity.accepted + settings.first_request_timeout;
-    let check_every = (settings.idle_timeout / 4).max(Duration::from_millis(50));
+    let check_every = (settings.idle_timeout.min(settings.send_timeout) / 4).max(Duration::from_millis(50));
     let mut idle_since = Instant::now();
+    // Since when a response body has had data ready that the client did not take.
+    let mut stalled: Option<(Instant, u64)> = None;
     let mut draining = false;
     // Set once tokengate has asked the connection to close (idle or evicted): it gets a short
     // grace to finish what is in flight and is then dropped.
@@ -315,7 +323,9 @@ where
         let earned = activity.earned.load(Ordering::Relaxed);
         let wake_at = match closing {
             Some((_, until)) => until,
-            None if !earned => first_deadline,
+            // Looking again before the deadline too: once the head has come, the other checks
+            // must not wait for it.
+            None if !earned => first_deadline.min(Instant::now() + check_every),
             None => Instant::now() + check_every,
         };
         tokio::select! {
@@ -343,11 +353,25 @@ where
                     return Some(why);
                 }
                 if !earned {
-                    if activity.earned.load(Ordering::Relaxed) {
+                    if activity.earned.load(Ordering::Relaxed) || Instant::now() < first_deadline {
                         continue;
                     }
                     tracing::debug!(%remote, "no complete request head within header_read_timeout; closing");
                     return Some(Closed::FirstRequestTimeout);
+                }
+                let taken = activity.taken.load(Ordering::Relaxed);
+                if activity.undelivered.load(Ordering::Relaxed) == 0 {
+                    stalled = None;
+                } else {
+                    match stalled {
+                        Some((since, seen)) if seen == taken => {
+                            if since.elapsed() >= settings.send_timeout {
+                                tracing::debug!(%remote, "the client takes no response data; closing");
+                                return Some(Closed::SendTimeout);
+                            }
+                        }
+                        _ => stalled = Some((Instant::now(), taken)),
+                    }
                 }
                 if activity.busy_since_last_check() {
                     idle_since = Instant::now();
@@ -370,6 +394,11 @@ pub(super) struct Activity {
     active: AtomicUsize,
     /// A request started or finished since the watchdog last looked.
     changed: AtomicBool,
+    /// Response bodies that produced data hyper has not yet asked them to follow with more:
+    /// their client is not taking what was sent (socket full, or HTTP/2 window closed).
+    undelivered: AtomicUsize,
+    /// Times hyper asked a response body for more data; progress for the send timeout.
+    taken: AtomicU64,
     /// The first request head (or HTTP/2 preface and SETTINGS frame) has arrived.
     earned: AtomicBool,
     /// Set when eviction picked this connection.
@@ -383,6 +412,8 @@ impl Activity {
             accepted: Instant::now(),
             active: AtomicUsize::new(0),
             changed: AtomicBool::new(false),
+            undelivered: AtomicUsize::new(0),
+            taken: AtomicU64::new(0),
             earned: AtomicBool::new(false),
             evicting: AtomicBool::new(false),
             evict: Notify::new(),
@@ -558,19 +589,25 @@ where
         let this = self.project();
         let out = std::task::ready!(this.inner.poll(cx));
         let activity = this.activity.take();
-        Poll::Ready(out.map(|resp| resp.map(|inner| TrackedBody { inner, activity })))
+        Poll::Ready(out.map(|resp| resp.map(|inner| TrackedBody { inner, activity, undelivered: false })))
     }
 }
 
-/// A response body that ends its request's in-flight count when it is done or dropped.
+/// A response body that ends its request's in-flight count when it is done or dropped, and
+/// tells the watchdog whether the client takes the data it produces.
 pub(super) struct TrackedBody {
     inner: Body,
     activity: Option<Arc<Activity>>,
+    // Produced data that hyper has not yet asked to follow with more.
+    undelivered: bool,
 }
 
 impl TrackedBody {
     fn finish(&mut self) {
         if let Some(a) = self.activity.take() {
+            if self.undelivered {
+                a.undelivered.fetch_sub(1, Ordering::Relaxed);
+            }
             a.end_request();
         }
     }
@@ -591,9 +628,24 @@ impl http_body::Body for TrackedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        if let Some(a) = &this.activity {
+            // hyper asks for more only once the client has room for it.
+            a.taken.fetch_add(1, Ordering::Relaxed);
+            if this.undelivered {
+                this.undelivered = false;
+                a.undelivered.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
         let poll = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(poll, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.finish();
+        match &poll {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.finish(),
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(a) = &this.activity {
+                    this.undelivered = true;
+                    a.undelivered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Poll::Pending => {}
         }
         poll
     }

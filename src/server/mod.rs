@@ -134,6 +134,7 @@ pub async fn start_with(
     let proxy_settings = Listener {
         grace: config.limits.shutdown_grace,
         idle_timeout: config.limits.idle_timeout,
+        send_timeout: config.limits.send_timeout,
         first_request_timeout: first_request_timeout(&config.limits),
         tls: None,
         closed: proxy.metrics.connections_closed.clone(),
@@ -190,6 +191,7 @@ pub async fn start_with(
     let admin_settings = Listener {
         grace: Duration::from_secs(1),
         idle_timeout: config.limits.idle_timeout,
+        send_timeout: config.limits.send_timeout,
         first_request_timeout: first_request_timeout(&config.limits),
         tls: None,
         closed: proxy.metrics.connections_closed.clone(),
