@@ -2,7 +2,11 @@
 # tokengate against nginx and HAProxy doing the same job (set a static Authorization header and
 # proxy to one origin), plus the origin directly, on this machine, in one run.
 #
-#   bash benches/peers.sh [--workers N] [--rounds R] [--duration SECONDS] [--connections C]
+#   bash benches/peers.sh [--workers N] [--rounds R] [--duration SECONDS] [--connections C] [--access-log]
+#
+# --access-log turns on each proxy's access log as it writes it by default, to a file: nginx the
+# combined format, HAProxy httplog to its log file, tokengate its text lines. The lines tokengate
+# wrote are counted against the requests it answered.
 #
 # Prints a markdown table of median requests/s, p50 and p99 latency, and ratios against direct and
 # against nginx, plus tokengate's peak RSS and CPU seconds per 10k requests. It compares; it never
@@ -10,13 +14,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WORKERS=1 ROUNDS=3 DURATION=8 CONNECTIONS=50
+WORKERS=1 ROUNDS=3 DURATION=8 CONNECTIONS=50 ACCESS_LOG=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --workers) WORKERS=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
     --duration) DURATION=$2; shift 2 ;;
     --connections) CONNECTIONS=$2; shift 2 ;;
+    --access-log) ACCESS_LOG=1; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -48,13 +53,22 @@ http {
 }
 CONF
 
+if [ "$ACCESS_LOG" = 1 ]; then
+  NGINX_LOG="access_log $WORK/logs/nginx-access.log combined;"
+  HAPROXY_LOG="log stdout format raw local0"
+  HAPROXY_HTTPLOG="option httplog"
+  TG_LOG="access_log: $WORK/logs/tokengate-access.log"
+else
+  NGINX_LOG="access_log off;" HAPROXY_LOG="" HAPROXY_HTTPLOG="" TG_LOG="access_log: off"
+fi
+
 cat > "$WORK/nginx.conf" <<CONF
 worker_processes $WORKERS;
 pid $WORK/nginx.pid;
 error_log $WORK/logs/nginx.err warn;
 events { worker_connections 4096; }
 http {
-  access_log off;
+  $NGINX_LOG
   keepalive_requests 1000000;
   upstream origin { server 127.0.0.1:$ORIGIN; keepalive 128; }
   server {
@@ -73,8 +87,11 @@ cat > "$WORK/haproxy.cfg" <<CONF
 global
   nbthread $WORKERS
   maxconn 4000
+  $HAPROXY_LOG
 defaults
   mode http
+  log global
+  $HAPROXY_HTTPLOG
   timeout connect 5s
   timeout client 30s
   timeout server 30s
@@ -91,6 +108,7 @@ cat > "$WORK/tokengate.yaml" <<CONF
 listen: 127.0.0.1:$TOKENGATE
 admin:
   listen: 127.0.0.1:$TG_ADMIN
+$TG_LOG
 providers:
   bench:
     type: oauth2
@@ -184,8 +202,10 @@ PY
 )
 hz=$(getconf CLK_TCK)
 
+log_mode=$([ "$ACCESS_LOG" = 1 ] && echo "access logs on" || echo "access logs off")
+
 echo
-echo "### workers=$WORKERS, $CONNECTIONS connections, ${DURATION}s x $ROUNDS rounds, $(nproc) cores ($(date -u +%Y-%m-%d))"
+echo "### workers=$WORKERS, $CONNECTIONS connections, ${DURATION}s x $ROUNDS rounds, $log_mode, $(nproc) cores ($(date -u +%Y-%m-%d))"
 echo
 echo "| response | peer | req/s (median) | p50 ms | p99 ms | vs direct | vs nginx |"
 echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
@@ -200,3 +220,12 @@ done
 echo
 awk -v i="$idle_rss" -v p="$peak_rss" -v h="$held_rss" -v t="$tg_ticks" -v hz="$hz" -v n="$tg_requests" \
   'BEGIN { printf "tokengate: idle RSS %.1f MiB, peak RSS under load %.1f MiB, RSS with 1,000 open connections %.1f MiB, %.3f CPU seconds per 10k requests\n", i/1024, p/1024, h/1024, (t/hz)/(n/10000) }'
+if [ "$ACCESS_LOG" = 1 ]; then
+  # The last lines are written within a second.
+  sleep 1.5
+  metrics=$(curl -s "http://127.0.0.1:$TG_ADMIN/metrics")
+  served=$(echo "$metrics" | awk '/^tokengate_requests_total/ { n += $NF } END { print n + 0 }')
+  logged=$(echo "$metrics" | awk '/^tokengate_access_log_lines_total/ { print $NF }')
+  dropped=$(echo "$metrics" | awk '/^tokengate_access_log_dropped_total/ { print $NF }')
+  echo "tokengate access log: $logged lines written for $served requests answered, $dropped dropped; $(wc -l < "$WORK/logs/tokengate-access.log") lines in the file"
+fi

@@ -48,6 +48,7 @@ measure() {
 listen: 127.0.0.1:$TG
 admin:
   listen: 127.0.0.1:$ADMIN
+access_log: off
 providers:
   p:
     type: oauth2

@@ -117,6 +117,7 @@ for which in "${!BIN[@]}"; do
 listen: 127.0.0.1:$proxy
 admin:
   listen: 127.0.0.1:$admin
+$([ "$which" = current ] && echo 'access_log: off')
 providers:
   bench: {type: oauth2, token_url: "http://127.0.0.1:$ORIGIN/token", client_id: bench, client_secret: bench-secret}
 routes:

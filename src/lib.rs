@@ -5,9 +5,10 @@
 //! The file tree is the architecture: [`config`] (schema, loading, access rules), [`route`] (prefix
 //! table, path checks), [`proxy`] (admission, the request path, header hygiene, upstream clients),
 //! [`token`] (OAuth2 and declarative flows, cache, refresh, shared cache), [`admin`] and
-//! [`metrics`] (observability), [`server`] (listeners, TLS, shutdown, reload), [`tls`], [`secret`],
+//! [`metrics`] and [`access_log`] (observability), [`server`] (listeners, TLS, shutdown, reload), [`tls`], [`secret`],
 //! [`demo`].
 
+pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod demo;

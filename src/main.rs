@@ -79,7 +79,12 @@ fn main() -> ExitCode {
             with_config(&cli.config, |_, c| block_on(None, token_main(c, provider, show)))
         }
         Some(Command::Demo { listen, admin }) => block_on(workers, demo_main(listen, admin)),
-        Some(Command::Run { .. }) | None => with_config(&cli.config, |path, config| {
+        Some(Command::Run { .. }) | None => with_config(&cli.config, |path, mut config| {
+            // The access log takes the shape of the other logs unless the file says otherwise.
+            config.access_log.format.get_or_insert(match cli.log_format {
+                LogFormat::Text => config::AccessLogFormat::Text,
+                LogFormat::Json => config::AccessLogFormat::Json,
+            });
             let threads = workers
                 .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
                 .and_then(std::num::NonZeroUsize::new)
@@ -94,7 +99,10 @@ fn main() -> ExitCode {
 fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a terminal: escape codes in a log file are noise (and bytes).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -274,7 +282,9 @@ fn raise_descriptor_limit(config: &Config) {
 /// Waits for SIGTERM or SIGINT; SIGHUP reloads the configuration file on the way.
 async fn wait_for_signals(running: &server::Running, reloadable: bool) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+    let (Ok(mut term), Ok(mut hup), Ok(mut usr1)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::hangup()), signal(SignalKind::user_defined1()))
+    else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };
@@ -282,6 +292,10 @@ async fn wait_for_signals(running: &server::Running, reloadable: bool) {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            _ = usr1.recv() => {
+                tracing::info!("SIGUSR1: reopening the access log");
+                running.reopen_access_log();
+            }
             _ = hup.recv() => {
                 if !reloadable {
                     continue;

@@ -31,6 +31,10 @@ pub struct Metrics {
     pub inflight: IntGauge,
     /// `tokengate_connections_closed_total{listener,reason}`: connections tokengate closed itself.
     pub connections_closed: IntCounterVec,
+    /// `tokengate_access_log_lines_total`: access-log lines written.
+    pub access_log_lines: prometheus::IntCounter,
+    /// `tokengate_access_log_dropped_total`: lines dropped because the writer fell behind.
+    pub access_log_dropped: prometheus::IntCounter,
     /// `tokengate_build_info{version}`.
     pub build_info: IntGaugeVec,
     /// `tokengate_up`: a constant 1 proving the scrape reached the process.
@@ -112,6 +116,14 @@ impl Metrics {
             &["listener", "reason"],
         )
         .expect("valid metric");
+        let access_log_lines =
+            prometheus::IntCounter::new("tokengate_access_log_lines_total", "Access-log lines written.")
+                .expect("valid metric");
+        let access_log_dropped = prometheus::IntCounter::new(
+            "tokengate_access_log_dropped_total",
+            "Access-log lines dropped because the writer fell behind (requests are never made to wait).",
+        )
+        .expect("valid metric");
         let build_info =
             IntGaugeVec::new(Opts::new("tokengate_build_info", "Build information; always 1."), &["version"])
                 .expect("valid metric");
@@ -130,6 +142,8 @@ impl Metrics {
             Box::new(token_expiry.clone()),
             Box::new(inflight.clone()),
             Box::new(connections_closed.clone()),
+            Box::new(access_log_lines.clone()),
+            Box::new(access_log_dropped.clone()),
             Box::new(build_info.clone()),
             Box::new(up.clone()),
         ] {
@@ -149,6 +163,8 @@ impl Metrics {
             token_expiry,
             inflight,
             connections_closed,
+            access_log_lines,
+            access_log_dropped,
             build_info,
             up,
         }

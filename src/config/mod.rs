@@ -46,6 +46,9 @@ pub struct Config {
     /// Timeouts and size limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Where the access log goes: `stderr` (default), a file, or `off`.
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
     /// Named token sources.
     pub providers: BTreeMap<String, Provider>,
     /// Path-prefix routes; the longest matching prefix wins.
@@ -54,6 +57,73 @@ pub struct Config {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// The access log: one line per request, written off the request path.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AccessLogConfig {
+    /// Where lines go.
+    pub to: AccessLogTo,
+    /// `text` or `json`; when absent, what `--log-format` says.
+    pub format: Option<AccessLogFormat>,
+}
+
+/// Where access-log lines go.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum AccessLogTo {
+    /// Standard error, beside the other logs.
+    #[default]
+    Stderr,
+    /// A file, appended to and reopened on SIGUSR1 (after logrotate moved it).
+    File(PathBuf),
+    /// Nowhere.
+    Off,
+}
+
+/// The shape of access-log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    /// `time client "METHOD path" status bytes duration route=... upstream=... provider=...`.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl<'de> Deserialize<'de> for AccessLogConfig {
+    /// `access_log: off`, `access_log: /var/log/tokengate/access.log`, or
+    /// `access_log: {to: stderr, format: json}`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            #[serde(default)]
+            to: Option<Text>,
+            #[serde(default)]
+            format: Option<AccessLogFormat>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            To(Text),
+            Full(Full),
+        }
+        let to = |t: Option<Text>| match t.as_ref().map(|t| t.0.as_str()) {
+            None | Some("stderr") => Ok(AccessLogTo::Stderr),
+            Some("off") => Ok(AccessLogTo::Off),
+            Some("") => Err(serde::de::Error::custom("access_log: use stderr, off or a file path")),
+            Some(path) => Ok(AccessLogTo::File(PathBuf::from(path))),
+        };
+        match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "access_log: use stderr, off, a file path, or {to: ..., format: text|json}",
+            )
+        })? {
+            Raw::To(t) => Ok(AccessLogConfig { to: to(Some(t))?, format: None }),
+            Raw::Full(f) => Ok(AccessLogConfig { to: to(f.to)?, format: f.format }),
+        }
+    }
 }
 
 /// The admin listener.

@@ -160,18 +160,25 @@ pub struct Proxy {
     pub metrics: Metrics,
     unmatched: RouteMetrics,
     in_flight: limit::InFlight,
+    access_log: crate::access_log::AccessLog,
 }
 
 impl Proxy {
-    /// Shared state serving `runtime`.
-    pub fn new(runtime: Runtime, metrics: Metrics) -> Self {
+    /// Shared state serving `runtime`, writing one line per request to `access_log`.
+    pub fn new(runtime: Runtime, metrics: Metrics, access_log: crate::access_log::AccessLog) -> Self {
         let unmatched = RouteMetrics::new(&metrics, "_unmatched");
         Proxy {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             unmatched,
             in_flight: limit::InFlight::new(),
+            access_log,
         }
+    }
+
+    /// The access log.
+    pub fn access_log(&self) -> &crate::access_log::AccessLog {
+        &self.access_log
     }
 
     /// Handles one downstream request. Never fails: every error becomes a response.
@@ -179,8 +186,10 @@ impl Proxy {
         let started = Instant::now();
         let runtime = self.runtime.load_full();
         let method = method_label(req.method());
-        let access_log = tracing::enabled!(target: "tokengate::access", tracing::Level::INFO);
-        let path = access_log.then(|| req.uri().path().to_owned());
+        // The path as routed (normal form) is known after admission; copies are made only for
+        // the access log.
+        let mut path = None;
+        let logged_method = self.access_log.enabled().then(|| req.method().clone());
         let mut notes = Notes::default();
         let place = self.in_flight.enter(runtime.limits.max_requests_in_flight);
         let matched = match place {
@@ -188,6 +197,9 @@ impl Proxy {
             Some(_) => admit::admit(&mut req, &conn, &runtime)
                 .and_then(|()| match_route(&runtime, req.uri(), conn.forward)),
         };
+        if logged_method.is_some() {
+            path = Some(req.uri().path().to_owned());
+        }
         let (route, result) = match matched {
             Err(e) => (None, Err(e)),
             Ok(route) => {
@@ -221,22 +233,20 @@ impl Proxy {
         let response = result.unwrap_or_else(ProxyError::into_response);
         let metrics = route.as_ref().map_or(&self.unmatched, |r| &r.metrics);
         self.record(metrics, method, &response, started);
-        if let Some(path) = path {
-            let bytes = response.body().size_hint().exact();
-            tracing::info!(
-                target: "tokengate::access",
-                client = %conn.remote.ip(),
-                route = label,
-                method,
-                path,
-                status = response.status().as_u16(),
-                duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-                upstream = route.as_ref().map(|r| r.upstream.to_string()),
-                provider = route.as_ref().map(|r| r.provider.name()),
-                response_bytes = bytes,
-                token_fetched = notes.token_fetched,
-                replayed_after_401 = notes.replayed,
-            );
+        if let (Some(path), Some(logged_method)) = (path, logged_method) {
+            self.access_log.record(&crate::access_log::Record {
+                client: conn.remote.ip(),
+                method: logged_method.as_str(),
+                path: &path,
+                status: response.status().as_u16(),
+                bytes: response.body().size_hint().exact(),
+                duration: started.elapsed(),
+                route: label,
+                upstream: route.as_ref().map(|r| &r.upstream as &dyn std::fmt::Display),
+                provider: route.as_ref().map(|r| r.provider.name()),
+                token_fetched: notes.token_fetched,
+                replayed: notes.replayed,
+            });
         }
         response
     }

@@ -96,7 +96,13 @@ pub async fn start_with(
         p.start();
     }
     let runtime = Runtime::build(&config, providers, &metrics).map_err(StartError::Setup)?;
-    let proxy = Arc::new(Proxy::new(runtime, metrics));
+    let access_log = crate::access_log::AccessLog::start(&config.access_log, &metrics).map_err(|e| {
+        StartError::Setup(match &config.access_log.to {
+            crate::config::AccessLogTo::File(p) => format!("access_log: cannot open {}: {e}", p.display()),
+            _ => format!("access_log: {e}"),
+        })
+    })?;
+    let proxy = Arc::new(Proxy::new(runtime, metrics, access_log));
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
@@ -359,6 +365,12 @@ impl Running {
         for worker in self.threads {
             let _ = worker.await;
         }
+        self.proxy.access_log().flush();
+    }
+
+    /// Reopens the access-log file (SIGUSR1, after logrotate moved it).
+    pub fn reopen_access_log(&self) {
+        self.proxy.access_log().reopen();
     }
 
     /// Swaps in a new configuration (see [`Control::reload`]).
@@ -400,6 +412,11 @@ impl Control {
             && (current.listen != config.listen || current.admin.listen != config.admin.listen)
         {
             tracing::warn!("listen addresses cannot change on reload; restart to apply them");
+        }
+        if let Ok(current) = self.config.lock()
+            && current.access_log.to != config.access_log.to
+        {
+            tracing::warn!("the access log destination cannot change on reload; restart to apply it");
         }
         let mut providers = Providers::new();
         let mut fresh = Vec::new();

@@ -274,7 +274,9 @@ impl Upstream {
 
 /// Starts tokengate from YAML text (listeners on ephemeral loopback ports).
 pub async fn start(yaml: &str) -> tokengate::server::Running {
-    let text = format!("listen: {ANY}\nadmin:\n  listen: {ANY}\n{yaml}");
+    // The access log goes to stderr by default, which the test harness does not capture.
+    let quiet = if yaml.contains("access_log:") { "" } else { "access_log: off\n" };
+    let text = format!("listen: {ANY}\nadmin:\n  listen: {ANY}\n{quiet}{yaml}");
     let config = tokengate::config::parse(&text, "test.yaml").unwrap();
     tokengate::server::start(config).await.unwrap()
 }

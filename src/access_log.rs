@@ -1,0 +1,416 @@
+//! The access log, off the request path.
+//!
+//! A request appends its line to a buffer of the thread serving it (an uncontended lock); a
+//! buffer that reaches [`FLUSH_SIZE`] is handed to a writer thread, which also collects every
+//! buffer each [`FLUSH_EVERY`], as nginx does with `access_log ... buffer=64k flush=1s`. Nothing on
+//! the request path makes a system call. If the writer falls behind by more than [`BACKLOG`]
+//! buffers, the newest are dropped and counted (`tokengate_access_log_dropped_total`) rather than
+//! block a request, and the writer says so in the log.
+
+use std::cell::RefCell;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use crate::config::{AccessLogConfig, AccessLogFormat, AccessLogTo};
+
+/// A thread's buffer is handed to the writer at this size.
+const FLUSH_SIZE: usize = 64 * 1024;
+/// Every buffer is written at least this often.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Full buffers waiting for the writer before new ones are dropped (4 MiB).
+const BACKLOG: usize = 64;
+
+/// What one request's line says.
+pub struct Record<'a> {
+    /// The client's address.
+    pub client: IpAddr,
+    /// The method.
+    pub method: &'a str,
+    /// The path (normal form), without the query.
+    pub path: &'a str,
+    /// The response status.
+    pub status: u16,
+    /// Response body bytes, when known up front.
+    pub bytes: Option<u64>,
+    /// Time until the response head.
+    pub duration: Duration,
+    /// Route label (`_unmatched` when none).
+    pub route: &'a str,
+    /// The route's upstream.
+    pub upstream: Option<&'a dyn std::fmt::Display>,
+    /// The route's provider.
+    pub provider: Option<&'a str>,
+    /// A token had to be fetched for this request.
+    pub token_fetched: bool,
+    /// The request was replayed after an upstream 401.
+    pub replayed: bool,
+}
+
+/// The access log of one running instance. Cheap to clone.
+#[derive(Clone)]
+pub struct AccessLog {
+    inner: Option<Arc<Shared>>,
+}
+
+struct Shared {
+    id: u64,
+    format: AccessLogFormat,
+    buffers: Buffers,
+    to_writer: mpsc::SyncSender<Message>,
+    dropped: prometheus::IntCounter,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    reopen: Arc<AtomicBool>,
+}
+
+/// Every thread's buffer of one access log; the writer sweeps them.
+type Buffers = Arc<Mutex<Vec<Arc<Mutex<Buffer>>>>>;
+
+#[derive(Default)]
+struct Buffer {
+    bytes: Vec<u8>,
+    lines: u64,
+}
+
+enum Message {
+    /// A full buffer and how many lines it holds.
+    Full(Vec<u8>, u64),
+    /// Write everything buffered, then answer.
+    Flush(mpsc::SyncSender<()>),
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// This thread's buffer for each access log it has written to.
+    static MINE: RefCell<Vec<(u64, Arc<Mutex<Buffer>>)>> = const { RefCell::new(Vec::new()) };
+    /// The RFC 3339 time of the current second, formatted once per second.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+impl AccessLog {
+    /// No access log.
+    pub fn off() -> Self {
+        AccessLog { inner: None }
+    }
+
+    /// Starts the writer thread for `config`; `metrics` gets the line counters.
+    pub fn start(config: &AccessLogConfig, metrics: &crate::metrics::Metrics) -> std::io::Result<Self> {
+        let sink = match &config.to {
+            AccessLogTo::Off => return Ok(Self::off()),
+            AccessLogTo::Stderr => Sink::Stderr,
+            AccessLogTo::File(path) => Sink::File(path.clone(), open(path)?),
+        };
+        let (to_writer, from_requests) = mpsc::sync_channel(BACKLOG);
+        let reopen = Arc::new(AtomicBool::new(false));
+        let buffers = Buffers::default();
+        let shared = Arc::new(Shared {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            format: config.format.unwrap_or_default(),
+            buffers: buffers.clone(),
+            to_writer,
+            dropped: metrics.access_log_dropped.clone(),
+            writer: Mutex::new(None),
+            reopen: reopen.clone(),
+        });
+        let lines = metrics.access_log_lines.clone();
+        let dropped = metrics.access_log_dropped.clone();
+        let handle = std::thread::Builder::new().name("tokengate-access-log".into()).spawn(move || {
+            Writer { sink, reopen, lines, dropped, reported: 0, buffers }.run(from_requests)
+        })?;
+        *shared.writer.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        Ok(AccessLog { inner: Some(shared) })
+    }
+
+    /// True when lines are written.
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Appends one request's line to this thread's buffer.
+    pub fn record(&self, r: &Record<'_>) {
+        let Some(shared) = &self.inner else { return };
+        let buffer = MINE.with(|mine| {
+            let mut mine = mine.borrow_mut();
+            if let Some((_, b)) = mine.iter().find(|(id, _)| *id == shared.id) {
+                return b.clone();
+            }
+            let b = Arc::new(Mutex::new(Buffer { bytes: Vec::with_capacity(FLUSH_SIZE + 1024), lines: 0 }));
+            shared.buffers.lock().unwrap_or_else(PoisonError::into_inner).push(b.clone());
+            mine.push((shared.id, b.clone()));
+            b
+        });
+        let full = {
+            let mut b = buffer.lock().unwrap_or_else(PoisonError::into_inner);
+            match shared.format {
+                AccessLogFormat::Text => text(&mut b.bytes, r),
+                AccessLogFormat::Json => json(&mut b.bytes, r),
+            }
+            b.lines += 1;
+            (b.bytes.len() >= FLUSH_SIZE).then(|| {
+                let lines = std::mem::take(&mut b.lines);
+                (std::mem::replace(&mut b.bytes, Vec::with_capacity(FLUSH_SIZE + 1024)), lines)
+            })
+        };
+        if let Some((bytes, lines)) = full
+            && shared.to_writer.try_send(Message::Full(bytes, lines)).is_err()
+        {
+            // The writer is behind: drop rather than make a request wait.
+            shared.dropped.inc_by(lines);
+        }
+    }
+
+    /// Writes every buffered line now and waits until it is written (shutdown, tests).
+    pub fn flush(&self) {
+        let Some(shared) = &self.inner else { return };
+        let (done, wait) = mpsc::sync_channel(1);
+        if shared.to_writer.send(Message::Flush(done)).is_ok() {
+            let _ = wait.recv_timeout(Duration::from_secs(5));
+        }
+    }
+
+    /// Reopens the file before the next write (SIGUSR1, after logrotate moved it).
+    pub fn reopen(&self) {
+        if let Some(shared) = &self.inner {
+            shared.reopen.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The writer ends once every sender is gone, after writing what is buffered.
+        if let Some(handle) = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            let (tx, _) = mpsc::sync_channel(0);
+            drop(std::mem::replace(&mut self.to_writer, tx));
+            let _ = handle.join();
+        }
+    }
+}
+
+fn open(path: &PathBuf) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().create(true).append(true).open(path)
+}
+
+enum Sink {
+    Stderr,
+    File(PathBuf, std::fs::File),
+}
+
+struct Writer {
+    sink: Sink,
+    reopen: Arc<AtomicBool>,
+    lines: prometheus::IntCounter,
+    dropped: prometheus::IntCounter,
+    // Dropped lines already reported in the log.
+    reported: u64,
+    buffers: Buffers,
+}
+
+impl Writer {
+    fn run(mut self, from_requests: mpsc::Receiver<Message>) {
+        let mut last_sweep = std::time::Instant::now();
+        loop {
+            match from_requests.recv_timeout(FLUSH_EVERY) {
+                Ok(Message::Full(bytes, lines)) => self.write(&bytes, lines),
+                Ok(Message::Flush(done)) => {
+                    self.sweep();
+                    let _ = done.send(());
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.sweep();
+                    return;
+                }
+            }
+            if last_sweep.elapsed() >= FLUSH_EVERY {
+                self.sweep();
+                last_sweep = std::time::Instant::now();
+            }
+        }
+    }
+
+    /// Writes what every thread has buffered.
+    fn sweep(&mut self) {
+        let buffers: Vec<_> = self.buffers.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        for b in buffers {
+            let (bytes, lines) = {
+                let mut b = b.lock().unwrap_or_else(PoisonError::into_inner);
+                if b.bytes.is_empty() {
+                    continue;
+                }
+                let lines = std::mem::take(&mut b.lines);
+                (std::mem::replace(&mut b.bytes, Vec::with_capacity(FLUSH_SIZE + 1024)), lines)
+            };
+            self.write(&bytes, lines);
+        }
+        let dropped = self.dropped.get();
+        if dropped > self.reported {
+            tracing::warn!(
+                dropped = dropped - self.reported,
+                "the access log writer fell behind; lines were dropped"
+            );
+            self.reported = dropped;
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8], lines: u64) {
+        if self.reopen.swap(false, Ordering::Relaxed)
+            && let Sink::File(path, file) = &mut self.sink
+        {
+            match open(path) {
+                Ok(f) => *file = f,
+                Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot reopen the access log"),
+            }
+        }
+        let written = match &mut self.sink {
+            Sink::Stderr => std::io::stderr().lock().write_all(bytes),
+            Sink::File(_, f) => f.write_all(bytes),
+        };
+        match written {
+            Ok(()) => self.lines.inc_by(lines),
+            Err(e) => {
+                self.dropped.inc_by(lines);
+                tracing::error!(error = %e, "cannot write the access log");
+            }
+        }
+    }
+}
+
+/// Appends the current time, RFC 3339 with milliseconds, UTC.
+fn timestamp(out: &mut Vec<u8>) {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let second = now.as_secs();
+    SECOND.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second {
+            let t = time::OffsetDateTime::from_unix_timestamp(i64::try_from(second).unwrap_or(0))
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            // Whole seconds format as `...:01Z`; the milliseconds go before the `Z`.
+            let whole = t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+            *cached = (second, whole.trim_end_matches('Z').to_owned());
+        }
+        out.extend_from_slice(cached.1.as_bytes());
+    });
+    let _ = write!(out, ".{:03}Z", now.subsec_millis());
+}
+
+/// `2026-11-25T17:12:01.123Z 10.0.0.7 "GET /api/x" 200 1234 1.234ms route=api upstream=https://... provider=p fetched=0 replayed=0`
+fn text(out: &mut Vec<u8>, r: &Record<'_>) {
+    timestamp(out);
+    let _ = write!(out, " {} \"{} ", r.client, r.method);
+    escaped(out, r.path, b'"');
+    let _ = write!(out, "\" {} ", r.status);
+    match r.bytes {
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
+        None => out.push(b'-'),
+    }
+    let _ = write!(out, " {:.3}ms route=", r.duration.as_secs_f64() * 1000.0);
+    escaped(out, r.route, b' ');
+    if let Some(u) = r.upstream {
+        let _ = write!(out, " upstream={u}");
+    }
+    if let Some(p) = r.provider {
+        out.extend_from_slice(b" provider=");
+        escaped(out, p, b' ');
+    }
+    let _ = writeln!(out, " fetched={} replayed={}", u8::from(r.token_fetched), u8::from(r.replayed));
+}
+
+/// One JSON object per line.
+fn json(out: &mut Vec<u8>, r: &Record<'_>) {
+    out.extend_from_slice(b"{\"time\":\"");
+    timestamp(out);
+    let _ = write!(out, "\",\"client\":\"{}\",\"method\":", r.client);
+    json_string(out, r.method);
+    out.extend_from_slice(b",\"path\":");
+    json_string(out, r.path);
+    let _ = write!(out, ",\"status\":{},\"bytes\":", r.status);
+    match r.bytes {
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    let _ = write!(out, ",\"duration_ms\":{:.3},\"route\":", r.duration.as_secs_f64() * 1000.0);
+    json_string(out, r.route);
+    out.extend_from_slice(b",\"upstream\":");
+    match r.upstream {
+        Some(u) => json_string(out, &u.to_string()),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"provider\":");
+    match r.provider {
+        Some(p) => json_string(out, p),
+        None => out.extend_from_slice(b"null"),
+    }
+    let _ = writeln!(out, ",\"token_fetched\":{},\"replayed\":{}}}", r.token_fetched, r.replayed);
+}
+
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // serde_json escapes exactly what JSON needs; writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// Copies `s`, writing `quote`, backslash and control bytes as `\xNN` so a line stays one line.
+fn escaped(out: &mut Vec<u8>, s: &str, quote: u8) {
+    for &b in s.as_bytes() {
+        if b == quote || b == b'\\' || b < 0x20 || b == 0x7f {
+            let _ = write!(out, "\\x{b:02x}");
+        } else {
+            out.push(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> Record<'static> {
+        Record {
+            client: "10.0.0.7".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            method: "GET",
+            path: "/api/\"x\"\\",
+            status: 200,
+            bytes: Some(1234),
+            duration: Duration::from_micros(1234),
+            route: "api",
+            upstream: None,
+            provider: Some("p"),
+            token_fetched: false,
+            replayed: true,
+        }
+    }
+
+    #[test]
+    fn text_lines_are_one_line_without_colour() {
+        let mut out = Vec::new();
+        text(&mut out, &record());
+        let line = String::from_utf8(out).unwrap_or_default();
+        assert!(line.ends_with(" 10.0.0.7 \"GET /api/\\x22x\\x22\\x5c\" 200 1234 1.234ms route=api provider=p fetched=0 replayed=1\n"), "{line}");
+        assert_eq!(line.matches('\n').count(), 1);
+        assert!(!line.contains('\u{1b}'));
+        assert_eq!(&line[4..5], "-");
+        assert_eq!(&line[19..20], ".");
+        assert_eq!(&line[23..24], "Z");
+    }
+
+    #[test]
+    fn json_lines_parse() {
+        let mut out = Vec::new();
+        json(&mut out, &record());
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+        assert_eq!(v["path"], "/api/\"x\"\\");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["replayed"], true);
+        assert_eq!(v["upstream"], serde_json::Value::Null);
+        assert!(v["time"].as_str().is_some_and(|t| t.len() == 24 && t.ends_with('Z')));
+    }
+}
