@@ -112,15 +112,7 @@ async fn sigusr1_reopens_the_file_after_logrotate_moved_it() {
         .spawn()
         .unwrap();
     let c = client();
-    let mut ready = false;
-    for _ in 0..250 {
-        if c.get(format!("http://{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(ready);
+    wait_ready_at(admin).await;
     assert_eq!(c.get(format!("http://{proxy}/before")).send().await.unwrap().status(), 200);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let rotated = dir.path().join("access.log.1");

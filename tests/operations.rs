@@ -311,15 +311,7 @@ async fn access_log_has_one_json_line_per_request_without_query_or_token() {
         .spawn()
         .unwrap();
     let c = client();
-    let mut up_ok = false;
-    for _ in 0..200 {
-        if c.get(format!("http://{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
-            up_ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(up_ok);
+    wait_ready_at(admin).await;
     assert_eq!(
         c.get(format!("http://{proxy}/api/users?token=query-secret")).send().await.unwrap().status(),
         200

@@ -410,15 +410,7 @@ async fn no_secret_or_token_appears_in_trace_logs_metrics_or_error_bodies() {
         .spawn()
         .unwrap();
     let c = client();
-    let mut ready = false;
-    for _ in 0..250 {
-        if c.get(format!("http://{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(ready);
+    wait_ready_at(admin).await;
     let mut bodies = String::new();
     let client_credential = "Basic Y2xpZW50LW93bi1zZWNyZXQ=";
     for path in ["/a", "/b?q=1"] {

@@ -434,3 +434,15 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Waits until the admin listener at `admin` answers `/readyz` with 200 (about 5 s at most).
+pub async fn wait_ready_at(admin: SocketAddr) {
+    let c = client();
+    for _ in 0..250 {
+        if c.get(format!("http://{admin}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("tokengate at {admin} did not become ready");
+}
