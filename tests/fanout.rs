@@ -198,3 +198,35 @@ fn the_binary_raises_its_descriptor_limit_and_says_how_many_it_has() {
     let available = v["fields"]["available"].as_u64().unwrap();
     assert!(available > 1024, "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_make_room_for_requests_waiting_on_any_worker() {
+    // A keep-alive upstream: finished connections go back to their worker's idle list and keep
+    // their slot. Requests waiting for a slot (on either worker) must get one by closing an idle
+    // connection, not fail after the queue timeout.
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start_with(None, Duration::from_millis(20)).await;
+    let yaml = format!(
+        "listen: {ANY}\nadmin:\n  listen: {ANY}\naccess_log: off\nlimits:\n  upstream_max_connections: 2\n  upstream_queue_timeout: 2s\n{}",
+        idp.config_to(&up.url())
+    );
+    let config = tokengate::config::parse(&yaml, "test.yaml").unwrap();
+    let workers = tokengate::server::Workers::Threads(std::num::NonZeroUsize::new(2).unwrap());
+    let tg = tokengate::server::start_with(config, None, workers).await.unwrap();
+    wait_ready(&tg).await;
+    for round in 0..3 {
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            // A client per request: new connections, spread over both workers.
+            let url = format!("http://{}/r{round}/{i}", tg.proxy_addr);
+            calls.spawn(async move { client().get(url).send().await.unwrap().status().as_u16() });
+        }
+        let mut statuses = Vec::new();
+        while let Some(s) = calls.join_next().await {
+            statuses.push(s.unwrap());
+        }
+        assert!(statuses.iter().all(|s| *s == 200), "round {round}: {statuses:?}");
+    }
+    assert_eq!(up.requests().len(), 120);
+    tg.shutdown().await;
+}

@@ -162,6 +162,13 @@ impl Pool {
         }
     }
 
+    /// Lets requests waiting for a connection slot to this upstream close this pool's idle
+    /// connections (on any thread's list).
+    pub fn share_idle(self: &Arc<Self>) {
+        let weak: std::sync::Weak<dyn super::limit::IdleConnections> = Arc::downgrade(self) as _;
+        self.limit.register_idle(weak);
+    }
+
     /// Idle connections kept for this thread.
     pub fn idle_connections(&self) -> usize {
         self.idle().len()
@@ -272,6 +279,19 @@ impl Pool {
         }
         let buf = if idle.len() < KEEP_BUFFERS { buf } else { BytesMut::new() };
         idle.push_back(Idle { io, buf, since: now });
+    }
+}
+
+impl super::limit::IdleConnections for Pool {
+    fn close_one(&self) -> bool {
+        for shard in self.idle.iter() {
+            let oldest = shard.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
+            if oldest.is_some() {
+                // Dropped here, outside the lock: the socket closes and its slot is free.
+                return true;
+            }
+        }
+        false
     }
 }
 

@@ -6,7 +6,9 @@
 //! upstream `host:port` gets a fixed number of connection slots, shared by the lean HTTP/1.1
 //! client and the hyper client (through [`Limited`], a connector wrapper). A request that finds
 //! no free slot waits up to `upstream_queue_timeout` for one (an idle pooled connection is reused
-//! meanwhile if one frees up), then gets `503 upstream_busy`.
+//! meanwhile if one frees up), then gets `503 upstream_busy`. Idle pooled connections hold slots
+//! too: a request that finds none free first closes an idle one (another worker's, say), so idle
+//! connections never starve a busy thread.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -34,8 +36,23 @@ pub struct Busy {
 pub struct UpstreamSlots {
     max: usize,
     wait: Duration,
-    by_upstream: Mutex<HashMap<String, Arc<Semaphore>>>,
+    by_upstream: Mutex<HashMap<String, Arc<Upstream>>>,
 }
+
+/// A pool that keeps idle connections to an upstream and can close one to free its slot.
+pub trait IdleConnections: Send + Sync {
+    /// Closes one idle connection (the oldest); false when there is none.
+    fn close_one(&self) -> bool;
+}
+
+/// One upstream's slots and the pools whose idle connections hold some of them.
+struct Upstream {
+    slots: Arc<Semaphore>,
+    idle: Mutex<Vec<std::sync::Weak<dyn IdleConnections>>>,
+}
+
+/// How long a request waiting for a slot sleeps before it looks for an idle connection again.
+const SLOT_RETRY: Duration = Duration::from_millis(10);
 
 impl UpstreamSlots {
     /// `max` connections per upstream; a request waits up to `wait` for one.
@@ -50,9 +67,13 @@ impl UpstreamSlots {
     /// The slots of `host:port` (lower-case).
     pub fn of(self: &Arc<Self>, upstream: &str) -> UpstreamLimit {
         let mut map = self.by_upstream.lock().unwrap_or_else(PoisonError::into_inner);
-        let slots =
-            map.entry(upstream.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.max))).clone();
-        UpstreamLimit { upstream: upstream.to_owned(), slots, max: self.max, wait: self.wait }
+        let entry = map
+            .entry(upstream.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Upstream { slots: Arc::new(Semaphore::new(self.max)), idle: Mutex::new(Vec::new()) })
+            })
+            .clone();
+        UpstreamLimit { upstream: upstream.to_owned(), entry, max: self.max, wait: self.wait }
     }
 
     fn of_uri(self: &Arc<Self>, uri: &Uri) -> UpstreamLimit {
@@ -66,22 +87,41 @@ impl UpstreamSlots {
 #[derive(Clone)]
 pub struct UpstreamLimit {
     upstream: String,
-    slots: Arc<Semaphore>,
+    entry: Arc<Upstream>,
     max: usize,
     wait: Duration,
 }
 
 impl UpstreamLimit {
-    /// A slot for one new connection, held until the connection is dropped.
+    /// Lets waiting requests close `pool`'s idle connections to this upstream.
+    pub fn register_idle(&self, pool: std::sync::Weak<dyn IdleConnections>) {
+        self.entry.idle.lock().unwrap_or_else(PoisonError::into_inner).push(pool);
+    }
+
+    /// A slot for one new connection, held until the connection is dropped. When none is free,
+    /// an idle connection is closed for it; else it waits up to the queue timeout.
     pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, Busy> {
-        let busy = || Busy { upstream: self.upstream.clone(), max: self.max };
-        match self.slots.clone().try_acquire_owned() {
-            Ok(p) => Ok(p),
-            Err(_) => match tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()).await {
-                Ok(Ok(p)) => Ok(p),
-                _ => Err(busy()),
-            },
+        let deadline = tokio::time::Instant::now() + self.wait;
+        loop {
+            if let Ok(p) = self.entry.slots.clone().try_acquire_owned() {
+                return Ok(p);
+            }
+            if self.close_an_idle_one() {
+                continue;
+            }
+            let step = deadline.saturating_duration_since(tokio::time::Instant::now()).min(SLOT_RETRY);
+            if step.is_zero() {
+                return Err(Busy { upstream: self.upstream.clone(), max: self.max });
+            }
+            if let Ok(Ok(p)) = tokio::time::timeout(step, self.entry.slots.clone().acquire_owned()).await {
+                return Ok(p);
+            }
         }
+    }
+
+    fn close_an_idle_one(&self) -> bool {
+        let pools: Vec<_> = self.entry.idle.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        pools.iter().filter_map(std::sync::Weak::upgrade).any(|p| p.close_one())
     }
 }
 

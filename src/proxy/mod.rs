@@ -105,13 +105,15 @@ impl Runtime {
                 let limits = &config.limits;
                 let pool =
                     pools.entry(r.upstream.authority.as_str().to_ascii_lowercase()).or_insert_with(|| {
-                        Arc::new(h1::Pool::new(
+                        let pool = Arc::new(h1::Pool::new(
                             &r.upstream.authority,
                             limits.upstream_connect_timeout,
                             limits.upstream_idle_timeout,
                             usize::try_from(limits.max_header_size).unwrap_or(usize::MAX),
                             &slots,
-                        ))
+                        ));
+                        pool.share_idle();
+                        pool
                     });
                 pool.clone()
             });
