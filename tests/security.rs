@@ -191,6 +191,9 @@ async fn every_spelling_of_a_path_is_checked_by_the_route_that_serves_it() {
         let status = raw_status(tg.proxy_addr, "GET", path).await;
         assert!(status == 403 || status == 400, "{path}: {status}");
     }
+    // The same over HTTP/2, where the path arrives as the :path pseudo-header.
+    let r = h2_client().get(format!("http://{}/a/%61dmin/users", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 403);
     // A ';' parameter that would move the path into another route for a servlet container.
     assert_eq!(raw_status(tg.proxy_addr, "GET", "/a;x=1/admin/users").await, 400);
     assert_eq!(raw_status(tg.proxy_addr, "DELETE", "/a/r%6F/item").await, 405);
@@ -211,6 +214,10 @@ async fn every_spelling_of_a_path_is_checked_by_the_route_that_serves_it() {
         assert_eq!(seen.path, forwarded, "{path}");
     }
     assert_eq!(up.requests().last().unwrap().query.as_deref(), Some("q=%61"), "the query is not touched");
+    let r = h2_client().get(format!("http://{}/a/%7Ex?q=1", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = up.requests().pop().unwrap();
+    assert_eq!((seen.path.as_str(), seen.query.as_deref()), ("/open/~x", Some("q=1")));
 }
 
 #[tokio::test]
