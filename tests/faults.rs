@@ -158,6 +158,10 @@ async fn idp_down_at_start_answers_503_then_recovers() {
     );
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!((v["error"].as_str(), v["provider"].as_str()), (Some("token_unavailable"), Some("p")));
+    // Retry-After says when the provider's next fetch is due: a whole number of seconds, at least 1.
+    let r = client().get(format!("http://{}/y", tg.proxy_addr)).send().await.unwrap();
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry), "Retry-After {retry}");
     assert!(
         metrics(&tg).await.contains(r#"tokengate_token_fetches_total{provider="p",result="network_error"}"#)
     );

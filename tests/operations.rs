@@ -242,7 +242,11 @@ async fn forward_proxy_takes_the_api_key_from_proxy_credentials() {
     })
     .await
     .unwrap();
-    assert_eq!((without.as_str(), wrong.as_str(), right.as_str()), ("401", "401", "200"));
+    assert_eq!(
+        (without.as_str(), wrong.as_str(), right.as_str()),
+        ("407", "407", "200"),
+        "the forward-proxy listener asks for proxy credentials"
+    );
     assert_eq!(up.requests().len(), 1);
     assert!(up.requests()[0].header("proxy-authorization").is_none(), "proxy credentials leaked upstream");
 }

@@ -61,7 +61,13 @@ async fn api_keys_are_required_rotatable_and_never_forwarded() {
     .await;
     let c = client();
     let url = format!("http://{}/api/x", tg.proxy_addr);
-    let (s, code) = body_error(c.get(&url).send().await.unwrap()).await;
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "ApiKey realm=\"tokengate\"",
+        "a 401 says how to authenticate"
+    );
+    let (s, code) = body_error(r).await;
     assert_eq!((s, code.as_str()), (401, "invalid_api_key"));
     let (s, _) =
         body_error(c.get(&url).header("x-tokengate-key", "new-key-9d8e7f6a5b4").send().await.unwrap()).await;

@@ -33,6 +33,8 @@ pub enum Denied {
     Browser,
     /// No API key, or an unknown one.
     ApiKey,
+    /// No API key, or an unknown one, as the proxy password on the forward-proxy listener.
+    ProxyApiKey,
     /// The route needs a verified client certificate.
     ClientCert,
 }
@@ -44,7 +46,7 @@ impl Denied {
             Denied::Address => "address_not_allowed",
             Denied::Host => "host_not_allowed",
             Denied::Browser => "browser_request",
-            Denied::ApiKey => "invalid_api_key",
+            Denied::ApiKey | Denied::ProxyApiKey => "invalid_api_key",
             Denied::ClientCert => "client_cert_required",
         }
     }
@@ -162,7 +164,7 @@ pub fn authorize<B>(
             }
         });
         if !ok {
-            return Err(ProxyError::Denied(Denied::ApiKey));
+            return Err(ProxyError::Denied(if conn.forward { Denied::ProxyApiKey } else { Denied::ApiKey }));
         }
     }
     if route.require_client_cert && !conn.client_cert {

@@ -44,6 +44,8 @@ pub enum ProxyError {
     TokenUnavailable {
         /// The provider.
         provider: String,
+        /// When its next fetch is due.
+        retry_in: std::time::Duration,
     },
     /// The upstream could not be reached.
     #[error("the upstream could not be reached")]
@@ -82,6 +84,9 @@ impl ProxyError {
             ProxyError::OriginForm => (StatusCode::BAD_REQUEST, "absolute_form_required"),
             ProxyError::TokenUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable"),
             ProxyError::Denied(super::Denied::ApiKey) => (StatusCode::UNAUTHORIZED, "invalid_api_key"),
+            ProxyError::Denied(super::Denied::ProxyApiKey) => {
+                (StatusCode::PROXY_AUTHENTICATION_REQUIRED, "invalid_api_key")
+            }
             ProxyError::Denied(d) => (StatusCode::FORBIDDEN, d.label()),
             ProxyError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ProxyError::InvalidHeader(_) => (StatusCode::BAD_REQUEST, "invalid_header"),
@@ -103,7 +108,7 @@ impl ProxyError {
         let mut allow_header = None;
         match &self {
             ProxyError::NoRoute { path } => body["path"] = path.as_str().into(),
-            ProxyError::TokenUnavailable { provider } => body["provider"] = provider.as_str().into(),
+            ProxyError::TokenUnavailable { provider, .. } => body["provider"] = provider.as_str().into(),
             ProxyError::MethodNotAllowed { allow } => {
                 let list = allow.iter().map(http::Method::as_str).collect::<Vec<_>>().join(", ");
                 allow_header = HeaderValue::from_str(&list).ok();
@@ -114,9 +119,26 @@ impl ProxyError {
         if let Some(v) = allow_header {
             resp.headers_mut().insert(header::ALLOW, v);
         }
-        if matches!(self, ProxyError::UpstreamBusy | ProxyError::Overloaded) {
+        let h = resp.headers_mut();
+        match &self {
             // Load passes quickly; a client that honours Retry-After comes back soon.
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            ProxyError::UpstreamBusy | ProxyError::Overloaded => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            // When the provider's next fetch is due, in whole seconds, at least 1.
+            ProxyError::TokenUnavailable { retry_in, .. } => {
+                let secs = retry_in.as_secs() + u64::from(retry_in.subsec_nanos() > 0);
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            // RFC 9110 section 11.6.1: a 401 says how to authenticate.
+            ProxyError::Denied(super::Denied::ApiKey) => {
+                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey realm=\"tokengate\""));
+            }
+            // HTTP_PROXY clients send the key as the proxy password (RFC 9110 section 11.7.1).
+            ProxyError::Denied(super::Denied::ProxyApiKey) => {
+                h.insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"tokengate\""));
+            }
+            _ => {}
         }
         resp
     }
@@ -129,6 +151,7 @@ fn denied_message(d: super::Denied) -> &'static str {
         Denied::Host => "this Host is not served here",
         Denied::Browser => "requests from web browsers are not accepted",
         Denied::ApiKey => "a valid API key is required",
+        Denied::ProxyApiKey => "a valid API key is required as the proxy password",
         Denied::ClientCert => "this route requires a client certificate",
     }
 }

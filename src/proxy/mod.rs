@@ -274,11 +274,10 @@ impl Proxy {
             Some(t) => t,
             None => {
                 notes.token_fetched = true;
-                route
-                    .provider
-                    .get()
-                    .await
-                    .map_err(|e| ProxyError::TokenUnavailable { provider: e.provider })?
+                route.provider.get().await.map_err(|e| ProxyError::TokenUnavailable {
+                    provider: e.provider,
+                    retry_in: e.retry_in,
+                })?
             }
         };
         let (mut parts, body) = req.into_parts();

@@ -71,6 +71,8 @@ pub struct Unavailable {
     pub provider: String,
     /// The last fetch error, or why none was attempted.
     pub reason: String,
+    /// When the next fetch is due, for `Retry-After`.
+    pub retry_in: Duration,
 }
 
 #[allow(clippy::large_enum_variant, reason = "one per provider, never moved after creation")]
@@ -398,13 +400,16 @@ impl TokenSource {
     }
 
     fn unavailable(&self) -> Unavailable {
-        let reason = self
-            .health
-            .lock()
-            .ok()
+        let health = self.health.lock().ok();
+        let reason = health
+            .as_ref()
             .and_then(|h| h.last_error.as_ref().map(ToString::to_string))
             .unwrap_or_else(|| "no token has been obtained yet".into());
-        Unavailable { provider: self.name.clone(), reason }
+        let retry_in = health
+            .as_ref()
+            .and_then(|h| h.quiet_until)
+            .map_or(Duration::ZERO, |q| q.saturating_duration_since(Instant::now()));
+        Unavailable { provider: self.name.clone(), reason, retry_in }
     }
 
     /// State for health endpoints.
