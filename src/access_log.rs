@@ -27,6 +27,8 @@ const BACKLOG: usize = 64;
 
 /// What one request's line says.
 pub struct Record<'a> {
+    /// `X-Request-Id`.
+    pub request_id: &'a str,
     /// The client's address.
     pub client: IpAddr,
     /// The method.
@@ -320,7 +322,13 @@ fn text(out: &mut Vec<u8>, r: &Record<'_>) {
         out.extend_from_slice(b" provider=");
         escaped(out, p, b' ');
     }
-    let _ = writeln!(out, " fetched={} replayed={}", u8::from(r.token_fetched), u8::from(r.replayed));
+    let _ = writeln!(
+        out,
+        " fetched={} replayed={} id={}",
+        u8::from(r.token_fetched),
+        u8::from(r.replayed),
+        r.request_id
+    );
 }
 
 /// One JSON object per line.
@@ -350,7 +358,9 @@ fn json(out: &mut Vec<u8>, r: &Record<'_>) {
         Some(p) => json_string(out, p),
         None => out.extend_from_slice(b"null"),
     }
-    let _ = writeln!(out, ",\"token_fetched\":{},\"replayed\":{}}}", r.token_fetched, r.replayed);
+    let _ = write!(out, ",\"token_fetched\":{},\"replayed\":{},\"request_id\":", r.token_fetched, r.replayed);
+    json_string(out, r.request_id);
+    out.extend_from_slice(b"}\n");
 }
 
 fn json_string(out: &mut Vec<u8>, s: &str) {
@@ -375,6 +385,7 @@ mod tests {
 
     fn record() -> Record<'static> {
         Record {
+            request_id: "r-1",
             client: "10.0.0.7".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
             method: "GET",
             path: "/api/\"x\"\\",
@@ -394,7 +405,7 @@ mod tests {
         let mut out = Vec::new();
         text(&mut out, &record());
         let line = String::from_utf8(out).unwrap_or_default();
-        assert!(line.ends_with(" 10.0.0.7 \"GET /api/\\x22x\\x22\\x5c\" 200 1234 1.234ms route=api provider=p fetched=0 replayed=1\n"), "{line}");
+        assert!(line.ends_with(" 10.0.0.7 \"GET /api/\\x22x\\x22\\x5c\" 200 1234 1.234ms route=api provider=p fetched=0 replayed=1 id=r-1\n"), "{line}");
         assert_eq!(line.matches('\n').count(), 1);
         assert!(!line.contains('\u{1b}'));
         assert_eq!(&line[4..5], "-");
@@ -410,6 +421,7 @@ mod tests {
         assert_eq!(v["path"], "/api/\"x\"\\");
         assert_eq!(v["status"], 200);
         assert_eq!(v["replayed"], true);
+        assert_eq!(v["request_id"], "r-1");
         assert_eq!(v["upstream"], serde_json::Value::Null);
         assert!(v["time"].as_str().is_some_and(|t| t.len() == 24 && t.ends_with('Z')));
     }

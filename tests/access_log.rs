@@ -68,7 +68,8 @@ async fn a_quiet_log_is_written_within_a_second_and_off_writes_nothing() {
     let file = dir.path().join("access.log");
     let tg = start(&format!("access_log: {}\n{}", file.display(), idp.config_to(&up.url()))).await;
     wait_ready(&tg).await;
-    assert_eq!(client().get(format!("http://{}/one", tg.proxy_addr)).send().await.unwrap().status(), 200);
+    let r = client().get(format!("http://{}/one", tg.proxy_addr)).header("x-request-id", "log-test-1").send();
+    assert_eq!(r.await.unwrap().status(), 200);
     let mut seen = Vec::new();
     for _ in 0..40 {
         seen = lines(&file);
@@ -79,6 +80,7 @@ async fn a_quiet_log_is_written_within_a_second_and_off_writes_nothing() {
     }
     assert_eq!(seen.len(), 1, "a single request's line is flushed by time");
     assert!(seen[0].contains(" \"GET /one\" 200 "), "{}", seen[0]);
+    assert!(seen[0].ends_with(" id=log-test-1"), "the request id closes the line: {}", seen[0]);
     assert_eq!(metric(tg.admin_addr, "tokengate_access_log_lines_total").await, 1);
     assert_eq!(metric(tg.admin_addr, "tokengate_access_log_dropped_total").await, 0);
 

@@ -678,3 +678,44 @@ async fn a_malformed_chunked_body_is_the_clients_error_and_never_reaches_the_ups
     assert!(!m.contains("tokengate_upstream_errors_total{"), "counted as an upstream error: {m}");
     assert!(m.contains(r#"tokengate_requests_total{method="POST",route="/",status="400"} 3"#), "{m}");
 }
+
+#[tokio::test]
+async fn websocket_upgrades_are_refused_plainly_and_h2c_offers_ignored() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = start(&idp.config_to(&up.url())).await;
+    let ws = "GET /chat HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let resp = raw(tg.proxy_addr, ws.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 501") && resp.contains("upgrade_not_supported"), "{resp}");
+    assert!(up.requests().is_empty(), "a refused upgrade reached the upstream");
+    let h2c = "GET /x HTTP/1.1\r\nHost: t\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n";
+    let resp = raw(tg.proxy_addr, h2c.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let seen = up.requests().pop().unwrap();
+    assert!(seen.header("upgrade").is_none() && seen.header("http2-settings").is_none());
+}
+
+#[tokio::test]
+async fn every_request_carries_one_request_id_to_the_upstream_and_back() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = start(&idp.config_to(&up.url())).await;
+    let c = client();
+    let r = c
+        .get(format!("http://{}/a", tg.proxy_addr))
+        .header("x-request-id", "trace-42.a:b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "trace-42.a:b");
+    assert_eq!(up.requests().pop().unwrap().header("x-request-id").as_deref(), Some("trace-42.a:b"));
+    // A malformed one is replaced, and so is a missing one; refusals carry one too.
+    let r =
+        c.get(format!("http://{}/b", tg.proxy_addr)).header("x-request-id", "bad id\"").send().await.unwrap();
+    let made = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(made.len(), 32);
+    assert_eq!(up.requests().pop().unwrap().header("x-request-id"), Some(made));
+    let r = c.get(format!("http://{}/a//b", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["x-request-id"].len(), 32);
+}

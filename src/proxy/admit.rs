@@ -59,6 +59,16 @@ pub fn admit<B>(req: &mut Request<B>, conn: &Conn, runtime: &Runtime) -> Result<
     if req.method() == Method::CONNECT {
         return Err(ProxyError::Connect);
     }
+    // An upgrade (WebSocket, say) would be forwarded as a plain request and fail in confusing ways
+    // upstream: refuse it plainly. `Upgrade: h2c` (curl --http2 on http://) is an offer that may be
+    // ignored, and is.
+    let upgrades = req.headers().get_all(header::UPGRADE).iter();
+    let foreign = upgrades
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .any(|p| !p.trim().eq_ignore_ascii_case("h2c"));
+    if foreign {
+        return Err(ProxyError::UpgradeNotSupported);
+    }
     if conn.forward {
         // An HTTP_PROXY client names the upstream: `GET http://host/path`.
         if req.uri().scheme_str() != Some("http") || req.uri().authority().is_none() {

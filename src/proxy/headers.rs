@@ -66,6 +66,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// `X-Request-Id`: one id per request, from the client or made here.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The request's id: the client's `X-Request-Id` when it is well-formed (1 to 128 characters of
+/// `A-Z a-z 0-9 - _ . :`, so it is safe in any log), else 32 random hex digits.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    let given = headers.get(&X_REQUEST_ID).filter(|v| {
+        let b = v.as_bytes();
+        (1..=128).contains(&b.len()) && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+    });
+    if let Some(v) = given {
+        return v.clone();
+    }
+    let mut hex = [0u8; 32];
+    let id: u128 = rand::random();
+    for (i, digit) in hex.iter_mut().enumerate() {
+        *digit = b"0123456789abcdef"[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
 /// What the upstream is told about the client and the request's first hop.
 pub struct Forwarding<'a> {
     /// The peer's address.
@@ -303,6 +324,24 @@ mod tests {
         assert_eq!(h.get("x-real-ip").unwrap(), "1.2.3.4");
         assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4");
         assert!(h.get("x-original-url").is_none());
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_well_formed_and_made_otherwise() {
+        let id = |v: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(v) = v {
+                h.insert(X_REQUEST_ID, HeaderValue::from_str(v).unwrap());
+            }
+            request_id(&h).to_str().unwrap().to_owned()
+        };
+        assert_eq!(id(Some("abc-123_x.y:z")), "abc-123_x.y:z");
+        for bad in [None, Some(""), Some("has space"), Some("quote\""), Some(&*"x".repeat(129))] {
+            let made = id(bad);
+            assert_eq!(made.len(), 32, "{bad:?}");
+            assert!(made.bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+        assert_ne!(id(None), id(None));
     }
 
     #[test]

@@ -193,6 +193,10 @@ impl Proxy {
         let mut path = None;
         let logged_method = self.access_log.enabled().then(|| req.method().clone());
         let mut notes = Notes::default();
+        // Kept when the client (or a proxy in front) sent a well-formed one, else made here; the
+        // upstream, the response and the access log carry it.
+        let request_id = headers::request_id(req.headers());
+        req.headers_mut().insert(headers::X_REQUEST_ID, request_id.clone());
         let place = self.in_flight.enter(runtime.limits.max_requests_in_flight);
         let matched = match place {
             None => Err(ProxyError::Overloaded),
@@ -232,11 +236,13 @@ impl Proxy {
             self.metrics.denied.with_label_values(&[label, reason]).inc();
             tracing::info!(route = label, client = %conn.remote.ip(), reason, "request denied");
         }
-        let response = result.unwrap_or_else(ProxyError::into_response);
+        let mut response = result.unwrap_or_else(ProxyError::into_response);
+        response.headers_mut().insert(headers::X_REQUEST_ID, request_id.clone());
         let metrics = route.as_ref().map_or(&self.unmatched, |r| &r.metrics);
         self.record(metrics, method, &response, started);
         if let (Some(path), Some(logged_method)) = (path, logged_method) {
             self.access_log.record(&crate::access_log::Record {
+                request_id: request_id.to_str().unwrap_or("-"),
                 client: conn.remote.ip(),
                 method: logged_method.as_str(),
                 path: &path,
