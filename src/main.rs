@@ -21,9 +21,10 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Log filter (`info`, `debug`, `tokengate=trace`...); RUST_LOG also works.
-    #[arg(long, global = true, env = "TOKENGATE_LOG", default_value = "info")]
-    log: String,
+    /// Log filter (`info`, `debug`, `tokengate=trace`...); beats RUST_LOG, which is used when
+    /// this is not given [default: info].
+    #[arg(long, global = true, env = "TOKENGATE_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -97,15 +98,22 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    // Colour only for a terminal: escape codes in a log file are noise (and bytes).
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // An explicit --log wins over RUST_LOG, which wins over the default.
+    let filter = match &cli.log {
+        Some(f) => tracing_subscriber::EnvFilter::new(f),
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    };
+    // Colour only for a terminal, and never with NO_COLOR (no-color.org): escape codes in a log
+    // file are noise.
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let ansi = !no_color && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match cli.log_format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        // Fields at the top level of each object, as log shippers expect.
+        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
 

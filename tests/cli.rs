@@ -126,3 +126,31 @@ fn check_reports_file_line_and_key_for_a_bad_config() {
         String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tokengate.yaml: cannot read the file")
     );
 }
+
+#[test]
+fn an_explicit_log_filter_beats_rust_log_and_json_logs_are_flat() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tg.yaml");
+    std::fs::write(
+        &path,
+        "listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\naccess_log: off\nproviders:\n  p:\n    type: oauth2\n    token_url: http://127.0.0.1:9/token\n    client_id: a\n    client_secret: b\nroutes:\n  - prefix: /\n    upstream: http://127.0.0.1:9\n    provider: p\n",
+    )
+    .unwrap();
+    let log = dir.path().join("log");
+    let script = format!(
+        "NO_COLOR=1 RUST_LOG=trace {} --log info --log-format json run -c {} 2> {} & pid=$!; sleep 1; kill -TERM $pid; wait $pid",
+        env!("CARGO_BIN_EXE_tokengate"),
+        path.display(),
+        log.display()
+    );
+    Command::new("sh").args(["-c", &script]).status().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        lines.iter().all(|l| l["level"] != "DEBUG" && l["level"] != "TRACE"),
+        "RUST_LOG won over --log: {text}"
+    );
+    let listening =
+        lines.iter().find(|l| l["message"] == "tokengate is listening").unwrap_or_else(|| panic!("{text}"));
+    assert!(listening["proxy_addr"].is_string(), "fields are not at the top level: {listening}");
+}
