@@ -101,12 +101,11 @@ fn guard<B>(admin: &Admin, req: &Request<B>, conn: &Conn) -> Result<(), (&'stati
     if !crate::config::allowed(&admin.allow, conn.remote.ip()) {
         return Err(("address_not_allowed", "this client address may not use the admin listener"));
     }
-    let h = req.headers();
-    if h.contains_key(header::ORIGIN) || h.contains_key("sec-fetch-site") || h.contains_key("sec-fetch-mode")
-    {
+    if crate::proxy::admit::from_browser(req.headers()) {
         return Err(("browser_request", "requests from web browsers are not accepted"));
     }
-    let host = h
+    let host = req
+        .headers()
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
@@ -120,15 +119,10 @@ fn guard<B>(admin: &Admin, req: &Request<B>, conn: &Conn) -> Result<(), (&'stati
 
 /// An IP literal (what probes and scrapers send), `localhost`, or a configured name.
 fn host_allowed(admin: &Admin, host: &str) -> bool {
-    let name = match host.strip_prefix('[') {
-        Some(rest) => {
-            return rest.split_once(']').is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
-        }
-        None => host
-            .rsplit_once(':')
-            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-            .map_or(host, |(n, _)| n),
-    };
+    let name = crate::proxy::admit::strip_port(host);
+    if host.starts_with('[') {
+        return host.contains(']') && name.parse::<std::net::Ipv6Addr>().is_ok();
+    }
     name.parse::<std::net::Ipv4Addr>().is_ok()
         || name.eq_ignore_ascii_case("localhost")
         || admin.hosts.iter().any(|h| h.0.eq_ignore_ascii_case(name))

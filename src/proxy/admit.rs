@@ -119,14 +119,8 @@ pub fn admit<B>(req: &mut Request<B>, conn: &Conn, runtime: &Runtime) -> Result<
             return Err(ProxyError::Denied(Denied::Host));
         }
     }
-    if !runtime.access.allow_browsers {
-        let h = req.headers();
-        if h.contains_key(header::ORIGIN)
-            || h.contains_key("sec-fetch-mode")
-            || h.contains_key("sec-fetch-site")
-        {
-            return Err(ProxyError::Denied(Denied::Browser));
-        }
+    if !runtime.access.allow_browsers && from_browser(req.headers()) {
+        return Err(ProxyError::Denied(Denied::Browser));
     }
     Ok(())
 }
@@ -210,7 +204,16 @@ fn proxy_password<B>(req: &Request<B>) -> Option<Vec<u8>> {
     Some(decoded[colon + 1..].to_vec())
 }
 
-fn strip_port(host: &str) -> &str {
+/// True when a web browser sent the request (`Origin`, `Sec-Fetch-*`): a page must not be able
+/// to use tokengate's credentials, or its admin endpoints, through the user's browser.
+pub(crate) fn from_browser(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(header::ORIGIN)
+        || headers.contains_key("sec-fetch-mode")
+        || headers.contains_key("sec-fetch-site")
+}
+
+/// The host name of a `Host` value: without the port, IPv6 literals without their brackets.
+pub(crate) fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }
