@@ -209,12 +209,7 @@ pub(super) async fn serve<F, S>(
             None => {
                 let service = make_service(plain);
                 tokio::spawn(async move {
-                    let activity = slot.activity.clone();
-                    let io = FirstFlight::new(stream, activity.clone());
-                    let service = Tracked { inner: service, activity: activity.clone() };
-                    let closed =
-                        drive(&builder, TokioIo::new(io), service, &activity, &settings, phase, remote).await;
-                    settings.count_closed(closed);
+                    drive(&builder, stream, service, &slot.activity, &settings, phase, remote).await;
                     drop(slot);
                 });
             }
@@ -240,11 +235,7 @@ pub(super) async fn serve<F, S>(
                     };
                     let has_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
                     let conn = crate::proxy::Conn { client_cert: has_cert, secure: true, ..plain };
-                    let io = FirstFlight::new(tls, activity.clone());
-                    let service = Tracked { inner: make_service(conn), activity: activity.clone() };
-                    let closed =
-                        drive(&builder, TokioIo::new(io), service, &activity, &settings, phase, remote).await;
-                    settings.count_closed(closed);
+                    drive(&builder, tls, make_service(conn), &activity, &settings, phase, remote).await;
                     drop(slot);
                 });
             }
@@ -288,9 +279,31 @@ impl Listener {
 /// How long an HTTP/2 connection told to go away (GOAWAY) may take to finish its last streams.
 const GOAWAY_GRACE: Duration = Duration::from_secs(5);
 
+/// Serves one connection (plain or after the TLS handshake) and counts why tokengate closed it,
+/// if it did.
+async fn drive<T, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: T,
+    service: S,
+    activity: &Arc<Activity>,
+    settings: &Listener,
+    phase: watch::Receiver<u8>,
+    remote: SocketAddr,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Handler,
+    S::Future: Send + 'static,
+{
+    let io = TokioIo::new(FirstFlight::new(io, activity.clone()));
+    let service = Tracked { inner: service, activity: activity.clone() };
+    let closed = supervise(builder, io, service, activity, settings, phase, remote).await;
+    settings.count_closed(closed);
+}
+
 /// Serves one connection until it ends, misses its first-request deadline, goes idle, is
-/// evicted, or shutdown closes it. Returns why tokengate closed it, if it did.
-async fn drive<I, S>(
+/// evicted, stops taking response data, or shutdown closes it. Returns why tokengate closed it,
+/// if it did.
+async fn supervise<I, S>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     service: Tracked<S>,
