@@ -322,8 +322,8 @@ async fn big_upstream() -> std::net::SocketAddr {
     addr
 }
 
-#[tokio::test]
-async fn a_client_that_takes_no_response_data_is_closed_and_frees_the_upstream_connection() {
+/// tokengate with one connection to [`big_upstream`] and a 1 s send timeout.
+async fn one_upstream_connection_with_send_timeout() -> tokengate::server::Running {
     let addr = big_upstream().await;
     let idp = Idp::start(IdpOptions::default()).await;
     let tg = start(&format!(
@@ -332,16 +332,28 @@ async fn a_client_that_takes_no_response_data_is_closed_and_frees_the_upstream_c
     ))
     .await;
     wait_ready(&tg).await;
+    tg
+}
+
+/// A normal request gets the one upstream connection within 3 s: the stalled client was closed
+/// for its send timeout, which freed it.
+async fn the_upstream_connection_comes_free(tg: &tokengate::server::Running) {
+    let started = Instant::now();
+    let r = client().get(format!("http://{}/small", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(3), "waited {:?}", started.elapsed());
+    assert_eq!(closed_count(&metrics(tg).await, "proxy", "send_timeout"), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_takes_no_response_data_is_closed_and_frees_the_upstream_connection() {
+    let tg = one_upstream_connection_with_send_timeout().await;
     let mut slow = TcpStream::connect(tg.proxy_addr).await.unwrap();
     slow.write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
     // It reads nothing. The one upstream connection is held by its response until tokengate
     // gives up on it; then a normal request gets the connection.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let started = Instant::now();
-    let r = client().get(format!("http://{}/small", tg.proxy_addr)).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(started.elapsed() < Duration::from_secs(3), "waited {:?}", started.elapsed());
-    assert_eq!(closed_count(&metrics(&tg).await, "proxy", "send_timeout"), 1);
+    the_upstream_connection_comes_free(&tg).await;
     // A client that reads slowly but steadily (10 MB/s, so that the kernel, which wakes a writer
     // only once a third of its send buffer is free, wakes tokengate well within the timeout) is
     // not cut off.
@@ -362,14 +374,7 @@ async fn a_client_that_takes_no_response_data_is_closed_and_frees_the_upstream_c
 
 #[tokio::test]
 async fn an_http2_client_that_never_opens_its_window_is_closed_too() {
-    let addr = big_upstream().await;
-    let idp = Idp::start(IdpOptions::default()).await;
-    let tg = start(&format!(
-        "limits:\n  send_timeout: 1s\n  upstream_max_connections: 1\n  upstream_queue_timeout: 5s\n{}",
-        idp.config_to(&format!("http://{addr}"))
-    ))
-    .await;
-    wait_ready(&tg).await;
+    let tg = one_upstream_connection_with_send_timeout().await;
     // A raw HTTP/2 client that takes the response head and then never reads the body, so its
     // flow-control window (64 KiB) stays closed.
     let tcp = TcpStream::connect(tg.proxy_addr).await.unwrap();
@@ -380,9 +385,5 @@ async fn an_http2_client_that_never_opens_its_window_is_closed_too() {
     let resp = resp.await.unwrap();
     assert_eq!(resp.status(), 200);
     let _unread = resp.into_body();
-    let started = Instant::now();
-    let r = client().get(format!("http://{}/small", tg.proxy_addr)).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(started.elapsed() < Duration::from_secs(3), "waited {:?}", started.elapsed());
-    assert_eq!(closed_count(&metrics(&tg).await, "proxy", "send_timeout"), 1);
+    the_upstream_connection_comes_free(&tg).await;
 }

@@ -321,18 +321,23 @@ async fn upstream_401_on_small_post_replays_the_same_body() {
     assert_eq!(seen[1].method, "POST");
 }
 
-#[tokio::test]
-async fn a_burst_of_401s_causes_one_refresh() {
-    let (idp, up, tg) = replay_setup().await;
-    up.rejected.lock().unwrap().insert("tok-1".into());
+/// Sends `n` concurrent requests and requires each to be answered 200.
+async fn burst_all_ok(tg: &tokengate::server::Running, n: usize) {
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..20 {
+    for i in 0..n {
         let url = format!("http://{}/burst/{i}", tg.proxy_addr);
         tasks.spawn(async move { client().get(url).send().await.unwrap().status().as_u16() });
     }
     while let Some(s) = tasks.join_next().await {
         assert_eq!(s.unwrap(), 200);
     }
+}
+
+#[tokio::test]
+async fn a_burst_of_401s_causes_one_refresh() {
+    let (idp, up, tg) = replay_setup().await;
+    up.rejected.lock().unwrap().insert("tok-1".into());
+    burst_all_ok(&tg, 20).await;
     assert_eq!(idp.calls(), 2, "one refresh for the whole burst");
 }
 
@@ -353,14 +358,7 @@ async fn a_token_that_worked_and_is_then_refused_is_replaced_at_once_every_time(
     }
     // A burst that meets a revoked token still makes one IdP call for that generation.
     up.rejected.lock().unwrap().insert("tok-3".into());
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..20 {
-        let url = format!("http://{}/burst/{i}", tg.proxy_addr);
-        tasks.spawn(async move { client().get(url).send().await.unwrap().status().as_u16() });
-    }
-    while let Some(s) = tasks.join_next().await {
-        assert_eq!(s.unwrap(), 200);
-    }
+    burst_all_ok(&tg, 20).await;
     assert_eq!(idp.calls(), 4, "one IdP call per revoked generation");
 }
 
