@@ -9,11 +9,13 @@ RUN cargo build --release --locked
 # Run: a minimal image with glibc and CA certificates, as an unprivileged user.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/tokengate /usr/local/bin/tokengate
-# Mount the configuration here (a ConfigMap) and secrets as files or environment variables.
+# Mount the configuration directory at /etc/tokengate/config (a ConfigMap: a directory, not a
+# subPath, so updates arrive and are reloaded) and secrets as files or environment variables.
 # In a container the config must listen on 0.0.0.0 (the default is loopback) and should
 # restrict who may connect.
 USER 65532:65532
 EXPOSE 8080 9090
-# Probes: GET :9090/healthz (liveness) and :9090/readyz (readiness: a token per provider).
+# Probes: GET :9090/healthz (liveness) and :9090/readyz (readiness: started, and the token
+# warm-up finished; /readyz?strict=1 also needs a valid token per provider).
 ENTRYPOINT ["/usr/local/bin/tokengate"]
-CMD ["run", "-c", "/etc/tokengate/tokengate.yaml"]
+CMD ["run", "-c", "/etc/tokengate/config/tokengate.yaml"]

@@ -14,6 +14,7 @@ pub mod config;
 pub mod demo;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod secret;
 pub mod server;

@@ -260,8 +260,24 @@ async fn run(path: PathBuf, config: Config, workers: server::Workers) -> ExitCod
         }
     };
     wait_for_signals(&running, true).await;
+    let force = tokio::spawn(exit_on_second_signal(running.proxy.clone()));
     running.shutdown().await;
+    force.abort();
     ExitCode::SUCCESS
+}
+
+/// A second SIGTERM or SIGINT during the shutdown sequence ends the process at once, as
+/// operators expect of a second Ctrl-C.
+async fn exit_on_second_signal(proxy: std::sync::Arc<tokengate::proxy::Proxy>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else { return };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::warn!("second signal: exiting now without waiting for in-flight requests");
+    proxy.access_log().flush();
+    std::process::exit(1);
 }
 
 /// Raises the soft limit on open files to the hard limit (the common default soft limit, 1,024,

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub access_log_lines: prometheus::IntCounter,
     /// `tokengate_access_log_dropped_total`: lines dropped because the writer fell behind.
     pub access_log_dropped: prometheus::IntCounter,
+    /// `tokengate_config_reloads_total{result}`: reloads (SIGHUP, `POST /reload`, a changed
+    /// file), `success` or `failure`.
+    pub config_reloads: IntCounterVec,
     /// `tokengate_build_info{version}`.
     pub build_info: IntGaugeVec,
     /// `tokengate_up`: a constant 1 proving the scrape reached the process.
@@ -124,6 +127,17 @@ impl Metrics {
             "Access-log lines dropped because the writer fell behind (requests are never made to wait).",
         )
         .expect("valid metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "tokengate_config_reloads_total",
+                "Configuration reloads by result (success, failure: the previous configuration stays).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for result in ["success", "failure"] {
+            config_reloads.with_label_values(&[result]);
+        }
         let build_info =
             IntGaugeVec::new(Opts::new("tokengate_build_info", "Build information; always 1."), &["version"])
                 .expect("valid metric");
@@ -144,11 +158,20 @@ impl Metrics {
             Box::new(connections_closed.clone()),
             Box::new(access_log_lines.clone()),
             Box::new(access_log_dropped.clone()),
+            Box::new(config_reloads.clone()),
             Box::new(build_info.clone()),
             Box::new(up.clone()),
         ] {
             names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
+        }
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...: the
+        // names every Prometheus client library exports, read from /proc at scrape time.
+        #[cfg(target_os = "linux")]
+        {
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            names.extend(prometheus::core::Collector::desc(&process).iter().map(|d| d.fq_name.clone()));
+            registry.register(Box::new(process)).expect("metric names are unique");
         }
         Metrics {
             registry,
@@ -165,6 +188,7 @@ impl Metrics {
             connections_closed,
             access_log_lines,
             access_log_dropped,
+            config_reloads,
             build_info,
             up,
         }

@@ -93,3 +93,14 @@ pub fn server_config(
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
+
+/// The TLS listener's settings, swapped whole on reload: handshakes after the swap use the new
+/// certificate, connections already open keep their session.
+pub type ServerTls = Arc<arc_swap::ArcSwap<rustls::ServerConfig>>;
+
+/// The server configuration for the `tls:` listener section.
+pub fn inbound(tls: &crate::config::InboundTls) -> Result<rustls::ServerConfig, ServerTlsError> {
+    let required =
+        tls.client_ca_file.is_some() && tls.client_cert != Some(crate::config::ClientCertMode::Optional);
+    server_config(&tls.cert_file, &tls.key_file, tls.client_ca_file.as_deref(), required)
+}

@@ -480,47 +480,6 @@ async fn idle_connections_are_closed() {
 
 // ---- the real binary: signals ----
 
-struct Process {
-    child: std::process::Child,
-    admin: SocketAddr,
-}
-
-impl Process {
-    fn spawn(config_path: &std::path::Path, admin: SocketAddr) -> Process {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
-            .args(["run", "-c", config_path.to_str().unwrap()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        Process { child, admin }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok =
-            std::process::Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
-        assert!(ok.success());
-    }
-
-    async fn ready(&self) {
-        let url = format!("http://{}/readyz", self.admin);
-        for _ in 0..250 {
-            if client().get(&url).send().await.is_ok_and(|r| r.status() == 200) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("tokengate process did not become ready");
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn binary_config(proxy: SocketAddr, admin: SocketAddr, idp: &Idp, routes: &[(&str, String)]) -> String {
     let mut s = format!(
         "listen: {proxy}\nadmin:\n  listen: {admin}\n  reload: true\nlimits:\n  shutdown_grace: 10s\nproviders:\n  idp:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\nroutes:\n",

@@ -370,6 +370,13 @@ fn kubernetes_manifests_match_the_code() {
     assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"], true);
     assert!(container["resources"]["requests"].is_object());
+    // ConfigMap and Secret updates reach the pod only through directory mounts.
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    assert!(mounts.iter().all(|m| m["subPath"].is_null()), "subPath mounts never see updates");
+    let config_dir = mounts.iter().find(|m| m["name"] == "config").unwrap()["mountPath"].as_str().unwrap();
+    let args: Vec<&str> = container["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(args.contains(&format!("{config_dir}/tokengate.yaml").as_str()), "{args:?}");
+    let pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"].as_u64().unwrap();
 
     let configmap = &yaml_docs("deploy/kubernetes/configmap.yaml")[0];
     let text = configmap["data"]["tokengate.yaml"].as_str().unwrap();
@@ -394,6 +401,11 @@ fn kubernetes_manifests_match_the_code() {
     .unwrap();
     assert_eq!(u64::from(config.listen.port()), port("proxy"));
     assert_eq!(u64::from(config.admin.listen.port()), port("admin"));
+    // The whole shutdown sequence fits in the grace period the kubelet gives.
+    let grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let sequence = pre_stop + config.limits.shutdown_delay.as_secs() + config.limits.shutdown_grace.as_secs();
+    assert!(sequence < grace, "preStop + shutdown_delay + shutdown_grace = {sequence}s >= {grace}s");
+    assert!(config.watch);
 
     // The proxy Service does not publish the admin port; a metrics-only Service does, and the
     // NetworkPolicy admits only the scraper to it.
@@ -478,4 +490,41 @@ async fn probe_paths_and_dashboard_metrics_exist() {
         }
     }
     assert!(used >= 10);
+}
+
+/// `promtool` at `args`, from `deploy/prometheus`; required in CI, a loud skip elsewhere.
+fn promtool(args: &[&str]) -> Option<String> {
+    let dir = format!("{}/deploy/prometheus", env!("CARGO_MANIFEST_DIR"));
+    let Ok(out) = Command::new("promtool").args(args).current_dir(dir).output() else {
+        assert!(std::env::var_os("CI").is_none(), "promtool must be installed in CI");
+        println!("SKIPPED: promtool is not installed (apt-get install prometheus); alert rules not checked");
+        return None;
+    };
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "promtool {args:?}:\n{text}");
+    Some(text)
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_the_prometheusrule_carries_them() {
+    let rules = &yaml_docs("deploy/prometheus/rules.yaml")[0];
+    let crd = &yaml_docs("deploy/kubernetes/prometheusrule.yaml")[0];
+    assert_eq!(crd["kind"], "PrometheusRule");
+    assert_eq!(crd["spec"]["groups"], rules["groups"], "prometheusrule.yaml and rules.yaml differ");
+    // Every metric an alert uses is one tokengate exports.
+    let names = tokengate::metrics::Metrics::new().names().to_vec();
+    let exprs: Vec<&str> =
+        rules["groups"][0]["rules"].as_array().unwrap().iter().map(|r| r["expr"].as_str().unwrap()).collect();
+    assert!(exprs.len() >= 4);
+    for expr in exprs {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("tokengate_") {
+                assert!(names.iter().any(|n| n == word), "{word} is not exported");
+            }
+        }
+    }
+    if let Some(out) = promtool(&["check", "rules", "rules.yaml"]) {
+        assert!(out.contains("SUCCESS"), "{out}");
+        promtool(&["test", "rules", "rules.test.yaml"]);
+    }
 }

@@ -5,6 +5,7 @@
 
 mod access;
 pub mod env;
+mod files;
 mod http_provider;
 mod provider;
 mod value;
@@ -53,6 +54,14 @@ pub struct Config {
     pub providers: BTreeMap<String, Provider>,
     /// Path-prefix routes; the longest matching prefix wins.
     pub routes: Vec<RouteConfig>,
+    /// Reload when this file, or a secret, key, certificate or CA file it names, changes
+    /// (default true; SIGHUP always reloads).
+    #[serde(default = "yes")]
+    pub watch: bool,
+    /// Every file this configuration read or names for reading besides itself (filled in by
+    /// [`parse`]): what [`Config::watch`] watches.
+    #[serde(skip)]
+    pub files: Vec<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -143,11 +152,22 @@ pub struct Admin {
     /// Serve `POST /reload` (off by default: a reload is a privileged action; SIGHUP always works).
     #[serde(default)]
     pub reload: bool,
+    /// `/readyz` also requires every provider to hold a valid token (as `/readyz?strict=1`
+    /// always does). Off by default: an IdP outage would take every replica out of the Service
+    /// at once, and clients would get connection errors instead of `503 token_unavailable`.
+    #[serde(default)]
+    pub strict_readiness: bool,
 }
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin { listen: default_admin_listen(), allow: Vec::new(), hosts: Vec::new(), reload: false }
+        Admin {
+            listen: default_admin_listen(),
+            allow: Vec::new(),
+            hosts: Vec::new(),
+            reload: false,
+            strict_readiness: false,
+        }
     }
 }
 
@@ -177,6 +197,14 @@ pub struct Limits {
     /// How long in-flight requests may take to finish after SIGTERM.
     #[serde(deserialize_with = "value::duration")]
     pub shutdown_grace: Duration,
+    /// After SIGTERM, how long `/readyz` answers 503 while the listeners keep accepting, so load
+    /// balancers stop sending before connections are refused; then the drain starts.
+    #[serde(deserialize_with = "value::duration")]
+    pub shutdown_delay: Duration,
+    /// At start, `/readyz` waits this long at most for every provider's first token; after
+    /// that (or once all have one) the replica is ready even if a provider is failing.
+    #[serde(deserialize_with = "value::duration")]
+    pub warmup_timeout: Duration,
     /// A downstream connection with no request in flight and no traffic for this long is closed.
     #[serde(deserialize_with = "value::duration")]
     pub idle_timeout: Duration,
@@ -218,6 +246,8 @@ impl Default for Limits {
             upstream_timeout: Duration::from_secs(60),
             upstream_idle_timeout: Duration::from_secs(90),
             shutdown_grace: Duration::from_secs(30),
+            shutdown_delay: Duration::ZERO,
+            warmup_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
             body_read_timeout: Duration::from_secs(30),
             send_timeout: Duration::from_secs(60),
@@ -575,7 +605,8 @@ pub fn permission_warning(path: &Path) -> Option<String> {
 /// Parses configuration text; `path` is only used in error messages.
 pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
     let de = serde_norway::Deserializer::from_str(text);
-    let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+    let (parsed, read) = files::collect(|| serde_path_to_error::deserialize::<_, Config>(de));
+    let mut config = parsed.map_err(|e| {
         let key = e.path().to_string();
         let inner = e.into_inner();
         // serde points at the start of the enclosing mapping for errors raised by value parsers,
@@ -652,7 +683,23 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
             format!("the admin listener must not share the proxy address {}", config.listen),
         ));
     }
+    config.files = named_files(&config, read);
     Ok(config)
+}
+
+/// The files `read` while parsing plus those the configuration names for later reading
+/// (certificates, keys, CA bundles), each once. The access log and `state_file`, which tokengate
+/// writes itself, are not among them.
+fn named_files(config: &Config, mut files: Vec<PathBuf>) -> Vec<PathBuf> {
+    if let Some(tls) = &config.tls {
+        files.extend([tls.cert_file.clone(), tls.key_file.clone()]);
+        files.extend(tls.client_ca_file.clone());
+    }
+    files.extend(config.routes.iter().filter_map(|r| r.ca_file.clone()));
+    files.extend(config.providers.values().filter_map(|p| p.common().ca_file.clone()));
+    let mut seen = HashSet::new();
+    files.retain(|f| seen.insert(f.clone()));
+    files
 }
 
 /// serde_norway's message without its own key prefix and position suffix, which the caller

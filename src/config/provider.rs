@@ -192,6 +192,7 @@ pub(super) fn secret(name: &str, inline: Option<Text>, file: Option<Text>) -> Re
         (Some(_), Some(_)) => Err(format!("set either {name} or {name}_file, not both")),
         (Some(v), None) => Ok(Some(Secret::new(v.0))),
         (None, Some(path)) => {
+            super::files::record(&path.0);
             let text = std::fs::read_to_string(&path.0)
                 .map_err(|e| format!("cannot read {name}_file {:?}: {e}", path.0))?;
             // Secret mounts and `echo > file` add a trailing newline that is not part of the secret.

@@ -59,8 +59,8 @@ pub(super) struct Listener {
     /// Time from accept until the first request head (or HTTP/2 preface and SETTINGS), TLS
     /// handshake included.
     pub first_request_timeout: Duration,
-    /// Present for the TLS listener.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Present for the TLS listener; read at each handshake, so a reload can swap it.
+    pub tls: Option<crate::tls::ServerTls>,
     /// `tokengate_connections_closed_total{listener,reason}`.
     pub closed: prometheus::IntCounterVec,
     /// The listener label of that metric.
@@ -213,7 +213,8 @@ pub(super) async fn serve<F, S>(
                     drop(slot);
                 });
             }
-            Some(acceptor) => {
+            Some(tls) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
                 let make_service = make_service.clone();
                 tokio::spawn(async move {
                     let activity = slot.activity.clone();

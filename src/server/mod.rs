@@ -1,7 +1,9 @@
-//! Listeners, worker threads, graceful shutdown and reload. [`connection`] follows one
-//! connection from accept to close.
+//! Starting and stopping: listeners and workers ([`listen`]), one connection's life
+//! ([`connection`]), the start-up warm-up and the shutdown sequence. Reloads live in
+//! [`crate::reload`].
 
 mod connection;
+mod listen;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,18 +11,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use connection::{Handler, Listener, Slots, serve};
+use connection::{Listener, Slots, serve};
+use listen::{ServeFuture, bind_shared, connection_builder, spawn_worker};
 
+use crate::admin::readiness::Readiness;
 use crate::config::{Config, Limits};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Runtime};
-use crate::token::{self, Providers, TokenSource};
+use crate::reload::Control;
+use crate::token;
 
 /// Why tokengate could not start.
 #[derive(Debug, thiserror::Error)]
@@ -63,18 +66,11 @@ pub struct Running {
     pub proxy: Arc<Proxy>,
     control: Arc<Control>,
     shutdown: watch::Sender<bool>,
+    // Background tasks stopped (not drained) at shutdown: warm-up, file watching.
+    helpers: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
     // Worker threads report here when their listeners have drained.
     threads: Vec<tokio::sync::oneshot::Receiver<()>>,
-}
-
-/// What reloads need: the state to swap and where the configuration came from.
-pub struct Control {
-    proxy: Arc<Proxy>,
-    config: std::sync::Mutex<Config>,
-    path: Option<std::path::PathBuf>,
-    // Reloads run one at a time.
-    reloading: tokio::sync::Mutex<()>,
 }
 
 /// Binds the listeners, starts fetching tokens and serves until [`Running::shutdown`].
@@ -131,12 +127,15 @@ pub async fn start_with(
 
     let (shutdown, rx) = watch::channel(false);
     let builder = connection_builder(&config.limits);
-    let control = Arc::new(Control {
-        proxy: proxy.clone(),
-        config: std::sync::Mutex::new(config.clone()),
-        path,
-        reloading: tokio::sync::Mutex::new(()),
-    });
+    let server_tls = match &config.tls {
+        Some(tls) => Some(Arc::new(arc_swap::ArcSwap::from_pointee(
+            crate::tls::inbound(tls).map_err(|e| StartError::Setup(e.to_string()))?,
+        ))),
+        None => None,
+    };
+    let readiness = Arc::new(Readiness::default());
+    let control =
+        Arc::new(Control::new(proxy.clone(), config.clone(), path, readiness.clone(), server_tls.clone()));
     let proxy_settings = Listener {
         grace: config.limits.shutdown_grace,
         idle_timeout: config.limits.idle_timeout,
@@ -165,16 +164,10 @@ pub async fn start_with(
         }
     };
     let mut tls_addr = None;
-    if let Some(tls) = &config.tls {
-        let required =
-            tls.client_ca_file.is_some() && tls.client_cert != Some(crate::config::ClientCertMode::Optional);
-        let server_config =
-            crate::tls::server_config(&tls.cert_file, &tls.key_file, tls.client_ca_file.as_deref(), required)
-                .map_err(|e| StartError::Setup(e.to_string()))?;
+    if let (Some(tls), Some(server_tls)) = (&config.tls, server_tls) {
         let listener = bind_shared(tls.listen, threads)?;
         tls_addr = Some(listener.addr);
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
-        let settings = Listener { tls: Some(acceptor), name: "tls", ..proxy_settings.clone() };
+        let settings = Listener { tls: Some(server_tls), name: "tls", ..proxy_settings.clone() };
         add(listener.serve(builder.clone(), rx.clone(), settings, max_connections, proxy_service.clone()));
     }
     let mut forward_addr = None;
@@ -213,6 +206,8 @@ pub async fn start_with(
         })
     })));
     tracing::info!(%proxy_addr, %admin_addr, tls_addr = ?tls_addr, "tokengate is listening");
+    let mut helpers = vec![tokio::spawn(warm_up(proxy.clone(), readiness, config.limits.warmup_timeout))];
+    helpers.extend(crate::reload::watch::spawn(control.clone()));
     Ok(Running {
         proxy_addr,
         admin_addr,
@@ -221,9 +216,29 @@ pub async fn start_with(
         proxy,
         control,
         shutdown,
+        helpers,
         tasks,
         threads: worker_done,
     })
+}
+
+/// Ready once every provider has a token, or when `timeout` has passed, whichever is first.
+async fn warm_up(proxy: Arc<Proxy>, readiness: Arc<Readiness>, timeout: Duration) {
+    let providers = proxy.runtime.load_full().providers.clone();
+    let all = async {
+        for p in providers.values() {
+            p.wait_usable().await;
+        }
+    };
+    if tokio::time::timeout(timeout, all).await.is_err() {
+        let missing: Vec<&str> =
+            providers.iter().filter(|(_, p)| p.usable().is_none()).map(|(n, _)| n.as_str()).collect();
+        tracing::warn!(
+            ?missing,
+            "warm-up timed out: ready without a token for these providers; their routes answer 503 token_unavailable until they have one"
+        );
+    }
+    readiness.warmed_up();
 }
 
 /// A connection that has sent no request is idle too: it must send its first request head
@@ -237,127 +252,23 @@ fn first_request_timeout(limits: &Limits) -> Duration {
 /// `/healthz` fail. Many slots cost nothing and let eviction keep up with a fast flood.
 const ADMIN_CONNECTIONS: usize = 256;
 
-/// One listener's serving loop on one worker.
-type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-/// A listening address with one socket per worker.
-struct SharedListener {
-    addr: SocketAddr,
-    sockets: Vec<std::net::TcpListener>,
-}
-
-/// Binds `count` sockets to `addr` (for port 0, the port the first one got). More than one uses
-/// `SO_REUSEPORT`, so the kernel spreads new connections over the workers.
-fn bind_shared(addr: SocketAddr, count: usize) -> Result<SharedListener, StartError> {
-    let failed = |source| StartError::Bind { addr, source };
-    let one = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
-        let socket =
-            if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-        socket.set_reuseaddr(true)?;
-        if count > 1 {
-            socket.set_reuseport(true)?;
-        }
-        socket.bind(addr)?;
-        // Back to a std socket: the thread that serves it registers it with its own event loop.
-        socket.listen(1024)?.into_std()
-    };
-    let first = one(addr).map_err(failed)?;
-    let actual = first.local_addr().map_err(failed)?;
-    let mut sockets = vec![first];
-    for _ in 1..count {
-        sockets.push(one(actual).map_err(failed)?);
-    }
-    Ok(SharedListener { addr: actual, sockets })
-}
-
-impl SharedListener {
-    /// A serving loop per socket (per worker), sharing one connection limit.
-    fn serve<F, S>(
-        self,
-        builder: Arc<auto::Builder<TokioExecutor>>,
-        shutdown: watch::Receiver<bool>,
-        settings: Listener,
-        max_connections: usize,
-        make_service: F,
-    ) -> Vec<ServeFuture>
-    where
-        F: Fn(crate::proxy::Conn) -> S + Clone + Send + Sync + 'static,
-        S: Handler,
-        S::Future: Send + 'static,
-    {
-        let slots = Slots::new(max_connections);
-        self.sockets
-            .into_iter()
-            .map(|socket| {
-                let (builder, shutdown, settings, slots, make_service) = (
-                    builder.clone(),
-                    shutdown.clone(),
-                    settings.clone(),
-                    slots.clone(),
-                    make_service.clone(),
-                );
-                Box::pin(async move {
-                    match TcpListener::from_std(socket) {
-                        Ok(listener) => {
-                            serve(listener, builder, shutdown, settings, slots, make_service).await
-                        }
-                        Err(e) => tracing::error!(error = %e, "cannot serve a listening socket"),
-                    }
-                }) as ServeFuture
-            })
-            .collect()
-    }
-}
-
-/// Starts worker thread `index` with its own single-threaded runtime, serving `loops` until
-/// they have drained; the receiver hears when that is.
-fn spawn_worker(
-    index: usize,
-    loops: Vec<ServeFuture>,
-) -> Result<tokio::sync::oneshot::Receiver<()>, StartError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| StartError::Setup(format!("cannot start worker {index}: {e}")))?;
-    let (done, report) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name(format!("tokengate-worker-{index}"))
-        .spawn(move || {
-            crate::proxy::h1::set_worker(index);
-            runtime.block_on(async move {
-                let mut set = tokio::task::JoinSet::new();
-                for serving in loops {
-                    set.spawn(serving);
-                }
-                while set.join_next().await.is_some() {}
-            });
-            let _ = done.send(());
-        })
-        .map_err(|e| StartError::Setup(format!("cannot start worker {index}: {e}")))?;
-    Ok(report)
-}
-
-fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // hyper's minimum buffer is 8 KiB; the limit is also what bounds header size.
-        .max_buf_size(usize::try_from(limits.max_header_size).unwrap_or(usize::MAX).max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.http2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
-}
-
 impl Running {
-    /// Stops accepting, lets in-flight requests finish within the grace period, then returns.
+    /// Shuts down: `/readyz` answers 503 at once, the listeners keep accepting for
+    /// `limits.shutdown_delay` (so load balancers stop sending first), then stop accepting, and
+    /// in-flight requests finish within `limits.shutdown_grace`.
     pub async fn shutdown(self) {
+        self.control.readiness.shutting_down();
+        let delay = self.control.config().map_or(Duration::ZERO, |c| c.limits.shutdown_delay);
+        if !delay.is_zero() {
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "unready; still accepting during shutdown_delay"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        for h in &self.helpers {
+            h.abort();
+        }
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;
@@ -382,82 +293,9 @@ impl Running {
     pub async fn reload_file(&self) -> Result<(), String> {
         self.control.reload_file().await
     }
-}
 
-impl Control {
-    /// Reads the configuration file again and swaps it in; on error the running one stays.
-    pub async fn reload_file(&self) -> Result<(), String> {
-        let path = self.path.as_ref().ok_or("this instance was not started from a file")?;
-        let config = crate::config::load(path).map_err(|e| e.to_string())?;
-        self.reload(config).await
-    }
-
-    /// The admin listener's settings in force.
-    pub fn admin(&self) -> crate::config::Admin {
-        self.config.lock().map(|c| c.admin.clone()).unwrap_or_default()
-    }
-
-    /// The shared proxy state.
-    pub fn proxy(&self) -> &Arc<Proxy> {
-        &self.proxy
-    }
-
-    /// Swaps in a new configuration: providers whose settings did not change keep their cached
-    /// tokens, new ones fetch a token before any route uses them. The listener addresses and
-    /// connection limits are fixed at start; changes to them are logged and ignored.
-    pub async fn reload(&self, config: Config) -> Result<(), String> {
-        let _one_at_a_time = self.reloading.lock().await;
-        let old = self.proxy.runtime.load_full();
-        if let Ok(current) = self.config.lock()
-            && (current.listen != config.listen || current.admin.listen != config.admin.listen)
-        {
-            tracing::warn!("listen addresses cannot change on reload; restart to apply them");
-        }
-        if let Ok(current) = self.config.lock()
-            && current.access_log.to != config.access_log.to
-        {
-            tracing::warn!("the access log destination cannot change on reload; restart to apply it");
-        }
-        let mut providers = Providers::new();
-        let mut fresh = Vec::new();
-        let shared = crate::token::shared_cache(&config)?;
-        for (name, cfg) in &config.providers {
-            // Keep a running source with the same settings (under this name or another one).
-            let running = old
-                .providers
-                .get(name)
-                .filter(|p| p.config() == cfg)
-                .or_else(|| old.providers.values().find(|p| p.config() == cfg))
-                .or_else(|| providers.values().find(|p| p.config() == cfg));
-            match running {
-                Some(p) => {
-                    providers.insert(name.clone(), p.clone());
-                }
-                None => {
-                    let p = TokenSource::new(name, cfg, self.proxy.metrics.clone(), shared.clone())?;
-                    fresh.push(p.clone());
-                    providers.insert(name.clone(), p);
-                }
-            }
-        }
-        let runtime = Runtime::build(&config, providers, &self.proxy.metrics)?;
-        let mut prefetch = tokio::task::JoinSet::new();
-        for p in &fresh {
-            let p = p.clone();
-            prefetch.spawn(async move {
-                if let Err(e) = p.get().await {
-                    tracing::warn!(provider = p.name(), error = %e, "new provider has no token yet; its routes answer 503 until it has");
-                }
-                p.start();
-            });
-        }
-        while prefetch.join_next().await.is_some() {}
-        let routes = runtime.table.len();
-        self.proxy.runtime.store(Arc::new(runtime));
-        if let Ok(mut current) = self.config.lock() {
-            *current = config;
-        }
-        tracing::info!(routes, new_providers = fresh.len(), "configuration reloaded");
-        Ok(())
+    /// What `/readyz` answers.
+    pub fn readiness(&self) -> &Readiness {
+        &self.control.readiness
     }
 }

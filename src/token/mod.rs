@@ -127,6 +127,8 @@ pub struct TokenSource {
     generation: AtomicU64,
     health: Mutex<Health>,
     wake: Arc<Notify>,
+    // Told whenever a token is installed (start-up warm-up waits on it).
+    installed: Notify,
     refresher: Mutex<Option<tokio::task::AbortHandle>>,
     metrics: Metrics,
     shared: Option<(Arc<shared::SharedCache>, String)>,
@@ -190,6 +192,7 @@ impl TokenSource {
             generation: AtomicU64::new(0),
             health: Mutex::new(Health::default()),
             wake: Arc::new(Notify::new()),
+            installed: Notify::new(),
             refresher: Mutex::new(None),
             metrics,
             shared: shared.map(|s| (s, shared_key(name, config))),
@@ -223,6 +226,20 @@ impl TokenSource {
         match &*guard {
             Some(t) if Instant::now() < t.usable_until => Some(Arc::clone(t)),
             _ => None,
+        }
+    }
+
+    /// Returns once a usable token is cached (at once if one is); fetches nothing itself.
+    pub async fn wait_usable(&self) {
+        loop {
+            let installed = self.installed.notified();
+            tokio::pin!(installed);
+            // Registered before the check, so an install in between is not missed.
+            installed.as_mut().enable();
+            if self.usable().is_some() {
+                return;
+            }
+            installed.await;
         }
     }
 
@@ -379,6 +396,7 @@ impl TokenSource {
             accepted: std::sync::atomic::AtomicBool::new(false),
         });
         self.current.store(Some(Arc::clone(&token)));
+        self.installed.notify_waiters();
         self.metrics.token_expiry.with_label_values(&[&self.name]).set(expires_unix);
         if let Ok(mut h) = self.health.lock() {
             *h = Health {

@@ -286,6 +286,11 @@ pub fn client() -> reqwest::Client {
     builder().build().unwrap()
 }
 
+/// A client that opens a new connection for every request.
+pub fn fresh_client() -> reqwest::Client {
+    builder().pool_max_idle_per_host(0).build().unwrap()
+}
+
 pub fn h2_client() -> reqwest::Client {
     builder().http2_prior_knowledge().build().unwrap()
 }
@@ -445,4 +450,67 @@ pub async fn wait_ready_at(admin: SocketAddr) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("tokengate at {admin} did not become ready");
+}
+
+/// The real `tokengate run` binary on a configuration file, killed on drop. Its stderr goes to
+/// `tokengate.log` beside the configuration file.
+pub struct Process {
+    pub child: std::process::Child,
+    pub admin: SocketAddr,
+    pub log: std::path::PathBuf,
+}
+
+impl Process {
+    pub fn spawn(config_path: &std::path::Path, admin: SocketAddr) -> Process {
+        let log = config_path.with_file_name("tokengate.log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+            .args(["run", "-c", config_path.to_str().unwrap()])
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Process { child, admin, log }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok =
+            std::process::Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    pub async fn ready(&self) {
+        let url = format!("http://{}/readyz", self.admin);
+        for _ in 0..250 {
+            if client().get(&url).send().await.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("tokengate process did not become ready; log:\n{}", self.log_text());
+    }
+
+    /// What it has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit code, or `None` if it is still running.
+    pub async fn exited_within(&mut self, limit: Duration) -> Option<Option<i32>> {
+        let until = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < until {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status.code());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,9 +1,12 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/tokens` and `POST /reload`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz` ([`readiness`]), `/tokens` and
+//! `POST /reload`.
 //!
 //! It is part of the security boundary: `/tokens` and `/readyz` describe the credentials and a
 //! reload changes where they are sent. Every request passes [`guard`] first: the client address
 //! must be in `admin.allow`, a web browser is refused (`Origin` / `Sec-Fetch-*`: CSRF), and `Host`
 //! must be an IP literal, `localhost` or a name in `admin.hosts` (DNS rebinding).
+
+pub mod readiness;
 
 use std::sync::Arc;
 
@@ -12,7 +15,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use crate::config::Admin;
 use crate::proxy::error::json_response;
 use crate::proxy::{Body, Conn};
-use crate::server::Control;
+use crate::reload::Control;
 
 /// Answers one admin request.
 pub async fn handle<B>(control: &Arc<Control>, req: Request<B>, conn: Conn) -> Response<Body> {
@@ -85,15 +88,21 @@ pub async fn handle<B>(control: &Arc<Control>, req: Request<B>, conn: Conn) -> R
                 .iter()
                 .map(|(name, p)| (name.clone(), serde_json::to_value(p.status()).unwrap_or_default()))
                 .collect();
-            let ready = providers.values().all(|s| s["ready"] == true);
-            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-            json_response(status, &serde_json::json!({"ready": ready, "providers": providers}))
+            let strict = admin.strict_readiness || query_flag(req.uri().query(), "strict");
+            let (status, body) = control.readiness.answer(providers, strict);
+            json_response(status, &body)
         }
         other => json_response(
             StatusCode::NOT_FOUND,
             &serde_json::json!({"error": "not_found", "path": other, "message": "admin endpoints: /metrics, /healthz, /readyz, /tokens, POST /reload"}),
         ),
     }
+}
+
+/// Whether `query` sets `name` to a true value (`strict`, `strict=1`, `strict=true`).
+fn query_flag(query: Option<&str>, name: &str) -> bool {
+    form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .any(|(k, v)| k == name && matches!(v.as_ref(), "" | "1" | "true" | "yes"))
 }
 
 /// The admin listener's access rules; the error is a metric reason and a message.
