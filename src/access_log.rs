@@ -35,6 +35,15 @@ pub struct Record<'a> {
     pub method: &'a str,
     /// The path (normal form), without the query.
     pub path: &'a str,
+    /// `HTTP/1.1`, `HTTP/2`, ...
+    pub protocol: &'static str,
+    /// The request's `User-Agent`, if any (cut to [`USER_AGENT_MAX`] bytes).
+    pub user_agent: Option<&'a str>,
+    /// Request body bytes, when the request declared them (`Content-Length`).
+    pub bytes_in: Option<u64>,
+    /// Time from sending the request upstream until its response head (the last attempt's,
+    /// after a 401 replay); none when nothing was sent.
+    pub upstream_duration: Option<Duration>,
     /// The response status.
     pub status: u16,
     /// Response body bytes, when known up front.
@@ -52,6 +61,10 @@ pub struct Record<'a> {
     /// The request was replayed after an upstream 401.
     pub replayed: bool,
 }
+
+/// Longest `User-Agent` written; longer ones are cut (a client controls it, and lines should
+/// stay short).
+pub const USER_AGENT_MAX: usize = 256;
 
 /// The access log of one running instance. Cheap to clone.
 #[derive(Clone)]
@@ -301,19 +314,29 @@ fn timestamp(out: &mut Vec<u8>) {
     let _ = write!(out, ".{:03}Z", now.subsec_millis());
 }
 
-/// `2026-11-25T17:12:01.123Z 10.0.0.7 "GET /api/x" 200 1234 1.234ms route=api upstream=https://... provider=p fetched=0 replayed=0`
+/// `2026-11-25T17:12:01.123Z 10.0.0.7 "GET /api/x HTTP/1.1" 200 1234 1.234ms in=0 upstream_time=1.100ms route=api upstream=https://... provider=p fetched=0 replayed=0 ua="curl/8.5" id=...`
 fn text(out: &mut Vec<u8>, r: &Record<'_>) {
     timestamp(out);
     let _ = write!(out, " {} \"{} ", r.client, r.method);
     escaped(out, r.path, b'"');
-    let _ = write!(out, "\" {} ", r.status);
+    let _ = write!(out, " {}\" {} ", r.protocol, r.status);
     match r.bytes {
         Some(n) => {
             let _ = write!(out, "{n}");
         }
         None => out.push(b'-'),
     }
-    let _ = write!(out, " {:.3}ms route=", r.duration.as_secs_f64() * 1000.0);
+    let _ = write!(out, " {:.3}ms in=", r.duration.as_secs_f64() * 1000.0);
+    match r.bytes_in {
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
+        None => out.push(b'-'),
+    }
+    if let Some(d) = r.upstream_duration {
+        let _ = write!(out, " upstream_time={:.3}ms", d.as_secs_f64() * 1000.0);
+    }
+    out.extend_from_slice(b" route=");
     escaped(out, r.route, b' ');
     if let Some(u) = r.upstream {
         let _ = write!(out, " upstream={u}");
@@ -322,13 +345,13 @@ fn text(out: &mut Vec<u8>, r: &Record<'_>) {
         out.extend_from_slice(b" provider=");
         escaped(out, p, b' ');
     }
-    let _ = writeln!(
-        out,
-        " fetched={} replayed={} id={}",
-        u8::from(r.token_fetched),
-        u8::from(r.replayed),
-        r.request_id
-    );
+    let _ = write!(out, " fetched={} replayed={}", u8::from(r.token_fetched), u8::from(r.replayed));
+    if let Some(ua) = r.user_agent {
+        out.extend_from_slice(b" ua=\"");
+        escaped(out, ua, b'"');
+        out.push(b'"');
+    }
+    let _ = writeln!(out, " id={}", r.request_id);
 }
 
 /// One JSON object per line.
@@ -339,14 +362,28 @@ fn json(out: &mut Vec<u8>, r: &Record<'_>) {
     json_string(out, r.method);
     out.extend_from_slice(b",\"path\":");
     json_string(out, r.path);
-    let _ = write!(out, ",\"status\":{},\"bytes\":", r.status);
+    let _ = write!(out, ",\"protocol\":\"{}\",\"status\":{},\"bytes\":", r.protocol, r.status);
     match r.bytes {
         Some(n) => {
             let _ = write!(out, "{n}");
         }
         None => out.extend_from_slice(b"null"),
     }
-    let _ = write!(out, ",\"duration_ms\":{:.3},\"route\":", r.duration.as_secs_f64() * 1000.0);
+    let _ = write!(out, ",\"duration_ms\":{:.3},\"bytes_in\":", r.duration.as_secs_f64() * 1000.0);
+    match r.bytes_in {
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"upstream_ms\":");
+    match r.upstream_duration {
+        Some(d) => {
+            let _ = write!(out, "{:.3}", d.as_secs_f64() * 1000.0);
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"route\":");
     json_string(out, r.route);
     out.extend_from_slice(b",\"upstream\":");
     match r.upstream {
@@ -356,6 +393,11 @@ fn json(out: &mut Vec<u8>, r: &Record<'_>) {
     out.extend_from_slice(b",\"provider\":");
     match r.provider {
         Some(p) => json_string(out, p),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"user_agent\":");
+    match r.user_agent {
+        Some(ua) => json_string(out, ua),
         None => out.extend_from_slice(b"null"),
     }
     let _ = write!(out, ",\"token_fetched\":{},\"replayed\":{},\"request_id\":", r.token_fetched, r.replayed);
@@ -389,6 +431,10 @@ mod tests {
             client: "10.0.0.7".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
             method: "GET",
             path: "/api/\"x\"\\",
+            protocol: "HTTP/1.1",
+            user_agent: Some("curl/8 \"quoted\""),
+            bytes_in: Some(12),
+            upstream_duration: Some(Duration::from_micros(1100)),
             status: 200,
             bytes: Some(1234),
             duration: Duration::from_micros(1234),
@@ -405,7 +451,10 @@ mod tests {
         let mut out = Vec::new();
         text(&mut out, &record());
         let line = String::from_utf8(out).unwrap_or_default();
-        assert!(line.ends_with(" 10.0.0.7 \"GET /api/\\x22x\\x22\\x5c\" 200 1234 1.234ms route=api provider=p fetched=0 replayed=1 id=r-1\n"), "{line}");
+        assert!(
+            line.ends_with(" 10.0.0.7 \"GET /api/\\x22x\\x22\\x5c HTTP/1.1\" 200 1234 1.234ms in=12 upstream_time=1.100ms route=api provider=p fetched=0 replayed=1 ua=\"curl/8 \\x22quoted\\x22\" id=r-1\n"),
+            "{line}"
+        );
         assert_eq!(line.matches('\n').count(), 1);
         assert!(!line.contains('\u{1b}'));
         assert_eq!(&line[4..5], "-");
@@ -423,6 +472,10 @@ mod tests {
         assert_eq!(v["replayed"], true);
         assert_eq!(v["request_id"], "r-1");
         assert_eq!(v["upstream"], serde_json::Value::Null);
+        assert_eq!(v["protocol"], "HTTP/1.1");
+        assert_eq!(v["user_agent"], "curl/8 \"quoted\"");
+        assert_eq!(v["bytes_in"], 12);
+        assert_eq!(v["upstream_ms"], 1.1);
         assert!(v["time"].as_str().is_some_and(|t| t.len() == 24 && t.ends_with('Z')));
     }
 }

@@ -79,7 +79,7 @@ async fn a_quiet_log_is_written_within_a_second_and_off_writes_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(seen.len(), 1, "a single request's line is flushed by time");
-    assert!(seen[0].contains(" \"GET /one\" 200 "), "{}", seen[0]);
+    assert!(seen[0].contains(" \"GET /one HTTP/1.1\" 200 "), "{}", seen[0]);
     assert!(seen[0].ends_with(" id=log-test-1"), "the request id closes the line: {}", seen[0]);
     assert_eq!(metric(tg.admin_addr, "tokengate_access_log_lines_total").await, 1);
     assert_eq!(metric(tg.admin_addr, "tokengate_access_log_dropped_total").await, 0);

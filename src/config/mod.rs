@@ -344,14 +344,16 @@ pub struct SharedCacheConfig {
     pub prefix: String,
     /// How long the refresh lock is held at most.
     pub lock_ttl: Duration,
-    /// Timeout of each Redis call.
+    /// Timeout of each Redis command.
     pub timeout: Duration,
+    /// Timeout of connecting (TCP, TLS, AUTH) to Redis.
+    pub connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for SharedCacheConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedCacheConfig")
-            .field("redis", &self.redis.addr)
+            .field("redis", &self.redis)
             .field("key", &"***")
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
@@ -362,6 +364,10 @@ impl std::fmt::Debug for SharedCacheConfig {
 #[serde(deny_unknown_fields)]
 struct RawSharedCache {
     redis: Text,
+    #[serde(default)]
+    password_file: Option<Text>,
+    #[serde(default)]
+    ca_file: Option<Text>,
     key: Option<Text>,
     key_file: Option<Text>,
     #[serde(default)]
@@ -370,6 +376,8 @@ struct RawSharedCache {
     lock_ttl: Option<Duration>,
     #[serde(default, deserialize_with = "value::opt_duration")]
     timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "value::opt_duration")]
+    connect_timeout: Option<Duration>,
 }
 
 impl TryFrom<RawSharedCache> for SharedCacheConfig {
@@ -377,7 +385,12 @@ impl TryFrom<RawSharedCache> for SharedCacheConfig {
 
     fn try_from(raw: RawSharedCache) -> Result<Self, String> {
         use base64::Engine;
-        let redis = crate::token::redis::RedisTarget::parse(&raw.redis.0)?;
+        let password = provider::secret("password", None, raw.password_file)?;
+        let ca_file = raw.ca_file.map(|t| PathBuf::from(t.0));
+        if let Some(ca) = &ca_file {
+            files::record(ca);
+        }
+        let redis = crate::token::redis::RedisTarget::parse(&raw.redis.0, password, ca_file)?;
         let key = provider::secret("key", raw.key, raw.key_file)?.ok_or(
             "needs key (or key_file): 32 random bytes as base64 or hex, e.g. `openssl rand -base64 32`",
         )?;
@@ -398,6 +411,7 @@ impl TryFrom<RawSharedCache> for SharedCacheConfig {
             prefix: raw.prefix.map_or_else(|| "tokengate:".to_owned(), |p| p.0),
             lock_ttl: raw.lock_ttl.unwrap_or(Duration::from_secs(10)),
             timeout: raw.timeout.unwrap_or(Duration::from_millis(500)),
+            connect_timeout: raw.connect_timeout.unwrap_or(Duration::from_secs(1)),
         })
     }
 }

@@ -10,7 +10,7 @@ pub mod limit;
 pub mod upstream;
 
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -203,8 +203,10 @@ impl Proxy {
             Some(_) => admit::admit(&mut req, &conn, &runtime)
                 .and_then(|()| match_route(&runtime, req.uri(), conn.forward)),
         };
+        let mut logged = None;
         if logged_method.is_some() {
             path = Some(req.uri().path().to_owned());
+            logged = Some(Logged::of(&req));
         }
         let (route, result) = match matched {
             Err(e) => (None, Err(e)),
@@ -246,6 +248,10 @@ impl Proxy {
                 client: conn.remote.ip(),
                 method: logged_method.as_str(),
                 path: &path,
+                protocol: logged.as_ref().map_or("-", |l| l.protocol),
+                user_agent: logged.as_ref().and_then(|l| l.user_agent.as_deref()),
+                bytes_in: logged.as_ref().and_then(|l| l.bytes_in),
+                upstream_duration: notes.upstream_duration,
                 status: response.status().as_u16(),
                 bytes: response.body().size_hint().exact(),
                 duration: started.elapsed(),
@@ -327,7 +333,10 @@ impl Proxy {
             Payload::Streamed(_) => None,
         };
         let mut request = Outgoing { method: parts.method, target, headers: parts.headers };
-        let resp = self.send(runtime, route, &request, payload, &fault).await?;
+        let sent = Instant::now();
+        let resp = self.send(runtime, route, &request, payload, &fault).await;
+        notes.upstream_duration = Some(sent.elapsed());
+        let resp = resp?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             accepted(route, &token, resp.status());
             return Ok(resp);
@@ -341,7 +350,10 @@ impl Proxy {
                 notes.replayed = true;
                 drop(resp);
                 request.headers.insert(http::header::AUTHORIZATION, fresh.header.clone());
-                let resp = self.send(runtime, route, &request, Payload::Buffered(bytes), &fault).await?;
+                let sent = Instant::now();
+                let resp = self.send(runtime, route, &request, Payload::Buffered(bytes), &fault).await;
+                notes.upstream_duration = Some(sent.elapsed());
+                let resp = resp?;
                 accepted(route, &fresh, resp.status());
                 return Ok(resp);
             }
@@ -528,6 +540,41 @@ fn match_route(runtime: &Runtime, uri: &Uri, forward: bool) -> Result<Arc<Route>
 struct Notes {
     token_fetched: bool,
     replayed: bool,
+    // Until the (last) upstream response head.
+    upstream_duration: Option<Duration>,
+}
+
+/// What the access log keeps of a request before it is forwarded.
+struct Logged {
+    protocol: &'static str,
+    user_agent: Option<String>,
+    bytes_in: Option<u64>,
+}
+
+impl Logged {
+    fn of<B>(req: &Request<B>) -> Self {
+        let protocol = match req.version() {
+            http::Version::HTTP_09 => "HTTP/0.9",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2",
+            http::Version::HTTP_3 => "HTTP/3",
+            _ => "HTTP/1.1",
+        };
+        let user_agent = req.headers().get(http::header::USER_AGENT).map(|v| {
+            let text = String::from_utf8_lossy(v.as_bytes());
+            let mut end = text.len().min(crate::access_log::USER_AGENT_MAX);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text[..end].to_owned()
+        });
+        let bytes_in = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Logged { protocol, user_agent, bytes_in }
+    }
 }
 
 /// The upstream path and query: the configured base path plus the checked request path. Client

@@ -1,6 +1,7 @@
 //! Token sources: one cached token per provider, read lock-free on the hot path, refreshed in the
 //! background ahead of expiry, with one IdP call at a time however many requests are waiting.
 
+mod canonical;
 mod error;
 pub mod http_api;
 pub mod jwt;
@@ -195,7 +196,10 @@ impl TokenSource {
             installed: Notify::new(),
             refresher: Mutex::new(None),
             metrics,
-            shared: shared.map(|s| (s, shared_key(name, config))),
+            shared: shared.map(|s| {
+                let key = s.provider_key(name, &canonical::encode(config));
+                (s, key)
+            }),
         }))
     }
 
@@ -492,17 +496,6 @@ async fn refresh_loop(weak: Weak<TokenSource>, wake: Arc<Notify>) {
             let _ = source.refresh().await;
         }
     }
-}
-
-/// The Redis key part for a provider: its name and a digest of its (secret-free) settings, so
-/// replicas share a token only when they would have fetched the same one.
-fn shared_key(name: &str, config: &Provider) -> String {
-    // FNV-1a: stable across processes and builds, unlike the std hasher.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in format!("{config:?}").bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{name}:{h:016x}")
 }
 
 /// All providers of a configuration, by name.

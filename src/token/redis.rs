@@ -1,91 +1,147 @@
-//! A minimal Redis client (RESP2 over TCP) for the shared token cache: GET, SET with NX/PX,
-//! compare-and-delete. One connection, reconnected on error; every call is bounded in time.
+//! The shared cache's Redis connection, on the `redis` crate: `redis://` and `rediss://` (rustls,
+//! with an optional private CA), ACL users, percent-encoded credentials, a password from a file,
+//! connect and command timeouts, and reconnection in the background (its `ConnectionManager`).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::sync::Mutex;
+use redis::IntoConnectionInfo;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::secret::Secret;
 
 /// A Redis failure; the caller falls back to its own IdP fetches.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisError {
-    /// Connection, timeout or protocol trouble.
+    /// Connection, TLS, timeout, authentication or protocol trouble, or an error reply.
     #[error("redis: {0}")]
-    Io(String),
-    /// The server answered with an error.
-    #[error("redis error reply: {0}")]
-    Reply(String),
+    Redis(String),
 }
 
-/// Where Redis is.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RedisTarget {
-    /// `host:port`.
-    pub addr: String,
-    /// Database number.
-    pub db: u32,
-    /// `AUTH` password, if any.
-    pub password: Option<Secret>,
-}
-
-impl RedisTarget {
-    /// Parses `redis://[:password@]host[:port][/db]`.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = url.strip_prefix("redis://").ok_or_else(|| format!("{url:?} must start with redis://"))?;
-        let (auth, rest) = match rest.rsplit_once('@') {
-            Some((a, r)) => (Some(a), r),
-            None => (None, rest),
-        };
-        let (hostport, db) = match rest.split_once('/') {
-            Some((h, d)) if !d.is_empty() => {
-                (h, d.parse().map_err(|_| format!("database {d:?} is not a number"))?)
-            }
-            Some((h, _)) => (h, 0),
-            None => (rest, 0),
-        };
-        if hostport.is_empty() {
-            return Err(format!("{url:?} has no host"));
-        }
-        let addr = if hostport.contains(':') { hostport.to_owned() } else { format!("{hostport}:6379") };
-        let password = auth.map(|a| Secret::new(a.rsplit(':').next().unwrap_or(a)));
-        Ok(RedisTarget { addr, db, password })
+impl From<redis::RedisError> for RedisError {
+    fn from(e: redis::RedisError) -> Self {
+        // The crate's messages name the failing step (connect, AUTH, timeout), never the password.
+        RedisError::Redis(e.to_string())
     }
 }
 
-/// A reply value.
-#[derive(Debug, PartialEq)]
-pub enum Reply {
-    /// `+OK`, or an integer.
-    Simple(String),
-    /// A bulk string; `None` for nil.
-    Bulk(Option<Vec<u8>>),
+/// Where Redis is and how to log in, validated at load time.
+#[derive(Clone, PartialEq)]
+pub struct RedisTarget {
+    // The URL as written: it may carry a password, so it is a secret.
+    url: Secret,
+    /// `host:port/db` and the user, for logs.
+    pub display: String,
+    tls: bool,
+    password: Option<Secret>,
+    ca_file: Option<PathBuf>,
 }
 
-/// A single shared connection.
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTarget")
+            .field("at", &self.display)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisTarget {
+    /// Parses `redis[s]://[user[:password]@]host[:port][/db]` (user and password
+    /// percent-encoded, as in any URL). `password` (from `password_file`) replaces a password in
+    /// the URL, which must then have none; `ca_file` is trusted for `rediss://`.
+    pub fn parse(url: &str, password: Option<Secret>, ca_file: Option<PathBuf>) -> Result<Self, String> {
+        let parsed = url::Url::parse(url).map_err(|e| format!("redis {:?}: {e}", redact(url)))?;
+        let tls = match parsed.scheme() {
+            "redis" => false,
+            "rediss" => true,
+            other => return Err(format!("redis URL scheme {other:?}: use redis:// or rediss://")),
+        };
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err("the redis URL has no host".into());
+        }
+        if password.is_some() && parsed.password().is_some() {
+            return Err("set the password in the redis URL or in password_file, not both".into());
+        }
+        if ca_file.is_some() && !tls {
+            return Err("ca_file needs a rediss:// URL (TLS)".into());
+        }
+        let info = url.into_connection_info().map_err(|e| format!("redis URL: {e}"))?;
+        let redis = info.redis_settings();
+        let display = format!(
+            "{}{}/{}",
+            redis.username().map(|u| format!("{u}@")).unwrap_or_default(),
+            info.addr(),
+            redis.db()
+        );
+        Ok(RedisTarget { url: Secret::new(url), display, tls, password, ca_file })
+    }
+
+    fn client(&self) -> Result<redis::Client, RedisError> {
+        let mut info = self.url.expose().into_connection_info()?;
+        if let Some(pw) = &self.password {
+            let settings = info.redis_settings().clone().set_password(pw.expose());
+            info = info.set_redis_settings(settings);
+        }
+        match &self.ca_file {
+            None => Ok(redis::Client::open(info)?),
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| RedisError::Redis(format!("ca_file {}: {e}", path.display())))?;
+                let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
+                Ok(redis::Client::build_with_tls(info, certs)?)
+            }
+        }
+    }
+}
+
+/// The URL with any password replaced, for error messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "(unparsable)".into(),
+    }
+}
+
+/// One multiplexed connection, opened on first use and reopened in the background after a
+/// failure; every command is bounded by the command timeout.
 pub struct Redis {
-    target: RedisTarget,
-    timeout: Duration,
-    conn: Mutex<Option<BufReader<TcpStream>>>,
+    conn: ConnectionManager,
 }
 
+/// Deletes KEYS[1] only while it holds ARGV[1]: releasing a lock only if this replica owns it.
 const COMPARE_AND_DELETE: &str =
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
 impl Redis {
-    /// A client; nothing is connected until the first call.
-    pub fn new(target: RedisTarget, timeout: Duration) -> Self {
-        Redis { target, timeout, conn: Mutex::new(None) }
+    /// A client for `target`; nothing is connected until the first command.
+    pub fn new(target: &RedisTarget, connect_timeout: Duration, timeout: Duration) -> Result<Self, String> {
+        // rediss:// uses the process-wide rustls provider, which `main` installs; a library user
+        // (tests) may not have.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(Some(timeout))
+            // Reconnect attempts back off from 100 ms to 5 s; a command meanwhile fails at once
+            // and the caller fetches from the IdP itself.
+            .set_min_delay(Duration::from_millis(100))
+            .set_max_delay(Duration::from_secs(5))
+            .set_number_of_retries(6);
+        // The connection task is spawned on the caller's runtime.
+        tokio::runtime::Handle::try_current().map_err(|e| format!("shared_cache: {e}"))?;
+        let client = target.client().map_err(|e| format!("shared_cache.redis: {e}"))?;
+        let conn =
+            client.get_connection_manager_lazy(config).map_err(|e| format!("shared_cache.redis: {e}"))?;
+        Ok(Redis { conn })
     }
 
     /// `GET key`.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, RedisError> {
-        match self.call(&[b"GET", key.as_bytes()]).await? {
-            Reply::Bulk(v) => Ok(v),
-            Reply::Simple(s) => Err(RedisError::Io(format!("unexpected reply {s:?} to GET"))),
-        }
+        Ok(redis::cmd("GET").arg(key).query_async(&mut self.conn.clone()).await?)
     }
 
     /// `SET key value PX ttl [NX]`; true when the value was set.
@@ -96,93 +152,26 @@ impl Redis {
         ttl: Duration,
         only_if_absent: bool,
     ) -> Result<bool, RedisError> {
-        let ms = ttl.as_millis().max(1).to_string();
-        let mut args: Vec<&[u8]> = vec![b"SET", key.as_bytes(), value, b"PX", ms.as_bytes()];
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value).arg("PX").arg(ms);
         if only_if_absent {
-            args.push(b"NX");
+            cmd.arg("NX");
         }
-        Ok(matches!(self.call(&args).await?, Reply::Simple(s) if s == "OK"))
+        let reply: Option<String> = cmd.query_async(&mut self.conn.clone()).await?;
+        Ok(reply.as_deref() == Some("OK"))
     }
 
     /// Deletes `key` only if it still holds `value` (releasing a lock we own).
     pub async fn delete_if(&self, key: &str, value: &[u8]) -> Result<(), RedisError> {
-        self.call(&[b"EVAL", COMPARE_AND_DELETE.as_bytes(), b"1", key.as_bytes(), value]).await.map(|_| ())
-    }
-
-    async fn call(&self, args: &[&[u8]]) -> Result<Reply, RedisError> {
-        let mut guard = self.conn.lock().await;
-        let result = tokio::time::timeout(self.timeout, async {
-            if guard.is_none() {
-                *guard = Some(self.connect().await?);
-            }
-            let conn = guard.as_mut().ok_or_else(|| RedisError::Io("not connected".into()))?;
-            send(conn, args).await?;
-            read_reply(conn).await
-        })
-        .await
-        .unwrap_or_else(|_| Err(RedisError::Io("timed out".into())));
-        if matches!(result, Err(RedisError::Io(_))) {
-            // Unknown state after an I/O error: start over on the next call.
-            *guard = None;
-        }
-        result
-    }
-
-    async fn connect(&self) -> Result<BufReader<TcpStream>, RedisError> {
-        let stream = TcpStream::connect(&self.target.addr)
-            .await
-            .map_err(|e| RedisError::Io(format!("connect {}: {e}", self.target.addr)))?;
-        let _ = stream.set_nodelay(true);
-        let mut conn = BufReader::new(stream);
-        if let Some(pw) = &self.target.password {
-            send(&mut conn, &[b"AUTH", pw.expose().as_bytes()]).await?;
-            read_reply(&mut conn).await?;
-        }
-        if self.target.db != 0 {
-            let db = self.target.db.to_string();
-            send(&mut conn, &[b"SELECT", db.as_bytes()]).await?;
-            read_reply(&mut conn).await?;
-        }
-        Ok(conn)
-    }
-}
-
-async fn send(conn: &mut BufReader<TcpStream>, args: &[&[u8]]) -> Result<(), RedisError> {
-    let mut buf = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        buf.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        buf.extend_from_slice(a);
-        buf.extend_from_slice(b"\r\n");
-    }
-    conn.get_mut().write_all(&buf).await.map_err(|e| RedisError::Io(e.to_string()))
-}
-
-async fn read_reply(conn: &mut BufReader<TcpStream>) -> Result<Reply, RedisError> {
-    let mut line = String::new();
-    let n = conn.read_line(&mut line).await.map_err(|e| RedisError::Io(e.to_string()))?;
-    if n == 0 {
-        return Err(RedisError::Io("connection closed".into()));
-    }
-    let line = line.trim_end_matches(['\r', '\n']);
-    let (kind, rest) = line.split_at(line.len().min(1));
-    match kind {
-        "+" | ":" => Ok(Reply::Simple(rest.to_owned())),
-        "-" => Err(RedisError::Reply(rest.chars().take(200).collect())),
-        "$" => {
-            let len: i64 = rest.parse().map_err(|_| RedisError::Io("bad bulk length".into()))?;
-            if len < 0 {
-                return Ok(Reply::Bulk(None));
-            }
-            let len = usize::try_from(len).map_err(|_| RedisError::Io("bad bulk length".into()))?;
-            if len > 1 << 20 {
-                return Err(RedisError::Io("bulk reply larger than 1 MiB".into()));
-            }
-            let mut data = vec![0u8; len + 2];
-            conn.read_exact(&mut data).await.map_err(|e| RedisError::Io(e.to_string()))?;
-            data.truncate(len);
-            Ok(Reply::Bulk(Some(data)))
-        }
-        other => Err(RedisError::Io(format!("unsupported reply type {other:?}"))),
+        let _: i64 = redis::cmd("EVAL")
+            .arg(COMPARE_AND_DELETE)
+            .arg(1)
+            .arg(key)
+            .arg(value)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
     }
 }
 
@@ -192,11 +181,27 @@ mod tests {
 
     #[test]
     fn parses_redis_urls() {
-        let t = RedisTarget::parse("redis://127.0.0.1:6380/2").unwrap();
-        assert_eq!((t.addr.as_str(), t.db, t.password.is_none()), ("127.0.0.1:6380", 2, true));
-        let t = RedisTarget::parse("redis://:pw@cache").unwrap();
-        assert_eq!((t.addr.as_str(), t.password.unwrap().expose()), ("cache:6379", "pw"));
-        assert!(RedisTarget::parse("http://x").is_err());
-        assert!(RedisTarget::parse("redis://").is_err());
+        let t = RedisTarget::parse("redis://127.0.0.1:6380/2", None, None).unwrap();
+        assert_eq!(t.display, "127.0.0.1:6380/2");
+        assert!(!t.tls);
+        let t = RedisTarget::parse("rediss://tokengate:p%3Aw%40rd@cache.svc:6380/1", None, None).unwrap();
+        assert_eq!(t.display, "tokengate@cache.svc:6380/1");
+        let info = t.client().unwrap().get_connection_info().clone();
+        // Percent-decoded, and not cut at the ':' inside the password.
+        assert_eq!(info.redis_settings().password(), Some("p:w@rd"));
+        assert_eq!(info.redis_settings().username(), Some("tokengate"));
+        let from_file = RedisTarget::parse("redis://app@cache", Some(Secret::new("f:ile")), None).unwrap();
+        assert_eq!(
+            from_file.client().unwrap().get_connection_info().redis_settings().password(),
+            Some("f:ile")
+        );
+        assert!(format!("{t:?}").contains("cache.svc") && !format!("{t:?}").contains("w%40rd"));
+        for bad in ["http://x", "redis://", "redis://:pw@cache/x"] {
+            assert!(RedisTarget::parse(bad, None, None).is_err(), "{bad}");
+        }
+        assert!(RedisTarget::parse("redis://:pw@cache", Some(Secret::new("x")), None).is_err());
+        assert!(RedisTarget::parse("redis://cache", None, Some("ca.pem".into())).is_err());
+        let err = RedisTarget::parse("redis://:hunter2@cache:notaport", None, None).unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
     }
 }

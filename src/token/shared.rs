@@ -39,6 +39,8 @@ pub enum Shared {
 pub struct SharedCache {
     redis: Redis,
     key: LessSafeKey,
+    // Keys the provider digests in Redis key names; derived from the cache key.
+    key_id: ring::hmac::Key,
     prefix: String,
     lock_ttl: Duration,
     rng: SystemRandom,
@@ -50,12 +52,32 @@ impl SharedCache {
         let key = UnboundKey::new(&AES_256_GCM, &config.key)
             .map_err(|_| "shared_cache.key must be 32 bytes".to_string())?;
         Ok(SharedCache {
-            redis: Redis::new(config.redis.clone(), config.timeout),
+            redis: Redis::new(&config.redis, config.connect_timeout, config.timeout)?,
             key: LessSafeKey::new(key),
+            key_id: {
+                let label =
+                    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"tokengate shared-cache key names v1");
+                ring::hmac::Key::new(ring::hmac::HMAC_SHA256, ring::hmac::sign(&label, &config.key).as_ref())
+            },
             prefix: config.prefix.clone(),
             lock_ttl: config.lock_ttl,
             rng: SystemRandom::new(),
         })
+    }
+
+    /// The Redis key part for a provider: its name (for people reading Redis) and an
+    /// HMAC-SHA256, under a key derived from the cache key, of the canonical encoding of its
+    /// token-request inputs ([`super::canonical`]). Replicas share a token only when they would
+    /// have fetched the same one, whatever their build; without the cache key the digest says
+    /// nothing about the secrets in it.
+    pub fn provider_key(&self, name: &str, canonical: &[u8]) -> String {
+        use std::fmt::Write;
+        let tag = ring::hmac::sign(&self.key_id, canonical);
+        let mut out = format!("{name}:");
+        for b in &tag.as_ref()[..16] {
+            let _ = write!(out, "{b:02x}");
+        }
+        out
     }
 
     /// Gets a token newer than `current` from the cache, or fetches one with `fetch` while
@@ -133,7 +155,7 @@ impl SharedCache {
             l: issued.lifetime.as_secs_f64(),
             s: issued.scope.clone(),
         };
-        let sealed = self.seal(key, &entry).ok_or_else(|| RedisError::Io("encryption failed".into()))?;
+        let sealed = self.seal(key, &entry).ok_or_else(|| RedisError::Redis("encryption failed".into()))?;
         self.redis.set(key, &sealed, issued.lifetime, false).await.map(|_| ())
     }
 
@@ -186,17 +208,18 @@ mod tests {
 
     fn cache(key: [u8; 32]) -> SharedCache {
         SharedCache::new(&SharedCacheConfig {
-            redis: RedisTarget::parse("redis://127.0.0.1:1").unwrap(),
+            redis: RedisTarget::parse("redis://127.0.0.1:1", None, None).unwrap(),
             key: key.to_vec(),
             prefix: "tg:".into(),
             lock_ttl: Duration::from_secs(5),
             timeout: Duration::from_millis(100),
+            connect_timeout: Duration::from_millis(100),
         })
         .unwrap()
     }
 
-    #[test]
-    fn entries_are_encrypted_and_bound_to_their_key() {
+    #[tokio::test]
+    async fn entries_are_encrypted_and_bound_to_their_key() {
         let c = cache([7; 32]);
         let entry = Entry { t: "the-access-token".into(), e: 1.0e10, l: 300.0, s: None };
         let sealed = c.seal("tg:p:token", &entry).unwrap();

@@ -1,0 +1,156 @@
+//! A canonical encoding of everything that goes into a token request, so replicas (of this build
+//! or another during a rolling upgrade) agree on which cached token answers which provider.
+//!
+//! Every field is written with a tag and a length, so no two different settings encode the same;
+//! secrets enter as their SHA-256, so a rotated secret never reuses a token fetched with the old
+//! one. Nothing here depends on `Debug` text or on field order in the structs.
+
+use crate::config::{BodySpec, ClientAuth, Grant, HttpRequestSpec, Provider, TokenEndpoint};
+use crate::secret::Secret;
+
+/// The encoding of `provider`'s token-request inputs.
+pub fn encode(provider: &Provider) -> Vec<u8> {
+    let mut e = Encoder(Vec::new());
+    e.field(b"v", b"1");
+    match provider {
+        Provider::OAuth2(p) => {
+            e.field(b"type", b"oauth2");
+            match &p.endpoint {
+                TokenEndpoint::Url(u) => e.field(b"token_url", u.as_str().as_bytes()),
+                TokenEndpoint::Discovery { issuer } => e.field(b"issuer", issuer.as_str().as_bytes()),
+            }
+            match &p.grant {
+                Grant::ClientCredentials => e.field(b"grant", b"client_credentials"),
+                Grant::Password { username, password } => {
+                    e.field(b"grant", b"password");
+                    e.secret(b"username", username);
+                    e.secret(b"password", password);
+                }
+                Grant::RefreshToken { refresh_token, .. } => {
+                    e.field(b"grant", b"refresh_token");
+                    e.secret(b"refresh_token", refresh_token);
+                }
+            }
+            e.field(b"client_id", p.client_id.as_bytes());
+            if let Some(s) = &p.client_secret {
+                e.secret(b"client_secret", s);
+            }
+            let auth: &[u8] = match p.client_auth {
+                ClientAuth::Basic => b"basic",
+                ClientAuth::BasicRaw => b"basic_raw",
+                ClientAuth::Post => b"post",
+                ClientAuth::None => b"none",
+            };
+            e.field(b"client_auth", auth);
+            e.count(b"scopes", p.scopes.len());
+            for s in &p.scopes {
+                e.field(b"scope", s.as_bytes());
+            }
+            e.count(b"params", p.params.len());
+            for (k, v) in &p.params {
+                e.field(b"param", k.as_bytes());
+                e.field(b"value", v.as_bytes());
+            }
+            e.headers(&p.headers);
+        }
+        Provider::Http(p) => {
+            e.field(b"type", b"http");
+            e.request(b"login", &p.login);
+            match &p.refresh {
+                Some(r) => e.request(b"refresh", r),
+                None => e.field(b"refresh", b""),
+            }
+        }
+    }
+    e.0
+}
+
+struct Encoder(Vec<u8>);
+
+impl Encoder {
+    fn field(&mut self, tag: &[u8], value: &[u8]) {
+        for part in [tag, value] {
+            self.0.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            self.0.extend_from_slice(part);
+        }
+    }
+
+    fn count(&mut self, tag: &[u8], n: usize) {
+        self.field(tag, &(n as u64).to_be_bytes());
+    }
+
+    fn secret(&mut self, tag: &[u8], s: &Secret) {
+        self.field(tag, ring::digest::digest(&ring::digest::SHA256, s.expose().as_bytes()).as_ref());
+    }
+
+    fn headers(&mut self, headers: &[(http::HeaderName, http::HeaderValue)]) {
+        self.count(b"headers", headers.len());
+        for (name, value) in headers {
+            self.field(b"header", name.as_str().as_bytes());
+            // Header values may be credentials (an API key header): digested like secrets.
+            self.field(b"value", ring::digest::digest(&ring::digest::SHA256, value.as_bytes()).as_ref());
+        }
+    }
+
+    fn request(&mut self, tag: &[u8], r: &HttpRequestSpec) {
+        self.field(b"request", tag);
+        self.field(b"method", r.method.as_str().as_bytes());
+        self.field(b"url", r.url.as_str().as_bytes());
+        match &r.basic {
+            Some((user, password)) => {
+                self.secret(b"basic_user", user);
+                self.secret(b"basic_password", password);
+            }
+            None => self.field(b"basic", b""),
+        }
+        self.field(b"bearer_current_token", if r.bearer_current_token { b"1" } else { b"0" });
+        let (kind, fields): (&[u8], &[(String, Secret)]) = match &r.body {
+            BodySpec::None => (b"none", &[]),
+            BodySpec::Form(f) => (b"form", f),
+            BodySpec::Json(f) => (b"json", f),
+        };
+        self.field(b"body", kind);
+        self.count(b"fields", fields.len());
+        for (k, v) in fields {
+            self.field(b"name", k.as_bytes());
+            self.secret(b"value", v);
+        }
+        self.headers(&r.headers);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(extra: &str) -> Provider {
+        let text = format!(
+            "providers:\n  p:\n    type: oauth2\n    token_url: https://idp.example/token\n    client_id: app\n    client_secret: s3cret\n{extra}routes:\n  - prefix: /\n    upstream: https://api.example\n    provider: p\n"
+        );
+        crate::config::parse(&text, "t.yaml").unwrap().providers.remove("p").unwrap()
+    }
+
+    #[test]
+    fn every_input_changes_the_encoding_and_nothing_else_does() {
+        let base = encode(&provider(""));
+        assert_eq!(base, encode(&provider("")), "stable");
+        assert_eq!(base, encode(&provider("    timeout: 9s\n")), "the timeout is not a token input");
+        for extra in [
+            "    scopes: [a]\n",
+            "    client_auth: post\n",
+            "    params: {audience: x}\n",
+            "    headers: {X-Tenant: t}\n",
+        ] {
+            assert_ne!(base, encode(&provider(extra)), "{extra}");
+        }
+        let other_secret = crate::config::parse(
+            "providers:\n  p:\n    type: oauth2\n    token_url: https://idp.example/token\n    client_id: app\n    client_secret: rotated\nroutes:\n  - prefix: /\n    upstream: https://api.example\n    provider: p\n",
+            "t.yaml",
+        )
+        .unwrap();
+        assert_ne!(base, encode(&other_secret.providers["p"]), "a rotated secret");
+        assert!(!base.windows(6).any(|w| w == b"s3cret"), "the secret itself is not in the encoding");
+        // Scopes [a b] and [ab] differ: fields are length-prefixed.
+        assert_ne!(encode(&provider("    scopes: [a, b]\n")), encode(&provider("    scopes: [ab]\n")));
+    }
+}
