@@ -103,7 +103,7 @@ fn check_reports_file_line_and_key_for_a_bad_config() {
         ),
         (
             "providers:\n  p:\n    type: oauth2\n    token_url: https://idp/t\n    client_id: a\n    client_secret: ${UNSET_SECRET}\nroutes: []\n",
-            "environment variable UNSET_SECRET is not set",
+            "environment variables not set: UNSET_SECRET (line 6)",
         ),
     ];
     for (text, expected) in cases {
@@ -153,4 +153,71 @@ fn an_explicit_log_filter_beats_rust_log_and_json_logs_are_flat() {
     let listening =
         lines.iter().find(|l| l["message"] == "tokengate is listening").unwrap_or_else(|| panic!("{text}"));
     assert!(listening["proxy_addr"].is_string(), "fields are not at the top level: {listening}");
+}
+
+/// `${NAME}` references in `text`.
+fn variables(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        rest = &rest[i + 2..];
+        let end = rest.find(['}', ':']).unwrap_or(rest.len());
+        out.insert(rest[..end].to_owned());
+    }
+    out
+}
+
+#[test]
+fn every_example_header_names_exactly_the_variables_its_body_reads() {
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/config")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let split = text.lines().take_while(|l| l.starts_with('#') || l.trim().is_empty()).count();
+        let header: String = text.lines().take(split).collect::<Vec<_>>().join("\n");
+        let body: String = text.lines().skip(split).collect::<Vec<_>>().join("\n");
+        // Words in the header that look like environment variables (upper case with `_`).
+        let named: std::collections::BTreeSet<String> = header
+            .split(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+            .filter(|w| w.contains('_') && w.starts_with(|c: char| c.is_ascii_uppercase()))
+            .map(str::to_owned)
+            .collect();
+        let read = variables(&body);
+        assert_eq!(
+            named,
+            read,
+            "{}: the header documents {named:?}, the body reads {read:?}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn every_missing_variable_is_reported_in_one_run() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["check", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/config/covata.yaml")])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for name in [
+        "COVATA_TOKEN_URL",
+        "COVATA_API_URL",
+        "COVATA_CLIENT_ID",
+        "COVATA_CLIENT_SECRET",
+        "COVATA_USERNAME",
+        "COVATA_PASSWORD",
+    ] {
+        assert!(err.contains(name), "{name} missing from: {err}");
+    }
+    assert!(
+        err.contains("covata.yaml:")
+            && err.contains(": environment variables not set:")
+            && err.contains("(line "),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
 }

@@ -57,7 +57,9 @@ pub fn expand(input: &str) -> Result<String, String> {
                     "`${{{expr}}}` is not a valid variable reference (use ${{NAME}} or ${{NAME:-default}})"
                 ));
             }
+            // As in shells and Compose, `:-` also applies when the variable is set but empty.
             match (lookup(name), default) {
+                (Some(v), Some(d)) if v.is_empty() => out.push_str(d),
                 (Some(v), _) => out.push_str(&v),
                 (None, Some(d)) => out.push_str(d),
                 (None, None) => {
@@ -72,6 +74,37 @@ pub fn expand(input: &str) -> Result<String, String> {
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Every `${NAME}` without a default in `text` whose variable is not set, with its line (1-based),
+/// in order. Comments are skipped, so the whole file's missing variables are reported at once
+/// rather than one per run.
+pub fn missing(text: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let code = if line.trim_start().starts_with('#') {
+            ""
+        } else {
+            line.find(" #").map_or(line, |i| &line[..i])
+        };
+        let mut rest = code;
+        while let Some(i) = rest.find('$') {
+            let after = &rest[i + 1..];
+            if let Some(tail) = after.strip_prefix('$') {
+                rest = tail;
+                continue;
+            }
+            rest = after;
+            let Some(body) = after.strip_prefix('{') else { continue };
+            let Some(end) = body.find('}') else { continue };
+            let expr = &body[..end];
+            if !expr.contains(":-") && is_var_name(expr) && lookup(expr).is_none() {
+                out.push((n + 1, expr.to_owned()));
+            }
+            rest = &body[end + 1..];
+        }
+    }
+    out
 }
 
 fn is_var_name(name: &str) -> bool {
@@ -97,11 +130,19 @@ mod tests {
         with_lookup(env, || {
             assert_eq!(expand("https://x/${TENANT}/t").unwrap(), "https://x/acme/t");
             assert_eq!(expand("${MISSING:-fallback}").unwrap(), "fallback");
-            assert_eq!(expand("${EMPTY:-fallback}").unwrap(), "");
+            assert_eq!(expand("${EMPTY:-fallback}").unwrap(), "fallback");
+            assert_eq!(expand("${EMPTY}").unwrap(), "");
             assert_eq!(expand("a$$b").unwrap(), "a$b");
             assert_eq!(expand("pa$word").unwrap(), "pa$word");
             assert_eq!(expand("no vars").unwrap(), "no vars");
         });
+    }
+
+    #[test]
+    fn every_missing_variable_is_found_with_its_line() {
+        let text = "a: ${NOPE}\n# b: ${IN_COMMENT}\nc: ${TENANT} ${ALSO_NOPE} # ${TRAILING}\nd: ${X:-y} $${LITERAL}\n";
+        let found = with_lookup(env, || missing(text));
+        assert_eq!(found, vec![(1, "NOPE".to_owned()), (3, "ALSO_NOPE".to_owned())]);
     }
 
     #[test]
