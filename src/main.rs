@@ -75,7 +75,9 @@ fn main() -> ExitCode {
         _ => None,
     };
     match cli.command {
-        Some(Command::Check) => with_config(&cli.config, check),
+        Some(Command::Check) => {
+            with_config(&cli.config, |path, c| block_on(Some(1), check(path.to_owned(), c)))
+        }
         Some(Command::Token { provider, show }) => {
             with_config(&cli.config, |_, c| block_on(None, token_main(c, provider, show)))
         }
@@ -145,8 +147,19 @@ fn block_on(workers: Option<usize>, fut: impl std::future::Future<Output = ExitC
     }
 }
 
-fn check(path: &Path, config: Config) -> ExitCode {
-    println!("{}: OK", path.display());
+async fn check(path: PathBuf, config: Config) -> ExitCode {
+    // What `run` refuses (an unreadable certificate or CA file, a bad key) fails here too.
+    if let Err(e) = server::prepare(&config) {
+        eprintln!("error: {}: {e}", path.display());
+        return ExitCode::from(1);
+    }
+    let warnings: Vec<String> =
+        config::permission_warning(&path).into_iter().chain(server::warnings(&config)).collect();
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    let verdict = if warnings.is_empty() { "OK" } else { "OK, with warnings" };
+    println!("{}: {verdict}", path.display());
     println!("listen {}  admin {}", config.listen, config.admin.listen);
     println!("\nroutes (longest prefix wins):");
     let mut routes: Vec<_> = config.routes.iter().collect();

@@ -221,3 +221,36 @@ fn every_missing_variable_is_reported_in_one_run() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn check_refuses_what_run_refuses_and_prints_what_run_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "providers:\n  p:\n    type: oauth2\n    token_url: https://idp.example/t\n    client_id: a\n    client_secret_file: SECRET\nroutes:\n  - prefix: /\n    upstream: https://api.example\n    provider: p\n";
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s\n").unwrap();
+    let base = base.replace("SECRET", secret.to_str().unwrap());
+    let missing = dir.path().join("missing.pem");
+    let cases = [
+        format!(
+            "tls:\n  listen: 127.0.0.1:8443\n  cert_file: {0}\n  key_file: {0}\n{base}",
+            missing.display()
+        ),
+        base.replace("    provider: p\n", &format!("    provider: p\n    ca_file: {}\n", missing.display())),
+    ];
+    for text in cases {
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, &text).unwrap();
+        let out = tokengate(&["check", "-c", path.to_str().unwrap()], &secret);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "check passed a config run refuses:\n{text}\n{stderr}");
+        assert!(stderr.contains("missing.pem"), "{stderr}");
+    }
+    // Served, with the warnings run would log.
+    let path = dir.path().join("open.yaml");
+    std::fs::write(&path, format!("listen: 0.0.0.0:8080\n{base}")).unwrap();
+    let out = tokengate(&["check", "-c", path.to_str().unwrap()], &secret);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("warning:") && stdout.contains("no access control"), "{stdout}");
+    assert!(stdout.contains("OK, with warnings"), "{stdout}");
+}

@@ -113,16 +113,8 @@ pub async fn start_with(
     let admin_addr = admin_listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr: config.admin.listen, source })?;
-    let proxy_guarded = !config.access.allow.is_empty() || config.access.api_keys.is_some();
-    if !proxy_addr.ip().is_loopback() && !proxy_guarded {
-        tracing::warn!(
-            %proxy_addr,
-            "!!! the proxy listens on a non-loopback address with no access control: anyone who can reach it \
-             acts with tokengate's credentials; set access.allow and/or access.api_keys"
-        );
-    }
-    if !admin_addr.ip().is_loopback() {
-        tracing::warn!(%admin_addr, "the admin listener (metrics, POST /reload) is reachable from other hosts");
+    for warning in warnings(&config) {
+        tracing::warn!("{warning}");
     }
 
     let (shutdown, rx) = watch::channel(false);
@@ -220,6 +212,39 @@ pub async fn start_with(
         tasks,
         threads: worker_done,
     })
+}
+
+/// What `run` warns about in a configuration that it still serves (`check` prints the same).
+pub fn warnings(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let guarded = !config.access.allow.is_empty() || config.access.api_keys.is_some();
+    if !config.listen.ip().is_loopback() && !guarded {
+        out.push(format!(
+            "!!! the proxy listens on {} (not loopback) with no access control: anyone who can reach it \
+             acts with tokengate's credentials; set access.allow and/or access.api_keys",
+            config.listen
+        ));
+    }
+    if !config.admin.listen.ip().is_loopback() && config.admin.allow.is_empty() {
+        out.push(format!(
+            "the admin listener on {} (metrics, /tokens) is reachable from other hosts; set admin.allow",
+            config.admin.listen
+        ));
+    }
+    out
+}
+
+/// Builds everything [`start_with`] builds except the listeners (token sources, upstream clients
+/// and their CA files, the TLS listener's certificate and key), so `check` refuses what `run`
+/// would refuse.
+pub fn prepare(config: &Config) -> Result<(), StartError> {
+    let metrics = Metrics::new();
+    let providers = token::build(config, &metrics).map_err(StartError::Setup)?;
+    Runtime::build(config, providers, &metrics).map_err(StartError::Setup)?;
+    if let Some(tls) = &config.tls {
+        crate::tls::inbound(tls).map_err(|e| StartError::Setup(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Ready once every provider has a token, or when `timeout` has passed, whichever is first.
