@@ -242,7 +242,13 @@ async fn token_main(config: Config, provider: String, show: bool) -> ExitCode {
             };
             println!("token      {shown}");
             println!("type       Bearer");
-            println!("expires in {}s ({:?})", t.lifetime.as_secs(), t.lifetime_source);
+            let source = match t.lifetime_source {
+                tokengate::token::response::LifetimeSource::ExpiresIn => "from expires_in",
+                tokengate::token::response::LifetimeSource::ExpiresAt => "from expires_at",
+                tokengate::token::response::LifetimeSource::JwtExp => "from the JWT exp claim",
+                tokengate::token::response::LifetimeSource::Default => "no expiry stated: default_ttl",
+            };
+            println!("expires    in {} s ({source})", t.lifetime.as_secs());
             println!("scope      {}", t.scope.as_deref().unwrap_or("(not stated)"));
             match tokengate::token::jwt::claims(value) {
                 Some(claims) => {
@@ -374,9 +380,21 @@ async fn demo_main(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
         }
     };
     let (p, a) = (running.proxy_addr, running.admin_addr);
+    // The configuration on disk too, so `tokengate token` and `check` can be tried on it.
+    let file = std::env::temp_dir().join(format!("tokengate-demo-{}.yaml", std::process::id()));
+    let written = std::fs::write(&file, &text).is_ok();
+    let token_cmd = if written {
+        format!(
+            "\n  tokengate token -c {} demo        # fetch one token with the demo's credentials and describe it",
+            file.display()
+        )
+    } else {
+        String::new()
+    };
     println!(
         "\ntokengate demo is running.\n\
          \n  token endpoint  http://{idp}/token   (client_credentials, {}s tokens)\
+         \n                  client id {}, client secret {} (Basic auth)\
          \n  echo upstream   http://{echo}\
          \n  proxy           http://{p}   route /echo/ -> echo upstream\
          \n  admin           http://{a}\n\
@@ -386,12 +404,17 @@ async fn demo_main(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
          \n  curl -s http://{p}/nowhere                    # 404 no_route\
          \n  curl -s http://{a}/readyz\
          \n  curl -s http://{a}/tokens\
-         \n  curl -s http://{a}/metrics | grep tokengate_token\n\
+         \n  curl -s http://{a}/metrics | grep tokengate_token{token_cmd}\n\
          \nThe demo token lives {}s: watch it refresh in the log. Ctrl-C stops.\n",
         demo::TOKEN_LIFETIME_SECS,
+        demo::CLIENT_ID,
+        demo::CLIENT_SECRET,
         demo::TOKEN_LIFETIME_SECS,
     );
     wait_for_signals(&running, false).await;
     running.shutdown().await;
+    if written {
+        let _ = std::fs::remove_file(&file);
+    }
     ExitCode::SUCCESS
 }

@@ -254,3 +254,36 @@ fn check_refuses_what_run_refuses_and_prints_what_run_warns() {
     assert!(stdout.contains("warning:") && stdout.contains("no access control"), "{stdout}");
     assert!(stdout.contains("OK, with warnings"), "{stdout}");
 }
+
+#[test]
+fn the_demo_prints_its_credentials_and_a_token_command_that_works() {
+    use std::io::BufRead;
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut text = String::new();
+    for line in std::io::BufReader::new(demo.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        text.push_str(&line);
+        text.push('\n');
+        if line.contains("Ctrl-C stops") {
+            break;
+        }
+    }
+    assert!(text.contains("client id demo-client, client secret demo-secret"), "{text}");
+    let command = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("tokengate token -c"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let args: Vec<&str> = command.split('#').next().unwrap().split_whitespace().skip(1).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_tokengate")).args(&args).output().unwrap();
+    let _ = Command::new("kill").args(["-TERM", &demo.id().to_string()]).status();
+    let _ = demo.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("expires    in 30 s (from expires_in)"), "{stdout}");
+    assert!(!std::path::Path::new(args[2]).exists(), "the demo left its configuration file behind");
+}
