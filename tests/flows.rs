@@ -417,7 +417,7 @@ async fn token_command_shows_expiry_and_claims_with_the_token_masked() {
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(!out.contains(&token) && !err.contains(&token), "token printed without --show");
     assert!(
-        out.contains("expires in 600s")
+        out.contains("expires    in 600 s (from expires_in)")
             && out.contains("scope      read")
             && out.contains("\"sub\": \"svc-42\""),
         "{out}"
