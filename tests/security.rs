@@ -267,6 +267,8 @@ async fn smuggling_attempts_are_rejected_or_reach_the_upstream_as_one_clean_requ
     for req in bad_framing {
         let resp = raw(tg.proxy_addr, req).await;
         assert!(resp.starts_with("HTTP/1.1 400"), "{}: {resp}", String::from_utf8_lossy(req));
+        // Whether tokengate or hyper's parser refused it, the answer names the problem in JSON.
+        assert!(!json_error(&resp).is_empty(), "{}: {resp}", String::from_utf8_lossy(req));
     }
     assert!(up.requests().is_empty(), "upstream saw {} requests", up.requests().len());
 
@@ -285,6 +287,37 @@ async fn smuggling_attempts_are_rejected_or_reach_the_upstream_as_one_clean_requ
     assert!(seen[0].header("transfer-encoding").is_none() || seen[0].header("content-length").is_none());
 }
 
+/// The `error` code of a raw HTTP/1.1 answer's JSON body, with its framing checked ("" if none).
+fn json_error(resp: &str) -> String {
+    let Some((head, body)) = resp.split_once("\r\n\r\n") else { return String::new() };
+    let length = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_owned))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    assert_eq!(length, Some(body.len()), "body framing: {resp}");
+    assert!(head.to_ascii_lowercase().contains("content-type: application/json"), "{head}");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    v["error"].as_str().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn an_upstreams_empty_error_answer_passes_unchanged() {
+    // The rewrite of hyper's own answers must not touch a response that merely looks alike.
+    let upstream = tokengate::demo::serve_fn(any(), |_req| async {
+        let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+        *r.status_mut() = http::StatusCode::BAD_REQUEST;
+        r
+    })
+    .await
+    .unwrap();
+    let idp = Idp::start(IdpOptions::default()).await;
+    let tg = start(&idp.config_to(&format!("http://{upstream}"))).await;
+    wait_ready(&tg).await;
+    let resp = raw(tg.proxy_addr, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    assert!(resp.ends_with("\r\n\r\n") && !resp.contains("application/json"), "{resp}");
+}
+
 #[tokio::test]
 async fn oversized_headers_get_431_and_slow_heads_are_cut() {
     let idp = Idp::start(IdpOptions::default()).await;
@@ -297,6 +330,17 @@ async fn oversized_headers_get_431_and_slow_heads_are_cut() {
     let big = format!("GET /x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
     let resp = raw(tg.proxy_addr, big.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 431"), "{}", &resp[..resp.len().min(200)]);
+    assert_eq!(json_error(&resp), "headers_too_large", "{resp}");
+    // The same for a request line that is too long, and for garbage.
+    let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(64 * 1024));
+    let resp = raw(tg.proxy_addr, long.as_bytes()).await;
+    assert!(
+        resp.starts_with("HTTP/1.1 4") && !json_error(&resp).is_empty(),
+        "{}",
+        &resp[..resp.len().min(300)]
+    );
+    let resp = raw(tg.proxy_addr, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http\r\n\r\n").await;
+    assert_eq!(json_error(&resp), "invalid_request", "{resp}");
     let started = std::time::Instant::now();
     let resp = raw(tg.proxy_addr, b"GET /x HTTP/1.1\r\nHost: x\r\n").await;
     assert!(!resp.contains("200 OK"), "{resp}");

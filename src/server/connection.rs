@@ -295,7 +295,10 @@ async fn drive<T, S>(
     S: Handler,
     S::Future: Send + 'static,
 {
-    let io = TokioIo::new(FirstFlight::new(io, activity.clone()));
+    let io = TokioIo::new(FirstFlight::new(
+        super::parse_error::ErrorBodies::new(io, activity.clone()),
+        activity.clone(),
+    ));
     let service = Tracked { inner: service, activity: activity.clone() };
     let closed = supervise(builder, io, service, activity, settings, phase, remote).await;
     settings.count_closed(closed);
@@ -421,6 +424,11 @@ pub(super) struct Activity {
 }
 
 impl Activity {
+    /// Requests whose response has not been sent completely.
+    pub(super) fn in_flight(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
     fn new() -> Self {
         Activity {
             accepted: Instant::now(),

@@ -4,6 +4,7 @@
 
 mod connection;
 mod listen;
+mod parse_error;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
