@@ -2,7 +2,16 @@
 # tokengate against nginx and HAProxy doing the same job (set a static Authorization header and
 # proxy to one origin), plus the origin directly, on this machine, in one run.
 #
-#   bash benches/peers.sh [--workers N] [--rounds R] [--duration SECONDS] [--connections C] [--access-log]
+#   bash benches/peers.sh [--workers N] [--rounds R] [--duration SECONDS] [--connections C] [--access-log] [--tls]
+#
+# --tls makes the origin HTTPS (a private CA made here, HTTP/2 by ALPN) and every proxy verify it:
+# nginx `proxy_pass https://` with upstream keepalive, proxy_ssl_verify and session reuse; HAProxy
+# `ssl verify required` with `http-reuse always`, once with alpn h2,http/1.1 (haproxy) and once
+# with alpn http/1.1 (haproxy-h1); tokengate its route `ca_file`. "direct" is wrk against the
+# origin's TLS port.
+#
+# --baseline-bin PATH runs another tokengate binary (an earlier build) beside this one as the peer
+# tokengate-base, with the same configuration on its own ports.
 #
 # --access-log turns on each proxy's access log as it writes it by default, to a file: nginx the
 # combined format, HAProxy httplog to its log file, tokengate its text lines. The lines tokengate
@@ -14,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WORKERS=1 ROUNDS=3 DURATION=8 CONNECTIONS=50 ACCESS_LOG=0
+WORKERS=1 ROUNDS=3 DURATION=8 CONNECTIONS=50 ACCESS_LOG=0 TLS=0 BASELINE_BIN=
 while [ $# -gt 0 ]; do
   case "$1" in
     --workers) WORKERS=$2; shift 2 ;;
@@ -22,6 +31,8 @@ while [ $# -gt 0 ]; do
     --duration) DURATION=$2; shift 2 ;;
     --connections) CONNECTIONS=$2; shift 2 ;;
     --access-log) ACCESS_LOG=1; shift ;;
+    --tls) TLS=1; shift ;;
+    --baseline-bin) BASELINE_BIN=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -30,10 +41,50 @@ done
 need nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client curl:curl python3:python3
 cargo build --release --quiet
 
-ORIGIN=18000 NGINX=18001 HAPROXY=18002 TOKENGATE=18003 TG_ADMIN=18004
+ORIGIN=18000 NGINX=18001 HAPROXY=18002 TOKENGATE=18003 TG_ADMIN=18004 ORIGIN_TLS=18005 HAPROXY_H1=18006 TG_BASE=18007 TG_BASE_ADMIN=18008
 mkdir -p "$WORK/www" "$WORK/logs"
 head -c 100 /dev/zero | tr '\0' 'x' > "$WORK/www/small"
 head -c 16384 /dev/zero | tr '\0' 'y' > "$WORK/www/large"
+
+ORIGIN_TLS_SERVER=""
+if [ "$TLS" = 1 ]; then
+  # A private CA and a certificate for 127.0.0.1 and localhost.
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
+    -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+    -keyout "$WORK/origin.key" -out "$WORK/origin.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' > "$WORK/san.ext"
+  openssl x509 -req -in "$WORK/origin.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" -CAcreateserial -days 2 \
+    -extfile "$WORK/san.ext" -out "$WORK/origin.pem" 2>/dev/null
+  chmod 644 "$WORK"/*.pem "$WORK"/*.key
+  ORIGIN_TLS_SERVER="server {
+    listen 127.0.0.1:$ORIGIN_TLS ssl http2 reuseport;
+    ssl_certificate $WORK/origin.pem;
+    ssl_certificate_key $WORK/origin.key;
+    ssl_session_cache shared:origin:10m;
+    root $WORK/www;
+    location = /whoami { default_type text/plain; return 200 \"\$http_authorization\"; }
+  }"
+  NGINX_UPSTREAM="upstream origin { server 127.0.0.1:$ORIGIN_TLS; keepalive 128; }"
+  NGINX_PASS="proxy_pass https://origin;
+      proxy_ssl_verify on;
+      proxy_ssl_trusted_certificate $WORK/ca.pem;
+      proxy_ssl_name localhost;
+      proxy_ssl_server_name on;
+      proxy_ssl_session_reuse on;"
+  HAPROXY_SERVER="server o1 127.0.0.1:$ORIGIN_TLS ssl verify required ca-file $WORK/ca.pem verifyhost localhost sni str(localhost)"
+  TG_UPSTREAM="https://127.0.0.1:$ORIGIN_TLS
+    ca_file: $WORK/ca.pem"
+  DIRECT_URL="https://127.0.0.1:$ORIGIN_TLS"
+  PEERS="direct nginx haproxy haproxy-h1 tokengate"
+else
+  NGINX_UPSTREAM="upstream origin { server 127.0.0.1:$ORIGIN; keepalive 128; }"
+  NGINX_PASS="proxy_pass http://origin;"
+  HAPROXY_SERVER="server o1 127.0.0.1:$ORIGIN"
+  TG_UPSTREAM="http://127.0.0.1:$ORIGIN"
+  DIRECT_URL="http://127.0.0.1:$ORIGIN"
+  PEERS="direct nginx haproxy tokengate"
+fi
 
 # The origin: one nginx worker with static bodies, a token endpoint and an Authorization echo.
 cat > "$WORK/origin.conf" <<CONF
@@ -50,6 +101,7 @@ http {
     location = /token { default_type application/json; return 200 '{"access_token":"bench-token","token_type":"Bearer","expires_in":3600}'; }
     location = /whoami { default_type text/plain; return 200 "\$http_authorization"; }
   }
+  $ORIGIN_TLS_SERVER
 }
 CONF
 
@@ -70,11 +122,11 @@ events { worker_connections 4096; }
 http {
   $NGINX_LOG
   keepalive_requests 1000000;
-  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 128; }
+  $NGINX_UPSTREAM
   server {
     listen 127.0.0.1:$NGINX;
     location / {
-      proxy_pass http://origin;
+      $NGINX_PASS
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Authorization "Bearer bench-token";
@@ -101,8 +153,18 @@ frontend fe
   http-request set-header Authorization "Bearer bench-token"
   default_backend origin
 backend origin
-  server o1 127.0.0.1:$ORIGIN
+  $HAPROXY_SERVER$([ "$TLS" = 1 ] && echo " alpn h2,http/1.1")
 CONF
+if [ "$TLS" = 1 ]; then
+  cat >> "$WORK/haproxy.cfg" <<CONF
+frontend fe_h1
+  bind 127.0.0.1:$HAPROXY_H1
+  http-request set-header Authorization "Bearer bench-token"
+  default_backend origin_h1
+backend origin_h1
+  $HAPROXY_SERVER alpn http/1.1
+CONF
+fi
 
 cat > "$WORK/tokengate.yaml" <<CONF
 listen: 127.0.0.1:$TOKENGATE
@@ -117,7 +179,7 @@ providers:
     client_secret: bench-secret
 routes:
   - prefix: /
-    upstream: http://127.0.0.1:$ORIGIN
+    upstream: $TG_UPSTREAM
     provider: bench
     strip_prefix: false
 CONF
@@ -128,16 +190,26 @@ nginx -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
 haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/logs/haproxy.log" 2>&1 & PIDS+=($!)
 ./target/release/tokengate --log warn run --workers "$WORKERS" -c "$WORK/tokengate.yaml" 2>"$WORK/logs/tokengate.err" & TG_PID=$!; PIDS+=($TG_PID)
 
+if [ -n "$BASELINE_BIN" ]; then
+  sed -e "s/127.0.0.1:$TOKENGATE/127.0.0.1:$TG_BASE/" -e "s/127.0.0.1:$TG_ADMIN/127.0.0.1:$TG_BASE_ADMIN/" \
+    -e "s/tokengate-access.log/tokengate-base-access.log/" "$WORK/tokengate.yaml" > "$WORK/tokengate-base.yaml"
+  chmod 600 "$WORK/tokengate-base.yaml"
+  "$BASELINE_BIN" --log warn run --workers "$WORKERS" -c "$WORK/tokengate-base.yaml" 2>"$WORK/logs/tokengate-base.err" & PIDS+=($!)
+  wait_ready "$TG_BASE_ADMIN"
+  PEERS="$PEERS tokengate-base"
+fi
 wait_ready "$TG_ADMIN"
-declare -A PORT=([direct]=$ORIGIN [nginx]=$NGINX [haproxy]=$HAPROXY [tokengate]=$TOKENGATE)
-for name in direct nginx haproxy tokengate; do
+declare -A URL=([direct]=$DIRECT_URL [nginx]=http://127.0.0.1:$NGINX [haproxy]=http://127.0.0.1:$HAPROXY
+                [haproxy-h1]=http://127.0.0.1:$HAPROXY_H1 [tokengate]=http://127.0.0.1:$TOKENGATE
+                [tokengate-base]=http://127.0.0.1:$TG_BASE)
+for name in $PEERS; do
   for size in small:100 large:16384; do
-    got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' "http://127.0.0.1:${PORT[$name]}/${size%%:*}")
+    got=$(curl -s --cacert "$WORK/ca.pem" -o /dev/null -w '%{http_code} %{size_download}' "${URL[$name]}/${size%%:*}" 2>/dev/null || curl -s -o /dev/null -w '%{http_code} %{size_download}' "${URL[$name]}/${size%%:*}")
     if [ "$got" != "200 ${size##*:}" ]; then echo "$name: /${size%%:*} answered '$got'" >&2; exit 1; fi
   done
 done
-for name in nginx haproxy tokengate; do
-  got=$(curl -s "http://127.0.0.1:${PORT[$name]}/whoami")
+for name in ${PEERS#direct }; do
+  got=$(curl -s "${URL[$name]}/whoami")
   if [ "$got" != "Bearer bench-token" ]; then
     echo "$name does not deliver the Authorization header (got: $got)" >&2; cat "$WORK"/logs/* >&2; exit 1
   fi
@@ -149,8 +221,8 @@ idle_rss=$(rss_kib "$TG_PID")
 
 # One wrk run: prints "requests_per_second p50_ms p99_ms requests".
 run() {
-  local port=$1 path=$2
-  wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:$port$path" | awk '
+  local url=$1 path=$2
+  wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "$url$path" | awk '
     function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
     /Requests\/sec/ { rps=$2 }
     /^ +50%/ { p50=ms($2) }
@@ -164,19 +236,19 @@ median() { sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else pri
 declare -A RPS P50 P99
 tg_requests=0 tg_ticks=0
 for size in small large; do
-  for name in direct nginx haproxy tokengate; do : > "$WORK/$name-$size"; done
+  for name in $PEERS; do : > "$WORK/$name-$size"; done
   for round in $(seq "$ROUNDS"); do
     # Interleaved A B A B so drift on the machine hits every peer alike.
-    for name in direct nginx haproxy tokengate; do
+    for name in $PEERS; do
       before=$(cpu_ticks "$TG_PID")
-      read -r rps p50 p99 n < <(run "${PORT[$name]}" "/$size")
+      read -r rps p50 p99 n < <(run "${URL[$name]}" "/$size")
       if [ "$name" = tokengate ]; then
         tg_ticks=$((tg_ticks + $(cpu_ticks "$TG_PID") - before)); tg_requests=$((tg_requests + n))
       fi
       echo "$rps $p50 $p99" >> "$WORK/$name-$size"
     done
   done
-  for name in direct nginx haproxy tokengate; do
+  for name in $PEERS; do
     RPS[$name-$size]=$(cut -d' ' -f1 "$WORK/$name-$size" | median)
     P50[$name-$size]=$(cut -d' ' -f2 "$WORK/$name-$size" | median)
     P99[$name-$size]=$(cut -d' ' -f3 "$WORK/$name-$size" | median)
@@ -205,17 +277,34 @@ hz=$(getconf CLK_TCK)
 log_mode=$([ "$ACCESS_LOG" = 1 ] && echo "access logs on" || echo "access logs off")
 
 echo
-echo "### workers=$WORKERS, $CONNECTIONS connections, ${DURATION}s x $ROUNDS rounds, $log_mode, $(nproc) cores ($(date -u +%Y-%m-%d))"
+upstream_mode=$([ "$TLS" = 1 ] && echo "HTTPS origin (HTTP/2 by ALPN)" || echo "plain http origin")
+echo "### workers=$WORKERS, $CONNECTIONS connections, ${DURATION}s x $ROUNDS rounds, $upstream_mode, $log_mode, $(nproc) cores ($(date -u +%Y-%m-%d))"
 echo
 echo "| response | peer | req/s (median) | p50 ms | p99 ms | vs direct | vs nginx |"
 echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
 for size in small large; do
   label=$([ $size = small ] && echo "100 B" || echo "16 KiB")
-  for name in direct nginx haproxy tokengate; do
+  for name in $PEERS; do
     awk -v l="$label" -v n="$name" -v r="${RPS[$name-$size]}" -v a="${P50[$name-$size]}" -v b="${P99[$name-$size]}" \
         -v d="${RPS[direct-$size]}" -v x="${RPS[nginx-$size]}" \
         'BEGIN { printf "| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f |\n", l, n, r, a, b, r/d, r/x }'
   done
+done
+# tokengate against the best other proxy, round by round (the same round's runs are seconds
+# apart) and as the ratio of medians.
+echo
+for size in small large; do
+  label=$([ $size = small ] && echo "100 B" || echo "16 KiB")
+  others=$(echo "$PEERS" | tr ' ' '\n' | grep -v -e direct -e tokengate)
+  if [ -n "$BASELINE_BIN" ]; then
+    awk -v t="${RPS[tokengate-$size]}" -v b="${RPS[tokengate-base-$size]}" -v l="$label" \
+      'BEGIN { printf "tokengate / tokengate-base, %s: ratio of medians %.2f\n", l, t/b }'
+  fi
+  paired=$(for name in $others; do echo "$WORK/$name-$size"; done | xargs paste -d' ' "$WORK/tokengate-$size" | awk '
+    { best = 0; for (i = 4; i <= NF; i += 3) if ($i > best) best = $i; printf "%.2f ", $1 / best }')
+  best_median=$(for name in $others; do echo "${RPS[$name-$size]}"; done | sort -g | tail -1)
+  awk -v l="$label" -v p="$paired" -v t="${RPS[tokengate-$size]}" -v b="$best_median" \
+    'BEGIN { printf "tokengate / best other proxy, %s: per round %s; ratio of medians %.2f\n", l, p, t/b }'
 done
 echo
 awk -v i="$idle_rss" -v p="$peak_rss" -v h="$held_rss" -v t="$tg_ticks" -v hz="$hz" -v n="$tg_requests" \

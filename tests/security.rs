@@ -394,26 +394,32 @@ async fn mtls_listener_verifies_client_certificates() {
 
 #[tokio::test]
 async fn upstream_certificates_are_always_verified() {
-    let pki = pki();
-    let idp = Idp::start(IdpOptions::default()).await;
-    let (addr, seen) = tls_upstream(&pki.server_cert, &pki.server_key).await;
-    let tg = start(&format!(
-        "{}routes:\n  - prefix: /untrusted\n    upstream: https://127.0.0.1:{port}\n    provider: idp\n  - prefix: /trusted\n    upstream: https://127.0.0.1:{port}\n    provider: idp\n    ca_file: {}\n",
-        idp.provider_yaml(),
-        pki.ca.display(),
-        port = addr.port()
-    ))
-    .await;
-    let c = client();
-    let r = c.get(format!("http://{}/untrusted/x", tg.proxy_addr)).send().await.unwrap();
-    assert_eq!(r.status(), 502);
-    assert!(seen.lock().unwrap().is_empty(), "a request crossed an unverified TLS connection");
-    let r = c.get(format!("http://{}/trusted/x", tg.proxy_addr)).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    let seen = seen.lock().unwrap()[0].clone();
-    assert!(seen.header("authorization").unwrap().starts_with("Bearer tok-"));
-    // ALPN picked HTTP/2 with this upstream, which offers both.
-    assert_eq!(seen.version, http::Version::HTTP_2);
+    // Both ways to an https upstream: the lean HTTP/1.1 client (default) and hyper's (auto).
+    for (protocol, version) in [("http1", http::Version::HTTP_11), ("auto", http::Version::HTTP_2)] {
+        let pki = pki();
+        let idp = Idp::start(IdpOptions::default()).await;
+        let (addr, seen) = tls_upstream(&pki.server_cert, &pki.server_key).await;
+        let tg = start(&format!(
+            "{}routes:\n  - prefix: /untrusted\n    upstream: https://127.0.0.1:{port}\n    provider: idp\n    upstream_protocol: {protocol}\n  - prefix: /trusted\n    upstream: https://127.0.0.1:{port}\n    provider: idp\n    ca_file: {}\n    upstream_protocol: {protocol}\n",
+            idp.provider_yaml(),
+            pki.ca.display(),
+            port = addr.port()
+        ))
+        .await;
+        let c = client();
+        let r = c.get(format!("http://{}/untrusted/x", tg.proxy_addr)).send().await.unwrap();
+        assert_eq!(r.status(), 502, "{protocol}");
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "{protocol}: a request crossed an unverified TLS connection"
+        );
+        let r = c.get(format!("http://{}/trusted/x", tg.proxy_addr)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{protocol}");
+        let seen = seen.lock().unwrap()[0].clone();
+        assert!(seen.header("authorization").unwrap().starts_with("Bearer tok-"));
+        // auto: ALPN picked HTTP/2 with this upstream, which offers both.
+        assert_eq!(seen.version, version, "{protocol}");
+    }
 }
 
 #[test]

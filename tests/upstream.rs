@@ -1,6 +1,7 @@
-//! The upstream side of the wire for plain-http upstreams: keep-alive reuse, response framing and
-//! the connection lifecycle, against a raw-TCP upstream that answers from a script, so every
-//! byte it sends is chosen by the test.
+//! The upstream side of the wire: keep-alive reuse, response framing and the connection
+//! lifecycle, against a raw upstream that answers from a script, so every byte it sends is
+//! chosen by the test. The lifecycle tests run over plain TCP and over TLS (the lean client
+//! speaks HTTP/1.1 over both).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -27,6 +28,8 @@ type Script = Arc<dyn Fn(usize, &str) -> Act + Send + Sync>;
 
 struct RawUpstream {
     addr: SocketAddr,
+    /// Present when it speaks TLS.
+    tls: Option<Pki>,
     connections: Arc<AtomicUsize>,
     /// Each request's head and body as received.
     requests: Arc<Mutex<Vec<String>>>,
@@ -34,41 +37,46 @@ struct RawUpstream {
 
 impl RawUpstream {
     async fn start(script: impl Fn(usize, &str) -> Act + Send + Sync + 'static) -> Self {
+        Self::start_on(false, script).await
+    }
+
+    /// Over TLS (a fresh test CA) when `tls` is set.
+    async fn start_on(tls: bool, script: impl Fn(usize, &str) -> Act + Send + Sync + 'static) -> Self {
         let script: Script = Arc::new(script);
         let listener = tokio::net::TcpListener::bind(any()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(Mutex::new(Vec::new()));
+        let pki = tls.then(pki);
+        let acceptor = pki.as_ref().map(|p| {
+            let config = tokengate::tls::server_config(&p.server_cert, &p.server_key, None, false).unwrap();
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        });
         let (c, r) = (connections.clone(), requests.clone());
         tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
+            while let Ok((s, _)) = listener.accept().await {
                 c.fetch_add(1, Ordering::SeqCst);
-                let (script, requests) = (script.clone(), r.clone());
+                let (script, requests, acceptor) = (script.clone(), r.clone(), acceptor.clone());
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    while let Some(request) = read_request(&mut s, &mut buf).await {
-                        let n = {
-                            let mut seen = requests.lock().unwrap();
-                            seen.push(request.clone());
-                            seen.len()
-                        };
-                        match script(n, &request) {
-                            Act::Answer(bytes) => {
-                                if s.write_all(&bytes).await.is_err() {
-                                    return;
-                                }
+                    match acceptor {
+                        None => serve_script(s, script, requests).await,
+                        Some(a) => {
+                            if let Ok(s) = a.accept(s).await {
+                                serve_script(s, script, requests).await;
                             }
-                            Act::AnswerAndClose(bytes) => {
-                                let _ = s.write_all(&bytes).await;
-                                return;
-                            }
-                            Act::Close => return,
                         }
                     }
                 });
             }
         });
-        RawUpstream { addr, connections, requests }
+        RawUpstream { addr, tls: pki, connections, requests }
+    }
+
+    fn url(&self) -> String {
+        match self.tls {
+            None => format!("http://{}", self.addr),
+            Some(_) => format!("https://{}", self.addr),
+        }
     }
 
     fn connections(&self) -> usize {
@@ -80,8 +88,38 @@ impl RawUpstream {
     }
 }
 
+/// Answers the requests of one connection from the script.
+async fn serve_script<S>(mut s: S, script: Script, requests: Arc<Mutex<Vec<String>>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = Vec::new();
+    while let Some(request) = read_request(&mut s, &mut buf).await {
+        let n = {
+            let mut seen = requests.lock().unwrap();
+            seen.push(request.clone());
+            seen.len()
+        };
+        match script(n, &request) {
+            Act::Answer(bytes) => {
+                if s.write_all(&bytes).await.is_err() || s.flush().await.is_err() {
+                    return;
+                }
+            }
+            Act::AnswerAndClose(bytes) => {
+                let _ = s.write_all(&bytes).await;
+                // An orderly close (TLS: close_notify), as a keep-alive timeout does.
+                let _ = s.shutdown().await;
+                return;
+            }
+            // Abrupt: no close_notify over TLS.
+            Act::Close => return,
+        }
+    }
+}
+
 /// One request (head and a Content-Length body) as text, or `None` at the end of the connection.
-async fn read_request(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+async fn read_request<S: tokio::io::AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> Option<String> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) {
             let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
@@ -110,7 +148,11 @@ fn ok(body: &str) -> Vec<u8> {
 
 async fn proxy_to(up: &RawUpstream) -> (Idp, tokengate::server::Running) {
     let idp = Idp::start(IdpOptions::default()).await;
-    let tg = start(&idp.config_to(&format!("http://{}", up.addr))).await;
+    let mut config = idp.config_to(&up.url());
+    if let Some(pki) = &up.tls {
+        config.push_str(&format!("    ca_file: {}\n", pki.ca.display()));
+    }
+    let tg = start(&config).await;
     (idp, tg)
 }
 
@@ -122,12 +164,22 @@ async fn fetch(tg: &tokengate::server::Running, method: &str, path: &str) -> (u1
 
 #[tokio::test]
 async fn keep_alive_connections_are_reused() {
-    let up = RawUpstream::start(|n, _| Act::Answer(ok(&format!("answer {n}")))).await;
+    for tls in [false, true] {
+        keep_alive_connections_are_reused_on(tls).await;
+    }
+}
+
+async fn keep_alive_connections_are_reused_on(tls: bool) {
+    let up = RawUpstream::start_on(tls, |n, _| Act::Answer(ok(&format!("answer {n}")))).await;
     let (_idp, tg) = proxy_to(&up).await;
     for n in 1..=20 {
         assert_eq!(fetch(&tg, "GET", "/a").await, (200, format!("answer {n}")));
+        // Idle long enough for a TLS 1.3 session ticket to arrive between requests.
+        if n == 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
-    assert_eq!(up.connections(), 1, "sequential requests share one upstream connection");
+    assert_eq!(up.connections(), 1, "sequential requests share one upstream connection (tls: {tls})");
     let first = &up.requests()[0];
     assert!(first.starts_with("GET /a HTTP/1.1\r\n"), "{first}");
     assert!(first.contains(&format!("host: {}\r\n", up.addr)), "{first}");
@@ -136,24 +188,32 @@ async fn keep_alive_connections_are_reused() {
 
 #[tokio::test]
 async fn a_connection_the_upstream_closed_while_idle_is_not_used() {
-    // Every answer is followed by a close, with no `Connection: close` to announce it, as when a
-    // keep-alive timeout fires on the upstream between two requests.
-    let up = RawUpstream::start(|n, _| Act::AnswerAndClose(ok(&format!("answer {n}")))).await;
-    let (_idp, tg) = proxy_to(&up).await;
-    for n in 1..=3 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(fetch(&tg, "POST", "/a").await, (200, format!("answer {n}")));
+    for tls in [false, true] {
+        // Every answer is followed by a close, with no `Connection: close` to announce it, as
+        // when a keep-alive timeout fires on the upstream between two requests.
+        let up = RawUpstream::start_on(tls, |n, _| Act::AnswerAndClose(ok(&format!("answer {n}")))).await;
+        let (_idp, tg) = proxy_to(&up).await;
+        for n in 1..=3 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(fetch(&tg, "POST", "/a").await, (200, format!("answer {n}")), "tls: {tls}");
+        }
+        assert_eq!(up.connections(), 3);
     }
-    assert_eq!(up.connections(), 3);
 }
 
 #[tokio::test]
 async fn a_request_met_by_a_closing_connection_is_retried_only_when_idempotent() {
+    for tls in [false, true] {
+        met_by_a_closing_connection(tls).await;
+    }
+}
+
+async fn met_by_a_closing_connection(tls: bool) {
     // The second request on every connection finds it closing: the race between a keep-alive
     // timeout and a new request.
     let served = Arc::new(AtomicUsize::new(0));
     let s = served.clone();
-    let racing = RawUpstream::start(move |_, req| {
+    let racing = RawUpstream::start_on(tls, move |_, req| {
         // Requests alternate: answered, then met by a closing connection.
         if s.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
             Act::Answer(ok(&format!("served {}", req.lines().next().unwrap_or_default())))
@@ -165,7 +225,7 @@ async fn a_request_met_by_a_closing_connection_is_retried_only_when_idempotent()
     let (_idp, tg) = proxy_to(&racing).await;
     assert_eq!(fetch(&tg, "GET", "/1").await.0, 200);
     // Sent on the reused connection, which closes: replayed on a new one.
-    assert_eq!(fetch(&tg, "GET", "/2").await.0, 200, "GET is retried on a fresh connection");
+    assert_eq!(fetch(&tg, "GET", "/2").await.0, 200, "GET is retried on a fresh connection (tls: {tls})");
     assert_eq!(fetch(&tg, "GET", "/3").await.0, 200);
     let (status, body) = fetch(&tg, "POST", "/4").await;
     assert_eq!(status, 502, "a POST that may have been acted on is not sent twice: {body}");

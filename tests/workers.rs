@@ -100,11 +100,20 @@ async fn the_connection_limit_holds_across_workers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_upstreams_and_http2_clients_work_on_worker_threads() {
+    // By default HTTP/1.1 over TLS on each worker's own connections; `auto` negotiates HTTP/2.
+    for (protocol, expected) in
+        [("", http::Version::HTTP_11), ("    upstream_protocol: auto\n", http::Version::HTTP_2)]
+    {
+        https_upstream_on_workers(protocol, expected).await;
+    }
+}
+
+async fn https_upstream_on_workers(protocol: &str, expected: http::Version) {
     let pki = pki();
     let idp = Idp::start(IdpOptions::default()).await;
-    let (addr, seen) = tls_upstream(&pki.server_cert, &pki.server_key).await;
+    let (addr, seen, handshakes) = tls_upstream_counted(&pki.server_cert, &pki.server_key).await;
     let yaml = format!(
-        "{}routes:\n  - prefix: /\n    upstream: https://127.0.0.1:{}\n    provider: idp\n    ca_file: {}\n",
+        "{}routes:\n  - prefix: /\n    upstream: https://127.0.0.1:{}\n    provider: idp\n    ca_file: {}\n{protocol}",
         idp.provider_yaml(),
         addr.port(),
         pki.ca.display()
@@ -124,5 +133,18 @@ async fn https_upstreams_and_http2_clients_work_on_worker_threads() {
     }
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 16);
-    assert!(seen.iter().all(|r| r.version == http::Version::HTTP_2 && r.header("authorization").is_some()));
+    assert!(seen.iter().all(|r| r.version == expected && r.header("authorization").is_some()), "{protocol}");
+    // Connections are kept alive: more requests, one at a time, open no new ones.
+    let opened = handshakes.load(std::sync::atomic::Ordering::SeqCst);
+    let c = client();
+    for n in 0..10 {
+        assert_eq!(c.get(format!("http://{}/again{n}", tg.proxy_addr)).send().await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        handshakes.load(std::sync::atomic::Ordering::SeqCst),
+        opened,
+        "{protocol}: upstream connections not reused"
+    );
+    assert!(opened <= 16, "{opened} handshakes for 16 requests");
+    tg.shutdown().await;
 }

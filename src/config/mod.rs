@@ -262,6 +262,20 @@ impl Default for Limits {
     }
 }
 
+/// How tokengate speaks to an `https://` upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over TLS on keep-alive connections owned by each worker thread: the request is
+    /// written and the response read by the task serving the client, and throughput grows with
+    /// the workers. Streamed request bodies still go through hyper's client.
+    #[default]
+    Http1,
+    /// HTTP/2 when the upstream offers it by ALPN, else HTTP/1.1, through hyper's pooled client:
+    /// few upstream connections (one HTTP/2 connection carries every request).
+    Auto,
+}
+
 /// One route: requests whose path starts with `prefix` go to `upstream` with `provider`'s token.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -281,6 +295,9 @@ pub struct RouteConfig {
     /// Extra PEM CA bundle trusted for this upstream, in addition to the public roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// How requests reach an `https://` upstream (plain `http://` is always HTTP/1.1).
+    #[serde(default)]
+    pub upstream_protocol: UpstreamProtocol,
     /// Client address blocks allowed on this route, in addition to the listener's list.
     #[serde(default)]
     pub allow: Vec<Cidr>,

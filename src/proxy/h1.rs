@@ -1,26 +1,26 @@
-//! A lean HTTP/1.1 client for plain-http upstreams.
+//! A lean HTTP/1.1 client for upstreams, plain or over TLS ([`super::stream`]).
 //!
 //! The task serving the downstream connection writes the request and reads the response itself:
 //! no connection task, channel or checkout future in between, the response head and a body of up
 //! to [`WHOLE_BODY`] come from one read into one buffer, and headers are slices of that buffer.
-//! It only sends bodies held in memory (empty or buffered for a 401 replay); streamed uploads and
-//! https upstreams (which may negotiate HTTP/2) go through the hyper client.
+//! It only sends bodies held in memory (empty or buffered for a 401 replay); streamed uploads
+//! go through the hyper client.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 
 use super::Body;
+use super::stream::{Stream, Tls};
 
 /// The first read's buffer: a head and a small body arrive in one read.
 const READ_BUF: usize = 32 * 1024;
@@ -92,6 +92,7 @@ pub struct Head<'a> {
 pub struct Pool {
     addr: String,
     host: String,
+    tls: Option<Tls>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_head: usize,
@@ -103,20 +104,20 @@ pub struct Pool {
 
 /// An upstream connection holding one of its upstream's slots until it is dropped.
 struct Conn {
-    io: TcpStream,
+    io: Stream,
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl std::ops::Deref for Conn {
-    type Target = TcpStream;
+    type Target = Stream;
 
-    fn deref(&self) -> &TcpStream {
+    fn deref(&self) -> &Stream {
         &self.io
     }
 }
 
 impl std::ops::DerefMut for Conn {
-    fn deref_mut(&mut self) -> &mut TcpStream {
+    fn deref_mut(&mut self) -> &mut Stream {
         &mut self.io
     }
 }
@@ -142,16 +143,20 @@ struct Idle {
 }
 
 impl Pool {
-    /// A pool for `authority` (port 80 when none is given).
+    /// A pool for `authority`, over TLS when `tls` is given (port 80, or 443 with TLS, when
+    /// none is given).
     pub fn new(
         authority: &http::uri::Authority,
+        tls: Option<Tls>,
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_head: usize,
         slots: &Arc<super::limit::UpstreamSlots>,
     ) -> Self {
-        let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
+        let default_port = if tls.is_some() { 443 } else { 80 };
+        let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(default_port));
         Pool {
+            tls,
             limit: slots.of(&addr.to_ascii_lowercase()),
             addr,
             host: authority.as_str().to_owned(),
@@ -213,9 +218,9 @@ impl Pool {
         method: &Method,
     ) -> Result<Response<Body>, Attempt> {
         let written = async {
-            io.write_all(head).await?;
+            io.send(head).await?;
             if let Some(body) = body {
-                io.write_all(body).await?;
+                io.send(body).await?;
             }
             Ok::<_, std::io::Error>(())
         };
@@ -249,21 +254,18 @@ impl Pool {
 
     async fn connect(&self) -> Result<Conn, Error> {
         let slot = self.limit.acquire().await?;
-        let connect = TcpStream::connect(self.addr.as_str());
-        let io = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Err(_) => return Err(Error::ConnectTimeout(self.addr.clone())),
-            Ok(Err(source)) => return Err(Error::Connect { addr: self.addr.clone(), source }),
-            Ok(Ok(io)) => io,
-        };
-        io.set_nodelay(true)?;
-        Ok(Conn { io, _slot: slot })
+        match Stream::connect(&self.addr, self.tls.as_ref(), self.connect_timeout).await {
+            Ok(None) => Err(Error::ConnectTimeout(self.addr.clone())),
+            Err(source) => Err(Error::Connect { addr: self.addr.clone(), source }),
+            Ok(Some(io)) => Ok(Conn { io, _slot: slot }),
+        }
     }
 
     /// The most recently used live idle connection; stale ones are dropped.
     fn checkout(&self) -> Option<(Conn, BytesMut)> {
         loop {
-            let idle = self.idle().pop_back()?;
-            if idle.since.elapsed() < self.idle_timeout && still_open(&idle.io) {
+            let mut idle = self.idle().pop_back()?;
+            if idle.since.elapsed() < self.idle_timeout && idle.io.still_open() {
                 return Some((idle.io, idle.buf));
             }
         }
@@ -317,19 +319,6 @@ fn replayable(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
     )
-}
-
-/// An idle connection has nothing to read; readable means closed by the peer or garbage. The
-/// readiness check itself costs no system call.
-fn still_open(io: &TcpStream) -> bool {
-    match io.poll_read_ready(&mut Context::from_waker(Waker::noop())) {
-        Poll::Pending => true,
-        Poll::Ready(Err(_)) => false,
-        // Readiness can be left over from the last read: ask the socket.
-        Poll::Ready(Ok(())) => {
-            matches!(io.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-        }
-    }
 }
 
 fn encode(out: &mut Vec<u8>, host: &str, head: &Head<'_>, body: &Bytes) {
@@ -414,9 +403,11 @@ async fn read_head(
     }
 }
 
+/// The connection went away under the request. Over TLS a close without close_notify reads as
+/// `UnexpectedEof`: the same as a plain connection's end.
 fn is_reset(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
+    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
 }
 
 /// A parsed head as offsets into the read buffer, so values can become slices of it.
@@ -784,6 +775,7 @@ mod tests {
     fn decode_all(framing: Framing, wire: &[u8]) -> Result<Vec<u8>, Error> {
         let pool = Arc::new(Pool::new(
             &"127.0.0.1:1".parse().unwrap(),
+            None,
             Duration::from_secs(1),
             Duration::from_secs(1),
             8192,

@@ -7,6 +7,7 @@ pub mod error;
 pub mod h1;
 pub mod headers;
 pub mod limit;
+pub mod stream;
 pub mod upstream;
 
 use std::sync::{Arc, OnceLock};
@@ -58,7 +59,8 @@ pub struct Route {
     /// A verified client certificate is required.
     pub require_client_cert: bool,
     client: upstream::UpstreamClient,
-    // Plain-http upstreams: the lean client for requests whose body is in memory.
+    // The lean HTTP/1.1 client (plain, or TLS with `upstream_protocol: http1`) for requests
+    // whose body is in memory.
     h1: Option<Arc<h1::Pool>>,
 }
 
@@ -101,22 +103,40 @@ impl Runtime {
             let client = clients
                 .get(&config.limits, r.ca_file.as_ref(), &slots)
                 .map_err(|e| format!("route {}: {e}", r.label()))?;
-            let h1 = (r.upstream.scheme == http::uri::Scheme::HTTP).then(|| {
-                let limits = &config.limits;
-                let pool =
-                    pools.entry(r.upstream.authority.as_str().to_ascii_lowercase()).or_insert_with(|| {
-                        let pool = Arc::new(h1::Pool::new(
-                            &r.upstream.authority,
-                            limits.upstream_connect_timeout,
-                            limits.upstream_idle_timeout,
-                            usize::try_from(limits.max_header_size).unwrap_or(usize::MAX),
-                            &slots,
-                        ));
-                        pool.share_idle();
-                        pool
-                    });
-                pool.clone()
-            });
+            let https = r.upstream.scheme == http::uri::Scheme::HTTPS;
+            let key = format!(
+                "{}://{}|{}",
+                r.upstream.scheme,
+                r.upstream.authority.as_str().to_ascii_lowercase(),
+                r.ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+            );
+            let lean = !https || r.upstream_protocol == crate::config::UpstreamProtocol::Http1;
+            let h1 = match pools.get(&key) {
+                _ if !lean => None,
+                Some(pool) => Some(pool.clone()),
+                None => {
+                    let tls = if https {
+                        Some(
+                            stream::Tls::new(r.upstream.authority.host(), r.ca_file.as_deref())
+                                .map_err(|e| format!("route {}: {e}", r.label()))?,
+                        )
+                    } else {
+                        None
+                    };
+                    let limits = &config.limits;
+                    let pool = Arc::new(h1::Pool::new(
+                        &r.upstream.authority,
+                        tls,
+                        limits.upstream_connect_timeout,
+                        limits.upstream_idle_timeout,
+                        usize::try_from(limits.max_header_size).unwrap_or(usize::MAX),
+                        &slots,
+                    ));
+                    pool.share_idle();
+                    pools.insert(key, pool.clone());
+                    Some(pool)
+                }
+            };
             let route = Route {
                 label: r.label().to_owned(),
                 prefix: r.prefix.as_str().to_owned(),

@@ -13,6 +13,9 @@ use std::task::{Context, Poll};
 
 use super::connection::Activity;
 
+/// hyper's answer is a status line and three short headers, about 110 bytes.
+const HYPER_ANSWER_MAX: usize = 192;
+
 /// The socket, with hyper's bodiless parse-error answers replaced.
 pub(super) struct ErrorBodies<T> {
     inner: T,
@@ -30,7 +33,12 @@ impl<T> ErrorBodies<T> {
     /// If `data` begins with one of hyper's own error answers, the replacement and how many
     /// bytes of `data` it replaces.
     fn replacement(&self, data: &[u8]) -> Option<(Vec<u8>, usize)> {
-        if self.activity.in_flight() != 0 || !data.starts_with(b"HTTP/1.1 ") {
+        // Cheap tests first: this runs for every write. hyper's answer is a short 4xx/5xx head.
+        if data.len() > HYPER_ANSWER_MAX
+            || !data.starts_with(b"HTTP/1.1 ")
+            || !matches!(data.get(9), Some(b'4' | b'5'))
+            || self.activity.in_flight() != 0
+        {
             return None;
         }
         let end = data.windows(4).position(|w| w == b"\r\n\r\n")? + 4;

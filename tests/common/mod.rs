@@ -371,6 +371,17 @@ pub async fn tls_upstream(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    let (addr, seen, _) = tls_upstream_counted(cert, key).await;
+    (addr, seen)
+}
+
+/// [`tls_upstream`], also counting the TLS handshakes it completed.
+pub async fn tls_upstream_counted(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>, Arc<AtomicUsize>) {
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let counter = handshakes.clone();
     let config = tokengate::tls::server_config(cert, key, None, false).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind(any()).await.unwrap();
@@ -379,9 +390,10 @@ pub async fn tls_upstream(
     let s = seen.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, seen) = (acceptor.clone(), s.clone());
+            let (acceptor, seen, counter) = (acceptor.clone(), s.clone(), counter.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
+                counter.fetch_add(1, Ordering::SeqCst);
                 let svc = hyper::service::service_fn(move |req| {
                     let seen = seen.clone();
                     async move {
@@ -396,7 +408,7 @@ pub async fn tls_upstream(
             });
         }
     });
-    (addr, seen)
+    (addr, seen, handshakes)
 }
 
 /// An HTTPS client trusting `ca_pem`, presenting a client certificate when given.

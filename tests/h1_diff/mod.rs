@@ -117,6 +117,7 @@ async fn lean(addr: SocketAddr, target: &str) -> Verdict {
     let slots = tokengate::proxy::limit::UpstreamSlots::new(4, Duration::from_secs(1));
     let pool = Arc::new(tokengate::proxy::h1::Pool::new(
         &authority,
+        None,
         Duration::from_secs(1),
         Duration::from_secs(10),
         64 * 1024,

@@ -1,0 +1,134 @@
+//! The lean client's upstream socket: plain TCP, or TLS over TCP (rustls) for `https://`
+//! upstreams spoken to in HTTP/1.1.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// How to open TLS to one upstream: the client settings (trust, ALPN `http/1.1`, the session
+/// cache that makes later handshakes resumptions) and the name the certificate must carry.
+#[derive(Clone)]
+pub struct Tls {
+    connector: tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl Tls {
+    /// TLS to `host`, trusting the public roots and `ca_file`.
+    pub fn new(host: &str, ca_file: Option<&std::path::Path>) -> Result<Self, crate::tls::TlsError> {
+        let config = crate::tls::client_config(ca_file, &[b"http/1.1"])?;
+        // An IP literal in brackets (`[::1]`) is a name without them.
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(bare.to_owned()).map_err(|e| {
+            crate::tls::TlsError::CaFile {
+                path: host.to_owned(),
+                reason: format!("not a TLS server name: {e}"),
+            }
+        })?;
+        Ok(Tls { connector: tokio_rustls::TlsConnector::from(Arc::new(config)), name })
+    }
+}
+
+/// An open upstream connection.
+pub enum Stream {
+    /// `http://`.
+    Plain(TcpStream),
+    /// `https://`, HTTP/1.1 inside.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Connects to `addr`, with TLS when `tls` is given, all within `timeout`.
+    pub async fn connect(addr: &str, tls: Option<&Tls>, timeout: Duration) -> std::io::Result<Option<Self>> {
+        let open = async {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            match tls {
+                None => Ok(Stream::Plain(tcp)),
+                Some(t) => Ok(Stream::Tls(Box::new(t.connector.connect(t.name.clone(), tcp).await?))),
+            }
+        };
+        match tokio::time::timeout(timeout, open).await {
+            Err(_) => Ok(None),
+            Ok(r) => r.map(Some),
+        }
+    }
+
+    /// Writes `data` whole and pushes it onto the wire (TLS buffers records until flushed).
+    pub async fn send(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.write_all(data).await?;
+        if let Stream::Tls(_) = self {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// An idle connection has nothing to read; readable means closed by the peer or garbage. For
+    /// plain TCP the readiness check costs no system call. Over TLS, bytes may also be a session
+    /// ticket (TLS 1.3 servers send them after the handshake), so they are read through TLS:
+    /// no application data means the connection is still good.
+    pub fn still_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self {
+            Stream::Plain(io) => match io.poll_read_ready(&mut cx) {
+                Poll::Pending => true,
+                Poll::Ready(Err(_)) => false,
+                // Readiness can be left over from the last read: ask the socket.
+                Poll::Ready(Ok(())) => {
+                    matches!(io.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                }
+            },
+            Stream::Tls(tls) => match tls.get_ref().0.poll_read_ready(&mut cx) {
+                Poll::Pending => true,
+                Poll::Ready(Err(_)) => false,
+                Poll::Ready(Ok(())) => {
+                    let mut byte = [0u8; 1];
+                    let mut buf = ReadBuf::new(&mut byte);
+                    // Pending: what arrived was TLS housekeeping. Ready: end of stream, an error,
+                    // or data nobody asked for; none of them leaves a usable connection.
+                    Pin::new(&mut **tls).poll_read(&mut cx, &mut buf).is_pending()
+                }
+            },
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Stream::Tls(io) => Pin::new(&mut **io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(io) => Pin::new(io).poll_write(cx, data),
+            Stream::Tls(io) => Pin::new(&mut **io).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(io) => Pin::new(io).poll_flush(cx),
+            Stream::Tls(io) => Pin::new(&mut **io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Stream::Tls(io) => Pin::new(&mut **io).poll_shutdown(cx),
+        }
+    }
+}
