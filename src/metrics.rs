@@ -194,6 +194,26 @@ impl Metrics {
         }
     }
 
+    /// Requests answered and those answered 5xx, by route label, since start.
+    pub fn route_totals(&self) -> std::collections::HashMap<String, (u64, u64)> {
+        let mut out: std::collections::HashMap<String, (u64, u64)> = std::collections::HashMap::new();
+        for family in prometheus::core::Collector::collect(&self.requests) {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label().iter().find(|l| l.name() == name).map(|l| l.value().to_owned())
+                };
+                let (Some(route), Some(status)) = (label("route"), label("status")) else { continue };
+                let n = m.get_counter().get_value() as u64;
+                let entry = out.entry(route).or_default();
+                entry.0 += n;
+                if status.starts_with('5') {
+                    entry.1 += n;
+                }
+            }
+        }
+        out
+    }
+
     /// The name of every metric family, including ones with no samples yet.
     pub fn names(&self) -> &[String] {
         &self.names

@@ -60,8 +60,7 @@ impl RedisServer {
         let child = match child {
             Ok(c) => c,
             Err(_) => {
-                assert!(std::env::var_os("CI").is_none(), "redis-server must be installed in CI");
-                println!("SKIPPED: redis-server is not installed (apt-get install redis-server)");
+                skipped("redis-server", "apt-get install redis-server");
                 return None;
             }
         };
@@ -246,9 +245,8 @@ async fn unreachable_redis_falls_back_to_own_fetches() {
 /// curl is the HTTP_PROXY client these tests use; `.ci/run` installs it.
 fn have_curl() -> bool {
     let ok = Command::new("curl").arg("--version").output().is_ok();
-    assert!(ok || std::env::var_os("CI").is_none(), "curl must be installed in CI");
     if !ok {
-        eprintln!("curl not installed; skipping");
+        skipped("curl", "apt-get install curl");
     }
     ok
 }
@@ -606,8 +604,7 @@ async fn probe_paths_and_dashboard_metrics_exist() {
 fn promtool(args: &[&str]) -> Option<String> {
     let dir = format!("{}/deploy/prometheus", env!("CARGO_MANIFEST_DIR"));
     let Ok(out) = Command::new("promtool").args(args).current_dir(dir).output() else {
-        assert!(std::env::var_os("CI").is_none(), "promtool must be installed in CI");
-        println!("SKIPPED: promtool is not installed (apt-get install prometheus); alert rules not checked");
+        skipped("promtool", "apt-get install prometheus");
         return None;
     };
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

@@ -3,10 +3,12 @@
 //!
 //! It is part of the security boundary: `/tokens` and `/readyz` describe the credentials and a
 //! reload changes where they are sent. Every request passes [`guard`] first: the client address
-//! must be in `admin.allow`, a web browser is refused (`Origin` / `Sec-Fetch-*`: CSRF), and `Host`
-//! must be an IP literal, `localhost` or a name in `admin.hosts` (DNS rebinding).
+//! must be in `admin.allow`, a web browser is refused (`Origin` / `Sec-Fetch-*`: CSRF) except for
+//! the status page's own same-origin requests ([`status`]), and `Host` must be an IP literal,
+//! `localhost` or a name in `admin.hosts` (DNS rebinding).
 
 pub mod readiness;
+pub mod status;
 
 use std::sync::Arc;
 
@@ -64,6 +66,17 @@ pub async fn handle<B>(control: &Arc<Control>, req: Request<B>, conn: Conn) -> R
             resp
         }
         "/healthz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        "/" => {
+            let mut resp = Response::new(Body::full(status::PAGE));
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+            h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(status::CSP));
+            h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+            resp
+        }
+        "/status.json" => json_response(StatusCode::OK, &status::json(control)),
         "/tokens" => {
             let runtime = proxy.runtime.load();
             let providers: serde_json::Map<String, serde_json::Value> = runtime
@@ -94,7 +107,7 @@ pub async fn handle<B>(control: &Arc<Control>, req: Request<B>, conn: Conn) -> R
         }
         other => json_response(
             StatusCode::NOT_FOUND,
-            &serde_json::json!({"error": "not_found", "path": other, "message": "admin endpoints: /metrics, /healthz, /readyz, /tokens, POST /reload"}),
+            &serde_json::json!({"error": "not_found", "path": other, "message": "admin endpoints: / (status page), /status.json, /metrics, /healthz, /readyz, /tokens, POST /reload"}),
         ),
     }
 }
@@ -110,7 +123,7 @@ fn guard<B>(admin: &Admin, req: &Request<B>, conn: &Conn) -> Result<(), (&'stati
     if !crate::config::allowed(&admin.allow, conn.remote.ip()) {
         return Err(("address_not_allowed", "this client address may not use the admin listener"));
     }
-    if crate::proxy::admit::from_browser(req.headers()) {
+    if crate::proxy::admit::from_browser(req.headers()) && !status_page_request(req) {
         return Err(("browser_request", "requests from web browsers are not accepted"));
     }
     let host = req
@@ -124,6 +137,32 @@ fn guard<B>(admin: &Admin, req: &Request<B>, conn: &Conn) -> Result<(), (&'stati
         return Err(("host_not_allowed", "this Host is not served by the admin listener"));
     }
     Ok(())
+}
+
+/// A browser may load the status page and make its own requests: `GET /` typed into the address
+/// bar (`Sec-Fetch-Site: none`) and the page's same-origin `GET /status.json` and `POST /reload`.
+/// Another site's page is refused: its requests say `cross-site` or `same-site`, or carry an
+/// `Origin` that is not this listener (browsers without `Sec-Fetch-*` still send `Origin` on
+/// POST). Together with the `Host` check, no other page can read or change anything here.
+fn status_page_request<B>(req: &Request<B>) -> bool {
+    let h = req.headers();
+    let site = h.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    let path = req.uri().path();
+    let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
+    let same_origin = match h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(origin) => host.is_some_and(|host| {
+            origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) == Some(host)
+        }),
+    };
+    let allowed_site = match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, "/") => matches!(site, None | Some("none" | "same-origin")),
+        (&Method::GET | &Method::HEAD, "/status.json") | (&Method::POST, "/reload") => {
+            matches!(site, None | Some("same-origin"))
+        }
+        _ => false,
+    };
+    allowed_site && same_origin
 }
 
 /// An IP literal (what probes and scrapers send), `localhost`, or a configured name.

@@ -69,6 +69,8 @@ pub struct Route {
 pub struct Runtime {
     /// Routes by prefix.
     pub table: RouteTable<Arc<Route>>,
+    /// The same routes in configuration order.
+    pub routes: Vec<Arc<Route>>,
     /// Token sources by provider name.
     pub providers: Providers,
     /// Limits in force.
@@ -93,6 +95,7 @@ impl Runtime {
         );
         let mut pools: std::collections::HashMap<String, Arc<h1::Pool>> = std::collections::HashMap::new();
         let mut table = RouteTable::default();
+        let mut routes = Vec::new();
         let mut by_host: std::collections::HashMap<String, Vec<Arc<Route>>> =
             std::collections::HashMap::new();
         for r in &config.routes {
@@ -160,10 +163,12 @@ impl Runtime {
             if host != authority {
                 by_host.entry(host).or_default().push(route.clone());
             }
+            routes.push(route.clone());
             table.insert(r.prefix.as_str(), route);
         }
         Ok(Runtime {
             table,
+            routes,
             providers,
             limits: config.limits.clone(),
             access: config.access.clone(),

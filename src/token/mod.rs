@@ -163,6 +163,9 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Consecutive failed fetches.
     pub consecutive_failures: u32,
+    /// Seconds until the next scheduled fetch: the refresh ahead of expiry, or the retry after
+    /// a failure.
+    pub refresh_in_seconds: Option<u64>,
 }
 
 impl TokenSource {
@@ -438,16 +441,19 @@ impl TokenSource {
     pub fn status(&self) -> Status {
         let token = self.usable();
         let h = self.health.lock();
-        let (last_error, last_success, failures, fetched, failed) = match &h {
+        let (last_error, last_success, failures, fetched, failed, retry_at) = match &h {
             Ok(h) => (
                 h.last_error.as_ref().map(ToString::to_string),
                 h.last_success,
                 h.failures,
                 h.fetched,
                 h.failed,
+                h.quiet_until.filter(|_| h.failures > 0),
             ),
-            Err(_) => (None, None, 0, 0, 0),
+            Err(_) => (None, None, 0, 0, 0, None),
         };
+        let now = Instant::now();
+        let next = retry_at.or_else(|| self.current.load().as_ref().map(|t| t.refresh_at));
         let state = if self.fetch_lock.try_lock().is_err() {
             "refreshing"
         } else if failures > 0 {
@@ -469,6 +475,7 @@ impl TokenSource {
                 .map(|d| d.as_secs()),
             last_error,
             consecutive_failures: failures,
+            refresh_in_seconds: next.map(|t| t.saturating_duration_since(now).as_secs()),
         }
     }
 }

@@ -526,3 +526,11 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// Says, in the normal test output, that a test cannot run because `tool` is missing (libtest
+/// captures `println!`, not a direct write to stderr). In CI (`CI` set) a missing tool fails.
+pub fn skipped(tool: &str, install: &str) {
+    use std::io::Write;
+    assert!(std::env::var_os("CI").is_none(), "{tool} must be installed in CI ({install})");
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {tool} is not installed ({install}); the test did not run");
+}
