@@ -77,23 +77,10 @@ pub async fn handle<B>(control: &Arc<Control>, req: Request<B>, conn: Conn) -> R
             resp
         }
         "/status.json" => json_response(StatusCode::OK, &status::json(control)),
-        "/tokens" => {
-            let runtime = proxy.runtime.load();
-            let providers: serde_json::Map<String, serde_json::Value> = runtime
-                .providers
-                .iter()
-                .map(|(name, p)| {
-                    let mut v = serde_json::to_value(p.status()).unwrap_or_default();
-                    v["type"] = match p.config() {
-                        crate::config::Provider::OAuth2(_) => "oauth2",
-                        crate::config::Provider::Http(_) => "http",
-                    }
-                    .into();
-                    (name.clone(), v)
-                })
-                .collect();
-            json_response(StatusCode::OK, &serde_json::json!({ "providers": providers }))
-        }
+        "/tokens" => json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "providers": status::providers(&proxy.runtime.load().providers) }),
+        ),
         "/readyz" => {
             let runtime = proxy.runtime.load();
             let providers: serde_json::Map<String, serde_json::Value> = runtime

@@ -15,12 +15,9 @@ pub const PAGE: &str = include_str!("status.html");
 pub const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
                        connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
-/// What the page shows, as JSON.
-pub fn json(control: &Control) -> serde_json::Value {
-    let proxy = control.proxy();
-    let runtime = proxy.runtime.load();
-    let providers: serde_json::Map<String, serde_json::Value> = runtime
-        .providers
+/// Each provider's state (no token values) and type, by name: `/tokens` and the page.
+pub fn providers(providers: &crate::token::Providers) -> serde_json::Map<String, serde_json::Value> {
+    providers
         .iter()
         .map(|(name, p)| {
             let mut v = serde_json::to_value(p.status()).unwrap_or_default();
@@ -31,7 +28,14 @@ pub fn json(control: &Control) -> serde_json::Value {
             .into();
             (name.clone(), v)
         })
-        .collect();
+        .collect()
+}
+
+/// What the page shows, as JSON.
+pub fn json(control: &Control) -> serde_json::Value {
+    let proxy = control.proxy();
+    let runtime = proxy.runtime.load();
+    let providers = providers(&runtime.providers);
     let totals = proxy.metrics.route_totals();
     let routes: Vec<serde_json::Value> = runtime
         .routes
