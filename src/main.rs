@@ -101,10 +101,12 @@ fn main() -> ExitCode {
 
 fn init_logging(cli: &Cli) {
     // An explicit --log wins over RUST_LOG, which wins over the default.
+    // `token` prints the IdP's error itself; its own log would say it a second time.
+    let default = if matches!(cli.command, Some(Command::Token { .. })) { "off" } else { "info" };
     let filter = match &cli.log {
         Some(f) => tracing_subscriber::EnvFilter::new(f),
         None => tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
     };
     // Colour only for a terminal, and never with NO_COLOR (no-color.org): escape codes in a log
     // file are noise.

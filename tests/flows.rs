@@ -428,6 +428,7 @@ async fn token_command_shows_expiry_and_claims_with_the_token_masked() {
     let (code, _, err) = run(&["token", "-c", path, "q"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("invalid_scope") && err.contains("scope not allowed"), "{err}");
+    assert_eq!(err.matches("scope not allowed").count(), 1, "the IdP's error is printed once: {err}");
     let (code, _, err) = run(&["token", "-c", path, "nope"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("no provider named \"nope\""), "{err}");

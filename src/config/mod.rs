@@ -654,16 +654,25 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
         let inner = e.into_inner();
         // serde points at the start of the enclosing mapping for errors raised by value parsers,
         // `locate` at the key itself; the later of the two is the offending line.
-        let line = match (inner.location().map(|l| l.line()), locate(text, &key)) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        ConfigError::Invalid {
-            path: path.to_owned(),
-            line,
-            message: bare_message(&inner.to_string(), &key),
-            key,
+        let message = bare_message(&inner.to_string(), &key);
+        // A required key that is missing may be in the file, in the wrong map.
+        let needed = message.strip_prefix("needs ").and_then(|m| m.split([' ', ',', ':']).next());
+        if let Some((line, hint)) = needed.and_then(|field| misplaced(text, &key, field)) {
+            return ConfigError::Invalid { path: path.to_owned(), line: Some(line), key, message: hint };
         }
+        let lines: Vec<&str> = text.lines().collect();
+        let line = match (inner.location().map(|l| l.line()), locate(text, &key)) {
+            // serde's position is the more precise one when it lies inside the key's own block
+            // (a bad value deep in a list); elsewhere it is where parsing went on after the key.
+            (Some(serde), Some(key_line)) => {
+                let indent =
+                    lines.get(key_line - 1).map_or(0, |l| l.len() - l.trim_start_matches([' ', '-']).len());
+                let end = block_end(&lines, key_line - 1, indent);
+                Some(if serde >= key_line && serde <= end { serde } else { key_line })
+            }
+            (a, b) => b.or(a),
+        };
+        ConfigError::Invalid { path: path.to_owned(), line, message, key }
     })?;
     let invalid = |key: String, message: String| ConfigError::Invalid {
         line: locate(text, &key),
@@ -764,6 +773,7 @@ fn bare_message(message: &str, key: &str) -> String {
 /// Best effort: serde reports positions for parse errors, this covers cross-key checks.
 fn locate(text: &str, key: &str) -> Option<usize> {
     let lines: Vec<&str> = text.lines().collect();
+    let indent_of = |l: &str| l.len() - l.trim_start_matches([' ', '-']).len();
     let mut start = 0;
     let mut min_indent = 0;
     let mut found = None;
@@ -774,7 +784,7 @@ fn locate(text: &str, key: &str) -> Option<usize> {
         };
         let (line, indent) = (start..lines.len()).find_map(|i| {
             let l = lines[i];
-            let indent = l.len() - l.trim_start_matches([' ', '-']).len();
+            let indent = indent_of(l);
             let body = l.trim_start_matches([' ', '-']);
             (indent >= min_indent
                 && body.starts_with(name)
@@ -785,7 +795,14 @@ fn locate(text: &str, key: &str) -> Option<usize> {
         start = line + 1;
         min_indent = indent + 1;
         if let Some(n) = index {
-            let mut items = (start..lines.len()).filter(|&i| {
+            let value = lines[line].split_once(':').map_or("", |(_, v)| v.trim());
+            if value.starts_with('[') {
+                // A flow list (`allow: [a, b]`): its items are on this line.
+                return Some(line + 1);
+            }
+            // Block items belong to this key only until the next line indented like it or less.
+            let end = block_end(&lines, line, indent);
+            let mut items = (start..end).filter(|&i| {
                 let l = lines[i];
                 let t = l.trim_start();
                 t.starts_with('-') && l.len() - t.len() >= indent
@@ -797,6 +814,57 @@ fn locate(text: &str, key: &str) -> Option<usize> {
         }
     }
     found.map(|l| l + 1)
+}
+
+/// The index of the first line after `line` (whose key is indented `indent`) that is indented
+/// as much or less: where that key's block ends. Blank and comment lines belong to no block.
+fn block_end(lines: &[&str], line: usize, indent: usize) -> usize {
+    (line + 1..lines.len())
+        .find(|&i| {
+            let l = lines[i];
+            let t = l.trim_start();
+            !t.is_empty() && !t.starts_with('#') && l.len() - t.len() <= indent && !t.starts_with('-')
+        })
+        .unwrap_or(lines.len())
+}
+
+/// When `key` (a map, like `providers.idp`) lacks `field`, a line that names `field` but ended
+/// up outside that map because of its indentation, with a message saying so.
+fn misplaced(text: &str, key: &str, field: &str) -> Option<(usize, String)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let at = locate(text, key)? - 1;
+    let own = lines[at].len() - lines[at].trim_start_matches([' ', '-']).len();
+    // The indentation of the map's own keys: its first content line.
+    let child = lines[at + 1..].iter().find_map(|l| {
+        let t = l.trim_start();
+        (!t.is_empty() && !t.starts_with('#')).then_some(l.len() - t.len())
+    })?;
+    if child <= own {
+        return None;
+    }
+    for (i, l) in lines.iter().enumerate().skip(at + 1) {
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let indent = l.len() - t.len();
+        // Past the map's parent: another section; nothing of this map is there.
+        if indent < own || (indent == own && t.starts_with('-')) {
+            break;
+        }
+        let names_field = t.strip_prefix(field).is_some_and(|rest| rest.trim_start().starts_with(':'));
+        if names_field && indent != child {
+            let parent = key.rsplit_once('.').map_or(key, |(_, last)| last);
+            return Some((
+                i + 1,
+                format!(
+                    "`{field}` here is indented {indent} spaces, so it is not one of {key}'s keys (indented {child}); \
+                     indent it like `{parent}`'s other keys ({key}: needs {field})"
+                ),
+            ));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -905,6 +973,44 @@ routes:
         std::fs::write(&path, MINIMAL.replace("s3cret", "${SECRET}")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(permission_warning(&path).is_none());
+    }
+
+    #[test]
+    fn a_key_in_the_wrong_map_is_reported_at_its_own_line() {
+        for (indent, spaces) in [("   ", 3), ("  ", 2)] {
+            let text = MINIMAL
+                .replace("    client_id: app\n", "")
+                .replace("    scopes: [read]\n", &format!("    scopes: [read]\n{indent}client_id: app\n"));
+            let err = parse_with_env(&text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("test.yaml:7: providers.idp: `client_id` here is indented"),
+                "{spaces}: {err}"
+            );
+            assert!(
+                err.contains(&format!("indented {spaces} spaces")) && err.contains("(indented 4)"),
+                "{err}"
+            );
+        }
+        // Really missing: the plain message, at the provider's line.
+        let text = MINIMAL.replace("    client_id: app\n", "");
+        let err = parse_with_env(&text).unwrap_err().to_string();
+        assert!(err.starts_with("test.yaml:2: providers.idp: needs client_id"), "{err}");
+    }
+
+    #[test]
+    fn bad_top_level_cidrs_are_reported_at_their_own_line() {
+        for (section, extra) in [("access", ""), ("forward_proxy", "  listen: 127.0.0.1:3128\n")] {
+            let text = format!("{section}:\n{extra}  allow: [10.0.0.0/8, 10.0.0.0/33]\n{MINIMAL}");
+            let err = parse_with_env(&text).unwrap_err().to_string();
+            let line = if extra.is_empty() { 2 } else { 3 };
+            assert!(err.starts_with(&format!("test.yaml:{line}: {section}.allow")), "{err}");
+            let block = format!("{section}:\n{extra}  allow:\n    - 10.0.0.0/8\n    - 300.0.0.1\n{MINIMAL}");
+            let err = parse_with_env(&block).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{section}.allow")) && !err.contains(":12:") && !err.contains(":13:"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
