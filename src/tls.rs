@@ -20,6 +20,14 @@ pub enum TlsError {
         /// Why.
         reason: String,
     },
+    /// The upstream host cannot be a TLS server name (checked against its certificate).
+    #[error("{host} is not a TLS server name: {reason}")]
+    ServerName {
+        /// The host.
+        host: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A rustls client configuration with ALPN set to `alpn` (e.g. `h2`, `http/1.1`).
