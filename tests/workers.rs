@@ -134,8 +134,17 @@ async fn https_upstream_on_workers(protocol: &str, expected: http::Version) {
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 16);
     assert!(seen.iter().all(|r| r.version == expected && r.header("authorization").is_some()), "{protocol}");
-    // Connections are kept alive: more requests, one at a time, open no new ones.
-    let opened = handshakes.load(std::sync::atomic::Ordering::SeqCst);
+    // Connections are kept alive: more requests, one at a time, open no new ones. hyper's pool
+    // may still be finishing handshakes it started for the burst: count once that settles.
+    let mut opened = handshakes.load(std::sync::atomic::Ordering::SeqCst);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let now = handshakes.load(std::sync::atomic::Ordering::SeqCst);
+        if now == opened {
+            break;
+        }
+        opened = now;
+    }
     let c = client();
     for n in 0..10 {
         assert_eq!(c.get(format!("http://{}/again{n}", tg.proxy_addr)).send().await.unwrap().status(), 200);
