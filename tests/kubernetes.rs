@@ -163,24 +163,32 @@ async fn warm_up_waits_for_tokens_until_warmup_timeout() {
     tg.shutdown().await;
 }
 
-fn binary_config(proxy: SocketAddr, admin: SocketAddr, idp: &SwitchIdp, limits: &str, up: &str) -> String {
-    format!(
-        "listen: {proxy}\nadmin:\n  listen: {admin}\nlimits:\n{limits}{}routes:\n  - prefix: /\n    upstream: {up}\n    provider: idp\n",
-        idp.provider("client_secret: s1")
+/// The real binary with one route `/` to `up` and these `limits:` lines, ready; its proxy
+/// address and its directory (removed on drop).
+async fn spawn_ready(idp: &SwitchIdp, limits: &str, up: &str) -> (Process, SocketAddr, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tg.yaml");
+    let (proxy, admin) = (closed_port(), closed_port());
+    std::fs::write(
+        &path,
+        format!(
+            "listen: {proxy}\nadmin:\n  listen: {admin}\nlimits:\n{limits}{}routes:\n  - prefix: /\n    upstream: {up}\n    provider: idp\n",
+            idp.provider("client_secret: s1")
+        ),
     )
+    .unwrap();
+    let p = Process::spawn(&path, admin);
+    p.ready().await;
+    (p, proxy, dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_unready_keeps_accepting_for_the_delay_then_drains() {
     let idp = SwitchIdp::start(3600).await;
     let up = Upstream::start(None).await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tg.yaml");
-    let (proxy, admin) = (closed_port(), closed_port());
     let limits = "  shutdown_delay: 1500ms\n  shutdown_grace: 5s\n";
-    std::fs::write(&path, binary_config(proxy, admin, &idp, limits, &up.url())).unwrap();
-    let mut p = Process::spawn(&path, admin);
-    p.ready().await;
+    let (mut p, proxy, _dir) = spawn_ready(&idp, limits, &up.url()).await;
+    let admin = p.admin;
     let sent = std::time::Instant::now();
     p.signal("-TERM");
     eventually("unready after SIGTERM", Duration::from_millis(500), async || {
@@ -206,13 +214,7 @@ async fn a_second_signal_exits_at_once() {
     let idp = SwitchIdp::start(3600).await;
     let slow = Upstream::start_with(None, Duration::from_secs(20)).await;
     for second in ["-TERM", "-INT"] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tg.yaml");
-        let (proxy, admin) = (closed_port(), closed_port());
-        let limits = "  shutdown_grace: 30s\n";
-        std::fs::write(&path, binary_config(proxy, admin, &idp, limits, &slow.url())).unwrap();
-        let mut p = Process::spawn(&path, admin);
-        p.ready().await;
+        let (mut p, proxy, _dir) = spawn_ready(&idp, "  shutdown_grace: 30s\n", &slow.url()).await;
         let pending = tokio::spawn(async move { client().get(format!("http://{proxy}/slow")).send().await });
         tokio::time::sleep(Duration::from_millis(300)).await;
         p.signal("-TERM");

@@ -62,6 +62,10 @@ pub struct Config {
     /// [`parse`]): what [`Config::watch`] watches.
     #[serde(skip)]
     pub files: Vec<PathBuf>,
+    /// The first 12 hex digits of the SHA-256 of the file this was loaded from (set by
+    /// [`load`]), so the status page can say which version of the file is in force.
+    #[serde(skip)]
+    pub digest: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -599,9 +603,16 @@ pub enum ConfigError {
 
 /// Loads a configuration file, expanding `${VAR}` from the process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    use std::fmt::Write;
     let text = std::fs::read_to_string(path)
         .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-    parse(&text, &path.display().to_string())
+    let mut config = parse(&text, &path.display().to_string())?;
+    let sha = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    config.digest = Some(sha.as_ref()[..6].iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    }));
+    Ok(config)
 }
 
 /// Keys whose values are secrets when written inline.
@@ -665,8 +676,7 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
             // serde's position is the more precise one when it lies inside the key's own block
             // (a bad value deep in a list); elsewhere it is where parsing went on after the key.
             (Some(serde), Some(key_line)) => {
-                let indent =
-                    lines.get(key_line - 1).map_or(0, |l| l.len() - l.trim_start_matches([' ', '-']).len());
+                let indent = lines.get(key_line - 1).map_or(0, |l| key_indent(l));
                 let end = block_end(&lines, key_line - 1, indent);
                 Some(if serde >= key_line && serde <= end { serde } else { key_line })
             }
@@ -773,7 +783,6 @@ fn bare_message(message: &str, key: &str) -> String {
 /// Best effort: serde reports positions for parse errors, this covers cross-key checks.
 fn locate(text: &str, key: &str) -> Option<usize> {
     let lines: Vec<&str> = text.lines().collect();
-    let indent_of = |l: &str| l.len() - l.trim_start_matches([' ', '-']).len();
     let mut start = 0;
     let mut min_indent = 0;
     let mut found = None;
@@ -784,7 +793,7 @@ fn locate(text: &str, key: &str) -> Option<usize> {
         };
         let (line, indent) = (start..lines.len()).find_map(|i| {
             let l = lines[i];
-            let indent = indent_of(l);
+            let indent = key_indent(l);
             let body = l.trim_start_matches([' ', '-']);
             (indent >= min_indent
                 && body.starts_with(name)
@@ -816,6 +825,11 @@ fn locate(text: &str, key: &str) -> Option<usize> {
     found.map(|l| l + 1)
 }
 
+/// Where a line's key starts: its indentation counting a list item's `- ` (`  - prefix:` is 4).
+fn key_indent(line: &str) -> usize {
+    line.len() - line.trim_start_matches([' ', '-']).len()
+}
+
 /// The index of the first line after `line` (whose key is indented `indent`) that is indented
 /// as much or less: where that key's block ends. Blank and comment lines belong to no block.
 fn block_end(lines: &[&str], line: usize, indent: usize) -> usize {
@@ -833,7 +847,7 @@ fn block_end(lines: &[&str], line: usize, indent: usize) -> usize {
 fn misplaced(text: &str, key: &str, field: &str) -> Option<(usize, String)> {
     let lines: Vec<&str> = text.lines().collect();
     let at = locate(text, key)? - 1;
-    let own = lines[at].len() - lines[at].trim_start_matches([' ', '-']).len();
+    let own = key_indent(lines[at]);
     // The indentation of the map's own keys: its first content line.
     let child = lines[at + 1..].iter().find_map(|l| {
         let t = l.trim_start();

@@ -114,31 +114,31 @@ impl Runtime {
                 r.ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
             );
             let lean = !https || r.upstream_protocol == crate::config::UpstreamProtocol::Http1;
-            let h1 = match pools.get(&key) {
-                _ if !lean => None,
-                Some(pool) => Some(pool.clone()),
-                None => {
-                    let tls = if https {
-                        Some(
-                            stream::Tls::new(r.upstream.authority.host(), r.ca_file.as_deref())
-                                .map_err(|e| format!("route {}: {e}", r.label()))?,
-                        )
-                    } else {
-                        None
-                    };
-                    let limits = &config.limits;
-                    let pool = Arc::new(h1::Pool::new(
-                        &r.upstream.authority,
-                        tls,
-                        limits.upstream_connect_timeout,
-                        limits.upstream_idle_timeout,
-                        usize::try_from(limits.max_header_size).unwrap_or(usize::MAX),
-                        &slots,
-                    ));
-                    pool.share_idle();
-                    pools.insert(key, pool.clone());
-                    Some(pool)
-                }
+            let h1 = if !lean {
+                None
+            } else if let Some(pool) = pools.get(&key) {
+                Some(pool.clone())
+            } else {
+                let tls = if https {
+                    Some(
+                        stream::Tls::new(r.upstream.authority.host(), r.ca_file.as_deref())
+                            .map_err(|e| format!("route {}: {e}", r.label()))?,
+                    )
+                } else {
+                    None
+                };
+                let limits = &config.limits;
+                let pool = Arc::new(h1::Pool::new(
+                    &r.upstream.authority,
+                    tls,
+                    limits.upstream_connect_timeout,
+                    limits.upstream_idle_timeout,
+                    usize::try_from(limits.max_header_size).unwrap_or(usize::MAX),
+                    &slots,
+                ));
+                pool.share_idle();
+                pools.insert(key, pool.clone());
+                Some(pool)
             };
             let route = Route {
                 label: r.label().to_owned(),
@@ -213,10 +213,6 @@ impl Proxy {
         let started = Instant::now();
         let runtime = self.runtime.load_full();
         let method = method_label(req.method());
-        // The path as routed (normal form) is known after admission; copies are made only for
-        // the access log.
-        let mut path = None;
-        let logged_method = self.access_log.enabled().then(|| req.method().clone());
         let mut notes = Notes::default();
         // Kept when the client (or a proxy in front) sent a well-formed one, else made here; the
         // upstream, the response and the access log carry it.
@@ -228,11 +224,9 @@ impl Proxy {
             Some(_) => admit::admit(&mut req, &conn, &runtime)
                 .and_then(|()| match_route(&runtime, req.uri(), conn.forward)),
         };
-        let mut logged = None;
-        if logged_method.is_some() {
-            path = Some(req.uri().path().to_owned());
-            logged = Some(Logged::of(&req));
-        }
+        // The path as routed (normal form) is known after admission; copies are made only for
+        // the access log.
+        let logged = self.access_log.enabled().then(|| Logged::of(&req));
         let (route, result) = match matched {
             Err(e) => (None, Err(e)),
             Ok(route) => {
@@ -267,15 +261,15 @@ impl Proxy {
         response.headers_mut().insert(headers::X_REQUEST_ID, request_id.clone());
         let metrics = route.as_ref().map_or(&self.unmatched, |r| &r.metrics);
         self.record(metrics, method, &response, started);
-        if let (Some(path), Some(logged_method)) = (path, logged_method) {
+        if let Some(logged) = &logged {
             self.access_log.record(&crate::access_log::Record {
                 request_id: request_id.to_str().unwrap_or("-"),
                 client: conn.remote.ip(),
-                method: logged_method.as_str(),
-                path: &path,
-                protocol: logged.as_ref().map_or("-", |l| l.protocol),
-                user_agent: logged.as_ref().and_then(|l| l.user_agent.as_deref()),
-                bytes_in: logged.as_ref().and_then(|l| l.bytes_in),
+                method: logged.method.as_str(),
+                path: &logged.path,
+                protocol: logged.protocol,
+                user_agent: logged.user_agent.as_deref(),
+                bytes_in: logged.bytes_in,
                 upstream_duration: notes.upstream_duration,
                 status: response.status().as_u16(),
                 bytes: response.body().size_hint().exact(),
@@ -571,6 +565,8 @@ struct Notes {
 
 /// What the access log keeps of a request before it is forwarded.
 struct Logged {
+    method: http::Method,
+    path: String,
     protocol: &'static str,
     user_agent: Option<String>,
     bytes_in: Option<u64>,
@@ -598,7 +594,13 @@ impl Logged {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        Logged { protocol, user_agent, bytes_in }
+        Logged {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            protocol,
+            user_agent,
+            bytes_in,
+        }
     }
 }
 

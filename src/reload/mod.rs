@@ -23,22 +23,12 @@ pub struct Control {
     pub readiness: Arc<Readiness>,
     // The TLS listener's certificate and client CA, swapped on reload.
     tls: Option<crate::tls::ServerTls>,
-    // When the configuration in force was loaded (Unix seconds) and a digest of its file.
-    loaded: std::sync::Mutex<(u64, Option<String>)>,
+    // When the configuration in force was loaded (Unix seconds).
+    loaded_at: std::sync::atomic::AtomicU64,
 }
 
-/// Unix seconds now, and the first 12 hex digits of the SHA-256 of `path`'s contents.
-fn stamp(path: Option<&std::path::Path>) -> (u64, Option<String>) {
-    use std::fmt::Write;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let digest = path.and_then(|p| std::fs::read(p).ok()).map(|bytes| {
-        let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
-        d.as_ref()[..6].iter().fold(String::new(), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-    });
-    (now, digest)
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl Control {
@@ -50,7 +40,6 @@ impl Control {
         readiness: Arc<Readiness>,
         tls: Option<crate::tls::ServerTls>,
     ) -> Self {
-        let loaded = std::sync::Mutex::new(stamp(path.as_deref()));
         Control {
             proxy,
             config: std::sync::Mutex::new(config),
@@ -58,14 +47,15 @@ impl Control {
             reloading: tokio::sync::Mutex::new(()),
             readiness,
             tls,
-            loaded,
+            loaded_at: std::sync::atomic::AtomicU64::new(unix_now()),
         }
     }
 
     /// The configuration file (if any), when the configuration in force was loaded (Unix
-    /// seconds) and a short digest of the file, for the status page.
+    /// seconds) and a short digest of the file it was read from, for the status page.
     pub fn loaded(&self) -> (Option<String>, u64, Option<String>) {
-        let (at, digest) = self.loaded.lock().map(|l| l.clone()).unwrap_or_default();
+        let at = self.loaded_at.load(std::sync::atomic::Ordering::Relaxed);
+        let digest = self.config.lock().ok().and_then(|c| c.digest.clone());
         (self.path.as_ref().map(|p| p.display().to_string()), at, digest)
     }
 
@@ -171,9 +161,7 @@ impl Control {
         if let Ok(mut current) = self.config.lock() {
             *current = config;
         }
-        if let Ok(mut loaded) = self.loaded.lock() {
-            *loaded = stamp(self.path.as_deref());
-        }
+        self.loaded_at.store(unix_now(), std::sync::atomic::Ordering::Relaxed);
         tracing::info!(routes, new_providers = fresh.len(), "configuration reloaded");
         Ok(())
     }

@@ -79,6 +79,22 @@ impl<T> ErrorBodies<T> {
         Some((answer.into_bytes(), end))
     }
 
+    /// If `data` begins with hyper's own answer, takes it in place of those bytes: the
+    /// replacement goes out now or from [`Self::drain`], before anything else. The result is what
+    /// the write reports.
+    fn intercept(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Option<std::io::Result<usize>>
+    where
+        T: tokio::io::AsyncWrite + Unpin,
+    {
+        let (answer, replaced) = self.replacement(data)?;
+        self.pending = answer;
+        self.written = 0;
+        Some(match self.drain(cx) {
+            Poll::Ready(Err(e)) => Err(e),
+            _ => Ok(replaced),
+        })
+    }
+
     /// Writes what is left of a replacement; ready when nothing is.
     fn drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>
     where
@@ -116,12 +132,8 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ErrorBodies<T> 
         if this.drain(cx)?.is_pending() {
             return Poll::Pending;
         }
-        if let Some((answer, replaced)) = this.replacement(data) {
-            // Taken whole: the rest goes out from `drain`, before anything else.
-            this.pending = answer;
-            this.written = 0;
-            let _ = this.drain(cx)?;
-            return Poll::Ready(Ok(replaced));
+        if let Some(taken) = this.intercept(cx, data) {
+            return Poll::Ready(taken);
         }
         Pin::new(&mut this.inner).poll_write(cx, data)
     }
@@ -136,12 +148,9 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ErrorBodies<T> 
             return Poll::Pending;
         }
         if let Some(first) = bufs.iter().find(|b| !b.is_empty())
-            && let Some((answer, replaced)) = this.replacement(first)
+            && let Some(taken) = this.intercept(cx, first)
         {
-            this.pending = answer;
-            this.written = 0;
-            let _ = this.drain(cx)?;
-            return Poll::Ready(Ok(replaced));
+            return Poll::Ready(taken);
         }
         Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
