@@ -11,7 +11,9 @@
 # origin's TLS port.
 #
 # --baseline-bin PATH runs another tokengate binary (an earlier build) beside this one as the peer
-# tokengate-base, with the same configuration on its own ports.
+# tokengate-base, with the same configuration on its own ports. --protocol and --baseline-protocol
+# set the route's upstream_protocol (http1 or auto) of tokengate and tokengate-base; with
+# --baseline-protocol alone, tokengate-base is this binary.
 #
 # --access-log turns on each proxy's access log as it writes it by default, to a file: nginx the
 # combined format, HAProxy httplog to its log file, tokengate its text lines. The lines tokengate
@@ -23,7 +25,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WORKERS=1 ROUNDS=3 DURATION=8 CONNECTIONS=50 ACCESS_LOG=0 TLS=0 BASELINE_BIN=
+WORKERS=1 ROUNDS=3 DURATION=8 CONNECTIONS=50 ACCESS_LOG=0 TLS=0 BASELINE_BIN= PROTOCOL= BASE_PROTOCOL=
 while [ $# -gt 0 ]; do
   case "$1" in
     --workers) WORKERS=$2; shift 2 ;;
@@ -33,6 +35,8 @@ while [ $# -gt 0 ]; do
     --access-log) ACCESS_LOG=1; shift ;;
     --tls) TLS=1; shift ;;
     --baseline-bin) BASELINE_BIN=$2; shift 2 ;;
+    --protocol) PROTOCOL=$2; shift 2 ;;
+    --baseline-protocol) BASE_PROTOCOL=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -182,8 +186,10 @@ routes:
     upstream: $TG_UPSTREAM
     provider: bench
     strip_prefix: false
+${PROTOCOL:+    upstream_protocol: $PROTOCOL}
 CONF
 chmod 600 "$WORK/tokengate.yaml"
+[ -n "$BASE_PROTOCOL" ] && [ -z "$BASELINE_BIN" ] && BASELINE_BIN=./target/release/tokengate
 
 nginx -c "$WORK/origin.conf" -g 'daemon off;' & PIDS+=($!)
 nginx -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
@@ -192,7 +198,9 @@ haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/logs/haproxy.log" 2>&1 & PIDS+=($!)
 
 if [ -n "$BASELINE_BIN" ]; then
   sed -e "s/127.0.0.1:$TOKENGATE/127.0.0.1:$TG_BASE/" -e "s/127.0.0.1:$TG_ADMIN/127.0.0.1:$TG_BASE_ADMIN/" \
-    -e "s/tokengate-access.log/tokengate-base-access.log/" "$WORK/tokengate.yaml" > "$WORK/tokengate-base.yaml"
+    -e "s/tokengate-access.log/tokengate-base-access.log/" -e "/^    upstream_protocol:/d" \
+    "$WORK/tokengate.yaml" > "$WORK/tokengate-base.yaml"
+  [ -n "$BASE_PROTOCOL" ] && echo "    upstream_protocol: $BASE_PROTOCOL" >> "$WORK/tokengate-base.yaml"
   chmod 600 "$WORK/tokengate-base.yaml"
   "$BASELINE_BIN" --log warn run --workers "$WORKERS" -c "$WORK/tokengate-base.yaml" 2>"$WORK/logs/tokengate-base.err" & PIDS+=($!)
   wait_ready "$TG_BASE_ADMIN"

@@ -12,6 +12,7 @@ pub mod access_log;
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod jose;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

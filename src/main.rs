@@ -44,7 +44,15 @@ enum Command {
         workers: Option<usize>,
     },
     /// Load and validate the configuration, print routes and providers, exit.
-    Check,
+    Check {
+        /// Also fetch one token from each provider (or only the named ones) and report the
+        /// method, lifetime, granted scope and the clock offset to the IdP.
+        #[arg(long)]
+        live: bool,
+        /// Providers to fetch with --live (default: all).
+        #[arg(requires = "live")]
+        providers: Vec<String>,
+    },
     /// Fetch a token with a provider's configured flow and show its type, expiry, scope and
     /// JWT claims (the token itself only with --show).
     Token {
@@ -75,9 +83,12 @@ fn main() -> ExitCode {
         _ => None,
     };
     match cli.command {
-        Some(Command::Check) => {
-            with_config(&cli.config, |path, c| block_on(Some(1), check(path.to_owned(), c)))
-        }
+        Some(Command::Check { live, providers }) => with_config(&cli.config, |path, c| {
+            block_on(Some(1), async {
+                let code = check(path.to_owned(), &c).await;
+                if code != ExitCode::SUCCESS || !live { code } else { check_live(&c, &providers).await }
+            })
+        }),
         Some(Command::Token { provider, show }) => {
             with_config(&cli.config, |_, c| block_on(None, token_main(c, provider, show)))
         }
@@ -149,14 +160,14 @@ fn block_on(workers: Option<usize>, fut: impl std::future::Future<Output = ExitC
     }
 }
 
-async fn check(path: PathBuf, config: Config) -> ExitCode {
+async fn check(path: PathBuf, config: &Config) -> ExitCode {
     // What `run` refuses (an unreadable certificate or CA file, a bad key) fails here too.
-    if let Err(e) = server::prepare(&config) {
+    if let Err(e) = server::prepare(config) {
         eprintln!("error: {}: {e}", path.display());
         return ExitCode::from(1);
     }
     let warnings: Vec<String> =
-        config::permission_warning(&path).into_iter().chain(server::warnings(&config)).collect();
+        config::permission_warning(&path).into_iter().chain(server::warnings(config)).collect();
     for w in &warnings {
         println!("warning: {w}");
     }
@@ -182,6 +193,90 @@ async fn check(path: PathBuf, config: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `check --live`: one token fetch per provider, straight to the IdP (no shared cache), each
+/// reported with what a rollout needs to know. Exits 1 when any fetch failed.
+async fn check_live(config: &Config, only: &[String]) -> ExitCode {
+    if let Some(unknown) = only.iter().find(|n| !config.providers.contains_key(*n)) {
+        let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
+        eprintln!("error: no provider named {unknown:?}; defined: {}", known.join(", "));
+        return ExitCode::from(2);
+    }
+    println!(
+        "
+live check (one token fetch per provider):"
+    );
+    let mut failed = 0;
+    for (name, p) in &config.providers {
+        if !only.is_empty() && !only.contains(name) {
+            continue;
+        }
+        let method = match p {
+            Provider::OAuth2(o) => {
+                format!("oauth2 grant {}, client_auth {}", o.grant.name(), o.client_auth.name())
+            }
+            Provider::Http(_) => "http login".to_owned(),
+        };
+        let source =
+            match tokengate::token::TokenSource::new(name, p, tokengate::metrics::Metrics::new(), None) {
+                Ok(s) => s,
+                Err(e) => {
+                    println!("  {name}: FAILED ({method}): {e}");
+                    failed += 1;
+                    continue;
+                }
+            };
+        let started = std::time::Instant::now();
+        match source.fetch_once().await {
+            Ok(issued) => {
+                let received = std::time::SystemTime::now();
+                let offset = issued.server_date.map(|d| match d.duration_since(received) {
+                    Ok(ahead) => ahead.as_secs_f64(),
+                    Err(behind) => -behind.duration().as_secs_f64(),
+                });
+                let clock = match offset {
+                    // `Date` has whole seconds: a second either way is rounding, not skew.
+                    Some(o) => format!("{:+.0} s (IdP Date minus this machine's clock, ±1 s)", o),
+                    None => "unknown (the IdP sent no Date header)".to_owned(),
+                };
+                println!("  {name}: OK ({method}) in {} ms", started.elapsed().as_millis());
+                println!(
+                    "      lifetime {} s ({})",
+                    issued.lifetime.as_secs(),
+                    lifetime_source(issued.lifetime_source)
+                );
+                println!("      scope    {}", issued.scope.as_deref().unwrap_or("(not stated)"));
+                println!("      clock    {clock}");
+                if offset.is_some_and(|o| o.abs() > 30.0) {
+                    println!(
+                        "      warning: the clocks differ by more than 30 s; fix NTP here or at the IdP, or assertions and expiry times will be misjudged"
+                    );
+                }
+            }
+            Err(e) => {
+                println!("  {name}: FAILED ({method}): {e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        println!(
+            "
+{failed} provider(s) failed"
+        );
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
+}
+
+fn lifetime_source(s: tokengate::token::response::LifetimeSource) -> &'static str {
+    match s {
+        tokengate::token::response::LifetimeSource::ExpiresIn => "from expires_in",
+        tokengate::token::response::LifetimeSource::ExpiresAt => "from expires_at",
+        tokengate::token::response::LifetimeSource::JwtExp => "from the JWT exp claim",
+        tokengate::token::response::LifetimeSource::Default => "no expiry stated: default_ttl",
+    }
+}
+
 /// One line about a provider, without secrets.
 fn describe(p: &Provider) -> String {
     match p {
@@ -190,20 +285,11 @@ fn describe(p: &Provider) -> String {
                 TokenEndpoint::Url(u) => format!("token_url {u}"),
                 TokenEndpoint::Discovery { issuer } => format!("issuer {issuer} (discovery)"),
             };
-            let grant = match &o.grant {
-                config::Grant::ClientCredentials => "client_credentials",
-                config::Grant::Password { .. } => "password",
-                config::Grant::RefreshToken { .. } => "refresh_token",
-            };
-            let auth = match o.client_auth {
-                config::ClientAuth::Basic => "basic",
-                config::ClientAuth::BasicRaw => "basic_raw",
-                config::ClientAuth::Post => "post",
-                config::ClientAuth::None => "none",
-            };
             format!(
-                "oauth2 {grant}, {endpoint}, client_id {}, client_auth {auth}, scopes [{}]",
+                "oauth2 {}, {endpoint}, client_id {}, client_auth {}, scopes [{}]",
+                o.grant.name(),
                 o.client_id,
+                o.client_auth.name(),
                 o.scopes.join(" ")
             )
         }
@@ -244,13 +330,7 @@ async fn token_main(config: Config, provider: String, show: bool) -> ExitCode {
             };
             println!("token      {shown}");
             println!("type       Bearer");
-            let source = match t.lifetime_source {
-                tokengate::token::response::LifetimeSource::ExpiresIn => "from expires_in",
-                tokengate::token::response::LifetimeSource::ExpiresAt => "from expires_at",
-                tokengate::token::response::LifetimeSource::JwtExp => "from the JWT exp claim",
-                tokengate::token::response::LifetimeSource::Default => "no expiry stated: default_ttl",
-            };
-            println!("expires    in {} s ({source})", t.lifetime.as_secs());
+            println!("expires    in {} s ({})", t.lifetime.as_secs(), lifetime_source(t.lifetime_source));
             println!("scope      {}", t.scope.as_deref().unwrap_or("(not stated)"));
             match tokengate::token::jwt::claims(value) {
                 Some(claims) => {

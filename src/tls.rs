@@ -20,6 +20,9 @@ pub enum TlsError {
         /// Why.
         reason: String,
     },
+    /// The client certificate and key were refused by rustls.
+    #[error("client certificate: {0}")]
+    Identity(String),
     /// The upstream host cannot be a TLS server name (checked against its certificate).
     #[error("{host} is not a TLS server name: {reason}")]
     ServerName {
@@ -30,8 +33,47 @@ pub enum TlsError {
     },
 }
 
+/// A client certificate chain and its private key, for mutual TLS.
+pub struct Identity {
+    certs: Vec<CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+impl Identity {
+    /// Reads a PEM certificate chain (leaf first) and a PEM private key, and checks that they
+    /// belong together.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, String> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("the certificate file is not PEM: {e}"))?;
+        if certs.is_empty() {
+            return Err("the certificate file holds no PEM certificate".into());
+        }
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| format!("the key file holds no PEM private key: {e}"))?;
+        let provider = rustls::crypto::ring::default_provider();
+        let signing = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| format!("the key cannot be used: {e}"))?;
+        rustls::sign::CertifiedKey::new(certs.clone(), signing)
+            .keys_match()
+            .map_err(|_| "the private key does not belong to the certificate".to_owned())?;
+        Ok(Identity { certs, key })
+    }
+}
+
 /// A rustls client configuration with ALPN set to `alpn` (e.g. `h2`, `http/1.1`).
 pub fn client_config(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_with(ca_file, alpn, None)
+}
+
+/// As [`client_config`], presenting `identity` when the server asks for a client certificate.
+pub fn client_config_with(
+    ca_file: Option<&Path>,
+    alpn: &[&[u8]],
+    identity: Option<Identity>,
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
@@ -48,11 +90,16 @@ pub fn client_config(ca_file: Option<&Path>, alpn: &[&[u8]]) -> Result<rustls::C
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::CaFile { path: String::new(), reason: e.to_string() })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => {
+            builder.with_client_auth_cert(id.certs, id.key).map_err(|e| TlsError::Identity(e.to_string()))?
+        }
+    };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }

@@ -25,11 +25,26 @@ const PLACEHOLDERS: &[(&str, &str)] = &[
     ("SENSU_PASSWORD", "placeholder-password"),
     ("EXAMPLE_CLIENT_ID", "placeholder-id"),
     ("EXAMPLE_CLIENT_SECRET", "placeholder-secret"),
+    ("AZURE_CLIENT_ID", "placeholder-id"),
+    ("AZURE_TENANT_ID", "placeholder-tenant"),
+    ("OIDC_ISSUER", "https://idp.example.com/realms/acme"),
+    ("OIDC_CLIENT_ID", "placeholder-id"),
+    ("API_URL", "https://api.example.com/v1"),
 ];
 
 fn tokengate(args: &[&str], secret_file: &std::path::Path) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokengate"));
     cmd.args(args).env_clear().env("SCREENING_EAGLE_CLIENT_SECRET_FILE", secret_file);
+    // Files the secretless examples read at load time: a key and a projected token.
+    let dir = secret_file.parent().unwrap();
+    let key = dir.join("client.pem");
+    if !key.exists() {
+        let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().serialize_pem();
+        std::fs::write(&key, pem).unwrap();
+        std::fs::write(dir.join("azure-identity-token"), "eyJhbGciOiJub25lIn0.eyJleHAiOjB9.\n").unwrap();
+    }
+    cmd.env("OIDC_PRIVATE_KEY_FILE", &key)
+        .env("AZURE_FEDERATED_TOKEN_FILE", dir.join("azure-identity-token"));
     for (k, v) in PLACEHOLDERS {
         cmd.env(k, v);
     }

@@ -4,6 +4,7 @@
 //! unknown grant or a missing secret. Every string value may use `${VAR}` (see [`mod@env`]).
 
 mod access;
+mod client_auth;
 pub mod env;
 mod files;
 mod http_provider;
@@ -18,8 +19,15 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use access::{Access, ApiKeys, Cidr, ForwardedFormat, allowed, constant_time_eq};
+pub use client_auth::{
+    AssertionSettings, Audience, ClientAuth, IdentityFiles, JWT_BEARER_ASSERTION, KeyFile,
+    MAX_ASSERTION_LIFETIME,
+};
 pub use http_provider::{BodySpec, HttpProvider, HttpRequestSpec};
-pub use provider::{ClientAuth, Grant, OAuth2Provider, Provider, ProviderCommon, TokenEndpoint, is_loopback};
+pub use provider::{
+    AllowedUpstream, Assertion, ExchangeToken, Grant, OAuth2Provider, Provider, ProviderCommon,
+    TokenEndpoint, TokenExchange, is_loopback,
+};
 pub use value::{Text, parse_duration, parse_size};
 
 /// The whole configuration file.
@@ -706,6 +714,22 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
                 ),
             ));
         }
+        // A provider's tokens go only where it allows: a route sending them elsewhere (a typo,
+        // or a config change made without the IdP owner) is refused.
+        let allowed = &config.providers[&route.provider.0].common().allowed_upstreams;
+        if !allowed.is_empty() && !allowed.iter().any(|a| a.allows(&route.upstream.to_string())) {
+            let list: Vec<String> = allowed.iter().map(ToString::to_string).collect();
+            return Err(invalid(
+                format!("routes[{i}].upstream"),
+                format!(
+                    "route {} sends provider {}'s tokens to {}, which is not in its allowed_upstreams ({})",
+                    route.label(),
+                    route.provider.0,
+                    route.upstream,
+                    list.join(", ")
+                ),
+            ));
+        }
         if !seen.insert(route.prefix.as_str()) {
             return Err(invalid(
                 format!("routes[{i}].prefix"),
@@ -1042,8 +1066,157 @@ routes:
             env::with_lookup(|n| (n == "SECRET").then(|| "a: b # c".to_string()), || parse(&text, "t.yaml"))
                 .unwrap();
         let Provider::OAuth2(p) = &c.providers["idp"] else { panic!("not oauth2") };
-        assert_eq!(p.client_secret.as_ref().unwrap().expose(), "a: b # c");
+        assert_eq!(p.client_auth.secret().unwrap().expose(), "a: b # c");
         let err = parse_with_env(&text).unwrap_err().to_string();
         assert_eq!(err, "test.yaml:6: environment variables not set: SECRET (line 6)");
+    }
+
+    fn with_key(extra: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().serialize_pem();
+        std::fs::write(&key, pem).unwrap();
+        let text = MINIMAL.replace(
+            "    client_secret: s3cret\n",
+            &format!("    client_auth: private_key_jwt\n    private_key_file: {}\n{extra}", key.display()),
+        );
+        (dir, text)
+    }
+
+    #[test]
+    fn private_key_jwt_settles_the_algorithm_and_audience_at_load() {
+        let (_dir, text) = with_key("");
+        let c = parse_with_env(&text).unwrap();
+        let Provider::OAuth2(p) = &c.providers["idp"] else { panic!() };
+        let ClientAuth::PrivateKeyJwt(key) = &p.client_auth else { panic!("{:?}", p.client_auth) };
+        assert_eq!(key.alg, crate::jose::SigningAlg::ES256);
+        // With token_url, the assertion is addressed to the token endpoint.
+        assert_eq!(p.assertion.audience, Audience::TokenEndpoint);
+        assert_eq!(p.assertion.lifetime, std::time::Duration::from_secs(60));
+        assert!(c.files.iter().any(|f| f.ends_with("key.pem")), "the key file is watched");
+        assert!(!format!("{c:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn client_authentication_mistakes_are_load_errors() {
+        for (extra, needle) in [
+            ("    signing_alg: RS256\n", "cannot sign RS256; use signing_alg: ES256"),
+            ("    client_secret: s3cret\n", "client_secret does not apply to client_auth: private_key_jwt"),
+            ("    assertion_lifetime: 1h\n", "assertion_lifetime must be between 10s and 5m"),
+            ("    assertion_audience: issuer\n", "assertion_audience: issuer needs issuer"),
+            ("    client_cert_file: c.pem\n", "client_cert_file needs client_key_file"),
+        ] {
+            let (_dir, text) = with_key(extra);
+            let err = parse_with_env(&text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("test.yaml:2: providers.idp: ") && err.contains(needle),
+                "{extra}: {err}"
+            );
+        }
+        for (from, to, needle) in [
+            (
+                "    client_secret: s3cret\n",
+                "",
+                "needs client_secret (or client_secret_file), or client_auth: private_key_jwt",
+            ),
+            (
+                "    client_secret: s3cret\n",
+                "    client_auth: private_key_jwt\n    private_key_file: /nonexistent/key.pem\n",
+                "cannot read private_key_file \"/nonexistent/key.pem\"",
+            ),
+            (
+                "    client_secret: s3cret\n",
+                "    client_auth: tls_client_auth\n",
+                "client_auth: tls_client_auth needs client_cert_file and client_key_file",
+            ),
+            (
+                "    client_secret: s3cret\n",
+                "    client_auth: client_assertion_file\n    client_assertion_file: /nonexistent/token\n",
+                "cannot read client_assertion_file",
+            ),
+            (
+                "    client_secret: s3cret\n",
+                "    grant: jwt_bearer\n",
+                "grant jwt_bearer needs assertion_file, or private_key_file",
+            ),
+            (
+                "    client_secret: s3cret\n",
+                "    client_secret: s3cret\n    grant: token_exchange\n",
+                "needs a token_exchange block",
+            ),
+            (
+                "    client_secret: s3cret\n",
+                "    client_secret: s3cret\n    token_exchange:\n      subject_token_file: /x\n",
+                "token_exchange settings need grant: token_exchange",
+            ),
+            (
+                "    client_secret: s3cret\n",
+                "    client_secret: s3cret\n    params: {client_assertion: x}\n",
+                "params.client_assertion is set by tokengate",
+            ),
+        ] {
+            let err = parse_with_env(&MINIMAL.replace(from, to)).unwrap_err().to_string();
+            assert!(err.contains(needle), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_token_exchange_reads_its_files_and_expands_token_types() {
+        let dir = tempfile::tempdir().unwrap();
+        let subject = dir.path().join("subject");
+        std::fs::write(&subject, "eyJ.x.y").unwrap();
+        let text = MINIMAL.replace(
+            "    client_secret: s3cret\n",
+            &format!(
+                "    client_secret: s3cret\n    grant: token_exchange\n    token_exchange:\n      subject_token_file: {}\n      subject_token_type: access_token\n      requested_token_type: jwt\n      audience: [a, b]\n      resource: https://r\n",
+                subject.display()
+            ),
+        );
+        let c = parse_with_env(&text).unwrap();
+        let Provider::OAuth2(p) = &c.providers["idp"] else { panic!() };
+        let Grant::TokenExchange(x) = &p.grant else { panic!() };
+        assert_eq!(x.subject.token_type, "urn:ietf:params:oauth:token-type:access_token");
+        assert_eq!(x.requested_token_type.as_deref(), Some("urn:ietf:params:oauth:token-type:jwt"));
+        assert_eq!(x.audience, ["a", "b"]);
+        assert_eq!(x.resource, ["https://r"]);
+        // The subject token is data read per fetch, not configuration: its rotation is no reload.
+        assert!(!c.files.iter().any(|f| f == &subject));
+    }
+
+    #[test]
+    fn allowed_upstreams_keep_a_providers_tokens_on_its_own_hosts() {
+        let ok = [
+            "[api.example.com]",
+            "[\"*.example.com\"]",
+            "[https://api.example.com/v2]",
+            "[https://api.example.com]",
+            "[other.example.org, API.example.com]",
+        ];
+        for allowed in ok {
+            let text = MINIMAL.replace(
+                "    scopes: [read]\n",
+                &format!("    scopes: [read]\n    allowed_upstreams: {allowed}\n"),
+            );
+            parse_with_env(&text).unwrap_or_else(|e| panic!("{allowed}: {e}"));
+        }
+        let refused = [
+            "[other.example.com]",
+            "[\"*.api.example.com\"]",
+            "[https://api.example.com/v1]",
+            "[https://api.example.com/v]",
+            "[http://api.example.com]",
+            "[\"https://api.example.com:8443\"]",
+        ];
+        for allowed in refused {
+            let text = MINIMAL.replace(
+                "    scopes: [read]\n",
+                &format!("    scopes: [read]\n    allowed_upstreams: {allowed}\n"),
+            );
+            let err = parse_with_env(&text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("test.yaml:11: routes[0].upstream: route /api sends provider idp's tokens to https://api.example.com/v2, which is not in its allowed_upstreams"),
+                "{allowed}: {err}"
+            );
+        }
     }
 }

@@ -7,8 +7,10 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
+use super::client_auth::{self, AssertionSettings, ClientAuth, KeyFile, RawClientAuth};
 use super::http_provider::{HttpProvider, RawHttpRequest, RawResponse};
 use super::value::{self, Text};
+use crate::jose::SigningAlg;
 use crate::secret::Secret;
 
 /// A named token source.
@@ -55,6 +57,68 @@ pub struct ProviderCommon {
     pub default_ttl: Duration,
     /// Extra PEM CA bundle trusted for the token endpoint.
     pub ca_file: Option<PathBuf>,
+    /// Where this provider's tokens may be sent (empty: anywhere a route says).
+    pub allowed_upstreams: Vec<AllowedUpstream>,
+}
+
+/// An upstream a provider's tokens may go to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AllowedUpstream {
+    /// A host name or address (any port and scheme), or `*.example.com` for its subdomains.
+    Host(String),
+    /// A URL prefix, `https://api.example.com/v1`, matched at a path-segment boundary.
+    Prefix(reqwest::Url),
+}
+
+impl AllowedUpstream {
+    fn parse(s: &str) -> Result<Self, String> {
+        if s.contains("://") {
+            let url = reqwest::Url::parse(s)
+                .map_err(|e| format!("allowed_upstreams: {s:?} is not a valid URL: {e}"))?;
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err(format!("allowed_upstreams: {s:?} must not have a query or fragment"));
+            }
+            return Ok(AllowedUpstream::Prefix(url));
+        }
+        let host = s.trim().to_ascii_lowercase();
+        if host.is_empty() || host.contains(['/', ' ', '@']) {
+            return Err(format!("allowed_upstreams: {s:?} is neither a host name nor a URL"));
+        }
+        Ok(AllowedUpstream::Host(host))
+    }
+
+    /// Whether `upstream` (a route's upstream URL) is covered.
+    pub fn allows(&self, upstream: &str) -> bool {
+        let Ok(u) = reqwest::Url::parse(upstream) else { return false };
+        let host = u.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+        match self {
+            AllowedUpstream::Host(h) => match h.strip_prefix("*.") {
+                Some(parent) => {
+                    host.strip_suffix(parent).is_some_and(|sub| sub.len() > 1 && sub.ends_with('.'))
+                }
+                None => host == h.trim_start_matches('[').trim_end_matches(']'),
+            },
+            AllowedUpstream::Prefix(p) => {
+                if u.scheme() != p.scheme()
+                    || u.host() != p.host()
+                    || u.port_or_known_default() != p.port_or_known_default()
+                {
+                    return false;
+                }
+                let (want, have) = (p.path().trim_end_matches('/'), u.path());
+                have.strip_prefix(want).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for AllowedUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AllowedUpstream::Host(h) => f.write_str(h),
+            AllowedUpstream::Prefix(u) => f.write_str(u.as_str()),
+        }
+    }
 }
 
 /// Where the token endpoint is.
@@ -67,20 +131,6 @@ pub enum TokenEndpoint {
         /// The issuer; the discovery document's `issuer` must equal it.
         issuer: reqwest::Url,
     },
-}
-
-/// How the client authenticates at the token endpoint (RFC 6749 §2.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ClientAuth {
-    /// `Authorization: Basic base64(urlencode(id):urlencode(secret))` (client_secret_basic).
-    Basic,
-    /// Basic without the form-urlencoding step, for servers that do not decode it.
-    BasicRaw,
-    /// `client_id` and `client_secret` in the form body (client_secret_post).
-    Post,
-    /// Public client: only `client_id` in the body.
-    None,
 }
 
 /// The OAuth2 grant used to obtain tokens.
@@ -102,6 +152,61 @@ pub enum Grant {
         /// Where rotated refresh tokens are kept across restarts.
         state_file: Option<PathBuf>,
     },
+    /// `grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer` (RFC 7523 section 2.1).
+    JwtBearer(Assertion),
+    /// `grant_type=urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693).
+    TokenExchange(TokenExchange),
+}
+
+impl Grant {
+    /// The grant's name in the configuration.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Grant::ClientCredentials => "client_credentials",
+            Grant::Password { .. } => "password",
+            Grant::RefreshToken { .. } => "refresh_token",
+            Grant::JwtBearer(_) => "jwt_bearer",
+            Grant::TokenExchange(_) => "token_exchange",
+        }
+    }
+}
+
+/// The assertion of the jwt-bearer grant.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Assertion {
+    /// Signed here with `private_key_file`, `iss` the client id.
+    Signed {
+        /// The key.
+        key: KeyFile,
+        /// `sub` (the client id unless `assertion_subject` says otherwise).
+        subject: String,
+    },
+    /// Made by someone else, re-read from this file on every fetch.
+    File(PathBuf),
+}
+
+/// RFC 8693 token exchange: trade a token read from a file for one for the upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenExchange {
+    /// `subject_token` and `subject_token_type`.
+    pub subject: ExchangeToken,
+    /// `actor_token` and `actor_token_type`.
+    pub actor: Option<ExchangeToken>,
+    /// `requested_token_type`.
+    pub requested_token_type: Option<String>,
+    /// `audience` values.
+    pub audience: Vec<String>,
+    /// `resource` values.
+    pub resource: Vec<String>,
+}
+
+/// A token handed to the exchange, re-read from its file on every fetch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExchangeToken {
+    /// The file.
+    pub path: PathBuf,
+    /// Its RFC 8693 token type URI.
+    pub token_type: String,
 }
 
 /// An OAuth2 provider, fully validated.
@@ -113,10 +218,10 @@ pub struct OAuth2Provider {
     pub grant: Grant,
     /// Client identifier.
     pub client_id: String,
-    /// Client secret (absent for `client_auth: none`).
-    pub client_secret: Option<Secret>,
-    /// Client authentication method.
+    /// Client authentication method and its credential.
     pub client_auth: ClientAuth,
+    /// How the assertions tokengate signs are addressed and how long they live.
+    pub assertion: AssertionSettings,
     /// Requested scopes, sent space-separated.
     pub scopes: Vec<String>,
     /// Extra form fields (`audience`, `resource`, ...).
@@ -139,7 +244,23 @@ struct RawProvider {
     client_id: Option<Text>,
     client_secret: Option<Text>,
     client_secret_file: Option<Text>,
-    client_auth: Option<ClientAuth>,
+    client_auth: Option<client_auth::Method>,
+    private_key_file: Option<Text>,
+    signing_alg: Option<SigningAlg>,
+    key_id: Option<Text>,
+    signing_cert_file: Option<Text>,
+    client_cert_file: Option<Text>,
+    client_key_file: Option<Text>,
+    client_assertion_file: Option<Text>,
+    client_assertion_type: Option<Text>,
+    assertion_audience: Option<Text>,
+    #[serde(default, deserialize_with = "value::opt_duration")]
+    assertion_lifetime: Option<Duration>,
+    assertion_file: Option<Text>,
+    assertion_subject: Option<Text>,
+    token_exchange: Option<RawTokenExchange>,
+    #[serde(default)]
+    allowed_upstreams: Vec<Text>,
     #[serde(default)]
     scopes: Vec<Text>,
     #[serde(default)]
@@ -168,6 +289,57 @@ struct RawProvider {
     response: Option<RawResponse>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokenExchange {
+    subject_token_file: Option<Text>,
+    subject_token_type: Option<Text>,
+    actor_token_file: Option<Text>,
+    actor_token_type: Option<Text>,
+    requested_token_type: Option<Text>,
+    #[serde(default)]
+    audience: OneOrMany,
+    #[serde(default)]
+    resource: OneOrMany,
+}
+
+/// A string or a list of strings.
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum OneOrMany {
+    #[default]
+    None,
+    One(Text),
+    Many(Vec<Text>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::None => Vec::new(),
+            OneOrMany::One(t) => vec![t.0],
+            OneOrMany::Many(v) => v.into_iter().map(|t| t.0).collect(),
+        }
+    }
+}
+
+/// RFC 8693 section 3 token type URIs by their short names.
+fn token_type(key: &str, t: Option<Text>, default: &str) -> Result<String, String> {
+    let t = t.map_or_else(|| default.to_owned(), |t| t.0);
+    let full = match t.as_str() {
+        "access_token" | "refresh_token" | "id_token" | "saml1" | "saml2" | "jwt" => {
+            format!("urn:ietf:params:oauth:token-type:{t}")
+        }
+        _ if t.contains(':') => t,
+        _ => {
+            return Err(format!(
+                "{key} {t:?} is not a token type: use access_token, refresh_token, id_token, jwt, saml1, saml2 or a URI"
+            ));
+        }
+    };
+    Ok(full)
+}
+
 /// The settings of [`ProviderCommon`] as written; serde's `flatten` cannot be combined with
 /// `deny_unknown_fields`, so each raw provider lists them and hands them over here.
 pub(super) struct RawCommon {
@@ -176,14 +348,17 @@ pub(super) struct RawCommon {
     pub default_ttl: Option<Duration>,
     pub allow_insecure_http: bool,
     pub ca_file: Option<Text>,
+    pub allowed_upstreams: Vec<Text>,
 }
 
-#[derive(Deserialize, Clone, Copy)]
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 enum GrantKind {
     ClientCredentials,
     Password,
     RefreshToken,
+    JwtBearer,
+    TokenExchange,
 }
 
 /// Reads `name` inline or from `name_file`; exactly one may be set.
@@ -250,6 +425,11 @@ impl RawCommon {
             refresh_margin: self.refresh_margin,
             default_ttl: self.default_ttl.unwrap_or(Duration::from_secs(300)),
             ca_file: self.ca_file.map(|t| PathBuf::from(t.0)),
+            allowed_upstreams: self
+                .allowed_upstreams
+                .iter()
+                .map(|t| AllowedUpstream::parse(&t.0))
+                .collect::<Result<_, _>>()?,
         };
         if common.timeout.is_zero() {
             return Err("timeout must be greater than zero".into());
@@ -298,6 +478,7 @@ impl TryFrom<RawProvider> for Provider {
             default_ttl: raw.default_ttl,
             allow_insecure_http: raw.allow_insecure_http,
             ca_file: raw.ca_file.clone(),
+            allowed_upstreams: raw.allowed_upstreams.clone(),
         };
         match raw.kind {
             Kind::OAuth2 => {
@@ -326,6 +507,11 @@ impl TryFrom<RawProvider> for Provider {
                     ("password", raw.password.is_some() || raw.password_file.is_some()),
                     ("refresh_token", raw.refresh_token.is_some() || raw.refresh_token_file.is_some()),
                     ("state_file", raw.state_file.is_some()),
+                    ("private_key_file", raw.private_key_file.is_some()),
+                    ("client_cert_file", raw.client_cert_file.is_some()),
+                    ("client_assertion_file", raw.client_assertion_file.is_some()),
+                    ("assertion_file", raw.assertion_file.is_some()),
+                    ("token_exchange", raw.token_exchange.is_some()),
                 ];
                 if let Some((key, _)) = oauth_only.iter().find(|(_, set)| *set) {
                     return Err(format!(
@@ -347,6 +533,7 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
         default_ttl: raw.default_ttl,
         allow_insecure_http: raw.allow_insecure_http,
         ca_file: raw.ca_file,
+        allowed_upstreams: raw.allowed_upstreams,
     }
     .build()?;
     let endpoint = match (raw.token_url, raw.issuer) {
@@ -364,20 +551,51 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
         return Err("client_id is empty".into());
     }
     let client_secret = secret("client_secret", raw.client_secret, raw.client_secret_file)?;
-    let client_auth = raw.client_auth.unwrap_or(ClientAuth::Basic);
-    match (client_auth, &client_secret) {
-        (ClientAuth::None, Some(_)) => {
-            return Err("client_auth: none sends no secret; remove client_secret or pick basic/post".into());
-        }
-        (ClientAuth::None, None) => {}
-        (_, None) => return Err("needs client_secret (or client_secret_file)".into()),
-        (_, Some(s)) if s.is_empty() => return Err("client_secret is empty".into()),
-        _ => {}
+    let grant_kind = raw.grant.unwrap_or(GrantKind::ClientCredentials);
+    let discovery = matches!(endpoint, TokenEndpoint::Discovery { .. });
+    let key =
+        client_auth::key_file(raw.private_key_file, raw.signing_alg, raw.key_id, raw.signing_cert_file)?;
+    let client_auth = RawClientAuth {
+        method: raw.client_auth,
+        secret: client_secret,
+        // A signed jwt-bearer grant with private_key_jwt shares its key.
+        key: key.clone(),
+        client_cert_file: raw.client_cert_file,
+        client_key_file: raw.client_key_file,
+        client_assertion_file: raw.client_assertion_file,
+        client_assertion_type: raw.client_assertion_type,
     }
+    // The jwt-bearer and token-exchange grants carry the client's proof themselves.
+    .build(matches!(grant_kind, GrantKind::JwtBearer | GrantKind::TokenExchange))?;
+    let signs = matches!(client_auth, ClientAuth::PrivateKeyJwt(_) | ClientAuth::SecretJwt(_))
+        || (grant_kind == GrantKind::JwtBearer && raw.assertion_file.is_none());
+    if !signs && (raw.assertion_audience.is_some() || raw.assertion_lifetime.is_some()) {
+        let key = if raw.assertion_audience.is_some() { "assertion_audience" } else { "assertion_lifetime" };
+        return Err(format!(
+            "{key} applies to assertions tokengate signs (private_key_jwt, client_secret_jwt, grant: jwt_bearer)"
+        ));
+    }
+    let assertion =
+        client_auth::assertion_settings(raw.assertion_audience, raw.assertion_lifetime, discovery)?;
     let username = secret("username", raw.username, raw.username_file)?;
     let password = secret("password", raw.password, raw.password_file)?;
     let refresh_token = secret("refresh_token", raw.refresh_token, raw.refresh_token_file)?;
-    let grant = match raw.grant.unwrap_or(GrantKind::ClientCredentials) {
+    if grant_kind != GrantKind::JwtBearer && (raw.assertion_file.is_some() || raw.assertion_subject.is_some())
+    {
+        let key = if raw.assertion_file.is_some() { "assertion_file" } else { "assertion_subject" };
+        return Err(format!("{key} applies to grant: jwt_bearer"));
+    }
+    if grant_kind != GrantKind::TokenExchange && raw.token_exchange.is_some() {
+        return Err("token_exchange settings need grant: token_exchange".into());
+    }
+    let key_used = matches!(client_auth, ClientAuth::PrivateKeyJwt(_))
+        || (grant_kind == GrantKind::JwtBearer && raw.assertion_file.is_none());
+    if key.is_some() && !key_used {
+        return Err(
+            "private_key_file is not used: set client_auth: private_key_jwt or grant: jwt_bearer".into()
+        );
+    }
+    let grant = match grant_kind {
         GrantKind::ClientCredentials => Grant::ClientCredentials,
         GrantKind::Password => Grant::Password {
             username: required("username", "password", username.clone())?,
@@ -387,6 +605,65 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
             refresh_token: required("refresh_token", "refresh_token", refresh_token.clone())?,
             state_file: raw.state_file.as_ref().map(|t| PathBuf::from(&t.0)),
         },
+        GrantKind::JwtBearer => Grant::JwtBearer(match (raw.assertion_file, key.clone()) {
+            (Some(_), _) if raw.assertion_subject.is_some() => {
+                return Err(
+                    "assertion_subject applies to assertions tokengate signs, not to assertion_file".into()
+                );
+            }
+            (Some(f), _) => {
+                let path = PathBuf::from(f.0);
+                std::fs::metadata(&path).map_err(|e| format!("cannot read assertion_file {path:?}: {e}"))?;
+                Assertion::File(path)
+            }
+            (None, Some(key)) => Assertion::Signed {
+                key,
+                subject: raw.assertion_subject.map_or_else(|| client_id.clone(), |t| t.0),
+            },
+            (None, None) => {
+                return Err(
+                    "grant jwt_bearer needs assertion_file, or private_key_file to sign the assertion".into(),
+                );
+            }
+        }),
+        GrantKind::TokenExchange => {
+            let raw = raw.token_exchange.ok_or(
+                "grant token_exchange needs a token_exchange block with subject_token_file (and subject_token_type)",
+            )?;
+            let file = |key: &str, t: Text| -> Result<PathBuf, String> {
+                let path = PathBuf::from(t.0);
+                std::fs::metadata(&path)
+                    .map_err(|e| format!("cannot read token_exchange.{key} {path:?}: {e}"))?;
+                Ok(path)
+            };
+            let subject = ExchangeToken {
+                path: file(
+                    "subject_token_file",
+                    raw.subject_token_file.ok_or("token_exchange needs subject_token_file")?,
+                )?,
+                token_type: token_type("subject_token_type", raw.subject_token_type, "jwt")?,
+            };
+            let actor = match (raw.actor_token_file, raw.actor_token_type) {
+                (Some(f), t) => Some(ExchangeToken {
+                    path: file("actor_token_file", f)?,
+                    token_type: token_type("actor_token_type", t, "jwt")?,
+                }),
+                (None, Some(_)) => {
+                    return Err("token_exchange.actor_token_type needs actor_token_file".into());
+                }
+                (None, None) => None,
+            };
+            Grant::TokenExchange(TokenExchange {
+                subject,
+                actor,
+                requested_token_type: raw
+                    .requested_token_type
+                    .map(|t| token_type("requested_token_type", Some(t), ""))
+                    .transpose()?,
+                audience: raw.audience.into_vec(),
+                resource: raw.resource.into_vec(),
+            })
+        }
     };
     let stray = match grant {
         Grant::ClientCredentials => [
@@ -402,6 +679,13 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
         Grant::RefreshToken { .. } => [("username", username.is_some()), ("password", password.is_some())]
             .into_iter()
             .find(|(_, set)| *set),
+        Grant::JwtBearer(_) | Grant::TokenExchange(_) => [
+            ("username", username.is_some()),
+            ("password", password.is_some()),
+            ("refresh_token", refresh_token.is_some()),
+        ]
+        .into_iter()
+        .find(|(_, set)| *set),
     };
     if let Some((name, _)) = stray {
         return Err(format!("{name} does not apply to this grant; set `grant:` or remove {name}"));
@@ -411,7 +695,7 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
     }
     let scopes: Vec<String> =
         raw.scopes.iter().flat_map(|s| s.0.split_whitespace()).map(str::to_owned).collect();
-    const RESERVED: [&str; 8] = [
+    const RESERVED: [&str; 16] = [
         "grant_type",
         "client_id",
         "client_secret",
@@ -420,6 +704,14 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
         "password",
         "refresh_token",
         "code",
+        "client_assertion",
+        "client_assertion_type",
+        "assertion",
+        "subject_token",
+        "subject_token_type",
+        "actor_token",
+        "actor_token_type",
+        "requested_token_type",
     ];
     let params = raw
         .params
@@ -436,8 +728,8 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
         endpoint,
         grant,
         client_id,
-        client_secret,
         client_auth,
+        assertion,
         scopes,
         params,
         headers: headers(raw.headers)?,

@@ -123,7 +123,7 @@ impl std::ops::DerefMut for Conn {
 }
 
 /// Idle lists per pool; workers beyond this share them.
-const SHARDS: usize = 16;
+pub(super) const SHARDS: usize = 16;
 
 thread_local! {
     static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -132,6 +132,11 @@ thread_local! {
 /// Marks the current thread as worker `index`, whose upstream connections are pooled apart.
 pub fn set_worker(index: usize) {
     WORKER.with(|w| w.set(index));
+}
+
+/// The current thread's worker index (0 off the workers).
+pub(super) fn worker() -> usize {
+    WORKER.with(std::cell::Cell::get)
 }
 
 /// A kept-alive connection with its read buffer, whose memory is reused once the last response
@@ -180,7 +185,7 @@ impl Pool {
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<Idle>> {
-        let shard = &self.idle[WORKER.with(std::cell::Cell::get) % SHARDS];
+        let shard = &self.idle[worker() % SHARDS];
         shard.lock().unwrap_or_else(PoisonError::into_inner)
     }
 

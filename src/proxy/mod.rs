@@ -58,7 +58,7 @@ pub struct Route {
     pub require_api_key: bool,
     /// A verified client certificate is required.
     pub require_client_cert: bool,
-    client: upstream::UpstreamClient,
+    client: upstream::WorkerClients,
     // The lean HTTP/1.1 client (plain, or TLS with `upstream_protocol: http1`) for requests
     // whose body is in memory.
     h1: Option<Arc<h1::Pool>>,
@@ -417,7 +417,7 @@ impl Proxy {
             (_, Payload::Streamed(guarded)) => Body::Request(guarded),
         };
         let req = request.build(route, body)?;
-        let resp = match tokio::time::timeout(timeout, route.client.request(req)).await {
+        let resp = match tokio::time::timeout(timeout, route.client.get().request(req)).await {
             Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
             Ok(Err(e)) => {
                 if let Some(f) = fault.get() {

@@ -16,14 +16,21 @@ use crate::config::Limits;
 /// A pooled client for upstream requests; every connection holds one of its upstream's slots.
 pub type UpstreamClient = Client<HttpsConnector<Limited<HttpConnector>>, Body>;
 
+/// One client per worker thread: each holds its own connections (one HTTP/2 connection per
+/// upstream, or an HTTP/1.1 pool), driven by that worker's event loop, so a second worker adds a
+/// second connection's worth of TLS and framing instead of queueing behind the first.
+#[derive(Clone)]
+pub struct WorkerClients(Arc<[UpstreamClient]>);
+
+impl WorkerClients {
+    /// The calling worker's client.
+    pub fn get(&self) -> &UpstreamClient {
+        &self.0[super::h1::worker() % self.0.len()]
+    }
+}
+
 /// Builds a client trusting the public roots plus `ca_file`.
-pub fn client(
-    limits: &Limits,
-    ca_file: Option<&std::path::Path>,
-    slots: &Arc<UpstreamSlots>,
-) -> Result<UpstreamClient, crate::tls::TlsError> {
-    // hyper-rustls sets ALPN (h2, http/1.1) itself from enable_all_versions().
-    let tls = crate::tls::client_config(ca_file, &[])?;
+fn client(limits: &Limits, tls: rustls::ClientConfig, slots: &Arc<UpstreamSlots>) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -34,17 +41,17 @@ pub fn client(
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(Limited::new(http, slots.clone()));
-    Ok(Client::builder(TokioExecutor::new())
+    Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(limits.upstream_idle_timeout)
         .pool_max_idle_per_host(256)
-        .build(connector))
+        .build(connector)
 }
 
 /// Clients keyed by CA file, so routes with the same trust share one pool.
 #[derive(Default)]
-pub struct Clients(HashMap<Option<PathBuf>, UpstreamClient>);
+pub struct Clients(HashMap<Option<PathBuf>, WorkerClients>);
 
 impl Clients {
     /// The client for `ca_file`, built on first use.
@@ -53,11 +60,13 @@ impl Clients {
         limits: &Limits,
         ca_file: Option<&PathBuf>,
         slots: &Arc<UpstreamSlots>,
-    ) -> Result<UpstreamClient, crate::tls::TlsError> {
+    ) -> Result<WorkerClients, crate::tls::TlsError> {
         if let Some(c) = self.0.get(&ca_file.cloned()) {
             return Ok(c.clone());
         }
-        let c = client(limits, ca_file.map(PathBuf::as_path), slots)?;
+        // hyper-rustls sets ALPN (h2, http/1.1) itself from enable_all_versions().
+        let tls = crate::tls::client_config(ca_file.map(PathBuf::as_path), &[])?;
+        let c = WorkerClients((0..super::h1::SHARDS).map(|_| client(limits, tls.clone(), slots)).collect());
         self.0.insert(ca_file.cloned(), c.clone());
         Ok(c)
     }

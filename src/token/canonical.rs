@@ -5,7 +5,9 @@
 //! secrets enter as their SHA-256, so a rotated secret never reuses a token fetched with the old
 //! one. Nothing here depends on `Debug` text or on field order in the structs.
 
-use crate::config::{BodySpec, ClientAuth, Grant, HttpRequestSpec, Provider, TokenEndpoint};
+use crate::config::{
+    Assertion, BodySpec, ClientAuth, Grant, HttpRequestSpec, KeyFile, Provider, TokenEndpoint,
+};
 use crate::secret::Secret;
 
 /// The encoding of `provider`'s token-request inputs.
@@ -30,16 +32,56 @@ pub fn encode(provider: &Provider) -> Vec<u8> {
                     e.field(b"grant", b"refresh_token");
                     e.secret(b"refresh_token", refresh_token);
                 }
+                Grant::JwtBearer(a) => {
+                    e.field(b"grant", b"jwt_bearer");
+                    match a {
+                        Assertion::Signed { key, subject } => {
+                            e.key(key);
+                            e.field(b"subject", subject.as_bytes());
+                        }
+                        Assertion::File(path) => e.path(b"assertion_file", path),
+                    }
+                }
+                Grant::TokenExchange(x) => {
+                    e.field(b"grant", b"token_exchange");
+                    for t in std::iter::once(&x.subject).chain(&x.actor) {
+                        e.path(b"token_file", &t.path);
+                        e.field(b"token_type", t.token_type.as_bytes());
+                    }
+                    e.field(b"requested", x.requested_token_type.as_deref().unwrap_or_default().as_bytes());
+                    e.count(b"audience", x.audience.len());
+                    for a in &x.audience {
+                        e.field(b"audience", a.as_bytes());
+                    }
+                    e.count(b"resource", x.resource.len());
+                    for r in &x.resource {
+                        e.field(b"resource", r.as_bytes());
+                    }
+                }
             }
             e.field(b"client_id", p.client_id.as_bytes());
-            if let Some(s) = &p.client_secret {
+            if let Some(s) = p.client_auth.secret() {
                 e.secret(b"client_secret", s);
             }
-            let auth: &[u8] = match p.client_auth {
-                ClientAuth::Basic => b"basic",
-                ClientAuth::BasicRaw => b"basic_raw",
-                ClientAuth::Post => b"post",
+            let auth: &[u8] = match &p.client_auth {
+                ClientAuth::Basic(_) => b"basic",
+                ClientAuth::BasicRaw(_) => b"basic_raw",
+                ClientAuth::Post(_) => b"post",
                 ClientAuth::None => b"none",
+                ClientAuth::SecretJwt(_) => b"client_secret_jwt",
+                ClientAuth::PrivateKeyJwt(key) => {
+                    e.key(key);
+                    b"private_key_jwt"
+                }
+                ClientAuth::Tls { identity, self_signed } => {
+                    e.path(b"client_cert_file", &identity.cert_file);
+                    if *self_signed { b"self_signed_tls_client_auth" } else { b"tls_client_auth" }
+                }
+                ClientAuth::AssertionFile { path, assertion_type } => {
+                    e.path(b"client_assertion_file", path);
+                    e.field(b"client_assertion_type", assertion_type.as_bytes());
+                    b"client_assertion_file"
+                }
             };
             e.field(b"client_auth", auth);
             e.count(b"scopes", p.scopes.len());
@@ -68,6 +110,18 @@ pub fn encode(provider: &Provider) -> Vec<u8> {
 struct Encoder(Vec<u8>);
 
 impl Encoder {
+    fn path(&mut self, name: &[u8], path: &std::path::Path) {
+        self.field(name, path.as_os_str().as_encoded_bytes());
+    }
+
+    /// The key by file and algorithm: the client it identifies does not change when the key
+    /// is rotated in place.
+    fn key(&mut self, key: &KeyFile) {
+        self.path(b"private_key_file", &key.path);
+        self.field(b"signing_alg", key.alg.name().as_bytes());
+        self.field(b"key_id", key.key_id.as_deref().unwrap_or_default().as_bytes());
+    }
+
     fn field(&mut self, tag: &[u8], value: &[u8]) {
         for part in [tag, value] {
             self.0.extend_from_slice(&(part.len() as u64).to_be_bytes());

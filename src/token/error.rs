@@ -41,6 +41,9 @@ pub enum FetchError {
     /// `token_type` is something other than Bearer.
     #[error("unsupported token_type {0:?}: only Bearer tokens can be injected")]
     UnsupportedTokenType(String),
+    /// A key, certificate, assertion or exchange token file cannot be used.
+    #[error("{0}")]
+    Credential(String),
     /// Local problem, such as an unwritable state file.
     #[error("{0}")]
     Local(String),
@@ -57,6 +60,7 @@ impl FetchError {
             FetchError::Status { status, .. } => format!("http_{status}").into(),
             FetchError::Malformed(_) => "malformed_response".into(),
             FetchError::UnsupportedTokenType(_) => "unsupported_token_type".into(),
+            FetchError::Credential(_) => "credential_error".into(),
             FetchError::Local(_) => "local_error".into(),
         }
     }
@@ -69,7 +73,10 @@ impl FetchError {
             FetchError::Idp { status, .. } | FetchError::Status { status, .. } => {
                 *status >= 500 || *status == 429
             }
-            FetchError::Malformed(_) | FetchError::UnsupportedTokenType(_) | FetchError::Local(_) => false,
+            FetchError::Malformed(_)
+            | FetchError::UnsupportedTokenType(_)
+            | FetchError::Credential(_)
+            | FetchError::Local(_) => false,
         }
     }
 
@@ -97,6 +104,7 @@ impl FetchError {
             FetchError::Malformed(s) => FetchError::Malformed(clean(s)),
             FetchError::UnsupportedTokenType(s) => FetchError::UnsupportedTokenType(clean(s)),
             FetchError::Local(s) => FetchError::Local(clean(s)),
+            FetchError::Credential(s) => FetchError::Credential(clean(s)),
             e @ (FetchError::Timeout | FetchError::Status { .. }) => e,
         }
     }

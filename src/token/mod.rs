@@ -1,6 +1,7 @@
 //! Token sources: one cached token per provider, read lock-free on the hot path, refreshed in the
 //! background ahead of expiry, with one IdP call at a time however many requests are waiting.
 
+mod assertion;
 mod canonical;
 mod error;
 pub mod http_api;
@@ -261,6 +262,12 @@ impl TokenSource {
             return Err(self.unavailable());
         }
         self.fetch(false).await
+    }
+
+    /// One fetch straight from the IdP, bypassing the cache and the shared cache, with nothing
+    /// recorded: `check --live` reports what it got.
+    pub async fn fetch_once(&self) -> Result<Issued, FetchError> {
+        self.fetcher.fetch(None).await
     }
 
     /// Fetches a new token even if the cached one is usable (unless another fetch finished while

@@ -6,10 +6,16 @@ use std::sync::Mutex;
 use base64::Engine;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
 
+use super::assertion::{Endpoint, Proofs, Prover};
 use super::error::{FetchError, tidy};
 use super::response::{self, FieldMap, Issued};
 use super::send;
 use crate::config::{ClientAuth, Grant, OAuth2Provider, TokenEndpoint};
+
+/// `grant_type` of RFC 7523 section 2.1.
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// `grant_type` of RFC 8693.
+pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 use crate::secret::Secret;
 
 /// A token request, ready to send. Built by a pure function so tests can pin the exact bytes.
@@ -42,9 +48,16 @@ pub fn basic_auth(client_id: &str, secret: &str, raw: bool) -> String {
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
 }
 
-/// Builds the token request for `provider` against `url`.
-pub fn build_request(provider: &OAuth2Provider, url: &reqwest::Url, grant: GrantRequest<'_>) -> TokenRequest {
+/// Builds the token request for `provider` against `url`, carrying `proofs` (assertions and
+/// exchange tokens made or read for this request).
+pub fn build_request(
+    provider: &OAuth2Provider,
+    url: &reqwest::Url,
+    grant: GrantRequest<'_>,
+    proofs: &Proofs,
+) -> TokenRequest {
     let mut form = form_urlencoded::Serializer::new(String::new());
+    let expose = |s: &Option<Secret>| s.as_ref().map_or(String::new(), |s| s.expose().to_owned());
     match (grant, &provider.grant) {
         (GrantRequest::Refresh(rt), _)
         | (GrantRequest::Configured, Grant::RefreshToken { refresh_token: rt, .. }) => {
@@ -58,6 +71,28 @@ pub fn build_request(provider: &OAuth2Provider, url: &reqwest::Url, grant: Grant
             form.append_pair("grant_type", "password");
             form.append_pair("username", username.expose());
             form.append_pair("password", password.expose());
+        }
+        (GrantRequest::Configured, Grant::JwtBearer(_)) => {
+            form.append_pair("grant_type", JWT_BEARER_GRANT);
+            form.append_pair("assertion", &expose(&proofs.grant_assertion));
+        }
+        (GrantRequest::Configured, Grant::TokenExchange(x)) => {
+            form.append_pair("grant_type", TOKEN_EXCHANGE_GRANT);
+            form.append_pair("subject_token", &expose(&proofs.subject_token));
+            form.append_pair("subject_token_type", &x.subject.token_type);
+            if let Some(actor) = &x.actor {
+                form.append_pair("actor_token", &expose(&proofs.actor_token));
+                form.append_pair("actor_token_type", &actor.token_type);
+            }
+            if let Some(t) = &x.requested_token_type {
+                form.append_pair("requested_token_type", t);
+            }
+            for a in &x.audience {
+                form.append_pair("audience", a);
+            }
+            for r in &x.resource {
+                form.append_pair("resource", r);
+            }
         }
     }
     // RFC 6749 §6: a refresh keeps the original scope when none is sent.
@@ -73,25 +108,45 @@ pub fn build_request(provider: &OAuth2Provider, url: &reqwest::Url, grant: Grant
         (CONTENT_TYPE, HeaderValue::from_static("application/x-www-form-urlencoded")),
         (ACCEPT, HeaderValue::from_static("application/json")),
     ];
-    let secret = provider.client_secret.as_ref().map_or("", Secret::expose);
-    match provider.client_auth {
-        ClientAuth::Basic | ClientAuth::BasicRaw => {
-            let raw = provider.client_auth == ClientAuth::BasicRaw;
-            if let Ok(mut v) = HeaderValue::from_str(&basic_auth(&provider.client_id, secret, raw)) {
+    match &provider.client_auth {
+        ClientAuth::Basic(secret) | ClientAuth::BasicRaw(secret) => {
+            let raw = matches!(provider.client_auth, ClientAuth::BasicRaw(_));
+            if let Ok(mut v) = HeaderValue::from_str(&basic_auth(&provider.client_id, secret.expose(), raw)) {
                 v.set_sensitive(true);
                 headers.push((AUTHORIZATION, v));
             }
         }
-        ClientAuth::Post => {
+        ClientAuth::Post(secret) => {
             form.append_pair("client_id", &provider.client_id);
-            form.append_pair("client_secret", secret);
+            form.append_pair("client_secret", secret.expose());
         }
-        ClientAuth::None => {
+        // RFC 8705 section 2: the certificate authenticates; client_id says whose it is.
+        ClientAuth::None | ClientAuth::Tls { .. } => {
             form.append_pair("client_id", &provider.client_id);
+        }
+        ClientAuth::SecretJwt(_) | ClientAuth::PrivateKeyJwt(_) | ClientAuth::AssertionFile { .. } => {
+            let kind = match &provider.client_auth {
+                ClientAuth::AssertionFile { assertion_type, .. } => assertion_type.as_str(),
+                _ => crate::config::JWT_BEARER_ASSERTION,
+            };
+            form.append_pair("client_id", &provider.client_id);
+            form.append_pair("client_assertion_type", kind);
+            form.append_pair("client_assertion", &expose(&proofs.client_assertion));
         }
     }
     headers.extend(provider.headers.iter().cloned());
     TokenRequest { url: url.clone(), headers, body: form.finish() }
+}
+
+/// What OIDC discovery found.
+#[derive(Debug, Clone)]
+pub struct Discovered {
+    /// `issuer`, verbatim: the audience of assertions addressed to the issuer.
+    pub issuer: String,
+    /// `token_endpoint`.
+    pub token_endpoint: reqwest::Url,
+    /// `mtls_endpoint_aliases.token_endpoint` (RFC 8705 section 5), for mutual-TLS clients.
+    pub mtls_token_endpoint: Option<reqwest::Url>,
 }
 
 /// Fetches tokens for one OAuth2 provider; remembers the discovered endpoint and the latest
@@ -99,7 +154,8 @@ pub fn build_request(provider: &OAuth2Provider, url: &reqwest::Url, grant: Grant
 pub struct OAuth2Fetcher {
     config: OAuth2Provider,
     http: reqwest::Client,
-    discovered: Mutex<Option<reqwest::Url>>,
+    prover: Prover,
+    discovered: Mutex<Option<Discovered>>,
     refresh_token: Mutex<Option<Secret>>,
     provider: String,
 }
@@ -129,6 +185,7 @@ impl OAuth2Fetcher {
         OAuth2Fetcher {
             config,
             http,
+            prover: Prover::new(name),
             discovered: Mutex::new(None),
             refresh_token: Mutex::new(initial),
             provider: name.to_owned(),
@@ -138,11 +195,11 @@ impl OAuth2Fetcher {
     /// Obtains a new token: with the refresh token when there is one, falling back to the
     /// configured grant once when the refresh is refused.
     pub async fn fetch(&self) -> Result<Issued, FetchError> {
-        let url = self.endpoint().await?;
+        let target = self.endpoint().await?;
         let refresh = self.refresh_token.lock().map(|g| g.clone()).unwrap_or(None);
-        let uses_refresh = !matches!(self.config.grant, Grant::ClientCredentials);
+        let uses_refresh = matches!(self.config.grant, Grant::Password { .. } | Grant::RefreshToken { .. });
         if let (true, Some(rt)) = (uses_refresh, refresh) {
-            match self.send(&url, GrantRequest::Refresh(&rt)).await {
+            match self.send(&target, GrantRequest::Refresh(&rt)).await {
                 Ok(issued) => return self.keep_refresh_token(issued, Some(rt)),
                 Err(e) if e.is_transient() || matches!(self.config.grant, Grant::RefreshToken { .. }) => {
                     return Err(e);
@@ -155,7 +212,7 @@ impl OAuth2Fetcher {
                 }
             }
         }
-        let issued = self.send(&url, GrantRequest::Configured).await?;
+        let issued = self.send(&target, GrantRequest::Configured).await?;
         if uses_refresh { self.keep_refresh_token(issued, None) } else { Ok(issued) }
     }
 
@@ -173,11 +230,24 @@ impl OAuth2Fetcher {
         Ok(issued)
     }
 
-    async fn send(&self, url: &reqwest::Url, grant: GrantRequest<'_>) -> Result<Issued, FetchError> {
+    async fn send(&self, target: &Target, grant: GrantRequest<'_>) -> Result<Issued, FetchError> {
+        let url = &target.url;
+        let proofs = self
+            .prover
+            .proofs(&self.config, &Endpoint { token_url: url.as_str(), issuer: target.issuer.as_deref() })?;
+        let http = match self.config.client_auth.identity() {
+            Some(files) => {
+                self.prover.tls_client(files, |id| super::send::client_with(&self.config.common, Some(id)))?
+            }
+            None => self.http.clone(),
+        };
         // Whatever secret this request carries must not come back in an error text.
         let mut redactor = crate::secret::Redactor::default();
-        if let Some(secret) = &self.config.client_secret {
+        if let Some(secret) = self.config.client_auth.secret() {
             redactor.add(secret.expose());
+        }
+        for p in proofs.values() {
+            redactor.add(p.expose());
         }
         if let Grant::Password { password, .. } = &self.config.grant {
             redactor.add(password.expose());
@@ -190,8 +260,8 @@ impl OAuth2Fetcher {
                 }
             }
         }
-        let req = build_request(&self.config, url, grant);
-        let mut builder = self.http.post(req.url).body(req.body);
+        let req = build_request(&self.config, url, grant, &proofs);
+        let mut builder = http.post(req.url).body(req.body);
         for (k, v) in req.headers {
             if k == http::header::AUTHORIZATION {
                 redactor.add_authorization(v.to_str().unwrap_or_default());
@@ -216,32 +286,57 @@ impl OAuth2Fetcher {
         }
     }
 
-    /// The token endpoint: configured, or discovered once and cached.
-    pub async fn endpoint(&self) -> Result<reqwest::Url, FetchError> {
+    /// The token endpoint (the mutual-TLS alias for certificate-bound clients), configured or
+    /// discovered once and cached.
+    pub async fn endpoint(&self) -> Result<Target, FetchError> {
         let issuer = match &self.config.endpoint {
-            TokenEndpoint::Url(u) => return Ok(u.clone()),
+            TokenEndpoint::Url(u) => return Ok(Target { url: u.clone(), issuer: None }),
             TokenEndpoint::Discovery { issuer } => issuer,
         };
-        if let Some(u) = self.discovered.lock().ok().and_then(|g| g.clone()) {
-            return Ok(u);
-        }
-        let url = discover(&self.http, issuer).await?;
-        if url.host_str() != issuer.host_str() {
-            tracing::info!(provider = %self.provider, token_endpoint = %url, "discovered token endpoint is on another host than the issuer");
-        }
-        if url.scheme() != "https" && !crate::config::is_loopback(&url) && issuer.scheme() == "https" {
-            return Err(FetchError::Discovery(format!("token_endpoint {url} is not https")));
-        }
-        if let Ok(mut g) = self.discovered.lock() {
-            *g = Some(url.clone());
-        }
-        Ok(url)
+        let cached = self.discovered.lock().ok().and_then(|g| g.clone());
+        let found = match cached {
+            Some(d) => d,
+            None => {
+                let found = discover(&self.http, issuer).await?;
+                if found.token_endpoint.host_str() != issuer.host_str() {
+                    tracing::info!(provider = %self.provider, token_endpoint = %found.token_endpoint, "discovered token endpoint is on another host than the issuer");
+                }
+                let https = |u: &reqwest::Url| u.scheme() == "https" || crate::config::is_loopback(u);
+                if issuer.scheme() == "https"
+                    && (!https(&found.token_endpoint)
+                        || found.mtls_token_endpoint.as_ref().is_some_and(|u| !https(u)))
+                {
+                    return Err(FetchError::Discovery(format!(
+                        "token_endpoint {} is not https",
+                        found.token_endpoint
+                    )));
+                }
+                if let Ok(mut g) = self.discovered.lock() {
+                    *g = Some(found.clone());
+                }
+                found
+            }
+        };
+        let url = match (&found.mtls_token_endpoint, self.config.client_auth.identity()) {
+            (Some(alias), Some(_)) => alias.clone(),
+            _ => found.token_endpoint,
+        };
+        Ok(Target { url, issuer: Some(found.issuer) })
     }
 }
 
+/// Where a token request goes.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The token endpoint.
+    pub url: reqwest::Url,
+    /// The issuer identifier, when discovered.
+    pub issuer: Option<String>,
+}
+
 /// OIDC discovery: `GET {issuer}/.well-known/openid-configuration`, whose `issuer` must equal the
-/// configured one (RFC 8414 §3.3) and whose `token_endpoint` is returned.
-pub async fn discover(http: &reqwest::Client, issuer: &reqwest::Url) -> Result<reqwest::Url, FetchError> {
+/// configured one (RFC 8414 §3.3).
+pub async fn discover(http: &reqwest::Client, issuer: &reqwest::Url) -> Result<Discovered, FetchError> {
     let base = issuer.as_str().trim_end_matches('/');
     let doc_url = format!("{base}/.well-known/openid-configuration");
     let reply = send::send(http.get(&doc_url).header(ACCEPT, "application/json"))
@@ -259,12 +354,21 @@ pub async fn discover(http: &reqwest::Client, issuer: &reqwest::Url) -> Result<r
             tidy(stated)
         )));
     }
-    let endpoint = doc
-        .get("token_endpoint")
-        .and_then(|v| v.as_str())
+    let url = |v: Option<&serde_json::Value>, name: &str| -> Result<Option<reqwest::Url>, FetchError> {
+        match v.and_then(|v| v.as_str()) {
+            None => Ok(None),
+            Some(s) => reqwest::Url::parse(s)
+                .map(Some)
+                .map_err(|_| FetchError::Discovery(format!("{name} {:?} is not a URL", tidy(s)))),
+        }
+    };
+    let token_endpoint = url(doc.get("token_endpoint"), "token_endpoint")?
         .ok_or_else(|| FetchError::Discovery(format!("{doc_url} has no token_endpoint")))?;
-    reqwest::Url::parse(endpoint)
-        .map_err(|_| FetchError::Discovery(format!("token_endpoint {:?} is not a URL", tidy(endpoint))))
+    let mtls_token_endpoint = url(
+        doc.get("mtls_endpoint_aliases").and_then(|a| a.get("token_endpoint")),
+        "mtls_endpoint_aliases.token_endpoint",
+    )?;
+    Ok(Discovered { issuer: stated.to_owned(), token_endpoint, mtls_token_endpoint })
 }
 
 fn read_state(path: &Path) -> std::io::Result<Option<Secret>> {
@@ -299,13 +403,16 @@ mod tests {
     use crate::config::ProviderCommon;
     use std::time::Duration;
 
-    fn provider(auth: ClientAuth, secret: &str) -> OAuth2Provider {
+    fn provider(auth: fn(Secret) -> ClientAuth, secret: &str) -> OAuth2Provider {
         OAuth2Provider {
             endpoint: TokenEndpoint::Url(reqwest::Url::parse("https://idp/token").unwrap()),
             grant: Grant::ClientCredentials,
             client_id: "sampleclientid".into(),
-            client_secret: Some(Secret::new(secret)),
-            client_auth: auth,
+            client_auth: auth(Secret::new(secret)),
+            assertion: crate::config::AssertionSettings {
+                audience: crate::config::Audience::TokenEndpoint,
+                lifetime: Duration::from_secs(60),
+            },
             scopes: vec![],
             params: vec![],
             headers: vec![],
@@ -314,6 +421,7 @@ mod tests {
                 refresh_margin: None,
                 default_ttl: Duration::from_secs(300),
                 ca_file: None,
+                allowed_upstreams: vec![],
             },
         }
     }
@@ -351,6 +459,7 @@ mod tests {
             &p,
             &reqwest::Url::parse("https://identity.coreview.com/connect/token").unwrap(),
             GrantRequest::Configured,
+            &Proofs::default(),
         );
         assert_eq!(
             r.body,
@@ -368,6 +477,7 @@ mod tests {
             &p,
             &reqwest::Url::parse("https://auth.eu.corti.app/t").unwrap(),
             GrantRequest::Configured,
+            &Proofs::default(),
         );
         assert_eq!(r.body, "grant_type=client_credentials&client_id=sampleclientid&client_secret=se%2Bcret");
         assert_eq!(header(&r, &AUTHORIZATION), None);
@@ -379,10 +489,10 @@ mod tests {
         p.grant = Grant::Password { username: Secret::new("alice"), password: Secret::new("p&ss") };
         p.scopes = vec!["a".into()];
         let url = reqwest::Url::parse("https://covata/token").unwrap();
-        let r = build_request(&p, &url, GrantRequest::Configured);
+        let r = build_request(&p, &url, GrantRequest::Configured, &Proofs::default());
         assert_eq!(r.body, "grant_type=password&username=alice&password=p%26ss&scope=a");
         let rt = Secret::new("R1");
-        let r = build_request(&p, &url, GrantRequest::Refresh(&rt));
+        let r = build_request(&p, &url, GrantRequest::Refresh(&rt), &Proofs::default());
         assert_eq!(r.body, "grant_type=refresh_token&refresh_token=R1");
     }
 
@@ -398,5 +508,81 @@ mod tests {
             assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         }
         assert!(read_state(&dir.path().join("missing")).unwrap().is_none());
+    }
+
+    #[test]
+    fn assertion_methods_and_new_grants_put_exactly_these_fields_in_the_body() {
+        let url = reqwest::Url::parse("https://idp/token").unwrap();
+        let proofs = Proofs {
+            client_assertion: Some(Secret::new("CA")),
+            grant_assertion: Some(Secret::new("GA")),
+            subject_token: Some(Secret::new("ST")),
+            actor_token: Some(Secret::new("AT")),
+        };
+        let mut p = provider(ClientAuth::SecretJwt, "s");
+        let r = build_request(&p, &url, GrantRequest::Configured, &proofs);
+        assert_eq!(
+            r.body,
+            "grant_type=client_credentials&client_id=sampleclientid&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion=CA"
+        );
+        assert_eq!(header(&r, &AUTHORIZATION), None);
+        p.client_auth = ClientAuth::None;
+        p.grant = Grant::JwtBearer(crate::config::Assertion::File("/a".into()));
+        let r = build_request(&p, &url, GrantRequest::Configured, &proofs);
+        assert_eq!(
+            r.body,
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion=GA&client_id=sampleclientid"
+        );
+        p.client_auth = ClientAuth::Basic(Secret::new("s"));
+        p.grant = Grant::TokenExchange(crate::config::TokenExchange {
+            subject: crate::config::ExchangeToken {
+                path: "/s".into(),
+                token_type: "urn:ietf:params:oauth:token-type:jwt".into(),
+            },
+            actor: Some(crate::config::ExchangeToken { path: "/a".into(), token_type: "urn:x".into() }),
+            requested_token_type: Some("urn:ietf:params:oauth:token-type:access_token".into()),
+            audience: vec!["a1".into(), "a2".into()],
+            resource: vec!["https://r".into()],
+        });
+        let r = build_request(&p, &url, GrantRequest::Configured, &proofs);
+        assert_eq!(
+            r.body,
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&subject_token=ST&subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Ajwt&actor_token=AT&actor_token_type=urn%3Ax&requested_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aaccess_token&audience=a1&audience=a2&resource=https%3A%2F%2Fr"
+        );
+        assert!(header(&r, &AUTHORIZATION).is_some());
+    }
+
+    #[test]
+    fn a_private_key_assertion_carries_the_claims_rfc_7523_requires() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        let pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap().serialize_pem();
+        std::fs::write(&path, &pem).unwrap();
+        let mut p = provider(ClientAuth::Post, "x");
+        p.client_auth = ClientAuth::PrivateKeyJwt(crate::config::KeyFile {
+            path,
+            alg: crate::jose::SigningAlg::EdDSA,
+            key_id: None,
+            cert_file: None,
+        });
+        p.assertion.audience = crate::config::Audience::Issuer;
+        let prover = Prover::new("t");
+        let endpoint = Endpoint { token_url: "https://idp/token", issuer: Some("https://idp") };
+        let a = prover.proofs(&p, &endpoint).unwrap().client_assertion.unwrap();
+        let b = prover.proofs(&p, &endpoint).unwrap().client_assertion.unwrap();
+        let claims = super::super::jwt::claims(a.expose()).unwrap();
+        assert_eq!(claims["iss"], "sampleclientid");
+        assert_eq!(claims["sub"], "sampleclientid");
+        assert_eq!(claims["aud"], "https://idp");
+        assert_eq!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(), 60);
+        assert_ne!(claims["jti"], super::super::jwt::claims(b.expose()).unwrap()["jti"]);
+        let header = a.expose().split('.').next().unwrap();
+        let header: serde_json::Value =
+            serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).unwrap())
+                .unwrap();
+        assert_eq!(header["alg"], "EdDSA");
+        let key = crate::jose::SigningKey::from_pem(pem.as_bytes(), None, None, None).unwrap();
+        assert_eq!(header["kid"], key.kid());
+        assert_eq!(key.public_jwk()["kid"], key.kid());
     }
 }

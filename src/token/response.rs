@@ -21,6 +21,8 @@ pub struct Issued {
     pub refresh_token: Option<Secret>,
     /// Granted scope, as sent (order not meaningful).
     pub scope: Option<String>,
+    /// The IdP's `Date` header, for the clock offset `check --live` reports.
+    pub server_date: Option<std::time::SystemTime>,
 }
 
 /// Which field the lifetime was derived from.
@@ -154,7 +156,14 @@ pub fn parse_success(
         .filter(|s| !s.is_empty())
         .map(Secret::new);
     let scope = map.scope.as_deref().and_then(|f| field(&json, f)).and_then(Value::as_str).map(tidy);
-    Ok(Issued { access_token: Secret::new(access_token), lifetime, lifetime_source, refresh_token, scope })
+    Ok(Issued {
+        access_token: Secret::new(access_token),
+        lifetime,
+        lifetime_source,
+        refresh_token,
+        scope,
+        server_date: date,
+    })
 }
 
 /// The lifetime of a token whose response states none: its JWT `exp`, else `default_ttl`.

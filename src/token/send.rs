@@ -13,7 +13,15 @@ const MAX_BODY: usize = 1 << 20;
 /// A client for one provider: bounded time, no redirects (a 307 would re-post the secret to
 /// another host), no environment proxies, verified TLS.
 pub fn client(common: &ProviderCommon) -> Result<reqwest::Client, String> {
-    let tls = crate::tls::client_config(common.ca_file.as_deref(), &[b"h2", b"http/1.1"])
+    client_with(common, None)
+}
+
+/// As [`client`], presenting `identity` for mutual TLS (RFC 8705).
+pub fn client_with(
+    common: &ProviderCommon,
+    identity: Option<crate::tls::Identity>,
+) -> Result<reqwest::Client, String> {
+    let tls = crate::tls::client_config_with(common.ca_file.as_deref(), &[b"h2", b"http/1.1"], identity)
         .map_err(|e| e.to_string())?;
     reqwest::Client::builder()
         .timeout(common.timeout)

@@ -194,6 +194,7 @@ fn issued(entry: Entry) -> Issued {
         lifetime_source: LifetimeSource::ExpiresIn,
         refresh_token: None,
         scope: entry.s,
+        server_date: None,
     }
 }
 

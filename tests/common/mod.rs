@@ -327,6 +327,9 @@ pub struct Pki {
     pub server_key: std::path::PathBuf,
     pub client_cert_pem: String,
     pub client_key_pem: String,
+    /// A second client certificate for the same name, for rotation.
+    pub client2_cert_pem: String,
+    pub client2_key_pem: String,
     pub ca_pem: String,
 }
 
@@ -349,6 +352,7 @@ pub fn pki() -> Pki {
     let (server_cert_pem, server_key_pem) =
         leaf(&["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
     let (client_cert_pem, client_key_pem) = leaf(&["app.internal"], ExtendedKeyUsagePurpose::ClientAuth);
+    let (client2_cert_pem, client2_key_pem) = leaf(&["app.internal"], ExtendedKeyUsagePurpose::ClientAuth);
     let write = |name: &str, text: &str| {
         let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
@@ -361,6 +365,8 @@ pub fn pki() -> Pki {
         server_key: write("server.key", &server_key_pem),
         client_cert_pem,
         client_key_pem,
+        client2_cert_pem,
+        client2_key_pem,
         ca_pem,
         dir,
     }
