@@ -601,3 +601,186 @@ async fn jwt_bearer_and_token_exchange_grants() {
     assert_eq!(seen["sub"], "system:serviceaccount:ns:app");
     tg.shutdown().await;
 }
+
+/// A mock server recording every request, answering with `answer(path)`.
+async fn recorder(
+    answer: impl Fn(&str) -> http::Response<http_body_util::Full<bytes::Bytes>> + Clone + Send + Sync + 'static,
+) -> (std::net::SocketAddr, std::sync::Arc<Mutex<Vec<Seen>>>) {
+    let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let addr = tokengate::demo::serve_fn(any(), move |req| {
+        let (seen, answer) = (s.clone(), answer.clone());
+        async move {
+            let req = capture(req).await;
+            let resp = answer(&req.path);
+            seen.lock().unwrap().push(req);
+            resp
+        }
+    })
+    .await
+    .unwrap();
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn no_method_or_grant_follows_a_redirect_from_the_token_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (trap, trapped) =
+        recorder(|_| json(200, serde_json::json!({"access_token": "x", "token_type": "Bearer"}))).await;
+    let location = format!("http://{trap}/token");
+    let (idp, asked) = recorder(move |_| {
+        let mut r = json(307, serde_json::json!({}));
+        r.headers_mut().insert("location", location.parse().unwrap());
+        r
+    })
+    .await;
+    let key = write(d, "key.pem", &ec_key());
+    let pki = pki();
+    let cert = write(d, "c.pem", &pki.client_cert_pem);
+    let cert_key = write(d, "c.key", &pki.client_key_pem);
+    let jwt = tokengate::jose::sign_hs256(b"k", &serde_json::json!({ "exp": unix() + 600 }));
+    let assertion = write(d, "assertion", &jwt);
+    let methods = [
+        ("basic", "client_secret: s\n".to_owned()),
+        ("post", "client_secret: s\nclient_auth: post\n".to_owned()),
+        ("hs", "client_secret: s\nclient_auth: client_secret_jwt\n".to_owned()),
+        ("pk", format!("client_auth: private_key_jwt\nprivate_key_file: {}\n", key.display())),
+        (
+            "mtls",
+            mtls("mtls", "tls_client_auth", &cert, &cert_key)
+                .replace("    ", "")
+                .replace("client_id: mtls\n", ""),
+        ),
+        (
+            "file",
+            format!("client_auth: client_assertion_file\nclient_assertion_file: {}\n", assertion.display()),
+        ),
+        ("bearer", format!("grant: jwt_bearer\nprivate_key_file: {}\n", key.display())),
+        (
+            "exchange",
+            format!(
+                "client_secret: s\ngrant: token_exchange\ntoken_exchange:\n  subject_token_file: {}\n",
+                assertion.display()
+            ),
+        ),
+    ];
+    let mut yaml = String::from("providers:\n");
+    let mut route_list = String::from("routes:\n");
+    for (name, body) in &methods {
+        yaml.push_str(&format!(
+            "  {name}:\n    type: oauth2\n    token_url: http://{idp}/token\n    client_id: app\n"
+        ));
+        for line in body.lines() {
+            yaml.push_str(&format!("    {line}\n"));
+        }
+        route_list
+            .push_str(&format!("  - prefix: /{name}\n    upstream: http://{trap}\n    provider: {name}\n"));
+    }
+    let tg = start(&format!("{yaml}{route_list}")).await;
+    for (name, _) in &methods {
+        let (status, _) = through(&tg, &format!("/{name}")).await;
+        assert_eq!(status, 503, "{name}");
+        let t = tokens(&tg).await;
+        let error = t["providers"][name]["last_error"].as_str().unwrap_or_default();
+        assert!(error.contains("HTTP 307"), "{name}: {t}");
+    }
+    assert!(asked.lock().unwrap().len() >= methods.len());
+    let followed: Vec<String> = trapped.lock().unwrap().iter().map(|s| s.path.clone()).collect();
+    assert!(followed.is_empty(), "a token request followed the redirect: {followed:?}");
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn mutual_tls_clients_use_the_advertised_mtls_endpoint_alias() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki();
+    let cert = write(dir.path(), "c.pem", &pki.client_cert_pem);
+    let key = write(dir.path(), "c.key", &pki.client_key_pem);
+    let issuer = std::sync::Arc::new(Mutex::new(String::new()));
+    let i = issuer.clone();
+    let (idp, seen) = recorder(move |path| {
+        let base = i.lock().unwrap().clone();
+        match path {
+            "/.well-known/openid-configuration" => json(
+                200,
+                serde_json::json!({
+                    "issuer": base, "token_endpoint": format!("{base}/token"),
+                    "mtls_endpoint_aliases": { "token_endpoint": format!("{base}/mtls/token") },
+                }),
+            ),
+            _ => json(200, serde_json::json!({"access_token": format!("at{path}"), "token_type": "Bearer", "expires_in": 600})),
+        }
+    })
+    .await;
+    *issuer.lock().unwrap() = format!("http://{idp}");
+    let (up, _) = recorder(|_| json(200, serde_json::json!({}))).await;
+    let yaml = format!(
+        "providers:\n  mtls:\n    type: oauth2\n    issuer: http://{idp}\n{}  plain:\n    type: oauth2\n    issuer: http://{idp}\n    client_id: app\n    client_secret: s\nroutes:\n  - prefix: /mtls\n    upstream: http://{up}\n    provider: mtls\n  - prefix: /plain\n    upstream: http://{up}\n    provider: plain\n",
+        mtls("app", "tls_client_auth", &cert, &key)
+    );
+    let tg = start(&yaml).await;
+    assert_eq!(through(&tg, "/mtls").await.0, 200);
+    assert_eq!(through(&tg, "/plain").await.0, 200);
+    let posts: Vec<(String, String)> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.method == "POST")
+        .map(|s| (s.path.clone(), s.form().get("client_id").cloned().unwrap_or_default()))
+        .collect();
+    assert!(posts.contains(&("/mtls/token".to_owned(), "app".to_owned())), "{posts:?}");
+    // The secret-based client stays on the plain endpoint, its client_id in the Basic header.
+    assert!(posts.contains(&("/token".to_owned(), String::new())), "{posts:?}");
+    assert_eq!(posts.len(), 2, "{posts:?}");
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn check_live_fetches_one_token_per_provider_and_reports_it() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "c.yaml",
+        &format!(
+            "{}    scopes: [read]\n  broken:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: wrong\nroutes:\n  - prefix: /\n    upstream: http://127.0.0.1:1\n    provider: idp\n",
+            idp.provider_yaml(),
+            idp.token_url()
+        ),
+    );
+    let run = |args: &[&str]| {
+        let path = path.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+                .arg("check")
+                .arg("-c")
+                .arg(&path)
+                .args(&args)
+                .env("NO_COLOR", "1")
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(&["--live", "idp"]).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.contains("idp: OK (oauth2 grant client_credentials, client_auth client_secret_basic)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("lifetime 3600 s (from expires_in)"), "{stdout}");
+    let clock = stdout.lines().find(|l| l.contains("clock")).unwrap();
+    assert!(["+0 s", "-0 s", "+1 s", "-1 s"].iter().any(|c| clock.contains(c)), "{clock}");
+    let live = stdout.split("live check").nth(1).unwrap_or_default();
+    assert!(!live.contains("broken"), "only the named provider is fetched: {stdout}");
+    assert_eq!(idp.calls(), 1);
+    let out = run(&["--live"]).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("broken: FAILED") && stdout.contains("invalid_client"), "{stdout}");
+    assert!(!stdout.contains("wrong") && !stdout.contains("secret-1"), "{stdout}");
+    let out = run(&["--live", "nope"]).await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
