@@ -96,8 +96,8 @@ pub struct KeyFile {
 }
 
 impl KeyFile {
-    /// Reads and parses the key (and certificate) now.
-    pub fn load(&self) -> Result<crate::jose::SigningKey, String> {
+    /// Reads the key's PEM and the certificate's, when there is one.
+    pub fn read(&self) -> Result<(Vec<u8>, Option<Vec<u8>>), String> {
         let pem = std::fs::read(&self.path)
             .map_err(|e| format!("cannot read private_key_file {:?}: {e}", self.path))?;
         let cert = match &self.cert_file {
@@ -106,9 +106,14 @@ impl KeyFile {
             }
             None => None,
         };
-        crate::jose::SigningKey::from_pem(&pem, Some(self.alg), self.key_id.as_deref(), cert.as_deref())
-            .map_err(|e| format!("private_key_file {:?} {e}", self.path))
+        Ok((pem, cert))
     }
+}
+
+/// Checks at load time that a file read on every fetch is there; `key` names it in the error.
+pub(super) fn readable(key: &str, path: PathBuf) -> Result<PathBuf, String> {
+    std::fs::metadata(&path).map_err(|e| format!("cannot read {key} {path:?}: {e}"))?;
+    Ok(path)
 }
 
 /// A client certificate and its key in PEM files.
@@ -216,17 +221,17 @@ pub(super) fn key_file(
     if let Some(c) = &cert_file {
         super::files::record(c);
     }
-    let path = PathBuf::from(path.0);
-    let key_id = key_id.map(|t| t.0).filter(|k| !k.is_empty());
-    let pem = std::fs::read(&path).map_err(|e| format!("cannot read private_key_file {path:?}: {e}"))?;
-    let cert = match &cert_file {
-        Some(p) => Some(std::fs::read(p).map_err(|e| format!("cannot read signing_cert_file {p:?}: {e}"))?),
-        None => None,
+    let mut key = KeyFile {
+        path: PathBuf::from(path.0),
+        alg: signing_alg.unwrap_or(SigningAlg::RS256),
+        key_id: key_id.map(|t| t.0).filter(|k| !k.is_empty()),
+        cert_file,
     };
+    let (pem, cert) = key.read()?;
     // The key decides the default algorithm.
-    let parsed = crate::jose::SigningKey::from_pem(&pem, signing_alg, key_id.as_deref(), cert.as_deref())
-        .map_err(|e| format!("private_key_file {path:?} {e}"))?;
-    let key = KeyFile { path, alg: parsed.alg(), key_id, cert_file };
+    let parsed = crate::jose::SigningKey::from_pem(&pem, signing_alg, key.key_id.as_deref(), cert.as_deref())
+        .map_err(|e| format!("private_key_file {:?} {e}", key.path))?;
+    key.alg = parsed.alg();
     Ok(Some(key))
 }
 
@@ -311,11 +316,8 @@ impl RawClientAuth {
                 let path = self
                     .client_assertion_file
                     .ok_or("client_auth: client_assertion_file needs client_assertion_file: PATH")?;
-                let path = PathBuf::from(path.0);
-                std::fs::metadata(&path)
-                    .map_err(|e| format!("cannot read client_assertion_file {path:?}: {e}"))?;
                 ClientAuth::AssertionFile {
-                    path,
+                    path: readable("client_assertion_file", PathBuf::from(path.0))?,
                     assertion_type: self
                         .client_assertion_type
                         .map_or_else(|| JWT_BEARER_ASSERTION.to_owned(), |t| t.0),

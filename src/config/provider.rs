@@ -567,8 +567,9 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
     }
     // The jwt-bearer and token-exchange grants carry the client's proof themselves.
     .build(matches!(grant_kind, GrantKind::JwtBearer | GrantKind::TokenExchange))?;
-    let signs = matches!(client_auth, ClientAuth::PrivateKeyJwt(_) | ClientAuth::SecretJwt(_))
+    let key_used = matches!(client_auth, ClientAuth::PrivateKeyJwt(_))
         || (grant_kind == GrantKind::JwtBearer && raw.assertion_file.is_none());
+    let signs = key_used || matches!(client_auth, ClientAuth::SecretJwt(_));
     if !signs && (raw.assertion_audience.is_some() || raw.assertion_lifetime.is_some()) {
         let key = if raw.assertion_audience.is_some() { "assertion_audience" } else { "assertion_lifetime" };
         return Err(format!(
@@ -588,8 +589,6 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
     if grant_kind != GrantKind::TokenExchange && raw.token_exchange.is_some() {
         return Err("token_exchange settings need grant: token_exchange".into());
     }
-    let key_used = matches!(client_auth, ClientAuth::PrivateKeyJwt(_))
-        || (grant_kind == GrantKind::JwtBearer && raw.assertion_file.is_none());
     if key.is_some() && !key_used {
         return Err(
             "private_key_file is not used: set client_auth: private_key_jwt or grant: jwt_bearer".into()
@@ -611,11 +610,7 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
                     "assertion_subject applies to assertions tokengate signs, not to assertion_file".into()
                 );
             }
-            (Some(f), _) => {
-                let path = PathBuf::from(f.0);
-                std::fs::metadata(&path).map_err(|e| format!("cannot read assertion_file {path:?}: {e}"))?;
-                Assertion::File(path)
-            }
+            (Some(f), _) => Assertion::File(client_auth::readable("assertion_file", PathBuf::from(f.0))?),
             (None, Some(key)) => Assertion::Signed {
                 key,
                 subject: raw.assertion_subject.map_or_else(|| client_id.clone(), |t| t.0),
@@ -630,11 +625,8 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
             let raw = raw.token_exchange.ok_or(
                 "grant token_exchange needs a token_exchange block with subject_token_file (and subject_token_type)",
             )?;
-            let file = |key: &str, t: Text| -> Result<PathBuf, String> {
-                let path = PathBuf::from(t.0);
-                std::fs::metadata(&path)
-                    .map_err(|e| format!("cannot read token_exchange.{key} {path:?}: {e}"))?;
-                Ok(path)
+            let file = |key: &str, t: Text| {
+                client_auth::readable(&format!("token_exchange.{key}"), PathBuf::from(t.0))
             };
             let subject = ExchangeToken {
                 path: file(

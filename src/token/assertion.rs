@@ -138,15 +138,7 @@ impl Prover {
     /// The key in `file`, parsed again only when the file changed. A file that no longer parses
     /// (caught halfway through a rewrite) leaves the previous key in use, with a warning.
     fn signing_key(&self, file: &KeyFile) -> Result<Arc<SigningKey>, FetchError> {
-        let pem = std::fs::read(&file.path).map_err(|e| {
-            FetchError::Credential(format!("cannot read private_key_file {}: {e}", file.path.display()))
-        })?;
-        let cert = match &file.cert_file {
-            Some(p) => Some(std::fs::read(p).map_err(|e| {
-                FetchError::Credential(format!("cannot read signing_cert_file {}: {e}", p.display()))
-            })?),
-            None => None,
-        };
+        let (pem, cert) = file.read().map_err(FetchError::Credential)?;
         let d = digest(&[&pem, cert.as_deref().unwrap_or_default()]);
         let mut cached = self.key.lock().map_err(|_| FetchError::Local("key cache poisoned".into()))?;
         if let Some(c) = cached.as_ref().filter(|c| c.digest == d) {

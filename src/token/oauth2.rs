@@ -48,6 +48,11 @@ pub fn basic_auth(client_id: &str, secret: &str, raw: bool) -> String {
     format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
 }
 
+/// A proof's value; `Prover::proofs` makes every one the configuration asks for.
+fn expose(s: &Option<Secret>) -> &str {
+    s.as_ref().map_or("", Secret::expose)
+}
+
 /// Builds the token request for `provider` against `url`, carrying `proofs` (assertions and
 /// exchange tokens made or read for this request).
 pub fn build_request(
@@ -57,7 +62,6 @@ pub fn build_request(
     proofs: &Proofs,
 ) -> TokenRequest {
     let mut form = form_urlencoded::Serializer::new(String::new());
-    let expose = |s: &Option<Secret>| s.as_ref().map_or(String::new(), |s| s.expose().to_owned());
     match (grant, &provider.grant) {
         (GrantRequest::Refresh(rt), _)
         | (GrantRequest::Configured, Grant::RefreshToken { refresh_token: rt, .. }) => {
@@ -74,14 +78,14 @@ pub fn build_request(
         }
         (GrantRequest::Configured, Grant::JwtBearer(_)) => {
             form.append_pair("grant_type", JWT_BEARER_GRANT);
-            form.append_pair("assertion", &expose(&proofs.grant_assertion));
+            form.append_pair("assertion", expose(&proofs.grant_assertion));
         }
         (GrantRequest::Configured, Grant::TokenExchange(x)) => {
             form.append_pair("grant_type", TOKEN_EXCHANGE_GRANT);
-            form.append_pair("subject_token", &expose(&proofs.subject_token));
+            form.append_pair("subject_token", expose(&proofs.subject_token));
             form.append_pair("subject_token_type", &x.subject.token_type);
             if let Some(actor) = &x.actor {
-                form.append_pair("actor_token", &expose(&proofs.actor_token));
+                form.append_pair("actor_token", expose(&proofs.actor_token));
                 form.append_pair("actor_token_type", &actor.token_type);
             }
             if let Some(t) = &x.requested_token_type {
@@ -131,7 +135,7 @@ pub fn build_request(
             };
             form.append_pair("client_id", &provider.client_id);
             form.append_pair("client_assertion_type", kind);
-            form.append_pair("client_assertion", &expose(&proofs.client_assertion));
+            form.append_pair("client_assertion", expose(&proofs.client_assertion));
         }
     }
     headers.extend(provider.headers.iter().cloned());
