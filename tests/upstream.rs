@@ -49,7 +49,10 @@ impl RawUpstream {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let pki = tls.then(pki);
         let acceptor = pki.as_ref().map(|p| {
-            let config = tokengate::tls::server_config(&p.server_cert, &p.server_key, None, false).unwrap();
+            let mut config =
+                tokengate::tls::server_config(&p.server_cert, &p.server_key, None, false).unwrap();
+            // A scripted HTTP/1.1 server: it must not accept h2 by ALPN.
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
             tokio_rustls::TlsAcceptor::from(Arc::new(config))
         });
         let (c, r) = (connections.clone(), requests.clone());

@@ -278,14 +278,13 @@ impl Default for Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UpstreamProtocol {
-    /// HTTP/1.1 over TLS on keep-alive connections owned by each worker thread: the request is
-    /// written and the response read by the task serving the client, and throughput grows with
-    /// the workers. Streamed request bodies still go through hyper's client.
+    /// Each new connection offers HTTP/2 and HTTP/1.1 by ALPN and the upstream chooses. HTTP/2
+    /// connections are held per worker thread and carry many requests at once; HTTP/1.1 ones
+    /// are the lean keep-alive connections. Either way a second worker adds throughput.
     #[default]
-    Http1,
-    /// HTTP/2 when the upstream offers it by ALPN, else HTTP/1.1, through hyper's pooled client:
-    /// few upstream connections (one HTTP/2 connection carries every request).
     Auto,
+    /// HTTP/1.1 only (ALPN `http/1.1`), for upstreams whose HTTP/2 is broken or slow.
+    Http1,
 }
 
 /// One route: requests whose path starts with `prefix` go to `upstream` with `provider`'s token.

@@ -124,6 +124,8 @@ pub enum Body {
     Incoming(Incoming),
     /// An upstream response body read from a lean HTTP/1.1 connection.
     Upstream(super::h1::Streaming),
+    /// An upstream response body read from an HTTP/2 stream.
+    Http2(super::h2::Streaming),
 }
 
 impl Body {
@@ -148,6 +150,7 @@ impl http_body::Body for Body {
             Body::Request(g) => Pin::new(g).poll_frame(cx),
             Body::Incoming(i) => Pin::new(i).poll_frame(cx).map_err(|e| Box::new(e) as super::BoxError),
             Body::Upstream(u) => Pin::new(u).poll_frame(cx),
+            Body::Http2(h) => Pin::new(h).poll_frame(cx),
         }
     }
 
@@ -158,6 +161,7 @@ impl http_body::Body for Body {
             Body::Request(g) => g.is_end_stream(),
             Body::Incoming(i) => i.is_end_stream(),
             Body::Upstream(u) => u.is_end_stream(),
+            Body::Http2(h) => h.is_end_stream(),
         }
     }
 
@@ -168,6 +172,7 @@ impl http_body::Body for Body {
             Body::Request(g) => g.size_hint(),
             Body::Incoming(i) => i.size_hint(),
             Body::Upstream(u) => u.size_hint(),
+            Body::Http2(h) => h.size_hint(),
         }
     }
 }

@@ -103,9 +103,49 @@ pub struct Pool {
 }
 
 /// An upstream connection holding one of its upstream's slots until it is dropped.
-struct Conn {
+pub struct Conn {
     io: Stream,
     _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Conn {
+    /// TLS negotiated HTTP/2 by ALPN.
+    pub fn speaks_h2(&self) -> bool {
+        self.io.alpn() == Some(b"h2")
+    }
+}
+
+/// What [`Pool::send`] did.
+pub enum Sent {
+    /// The upstream answered.
+    Response(Response<Body>),
+    /// The new connection it opened negotiated HTTP/2; the request was not sent.
+    Http2(Conn),
+}
+
+// Conn carries HTTP/2 too, when ALPN says so: hyper drives it then.
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 impl std::ops::Deref for Conn {
@@ -191,27 +231,58 @@ impl Pool {
 
     /// Sends one request and reads the response head (and a small body). A reused connection
     /// that turns out to be closed is replaced once, when the request cannot have been acted on.
-    pub async fn send(self: &Arc<Self>, head: &Head<'_>, body: &Bytes) -> Result<Response<Body>, Error> {
-        // A body up to the inline size goes behind the head, so the request is one write.
+    pub async fn send(self: &Arc<Self>, head: &Head<'_>, body: &Bytes) -> Result<Sent, Error> {
+        let (out, inline) = self.request_bytes(head, body);
+        if let Some((io, buf)) = self.checkout() {
+            match self.exchange(io, buf, &out, (!inline).then_some(body), head.method).await {
+                Err(Attempt::Unsent(_)) => {}
+                Err(Attempt::Stale(_)) if replayable(head.method) => {}
+                Err(Attempt::Stale(e) | Attempt::Failed(e)) => return Err(e),
+                Ok(resp) => return Ok(Sent::Response(resp)),
+            }
+        }
+        let io = self.open().await?;
+        if io.speaks_h2() {
+            return Ok(Sent::Http2(io));
+        }
+        self.first(io, &out, inline, head, body).await.map(Sent::Response)
+    }
+
+    /// Sends one request on `io`, a connection just opened by [`Pool::open`].
+    pub async fn send_on(
+        self: &Arc<Self>,
+        io: Conn,
+        head: &Head<'_>,
+        body: &Bytes,
+    ) -> Result<Response<Body>, Error> {
+        let (out, inline) = self.request_bytes(head, body);
+        self.first(io, &out, inline, head, body).await
+    }
+
+    async fn first(
+        self: &Arc<Self>,
+        io: Conn,
+        out: &[u8],
+        inline: bool,
+        head: &Head<'_>,
+        body: &Bytes,
+    ) -> Result<Response<Body>, Error> {
+        match self.exchange(io, BytesMut::new(), out, (!inline).then_some(body), head.method).await {
+            Ok(resp) => Ok(resp),
+            Err(Attempt::Unsent(e) | Attempt::Stale(e) | Attempt::Failed(e)) => Err(e),
+        }
+    }
+
+    /// The request head, with a body up to the inline size behind it so the request is one
+    /// write; the flag says whether the body went in.
+    fn request_bytes(&self, head: &Head<'_>, body: &Bytes) -> (Vec<u8>, bool) {
         let inline = body.len() <= INLINE_BODY;
         let mut out = Vec::with_capacity(512 + if inline { body.len() } else { 0 });
         encode(&mut out, &self.host, head, body);
         if inline {
             out.extend_from_slice(body);
         }
-        if let Some((io, buf)) = self.checkout() {
-            match self.exchange(io, buf, &out, (!inline).then_some(body), head.method).await {
-                Err(Attempt::Unsent(_)) => {}
-                Err(Attempt::Stale(_)) if replayable(head.method) => {}
-                Err(Attempt::Stale(e) | Attempt::Failed(e)) => return Err(e),
-                Ok(resp) => return Ok(resp),
-            }
-        }
-        let io = self.connect().await?;
-        match self.exchange(io, BytesMut::new(), &out, (!inline).then_some(body), head.method).await {
-            Ok(resp) => Ok(resp),
-            Err(Attempt::Unsent(e) | Attempt::Stale(e) | Attempt::Failed(e)) => Err(e),
-        }
+        (out, inline)
     }
 
     async fn exchange(
@@ -257,7 +328,8 @@ impl Pool {
         Ok(Response::from_parts(parts, body))
     }
 
-    async fn connect(&self) -> Result<Conn, Error> {
+    /// Opens a new connection, taking one of the upstream's slots (waiting for one if need be).
+    pub async fn open(&self) -> Result<Conn, Error> {
         let slot = self.limit.acquire().await?;
         match Stream::connect(&self.addr, self.tls.as_ref(), self.connect_timeout).await {
             Ok(None) => Err(Error::ConnectTimeout(self.addr.clone())),
@@ -274,6 +346,11 @@ impl Pool {
                 return Some((idle.io, idle.buf));
             }
         }
+    }
+
+    /// Keeps `io`, a connection just opened by [`Pool::open`], for the next request.
+    pub fn park(&self, io: Conn) {
+        self.put(io, BytesMut::new());
     }
 
     fn put(&self, io: Conn, buf: BytesMut) {
@@ -319,7 +396,7 @@ impl From<Error> for Attempt {
 
 /// Methods RFC 9110 calls idempotent: a request that may have reached the upstream can be sent
 /// again.
-fn replayable(method: &Method) -> bool {
+pub(super) fn replayable(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE

@@ -5,8 +5,10 @@ pub mod admit;
 pub mod body;
 pub mod error;
 pub mod h1;
+pub mod h2;
 pub mod headers;
 pub mod limit;
+pub mod origin;
 pub mod stream;
 pub mod upstream;
 
@@ -58,10 +60,10 @@ pub struct Route {
     pub require_api_key: bool,
     /// A verified client certificate is required.
     pub require_client_cert: bool,
+    // hyper's pooled client, for streamed request bodies to upstreams not on HTTP/2.
     client: upstream::WorkerClients,
-    // The lean HTTP/1.1 client (plain, or TLS with `upstream_protocol: http1`) for requests
-    // whose body is in memory.
-    h1: Option<Arc<h1::Pool>>,
+    // The lean HTTP/1.1 client and the per-worker HTTP/2 connections.
+    origin: Arc<origin::Origin>,
 }
 
 /// What a configuration turns into: the route table and its token sources. Swapped whole on
@@ -93,7 +95,8 @@ impl Runtime {
             config.limits.upstream_max_connections,
             config.limits.upstream_queue_timeout,
         );
-        let mut pools: std::collections::HashMap<String, Arc<h1::Pool>> = std::collections::HashMap::new();
+        let mut origins: std::collections::HashMap<String, Arc<origin::Origin>> =
+            std::collections::HashMap::new();
         let mut table = RouteTable::default();
         let mut routes = Vec::new();
         let mut by_host: std::collections::HashMap<String, Vec<Arc<Route>>> =
@@ -108,37 +111,46 @@ impl Runtime {
                 .map_err(|e| format!("route {}: {e}", r.label()))?;
             let https = r.upstream.scheme == http::uri::Scheme::HTTPS;
             let key = format!(
-                "{}://{}|{}",
+                "{}://{}|{}|{:?}",
                 r.upstream.scheme,
                 r.upstream.authority.as_str().to_ascii_lowercase(),
-                r.ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+                r.ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                r.upstream_protocol,
             );
-            let lean = !https || r.upstream_protocol == crate::config::UpstreamProtocol::Http1;
-            let h1 = if !lean {
-                None
-            } else if let Some(pool) = pools.get(&key) {
-                Some(pool.clone())
-            } else {
-                let tls = if https {
-                    Some(
-                        stream::Tls::new(r.upstream.authority.host(), r.ca_file.as_deref())
-                            .map_err(|e| format!("route {}: {e}", r.label()))?,
-                    )
-                } else {
-                    None
-                };
-                let limits = &config.limits;
-                let pool = Arc::new(h1::Pool::new(
-                    &r.upstream.authority,
-                    tls,
-                    limits.upstream_connect_timeout,
-                    limits.upstream_idle_timeout,
-                    usize::try_from(limits.max_header_size).unwrap_or(usize::MAX),
-                    &slots,
-                ));
-                pool.share_idle();
-                pools.insert(key, pool.clone());
-                Some(pool)
+            let offer_h2 = https && r.upstream_protocol == crate::config::UpstreamProtocol::Auto;
+            let origin = match origins.get(&key) {
+                Some(o) => o.clone(),
+                None => {
+                    let limits = &config.limits;
+                    let max_head = usize::try_from(limits.max_header_size).unwrap_or(usize::MAX);
+                    let alpn = if offer_h2 { origin::H2_OR_H1 } else { &[b"http/1.1" as &[u8]] };
+                    let tls = if https {
+                        Some(
+                            stream::Tls::new(r.upstream.authority.host(), r.ca_file.as_deref(), alpn)
+                                .map_err(|e| format!("route {}: {e}", r.label()))?,
+                        )
+                    } else {
+                        None
+                    };
+                    let pool = Arc::new(h1::Pool::new(
+                        &r.upstream.authority,
+                        tls,
+                        limits.upstream_connect_timeout,
+                        limits.upstream_idle_timeout,
+                        max_head,
+                        &slots,
+                    ));
+                    pool.share_idle();
+                    let h2 = offer_h2.then(|| h2::Connections::new(limits.upstream_idle_timeout, max_head));
+                    let o = Arc::new(origin::Origin::new(
+                        pool,
+                        h2,
+                        r.upstream.scheme.clone(),
+                        r.upstream.authority.clone(),
+                    ));
+                    origins.insert(key, o.clone());
+                    o
+                }
             };
             let route = Route {
                 label: r.label().to_owned(),
@@ -154,7 +166,7 @@ impl Runtime {
                 require_api_key: r.require_api_key.unwrap_or(config.access.api_keys.is_some()),
                 require_client_cert: r.require_client_cert,
                 client,
-                h1,
+                origin,
             };
             let route = Arc::new(route);
             let authority = route.upstream.authority.as_str().to_ascii_lowercase();
@@ -341,7 +353,7 @@ impl Proxy {
         // lean client sends them with the head in one write.
         let payload = match declared {
             Some(0) => Payload::Buffered(Bytes::new()),
-            Some(len) if len <= limits.replay_buffer && (route.retry_on_401 || route.h1.is_some()) => {
+            Some(len) if len <= limits.replay_buffer => {
                 let bytes = guarded.collect().await.map_err(|e| body_error(&fault, &*e))?.to_bytes();
                 Payload::Buffered(bytes)
             }
@@ -399,24 +411,31 @@ impl Proxy {
         self.metrics.inflight.inc();
         let _inflight = scopeguard(|| self.metrics.inflight.dec());
         let timeout = runtime.limits.upstream_timeout;
-        let body = match (&route.h1, payload) {
-            (Some(pool), Payload::Buffered(bytes)) => {
-                let head =
-                    h1::Head { method: &request.method, target: &request.target, headers: &request.headers };
-                return match tokio::time::timeout(timeout, pool.send(&head, &bytes)).await {
+        let head = h1::Head { method: &request.method, target: &request.target, headers: &request.headers };
+        let guarded = match payload {
+            Payload::Buffered(bytes) => {
+                return match tokio::time::timeout(timeout, route.origin.send(&head, &bytes)).await {
                     Err(_elapsed) => Err(ProxyError::UpstreamTimeout),
-                    Ok(Err(h1::Error::Busy(e))) => {
-                        tracing::warn!(route = %route.label, error = %e, "upstream connection limit reached");
-                        Err(ProxyError::UpstreamBusy)
-                    }
-                    Ok(Err(e)) => Err(self.upstream_error(route, e.is_connect(), &e)),
+                    Ok(Err(e)) => Err(self.origin_error(route, &e)),
                     Ok(Ok(resp)) => Ok(resp),
                 };
             }
-            (_, Payload::Buffered(bytes)) => Body::full(bytes),
-            (_, Payload::Streamed(guarded)) => Body::Request(guarded),
+            Payload::Streamed(guarded) => guarded,
         };
-        let req = request.build(route, body)?;
+        let mut req = request.build(route, Body::Request(guarded))?;
+        if route.origin.speaks_h2() {
+            match tokio::time::timeout(timeout, route.origin.stream(req)).await {
+                Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
+                Ok(Err(e)) => {
+                    return Err(match fault.get() {
+                        Some(f) => fault_error(*f),
+                        None => self.origin_error(route, &e),
+                    });
+                }
+                Ok(Ok(origin::Streamed::Response(resp))) => return Ok(resp),
+                Ok(Ok(origin::Streamed::NotHttp2(back))) => req = back,
+            }
+        }
         let resp = match tokio::time::timeout(timeout, route.client.get().request(req)).await {
             Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
             Ok(Err(e)) => {
@@ -434,6 +453,14 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         headers::rewrite_response(&mut parts.headers);
         Ok(Response::from_parts(parts, Body::Incoming(body)))
+    }
+
+    fn origin_error(&self, route: &Route, e: &origin::Error) -> ProxyError {
+        if let origin::Error::Http1(h1::Error::Busy(busy)) = e {
+            tracing::warn!(route = %route.label, error = %busy, "upstream connection limit reached");
+            return ProxyError::UpstreamBusy;
+        }
+        self.upstream_error(route, e.is_connect(), e)
     }
 
     fn upstream_error(&self, route: &Route, connect: bool, e: &dyn std::fmt::Display) -> ProxyError {
@@ -482,14 +509,10 @@ enum Payload {
 }
 
 impl Outgoing {
-    /// A request for the hyper client, which picks its own version (ALPN) and sets `Host`.
+    /// A request for hyper's clients, which take `Host` (or `:authority`) from the URI.
     fn build(&self, route: &Route, body: Body) -> Result<Request<Body>, ProxyError> {
-        let uri = Uri::builder()
-            .scheme(route.upstream.scheme.clone())
-            .authority(route.upstream.authority.clone())
-            .path_and_query(self.target.as_str())
-            .build()
-            .map_err(|_| ProxyError::InvalidPath(route::PathError::BadByte))?;
+        let uri = origin::absolute(&route.upstream.scheme, &route.upstream.authority, &self.target)
+            .ok_or(ProxyError::InvalidPath(route::PathError::BadByte))?;
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;

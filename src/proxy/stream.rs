@@ -1,5 +1,5 @@
-//! The lean client's upstream socket: plain TCP, or TLS over TCP (rustls) for `https://`
-//! upstreams spoken to in HTTP/1.1.
+//! The upstream socket: plain TCP, or TLS over TCP (rustls) for `https://` upstreams, carrying
+//! HTTP/1.1 (the lean client) or HTTP/2 (hyper's, when ALPN chose `h2`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,8 +13,8 @@ use tokio::net::TcpStream;
 /// of data plus framing) turns the reads of a 16 KiB response from five system calls into one.
 const TLS_READ_BUF: usize = 16 * 1024 + 512;
 
-/// How to open TLS to one upstream: the client settings (trust, ALPN `http/1.1`, the session
-/// cache that makes later handshakes resumptions) and the name the certificate must carry.
+/// How to open TLS to one upstream: the client settings (trust, the ALPN protocols offered, the
+/// session cache that makes later handshakes resumptions) and the name the certificate must carry.
 #[derive(Clone)]
 pub struct Tls {
     connector: tokio_rustls::TlsConnector,
@@ -22,9 +22,14 @@ pub struct Tls {
 }
 
 impl Tls {
-    /// TLS to `host`, trusting the public roots and `ca_file`.
-    pub fn new(host: &str, ca_file: Option<&std::path::Path>) -> Result<Self, crate::tls::TlsError> {
-        let config = crate::tls::client_config(ca_file, &[b"http/1.1"])?;
+    /// TLS to `host`, trusting the public roots and `ca_file`, offering `alpn` (in order of
+    /// preference).
+    pub fn new(
+        host: &str,
+        ca_file: Option<&std::path::Path>,
+        alpn: &[&[u8]],
+    ) -> Result<Self, crate::tls::TlsError> {
+        let config = crate::tls::client_config(ca_file, alpn)?;
         // An IP literal in brackets (`[::1]`) is a name without them.
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let name = rustls::pki_types::ServerName::try_from(bare.to_owned()).map_err(|e| {
@@ -41,7 +46,7 @@ impl Tls {
 pub enum Stream {
     /// `http://`.
     Plain(TcpStream),
-    /// `https://`, HTTP/1.1 inside.
+    /// `https://`.
     Tls(Box<tokio_rustls::client::TlsStream<BufReader<TcpStream>>>),
 }
 
@@ -62,6 +67,14 @@ impl Stream {
         match tokio::time::timeout(timeout, open).await {
             Err(_) => Ok(None),
             Ok(r) => r.map(Some),
+        }
+    }
+
+    /// The protocol ALPN settled on, if any.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(tls) => tls.get_ref().1.alpn_protocol(),
         }
     }
 

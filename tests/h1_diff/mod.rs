@@ -125,7 +125,8 @@ async fn lean(addr: SocketAddr, target: &str) -> Verdict {
     ));
     let headers = http::HeaderMap::new();
     let head = tokengate::proxy::h1::Head { method: &http::Method::GET, target, headers: &headers };
-    let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), pool.send(&head, &Bytes::new())).await
+    let Ok(Ok(tokengate::proxy::h1::Sent::Response(resp))) =
+        tokio::time::timeout(Duration::from_secs(2), pool.send(&head, &Bytes::new())).await
     else {
         return Verdict::Refused;
     };

@@ -1,0 +1,399 @@
+//! HTTPS upstreams and the protocol ALPN settles on: HTTP/2 when the upstream offers it (the
+//! default, `upstream_protocol: auto`), HTTP/1.1 when it does not or when the route says
+//! `http1`. The HTTP/2 upstream here is the `h2` crate's server driven frame by frame, so stream
+//! limits, refused and reset streams, GOAWAY and oversized heads are chosen by the test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+
+/// What the HTTP/2 upstream does with one request (numbered from 0 across connections).
+#[derive(Clone)]
+enum Act {
+    /// 200 with this body after this pause.
+    Answer(&'static str, Duration),
+    /// RST_STREAM with this error code.
+    Reset(h2::Reason),
+    /// Answer, then GOAWAY: the connection takes no new streams.
+    AnswerThenGoAway,
+    /// 200 with a header longer than any sane limit.
+    HugeHead,
+}
+
+type Script = Arc<dyn Fn(usize, &http::Request<h2::RecvStream>) -> Act + Send + Sync>;
+
+/// A request as the HTTP/2 upstream saw it.
+#[derive(Debug, Clone)]
+struct Got {
+    method: String,
+    uri: String,
+    authorization: Option<String>,
+    body_len: usize,
+    connection: usize,
+}
+
+struct H2Upstream {
+    addr: SocketAddr,
+    pki: Pki,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<Mutex<Vec<Got>>>,
+    // Streams being answered at once, and the most there ever were.
+    peak: Arc<AtomicUsize>,
+}
+
+impl H2Upstream {
+    /// Offers only `h2` by ALPN; each connection takes at most `streams` streams at once.
+    async fn start(
+        streams: u32,
+        script: impl Fn(usize, &http::Request<h2::RecvStream>) -> Act + Send + Sync + 'static,
+    ) -> Self {
+        let script: Script = Arc::new(script);
+        let pki = pki();
+        let mut config =
+            tokengate::tls::server_config(&pki.server_cert, &pki.server_key, None, false).unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind(any()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (connections, requests, peak) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicUsize::new(0)));
+        let (c, r, p) = (connections.clone(), requests.clone(), peak.clone());
+        let numbered = Arc::new(AtomicUsize::new(0));
+        let active = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let index = c.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, script, r, p) = (acceptor.clone(), script.clone(), r.clone(), p.clone());
+                let (numbered, active) = (numbered.clone(), active.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(mut conn) = h2::server::Builder::new()
+                        .max_concurrent_streams(streams)
+                        .handshake::<_, Bytes>(tls)
+                        .await
+                    else {
+                        return;
+                    };
+                    while let Some(Ok((req, respond))) = conn.accept().await {
+                        let n = numbered.fetch_add(1, Ordering::SeqCst);
+                        let act = script(n, &req);
+                        if matches!(act, Act::AnswerThenGoAway) {
+                            conn.graceful_shutdown();
+                        }
+                        let (r, p, active) = (r.clone(), p.clone(), active.clone());
+                        tokio::spawn(serve_stream(req, respond, act, index, r, p, active));
+                    }
+                });
+            }
+        });
+        H2Upstream { addr, pki, connections, requests, peak }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> Vec<Got> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+async fn serve_stream(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    act: Act,
+    connection: usize,
+    requests: Arc<Mutex<Vec<Got>>>,
+    peak: Arc<AtomicUsize>,
+    active: Arc<AtomicUsize>,
+) {
+    let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+    peak.fetch_max(now, Ordering::SeqCst);
+    let (parts, mut body) = req.into_parts();
+    let mut body_len = 0;
+    if !matches!(act, Act::Reset(_)) {
+        while let Some(Ok(chunk)) = body.data().await {
+            body_len += chunk.len();
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+    }
+    requests.lock().unwrap().push(Got {
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        authorization: parts.headers.get("authorization").map(|v| v.to_str().unwrap().to_owned()),
+        body_len,
+        connection,
+    });
+    let answer = |body: &'static str, respond: &mut h2::server::SendResponse<Bytes>, huge: bool| {
+        let mut resp = http::Response::builder().status(200).header("content-length", body.len());
+        if huge {
+            resp = resp.header("x-huge", "h".repeat(200 * 1024));
+        }
+        if let Ok(mut send) = respond.send_response(resp.body(()).unwrap(), false) {
+            let _ = send.send_data(Bytes::from_static(body.as_bytes()), true);
+        }
+    };
+    match act {
+        Act::Answer(body, pause) => {
+            tokio::time::sleep(pause).await;
+            answer(body, &mut respond, false);
+        }
+        Act::Reset(reason) => respond.send_reset(reason),
+        Act::AnswerThenGoAway => answer("last on this connection", &mut respond, false),
+        Act::HugeHead => answer("huge", &mut respond, true),
+    }
+    active.fetch_sub(1, Ordering::SeqCst);
+}
+
+async fn proxy_to(addr: SocketAddr, ca: &std::path::Path, extra: &str) -> (Idp, tokengate::server::Running) {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let config = format!(
+        "{}routes:\n  - prefix: /\n    upstream: https://127.0.0.1:{}\n    provider: idp\n    ca_file: {}\n{extra}",
+        idp.provider_yaml(),
+        addr.port(),
+        ca.display()
+    );
+    let tg = start(&config).await;
+    wait_ready(&tg).await;
+    (idp, tg)
+}
+
+async fn fetch(tg: &tokengate::server::Running, method: &str, path: &str) -> (u16, String) {
+    let url = format!("http://{}{path}", tg.proxy_addr);
+    let r = client().request(method.parse().unwrap(), url).body("payload").send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// An HTTPS upstream served by hyper (HTTP/1.1 and HTTP/2) offering `alpn`, recording the
+/// version of each request and counting handshakes.
+async fn dual(pki: &Pki, alpn: &[&[u8]]) -> (SocketAddr, Arc<Mutex<Vec<http::Version>>>, Arc<AtomicUsize>) {
+    let mut config = tokengate::tls::server_config(&pki.server_cert, &pki.server_key, None, false).unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(any()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (versions, handshakes) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicUsize::new(0)));
+    let (v, h) = (versions.clone(), handshakes.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, v, h) = (acceptor.clone(), v.clone(), h.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                h.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper::service::service_fn(move |req| {
+                    let v = v.clone();
+                    async move {
+                        let seen = capture(req).await;
+                        v.lock().unwrap().push(seen.version);
+                        let bearer = seen.header("authorization").is_some_and(|a| a.starts_with("Bearer "));
+                        Ok::<_, std::convert::Infallible>(json(
+                            if bearer { 200 } else { 401 },
+                            serde_json::json!({}),
+                        ))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, versions, handshakes)
+}
+
+#[tokio::test]
+async fn the_upstream_chooses_http2_or_http11_by_alpn() {
+    let pki = pki();
+    let cases: [(&[&[u8]], &str, http::Version); 4] = [
+        (&[b"h2", b"http/1.1"], "", http::Version::HTTP_2),
+        (&[b"http/1.1"], "", http::Version::HTTP_11),
+        (&[b"h2", b"http/1.1"], "    upstream_protocol: http1\n", http::Version::HTTP_11),
+        // No ALPN at all: HTTP/1.1, as RFC 7301 says a client must assume.
+        (&[], "", http::Version::HTTP_11),
+    ];
+    for (alpn, extra, expected) in cases {
+        let (addr, versions, handshakes) = dual(&pki, alpn).await;
+        let (_idp, tg) = proxy_to(addr, &pki.ca, extra).await;
+        for n in 0..10 {
+            assert_eq!(fetch(&tg, if n % 2 == 0 { "GET" } else { "POST" }, "/v").await.0, 200);
+        }
+        let versions = versions.lock().unwrap().clone();
+        assert_eq!(versions, vec![expected; 10], "offered {alpn:?} with {extra:?}");
+        assert_eq!(
+            handshakes.load(Ordering::SeqCst),
+            1,
+            "one connection carries them all ({alpn:?} {extra:?})"
+        );
+        tg.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn http2_requests_carry_the_token_and_the_upstream_authority() {
+    let up = H2Upstream::start(100, |_, _| Act::Answer("fine", Duration::ZERO)).await;
+    let (idp, tg) = proxy_to(up.addr, &up.pki.ca, "").await;
+    let r = client()
+        .post(format!("http://{}/a/b?q=1", tg.proxy_addr))
+        .header("authorization", "Basic Y2xpZW50OnNlY3JldA==")
+        .body(vec![7u8; 5000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "fine");
+    let got = &up.requests()[0];
+    assert_eq!(got.uri, format!("https://127.0.0.1:{}/a/b?q=1", up.addr.port()));
+    assert_eq!(got.method, "POST");
+    assert_eq!(got.body_len, 5000);
+    let authorization = got.authorization.as_deref().unwrap();
+    assert!(idp.valid(authorization), "the client's Authorization was replaced by the provider's token");
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn streamed_uploads_go_over_http2_whole() {
+    let up = H2Upstream::start(100, |_, _| Act::Answer("stored", Duration::ZERO)).await;
+    let (_idp, tg) = proxy_to(up.addr, &up.pki.ca, "").await;
+    // Warm up, so the upstream is known to speak HTTP/2.
+    assert_eq!(fetch(&tg, "GET", "/warm").await.0, 200);
+    // Chunked, with no length: streamed rather than buffered.
+    let mut wire =
+        b"PUT /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+            .to_vec();
+    for _ in 0..64 {
+        wire.extend_from_slice(format!("{:x}\r\n", 16 * 1024).as_bytes());
+        wire.extend_from_slice(&[b'x'; 16 * 1024]);
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw(tg.proxy_addr, &wire).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("stored"), "{answer}");
+    let got = up.requests();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1].body_len, 64 * 16 * 1024);
+    assert_eq!(up.connections(), 1, "the upload shared the connection");
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn past_the_upstreams_stream_limit_more_connections_are_opened() {
+    // One stream per connection, each answer taking a while: four requests at once only run
+    // together on four connections.
+    let up = H2Upstream::start(1, |_, _| Act::Answer("slow", Duration::from_millis(500))).await;
+    let (_idp, tg) = proxy_to(up.addr, &up.pki.ca, "").await;
+    assert_eq!(fetch(&tg, "GET", "/warm").await.0, 200);
+    let calls: Vec<_> = (0..4)
+        .map(|n| {
+            let url = format!("http://{}/c{n}", tg.proxy_addr);
+            tokio::spawn(async move { fresh_client().get(url).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    for c in calls {
+        assert_eq!(c.await.unwrap(), 200);
+    }
+    assert_eq!(up.peak.load(Ordering::SeqCst), 4, "the four requests were answered at the same time");
+    assert!(up.connections() >= 4, "{} connections", up.connections());
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn refused_streams_and_goaway_are_sent_again_on_a_new_connection() {
+    // Request 1 is refused (RFC 9113 section 8.7: not processed, safe to send again whatever the
+    // method); request 3 is the last its connection takes.
+    let up = H2Upstream::start(100, |n, req| match (n, req.uri().path()) {
+        (1, _) => Act::Reset(h2::Reason::REFUSED_STREAM),
+        (_, "/3") => Act::AnswerThenGoAway,
+        _ => Act::Answer("ok", Duration::ZERO),
+    })
+    .await;
+    let (_idp, tg) = proxy_to(up.addr, &up.pki.ca, "").await;
+    for path in ["/0", "/1", "/2", "/3", "/4", "/5"] {
+        let (status, body) = fetch(&tg, "POST", path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let uris: Vec<String> =
+        up.requests().iter().map(|g| g.uri.rsplit('/').next().unwrap().to_owned()).collect();
+    assert_eq!(uris, ["0", "1", "1", "2", "3", "4", "5"], "only the refused POST went twice");
+    let got = up.requests();
+    assert_ne!(got[1].connection, got[2].connection, "sent again on a new connection");
+    assert_ne!(got[4].connection, got[5].connection, "after GOAWAY, a new connection");
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reset_stream_is_sent_again_only_when_idempotent() {
+    let up = H2Upstream::start(100, |_, req| {
+        if req.uri().path().ends_with("/first") {
+            Act::Reset(h2::Reason::INTERNAL_ERROR)
+        } else {
+            Act::Answer("ok", Duration::ZERO)
+        }
+    })
+    .await;
+    let (_idp, tg) = proxy_to(up.addr, &up.pki.ca, "").await;
+    assert_eq!(fetch(&tg, "GET", "/warm").await.0, 200);
+    // Every request to */first is reset: a GET is tried twice, then answered 502; a POST once.
+    let (status, body) = fetch(&tg, "GET", "/get/first").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("upstream"), "{body}");
+    let (status, body) = fetch(&tg, "POST", "/post/first").await;
+    assert_eq!(status, 502, "{body}");
+    let count = |p: &str| up.requests().iter().filter(|g| g.uri.ends_with(p)).count();
+    assert_eq!(count("/get/first"), 2, "an idempotent request is sent once more");
+    assert_eq!(count("/post/first"), 1, "a POST that may have been acted on is not sent twice");
+    // The connection is still good for others.
+    assert_eq!(fetch(&tg, "GET", "/after").await.0, 200);
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn broken_http2_upstreams_get_a_json_502_and_nothing_hangs() {
+    // A response head beyond the header limit.
+    let up = H2Upstream::start(100, |_, req| {
+        if req.uri().path() == "/huge" { Act::HugeHead } else { Act::Answer("ok", Duration::ZERO) }
+    })
+    .await;
+    let (_idp, tg) = proxy_to(up.addr, &up.pki.ca, "").await;
+    let (status, body) =
+        tokio::time::timeout(Duration::from_secs(10), fetch(&tg, "GET", "/huge")).await.unwrap();
+    assert_eq!(status, 502, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("upstream"), "{body}");
+    assert_eq!(fetch(&tg, "GET", "/fine").await.0, 200, "other requests go on");
+
+    // An upstream that chooses h2 by ALPN and then answers in HTTP/1.1.
+    let pki = pki();
+    let mut config = tokengate::tls::server_config(&pki.server_cert, &pki.server_key, None, false).unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(any()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let _ = tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                let _ = tls.flush().await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            });
+        }
+    });
+    let (_idp2, tg2) = proxy_to(addr, &pki.ca, "").await;
+    for method in ["GET", "POST"] {
+        let (status, body) =
+            tokio::time::timeout(Duration::from_secs(10), fetch(&tg2, method, "/x")).await.unwrap();
+        assert_eq!(status, 502, "{body}");
+    }
+    tg.shutdown().await;
+    tg2.shutdown().await;
+}
