@@ -25,6 +25,8 @@ enum Act {
     AnswerThenGoAway,
     /// 200 with a header longer than any sane limit.
     HugeHead,
+    /// 200 with `Content-Length: n` and n bytes (none for HEAD), sent as the window allows.
+    Sized(usize),
 }
 
 type Script = Arc<dyn Fn(usize, &http::Request<h2::RecvStream>) -> Act + Send + Sync>;
@@ -46,6 +48,8 @@ struct H2Upstream {
     requests: Arc<Mutex<Vec<Got>>>,
     // Streams being answered at once, and the most there ever were.
     peak: Arc<AtomicUsize>,
+    // Connections the client closed.
+    closed: Arc<AtomicUsize>,
 }
 
 impl H2Upstream {
@@ -64,13 +68,15 @@ impl H2Upstream {
         let addr = listener.local_addr().unwrap();
         let (connections, requests, peak) =
             (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicUsize::new(0)));
-        let (c, r, p) = (connections.clone(), requests.clone(), peak.clone());
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (c, r, p, d) = (connections.clone(), requests.clone(), peak.clone(), closed.clone());
         let numbered = Arc::new(AtomicUsize::new(0));
         let active = Arc::new(AtomicUsize::new(0));
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let index = c.fetch_add(1, Ordering::SeqCst);
-                let (acceptor, script, r, p) = (acceptor.clone(), script.clone(), r.clone(), p.clone());
+                let (acceptor, script, r, p, d) =
+                    (acceptor.clone(), script.clone(), r.clone(), p.clone(), d.clone());
                 let (numbered, active) = (numbered.clone(), active.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
@@ -90,10 +96,11 @@ impl H2Upstream {
                         let (r, p, active) = (r.clone(), p.clone(), active.clone());
                         tokio::spawn(serve_stream(req, respond, act, index, r, p, active));
                     }
+                    d.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
-        H2Upstream { addr, pki, connections, requests, peak }
+        H2Upstream { addr, pki, connections, requests, peak, closed }
     }
 
     fn connections(&self) -> usize {
@@ -148,14 +155,39 @@ async fn serve_stream(
         Act::Reset(reason) => respond.send_reset(reason),
         Act::AnswerThenGoAway => answer("last on this connection", &mut respond, false),
         Act::HugeHead => answer("huge", &mut respond, true),
+        Act::Sized(n) => {
+            let resp = http::Response::builder().status(200).header("content-length", n).body(()).unwrap();
+            let head = parts.method == http::Method::HEAD;
+            if let Ok(mut send) = respond.send_response(resp, head) {
+                let mut left = if head { 0 } else { n };
+                while left > 0 {
+                    send.reserve_capacity(left.min(64 * 1024));
+                    let Some(Ok(granted)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await else {
+                        break;
+                    };
+                    let piece = granted.min(left);
+                    let _ = send.send_data(Bytes::from(vec![b'z'; piece]), piece == left);
+                    left -= piece;
+                }
+            }
+        }
     }
     active.fetch_sub(1, Ordering::SeqCst);
 }
 
 async fn proxy_to(addr: SocketAddr, ca: &std::path::Path, extra: &str) -> (Idp, tokengate::server::Running) {
+    proxy_with(addr, ca, "", extra).await
+}
+
+async fn proxy_with(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    top: &str,
+    extra: &str,
+) -> (Idp, tokengate::server::Running) {
     let idp = Idp::start(IdpOptions::default()).await;
     let config = format!(
-        "{}routes:\n  - prefix: /\n    upstream: https://127.0.0.1:{}\n    provider: idp\n    ca_file: {}\n{extra}",
+        "{top}{}routes:\n  - prefix: /\n    upstream: https://127.0.0.1:{}\n    provider: idp\n    ca_file: {}\n{extra}",
         idp.provider_yaml(),
         addr.port(),
         ca.display()
@@ -280,6 +312,53 @@ async fn streamed_uploads_go_over_http2_whole() {
     assert_eq!(got.len(), 2);
     assert_eq!(got[1].body_len, 64 * 16 * 1024);
     assert_eq!(up.connections(), 1, "the upload shared the connection");
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn http2_bodies_keep_their_length_past_the_flow_control_window() {
+    let up = H2Upstream::start(100, |_, req| match req.uri().path() {
+        "/big" => Act::Sized(3 * 1024 * 1024),
+        _ => Act::Sized(3),
+    })
+    .await;
+    let (_idp, tg) = proxy_to(up.addr, &up.pki.ca, "").await;
+    // Larger than the 2 MiB stream window: the window must open again as the client reads.
+    let r = client().get(format!("http://{}/big", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "3145728", "the length is passed on, not re-chunked");
+    let body = r.bytes().await.unwrap();
+    assert_eq!(body.len(), 3 * 1024 * 1024);
+    assert!(body.iter().all(|b| *b == b'z'));
+    // A HEAD answer announces a length and carries no body.
+    let r = client().head(format!("http://{}/small", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "3");
+    assert!(r.bytes().await.unwrap().is_empty());
+    let r = client().get(format!("http://{}/small", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"zzz");
+    assert_eq!(up.connections(), 1);
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_http2_connections_are_closed_after_the_idle_timeout() {
+    let up = H2Upstream::start(100, |_, _| Act::Answer("ok", Duration::ZERO)).await;
+    let (_idp, tg) = proxy_with(up.addr, &up.pki.ca, "limits:\n  upstream_idle_timeout: 300ms\n", "").await;
+    assert_eq!(fetch(&tg, "GET", "/1").await.0, 200);
+    assert_eq!(fetch(&tg, "GET", "/2").await.0, 200);
+    assert_eq!(up.connections(), 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The next request finds the connection past its idle time: it is closed, a new one opened.
+    assert_eq!(fetch(&tg, "GET", "/3").await.0, 200);
+    assert_eq!(up.connections(), 2);
+    for _ in 0..50 {
+        if up.closed.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.closed.load(Ordering::SeqCst), 1, "the idle connection was closed by tokengate");
     tg.shutdown().await;
 }
 

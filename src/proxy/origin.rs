@@ -38,7 +38,7 @@ pub enum Error {
     Http1(#[from] h1::Error),
     /// On an HTTP/2 connection.
     #[error("HTTP/2: {0}")]
-    Http2(#[from] hyper::Error),
+    Http2(#[from] ::h2::Error),
     /// The path and query do not form a URI (routing checks paths, so this is a bug).
     #[error("request target {0:?} is not a valid URI")]
     Target(String),
@@ -205,15 +205,9 @@ pub fn absolute(scheme: &http::uri::Scheme, authority: &http::uri::Authority, ta
     Uri::from_parts(parts).ok()
 }
 
-/// The upstream refused the stream (RFC 9113 section 8.7: it did no processing of it).
+/// The upstream did not act on the request: it refused the stream (RFC 9113 section 8.7), or
+/// the stream was past the last one its GOAWAY accepted (section 6.8).
 fn refused(e: &Error) -> bool {
     let Error::Http2(e) = e else { return false };
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h2) = s.downcast_ref::<::h2::Error>() {
-            return h2.reason() == Some(::h2::Reason::REFUSED_STREAM);
-        }
-        source = s.source();
-    }
-    false
+    e.reason() == Some(::h2::Reason::REFUSED_STREAM) && e.is_remote() || e.is_go_away() && e.is_remote()
 }
