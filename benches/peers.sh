@@ -212,7 +212,12 @@ declare -A URL=([direct]=$DIRECT_URL [nginx]=http://127.0.0.1:$NGINX [haproxy]=h
                 [tokengate-base]=http://127.0.0.1:$TG_BASE)
 for name in $PEERS; do
   for size in small:100 large:16384; do
-    got=$(curl -s --cacert "$WORK/ca.pem" -o /dev/null -w '%{http_code} %{size_download}' "${URL[$name]}/${size%%:*}" 2>/dev/null || curl -s -o /dev/null -w '%{http_code} %{size_download}' "${URL[$name]}/${size%%:*}")
+    # nginx and HAProxy may still be binding their ports: a refused connection is tried again.
+    for _ in $(seq 30); do
+      got=$(curl -s --cacert "$WORK/ca.pem" -o /dev/null -w '%{http_code} %{size_download}' "${URL[$name]}/${size%%:*}" 2>/dev/null || curl -s -o /dev/null -w '%{http_code} %{size_download}' "${URL[$name]}/${size%%:*}" || true)
+      [ "${got%% *}" != "000" ] && break
+      sleep 0.1
+    done
     if [ "$got" != "200 ${size##*:}" ]; then echo "$name: /${size%%:*} answered '$got'" >&2; exit 1; fi
   done
 done

@@ -207,9 +207,12 @@ fn proxy_password<B>(req: &Request<B>) -> Option<Vec<u8>> {
 /// True when a web browser sent the request (`Origin`, `Sec-Fetch-*`): a page must not be able
 /// to use tokengate's credentials, or its admin endpoints, through the user's browser.
 pub(crate) fn from_browser(headers: &http::HeaderMap) -> bool {
+    // Names made at compile time: a `&str` would be parsed again on every request.
+    const SEC_FETCH_MODE: header::HeaderName = header::HeaderName::from_static("sec-fetch-mode");
+    const SEC_FETCH_SITE: header::HeaderName = header::HeaderName::from_static("sec-fetch-site");
     headers.contains_key(header::ORIGIN)
-        || headers.contains_key("sec-fetch-mode")
-        || headers.contains_key("sec-fetch-site")
+        || headers.contains_key(SEC_FETCH_MODE)
+        || headers.contains_key(SEC_FETCH_SITE)
 }
 
 /// The host name of a `Host` value: without the port, IPv6 literals without their brackets.

@@ -172,11 +172,6 @@ impl Connections {
         }
         Ok(lease)
     }
-
-    /// Connections kept for this thread.
-    pub fn connections(&self) -> usize {
-        self.shard().iter().filter(|l| !l.use_.closed.load(Ordering::Relaxed)).count()
-    }
 }
 
 impl Lease {
@@ -190,6 +185,11 @@ impl Lease {
         };
         let (mut head, body) = req.into_parts();
         strip_connection_headers(&mut head.headers);
+        // Unique per request: HPACK would add it to the dynamic table (evicting an entry that
+        // might have been reused) every time. Sent as a never-indexed literal instead.
+        if let Some(id) = head.headers.get_mut(&super::headers::X_REQUEST_ID) {
+            id.set_sensitive(true);
+        }
         let eos = body.is_end_stream();
         let (response, stream) =
             send.send_request(Request::from_parts(head, ()), eos).map_err(Failure::Failed)?;
@@ -222,10 +222,10 @@ impl Lease {
 /// RFC 9113 section 8.2.2: connection-specific fields are not allowed in HTTP/2 (h2 refuses a
 /// request carrying them). Hop-by-hop headers are gone already; this catches the rest.
 fn strip_connection_headers(headers: &mut HeaderMap) {
-    for name in [header::CONNECTION, header::TRANSFER_ENCODING, header::UPGRADE] {
-        headers.remove(name);
-    }
-    for name in ["keep-alive", "proxy-connection"] {
+    const KEEP_ALIVE: header::HeaderName = header::HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: header::HeaderName = header::HeaderName::from_static("proxy-connection");
+    for name in [header::CONNECTION, header::TRANSFER_ENCODING, header::UPGRADE, KEEP_ALIVE, PROXY_CONNECTION]
+    {
         headers.remove(name);
     }
     if headers.get(header::TE).is_some_and(|v| v != "trailers") {

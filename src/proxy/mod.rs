@@ -424,7 +424,8 @@ impl Proxy {
         };
         let mut req = request.build(route, Body::Request(guarded))?;
         if route.origin.speaks_h2() {
-            match tokio::time::timeout(timeout, route.origin.stream(req)).await {
+            // Boxed: streamed uploads are rare, and the common path's future stays small.
+            match tokio::time::timeout(timeout, Box::pin(route.origin.stream(req))).await {
                 Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
                 Ok(Err(e)) => {
                     return Err(match fault.get() {

@@ -97,11 +97,6 @@ impl Origin {
         Origin { h1, h2, scheme, authority, speaks_h2: AtomicBool::new(false) }
     }
 
-    /// The lean HTTP/1.1 pool.
-    pub fn h1(&self) -> &Arc<h1::Pool> {
-        &self.h1
-    }
-
     /// The last connection opened negotiated HTTP/2.
     pub fn speaks_h2(&self) -> bool {
         self.h2.is_some() && self.speaks_h2.load(Ordering::Relaxed)
@@ -112,6 +107,17 @@ impl Origin {
         let Some(h2) = self.h2.as_ref().filter(|_| self.speaks_h2()) else {
             return self.send_h1(head, body).await;
         };
+        // Boxed, so requests to HTTP/1.1 upstreams do not carry (and move) the larger HTTP/2
+        // state in their future.
+        Box::pin(self.send_h2(h2, head, body)).await
+    }
+
+    async fn send_h2(
+        &self,
+        h2: &h2::Connections,
+        head: &Head<'_>,
+        body: &Bytes,
+    ) -> Result<Response<Body>, Error> {
         let again = match self.on_h2(h2, self.request(head, body)?, false).await {
             Ok(Streamed::Response(resp)) => return Ok(resp),
             // A new connection came back HTTP/1.1 and was parked in the pool: use it.
@@ -140,10 +146,13 @@ impl Origin {
                     return Err(h1::Error::Invalid("HTTP/2 chosen without being offered").into());
                 };
                 self.speaks_h2.store(true, Ordering::Relaxed);
-                match h2.adopt(io).await?.send(self.request(head, body)?).await {
-                    Ok(resp) => Ok(resp),
-                    Err(h2::Failure::Unsent(_, e) | h2::Failure::Failed(e)) => Err(e.into()),
-                }
+                let first = async {
+                    match h2.adopt(io).await?.send(self.request(head, body)?).await {
+                        Ok(resp) => Ok(resp),
+                        Err(h2::Failure::Unsent(_, e) | h2::Failure::Failed(e)) => Err(e.into()),
+                    }
+                };
+                Box::pin(first).await
             }
         }
     }
@@ -181,7 +190,7 @@ impl Origin {
         lease.send(req).await.map(Streamed::Response).map_err(Failure::from)
     }
 
-    /// The request as hyper's HTTP/2 client takes it: `:scheme` and `:authority` come from the
+    /// The request as the HTTP/2 client takes it: `:scheme` and `:authority` come from the
     /// absolute URI.
     fn request(&self, head: &Head<'_>, body: &Bytes) -> Result<Request<Body>, Error> {
         let mut req = Request::new(Body::full(body.clone()));
