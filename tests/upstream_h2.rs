@@ -58,6 +58,15 @@ impl H2Upstream {
         streams: u32,
         script: impl Fn(usize, &http::Request<h2::RecvStream>) -> Act + Send + Sync + 'static,
     ) -> Self {
+        Self::start_with(streams, 65_535, script).await
+    }
+
+    /// [`H2Upstream::start`] with a stream flow-control window of `window` bytes.
+    async fn start_with(
+        streams: u32,
+        window: u32,
+        script: impl Fn(usize, &http::Request<h2::RecvStream>) -> Act + Send + Sync + 'static,
+    ) -> Self {
         let script: Script = Arc::new(script);
         let pki = pki();
         let mut config =
@@ -82,6 +91,7 @@ impl H2Upstream {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
                     let Ok(mut conn) = h2::server::Builder::new()
                         .max_concurrent_streams(streams)
+                        .initial_window_size(window)
                         .handshake::<_, Bytes>(tls)
                         .await
                     else {
@@ -286,6 +296,28 @@ async fn http2_requests_carry_the_token_and_the_upstream_authority() {
     assert_eq!(got.body_len, 5000);
     let authorization = got.authorization.as_deref().unwrap();
     assert!(idp.valid(authorization), "the client's Authorization was replaced by the provider's token");
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn buffered_bodies_wait_for_a_small_upstream_window() {
+    // 1,000-byte windows: a 60 KiB body held in memory goes out as the upstream reads it.
+    let up = H2Upstream::start_with(100, 1000, |_, _| Act::Answer("got it", Duration::ZERO)).await;
+    let (_idp, tg) = proxy_to(up.addr, &up.pki.ca, "").await;
+    assert_eq!(fetch(&tg, "GET", "/warm").await.0, 200);
+    for _ in 0..3 {
+        let r = client()
+            .post(format!("http://{}/put", tg.proxy_addr))
+            .body(vec![1u8; 60 * 1024])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "got it");
+    }
+    let got = up.requests();
+    assert_eq!(got.len(), 4);
+    assert!(got[1..].iter().all(|g| g.body_len == 60 * 1024), "{got:?}");
     tg.shutdown().await;
 }
 
