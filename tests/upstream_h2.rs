@@ -50,6 +50,8 @@ struct H2Upstream {
     peak: Arc<AtomicUsize>,
     // Connections the client closed.
     closed: Arc<AtomicUsize>,
+    // Set: new connections are closed at once, before TLS.
+    refuse: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl H2Upstream {
@@ -78,11 +80,17 @@ impl H2Upstream {
         let (connections, requests, peak) =
             (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicUsize::new(0)));
         let closed = Arc::new(AtomicUsize::new(0));
+        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refusing = refuse.clone();
         let (c, r, p, d) = (connections.clone(), requests.clone(), peak.clone(), closed.clone());
         let numbered = Arc::new(AtomicUsize::new(0));
         let active = Arc::new(AtomicUsize::new(0));
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
+                if refusing.load(Ordering::SeqCst) {
+                    drop(tcp);
+                    continue;
+                }
                 let index = c.fetch_add(1, Ordering::SeqCst);
                 let (acceptor, script, r, p, d) =
                     (acceptor.clone(), script.clone(), r.clone(), p.clone(), d.clone());
@@ -110,7 +118,7 @@ impl H2Upstream {
                 });
             }
         });
-        H2Upstream { addr, pki, connections, requests, peak, closed }
+        H2Upstream { addr, pki, connections, requests, peak, closed, refuse }
     }
 
     fn connections(&self) -> usize {
@@ -211,6 +219,21 @@ async fn fetch(tg: &tokengate::server::Running, method: &str, path: &str) -> (u1
     let url = format!("http://{}{path}", tg.proxy_addr);
     let r = client().request(method.parse().unwrap(), url).body("payload").send().await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// The statuses of `n` GETs to `path` sent at the same time, each on its own connection.
+async fn at_once(tg: &tokengate::server::Running, path: &str, n: usize) -> Vec<u16> {
+    let calls: Vec<_> = (0..n)
+        .map(|i| {
+            let url = format!("http://{}{path}{i}", tg.proxy_addr);
+            tokio::spawn(async move { fresh_client().get(url).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for c in calls {
+        statuses.push(c.await.unwrap());
+    }
+    statuses
 }
 
 /// An HTTPS upstream served by hyper (HTTP/1.1 and HTTP/2) offering `alpn`, recording the
@@ -395,21 +418,57 @@ async fn idle_http2_connections_are_closed_after_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn a_burst_after_goaway_waits_for_one_new_connection() {
+    let up = H2Upstream::start(100, |_, req| match req.uri().path() {
+        "/last" => Act::AnswerThenGoAway,
+        _ => Act::Answer("ok", Duration::from_millis(20)),
+    })
+    .await;
+    let (_idp, tg) = proxy_to(up.addr, &up.pki.ca, "").await;
+    assert_eq!(fetch(&tg, "GET", "/last").await.0, 200);
+    // The connection is gone; twenty requests at once then share the one that replaces it
+    // instead of each making a TLS handshake.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(at_once(&tg, "/b", 20).await, vec![200; 20]);
+    assert_eq!(up.requests().len(), 21);
+    assert_eq!(up.connections(), 2, "one connection replaced the closed one");
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_waiting_for_a_connection_that_fails_get_a_502_at_once() {
+    // Refused connections: every request waiting for the worker's attempt gets a JSON 502 naming
+    // the upstream as unreachable, none waits for a timeout.
+    let up = H2Upstream::start(100, |_, _| Act::AnswerThenGoAway).await;
+    let (_idp, tg) = proxy_to(up.addr, &up.pki.ca, "").await;
+    assert_eq!(fetch(&tg, "GET", "/warm").await.0, 200);
+    up.refuse.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let calls: Vec<_> = (0..10)
+        .map(|n| {
+            let url = format!("http://{}/f{n}", tg.proxy_addr);
+            tokio::spawn(async move {
+                let r = fresh_client().get(url).send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            })
+        })
+        .collect();
+    for c in calls {
+        let (status, body) = tokio::time::timeout(Duration::from_secs(5), c).await.unwrap().unwrap();
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("upstream_unreachable"), "{body}");
+    }
+    tg.shutdown().await;
+}
+
+#[tokio::test]
 async fn past_the_upstreams_stream_limit_more_connections_are_opened() {
     // One stream per connection, each answer taking a while: four requests at once only run
     // together on four connections.
     let up = H2Upstream::start(1, |_, _| Act::Answer("slow", Duration::from_millis(500))).await;
     let (_idp, tg) = proxy_to(up.addr, &up.pki.ca, "").await;
     assert_eq!(fetch(&tg, "GET", "/warm").await.0, 200);
-    let calls: Vec<_> = (0..4)
-        .map(|n| {
-            let url = format!("http://{}/c{n}", tg.proxy_addr);
-            tokio::spawn(async move { fresh_client().get(url).send().await.unwrap().status().as_u16() })
-        })
-        .collect();
-    for c in calls {
-        assert_eq!(c.await.unwrap(), 200);
-    }
+    assert_eq!(at_once(&tg, "/c", 4).await, vec![200; 4]);
     assert_eq!(up.peak.load(Ordering::SeqCst), 4, "the four requests were answered at the same time");
     assert!(up.connections() >= 4, "{} connections", up.connections());
     tg.shutdown().await;

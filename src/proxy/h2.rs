@@ -24,8 +24,41 @@ use http_body::{Body as _, Frame, SizeHint};
 use super::Body;
 use super::h1::{self, Conn, SHARDS};
 
-/// One worker's live connections to the upstream.
-type Shard = Mutex<Vec<Live>>;
+/// One worker's connections to the upstream.
+#[derive(Default)]
+struct Shard {
+    live: Mutex<Vec<Live>>,
+    // The connection being opened, which other requests of this worker wait for rather than
+    // each opening their own (a burst after a GOAWAY would otherwise be a burst of handshakes).
+    opening: Mutex<Option<Opening>>,
+}
+
+/// How the opening of a connection ended: `None` while under way.
+type Opening = tokio::sync::watch::Receiver<Option<Result<(), Arc<str>>>>;
+
+/// Whose turn it is to open a connection.
+pub enum Turn {
+    /// Another request of this worker is opening one: wait for it.
+    Wait(Opening),
+    /// This request opens it, and reports how that went.
+    Open(Opener),
+}
+
+/// The duty to report on a connection being opened; dropped unreported (the request was
+/// cancelled), it lets the waiting requests open their own.
+pub struct Opener(tokio::sync::watch::Sender<Option<Result<(), Arc<str>>>>);
+
+impl Opener {
+    /// Tells the waiting requests how it went (the error as text: they report it as their own).
+    pub fn done(self, outcome: Result<(), String>) {
+        self.0.send_replace(Some(outcome.map_err(Arc::from)));
+    }
+}
+
+/// Waits for the connection another request is opening: `None` if that request went away.
+pub async fn opened(mut opening: Opening) -> Option<Result<(), Arc<str>>> {
+    opening.wait_for(Option::is_some).await.ok().and_then(|v| v.clone())
+}
 
 /// The HTTP/2 connections of one upstream, per worker thread.
 pub struct Connections {
@@ -114,7 +147,7 @@ impl Connections {
             .initial_connection_window_size(5 * 1024 * 1024)
             .max_send_buffer_size(1024 * 1024);
         Connections {
-            shards: (0..SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             builder,
             idle_timeout,
             epoch: Instant::now(),
@@ -122,7 +155,20 @@ impl Connections {
     }
 
     fn shard(&self) -> std::sync::MutexGuard<'_, Vec<Live>> {
-        self.shards[h1::worker() % SHARDS].lock().unwrap_or_else(PoisonError::into_inner)
+        self.shards[h1::worker() % SHARDS].live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether this request opens the worker's next connection or waits for the one under way.
+    pub fn turn(&self) -> Turn {
+        let shard = &self.shards[h1::worker() % SHARDS];
+        let mut opening = shard.opening.lock().unwrap_or_else(PoisonError::into_inner);
+        // Under way: nothing reported yet, and the opener still there.
+        if let Some(o) = opening.as_ref().filter(|o| o.borrow().is_none() && o.has_changed().is_ok()) {
+            return Turn::Wait(o.clone());
+        }
+        let (report, watch) = tokio::sync::watch::channel(None);
+        *opening = Some(watch);
+        Turn::Open(Opener(report))
     }
 
     /// A stream on one of this worker's connections with room for it. Closed connections, and

@@ -39,6 +39,9 @@ pub enum Error {
     /// On an HTTP/2 connection.
     #[error("HTTP/2: {0}")]
     Http2(#[from] ::h2::Error),
+    /// The connection another request was opening, which this one waited for, failed.
+    #[error("{0}")]
+    Connect(Arc<str>),
     /// The path and query do not form a URI (routing checks paths, so this is a bug).
     #[error("request target {0:?} is not a valid URI")]
     Target(String),
@@ -47,7 +50,7 @@ pub enum Error {
 impl Error {
     /// Connecting failed (as opposed to a failure on an open connection).
     pub fn is_connect(&self) -> bool {
-        matches!(self, Error::Http1(e) if e.is_connect())
+        matches!(self, Error::Http1(e) if e.is_connect()) || matches!(self, Error::Connect(_))
     }
 }
 
@@ -170,23 +173,71 @@ impl Origin {
     }
 
     /// Sends `req` on one of this worker's HTTP/2 connections with room for it, or on a new
-    /// connection when none has room or `fresh` asks for one.
+    /// connection when none has room or `fresh` asks for one. Requests that find no room while
+    /// another request of the worker is opening a connection wait for that one.
     async fn on_h2(
         &self,
         h2: &h2::Connections,
         req: Request<Body>,
         fresh: bool,
     ) -> Result<Streamed, Failure> {
-        if !fresh && let Some(lease) = h2.lease() {
+        if fresh {
+            return self.open_h2(h2, req, None).await;
+        }
+        if let Some(lease) = h2.lease() {
             return lease.send(req).await.map(Streamed::Response).map_err(Failure::from);
         }
-        let io = self.h1.open().await.map_err(|e| Failure::Final(e.into()))?;
+        let opening = match h2.turn() {
+            h2::Turn::Open(opener) => return self.open_h2(h2, req, Some(opener)).await,
+            h2::Turn::Wait(opening) => opening,
+        };
+        match h2::opened(opening).await {
+            Some(Err(why)) => return Err(Failure::Final(Error::Connect(why))),
+            Some(Ok(())) if !self.speaks_h2() => return Ok(Streamed::NotHttp2(req)),
+            Some(Ok(())) => {
+                if let Some(lease) = h2.lease() {
+                    return lease.send(req).await.map(Streamed::Response).map_err(Failure::from);
+                }
+            }
+            // The opener went away (its client did): open one here.
+            None => {}
+        }
+        self.open_h2(h2, req, None).await
+    }
+
+    /// Opens a connection for `req`; `opener` tells the requests waiting for it how that went.
+    async fn open_h2(
+        &self,
+        h2: &h2::Connections,
+        req: Request<Body>,
+        opener: Option<h2::Opener>,
+    ) -> Result<Streamed, Failure> {
+        let report = |outcome: Result<(), String>| {
+            if let Some(o) = opener {
+                o.done(outcome);
+            }
+        };
+        let io = match self.h1.open().await {
+            Ok(io) => io,
+            Err(e) => {
+                report(Err(e.to_string()));
+                return Err(Failure::Final(e.into()));
+            }
+        };
         if !io.speaks_h2() {
             self.speaks_h2.store(false, Ordering::Relaxed);
             self.h1.park(io);
+            report(Ok(()));
             return Ok(Streamed::NotHttp2(req));
         }
-        let lease = h2.adopt(io).await.map_err(|e| Failure::Final(e.into()))?;
+        let lease = match h2.adopt(io).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                report(Err(format!("HTTP/2: {e}")));
+                return Err(Failure::Final(e.into()));
+            }
+        };
+        report(Ok(()));
         lease.send(req).await.map(Streamed::Response).map_err(Failure::from)
     }
 
