@@ -52,8 +52,8 @@ pub struct Record<'a> {
     pub duration: Duration,
     /// Route label (`_unmatched` when none).
     pub route: &'a str,
-    /// The route's upstream.
-    pub upstream: Option<&'a dyn std::fmt::Display>,
+    /// The route's upstream URL.
+    pub upstream: Option<&'a str>,
     /// The route's provider.
     pub provider: Option<&'a str>,
     /// A token had to be fetched for this request.
@@ -311,83 +311,135 @@ fn timestamp(out: &mut Vec<u8>) {
         }
         out.extend_from_slice(cached.1.as_bytes());
     });
-    let _ = write!(out, ".{:03}Z", now.subsec_millis());
+    out.push(b'.');
+    three_digits(out, now.subsec_millis());
+    out.push(b'Z');
+}
+
+// The line is written byte by byte rather than with `write!`: core::fmt (and float formatting
+// for the durations) cost more than everything else the log does per request.
+
+fn number(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+fn three_digits(out: &mut Vec<u8>, n: u32) {
+    let n = n % 1000;
+    out.extend_from_slice(&[b'0' + (n / 100) as u8, b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8]);
+}
+
+/// Milliseconds with three decimals (`12.345`), rounded to the microsecond.
+fn millis(out: &mut Vec<u8>, d: Duration) {
+    let micros = (d.as_nanos() + 500) / 1000;
+    number(out, micros / 1000);
+    out.push(b'.');
+    three_digits(out, (micros % 1000) as u32);
+}
+
+fn ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                number(out, octet);
+            }
+        }
+        IpAddr::V6(_) => {
+            let _ = write!(out, "{ip}");
+        }
+    }
 }
 
 /// `2026-11-25T17:12:01.123Z 10.0.0.7 "GET /api/x HTTP/1.1" 200 1234 1.234ms in=0 upstream_time=1.100ms route=api upstream=https://... provider=p fetched=0 replayed=0 ua="curl/8.5" id=...`
 fn text(out: &mut Vec<u8>, r: &Record<'_>) {
     timestamp(out);
-    let _ = write!(out, " {} \"{} ", r.client, r.method);
+    out.push(b' ');
+    ip(out, r.client);
+    out.extend_from_slice(b" \"");
+    out.extend_from_slice(r.method.as_bytes());
+    out.push(b' ');
     escaped(out, r.path, b'"');
-    let _ = write!(out, " {}\" {} ", r.protocol, r.status);
+    out.push(b' ');
+    out.extend_from_slice(r.protocol.as_bytes());
+    out.extend_from_slice(b"\" ");
+    number(out, r.status);
+    out.push(b' ');
     match r.bytes {
-        Some(n) => {
-            let _ = write!(out, "{n}");
-        }
+        Some(n) => number(out, n),
         None => out.push(b'-'),
     }
-    let _ = write!(out, " {:.3}ms in=", r.duration.as_secs_f64() * 1000.0);
+    out.push(b' ');
+    millis(out, r.duration);
+    out.extend_from_slice(b"ms in=");
     match r.bytes_in {
-        Some(n) => {
-            let _ = write!(out, "{n}");
-        }
+        Some(n) => number(out, n),
         None => out.push(b'-'),
     }
     if let Some(d) = r.upstream_duration {
-        let _ = write!(out, " upstream_time={:.3}ms", d.as_secs_f64() * 1000.0);
+        out.extend_from_slice(b" upstream_time=");
+        millis(out, d);
+        out.extend_from_slice(b"ms");
     }
     out.extend_from_slice(b" route=");
     escaped(out, r.route, b' ');
     if let Some(u) = r.upstream {
-        let _ = write!(out, " upstream={u}");
+        out.extend_from_slice(b" upstream=");
+        out.extend_from_slice(u.as_bytes());
     }
     if let Some(p) = r.provider {
         out.extend_from_slice(b" provider=");
         escaped(out, p, b' ');
     }
-    let _ = write!(out, " fetched={} replayed={}", u8::from(r.token_fetched), u8::from(r.replayed));
+    out.extend_from_slice(if r.token_fetched { b" fetched=1" } else { b" fetched=0" });
+    out.extend_from_slice(if r.replayed { b" replayed=1" } else { b" replayed=0" });
     if let Some(ua) = r.user_agent {
         out.extend_from_slice(b" ua=\"");
         escaped(out, ua, b'"');
         out.push(b'"');
     }
-    let _ = writeln!(out, " id={}", r.request_id);
+    out.extend_from_slice(b" id=");
+    out.extend_from_slice(r.request_id.as_bytes());
+    out.push(b'\n');
 }
 
 /// One JSON object per line.
 fn json(out: &mut Vec<u8>, r: &Record<'_>) {
     out.extend_from_slice(b"{\"time\":\"");
     timestamp(out);
-    let _ = write!(out, "\",\"client\":\"{}\",\"method\":", r.client);
+    out.extend_from_slice(b"\",\"client\":\"");
+    ip(out, r.client);
+    out.extend_from_slice(b"\",\"method\":");
     json_string(out, r.method);
     out.extend_from_slice(b",\"path\":");
     json_string(out, r.path);
-    let _ = write!(out, ",\"protocol\":\"{}\",\"status\":{},\"bytes\":", r.protocol, r.status);
+    out.extend_from_slice(b",\"protocol\":\"");
+    out.extend_from_slice(r.protocol.as_bytes());
+    out.extend_from_slice(b"\",\"status\":");
+    number(out, r.status);
+    out.extend_from_slice(b",\"bytes\":");
     match r.bytes {
-        Some(n) => {
-            let _ = write!(out, "{n}");
-        }
+        Some(n) => number(out, n),
         None => out.extend_from_slice(b"null"),
     }
-    let _ = write!(out, ",\"duration_ms\":{:.3},\"bytes_in\":", r.duration.as_secs_f64() * 1000.0);
+    out.extend_from_slice(b",\"duration_ms\":");
+    millis(out, r.duration);
+    out.extend_from_slice(b",\"bytes_in\":");
     match r.bytes_in {
-        Some(n) => {
-            let _ = write!(out, "{n}");
-        }
+        Some(n) => number(out, n),
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"upstream_ms\":");
     match r.upstream_duration {
-        Some(d) => {
-            let _ = write!(out, "{:.3}", d.as_secs_f64() * 1000.0);
-        }
+        Some(d) => millis(out, d),
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"route\":");
     json_string(out, r.route);
     out.extend_from_slice(b",\"upstream\":");
     match r.upstream {
-        Some(u) => json_string(out, &u.to_string()),
+        Some(u) => json_string(out, u),
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"provider\":");
@@ -400,7 +452,13 @@ fn json(out: &mut Vec<u8>, r: &Record<'_>) {
         Some(ua) => json_string(out, ua),
         None => out.extend_from_slice(b"null"),
     }
-    let _ = write!(out, ",\"token_fetched\":{},\"replayed\":{},\"request_id\":", r.token_fetched, r.replayed);
+    out.extend_from_slice(if r.token_fetched {
+        b",\"token_fetched\":true"
+    } else {
+        b",\"token_fetched\":false"
+    });
+    out.extend_from_slice(if r.replayed { b",\"replayed\":true" } else { b",\"replayed\":false" });
+    out.extend_from_slice(b",\"request_id\":");
     json_string(out, r.request_id);
     out.extend_from_slice(b"}\n");
 }
@@ -412,13 +470,16 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
 
 /// Copies `s`, writing `quote`, backslash and control bytes as `\xNN` so a line stays one line.
 fn escaped(out: &mut Vec<u8>, s: &str, quote: u8) {
-    for &b in s.as_bytes() {
-        if b == quote || b == b'\\' || b < 0x20 || b == 0x7f {
-            let _ = write!(out, "\\x{b:02x}");
-        } else {
-            out.push(b);
-        }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut rest = s.as_bytes();
+    // Runs of plain bytes are copied whole.
+    while let Some(at) = rest.iter().position(|&b| b == quote || b == b'\\' || b < 0x20 || b == 0x7f) {
+        out.extend_from_slice(&rest[..at]);
+        let b = rest[at];
+        out.extend_from_slice(&[b'\\', b'x', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+        rest = &rest[at + 1..];
     }
+    out.extend_from_slice(rest);
 }
 
 #[cfg(test)]
@@ -460,6 +521,28 @@ mod tests {
         assert_eq!(&line[4..5], "-");
         assert_eq!(&line[19..20], ".");
         assert_eq!(&line[23..24], "Z");
+    }
+
+    #[test]
+    fn numbers_and_durations_read_as_core_fmt_writes_them() {
+        for nanos in [0u64, 1, 499, 501, 999_400, 1_234_567, 59_999_600, 3_600_000_000_123, 12_345_678_901] {
+            let d = Duration::from_nanos(nanos);
+            let mut out = Vec::new();
+            millis(&mut out, d);
+            assert_eq!(
+                String::from_utf8(out).unwrap_or_default(),
+                format!("{:.3}", d.as_secs_f64() * 1000.0)
+            );
+        }
+        for addr in ["10.0.0.7", "0.0.0.0", "255.255.255.255", "::1", "2001:db8::1"] {
+            let ip_addr: IpAddr = addr.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+            let mut out = Vec::new();
+            ip(&mut out, ip_addr);
+            assert_eq!(String::from_utf8(out).unwrap_or_default(), addr);
+        }
+        let mut out = Vec::new();
+        escaped(&mut out, "\u{1}a b\u{7f}\"", b' ');
+        assert_eq!(String::from_utf8(out).unwrap_or_default(), "\\x01a\\x20b\\x7f\"");
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub struct Route {
     pub prefix: String,
     /// Where requests go.
     pub upstream: Upstream,
+    /// The upstream URL as the access log writes it, formatted once.
+    pub upstream_text: String,
     /// Remove the prefix before forwarding.
     pub strip_prefix: bool,
     /// Whose token is attached.
@@ -156,6 +158,7 @@ impl Runtime {
                 label: r.label().to_owned(),
                 prefix: r.prefix.as_str().to_owned(),
                 upstream: r.upstream.clone(),
+                upstream_text: r.upstream.to_string(),
                 strip_prefix: r.strip_prefix,
                 provider,
                 headers: r.headers.clone(),
@@ -287,7 +290,7 @@ impl Proxy {
                 bytes: response.body().size_hint().exact(),
                 duration: started.elapsed(),
                 route: label,
-                upstream: route.as_ref().map(|r| &r.upstream as &dyn std::fmt::Display),
+                upstream: route.as_ref().map(|r| r.upstream_text.as_str()),
                 provider: route.as_ref().map(|r| r.provider.name()),
                 token_fetched: notes.token_fetched,
                 replayed: notes.replayed,
