@@ -39,6 +39,7 @@ struct Got {
     authorization: Option<String>,
     body_len: usize,
     connection: usize,
+    headers: http::HeaderMap,
 }
 
 struct H2Upstream {
@@ -155,6 +156,7 @@ async fn serve_stream(
         authorization: parts.headers.get("authorization").map(|v| v.to_str().unwrap().to_owned()),
         body_len,
         connection,
+        headers: parts.headers.clone(),
     });
     let answer = |body: &'static str, respond: &mut h2::server::SendResponse<Bytes>, huge: bool| {
         let mut resp = http::Response::builder().status(200).header("content-length", body.len());
@@ -236,43 +238,6 @@ async fn at_once(tg: &tokengate::server::Running, path: &str, n: usize) -> Vec<u
     statuses
 }
 
-/// An HTTPS upstream served by hyper (HTTP/1.1 and HTTP/2) offering `alpn`, recording the
-/// version of each request and counting handshakes.
-async fn dual(pki: &Pki, alpn: &[&[u8]]) -> (SocketAddr, Arc<Mutex<Vec<http::Version>>>, Arc<AtomicUsize>) {
-    let mut config = tokengate::tls::server_config(&pki.server_cert, &pki.server_key, None, false).unwrap();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind(any()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (versions, handshakes) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicUsize::new(0)));
-    let (v, h) = (versions.clone(), handshakes.clone());
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, v, h) = (acceptor.clone(), v.clone(), h.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                h.fetch_add(1, Ordering::SeqCst);
-                let svc = hyper::service::service_fn(move |req| {
-                    let v = v.clone();
-                    async move {
-                        let seen = capture(req).await;
-                        v.lock().unwrap().push(seen.version);
-                        let bearer = seen.header("authorization").is_some_and(|a| a.starts_with("Bearer "));
-                        Ok::<_, std::convert::Infallible>(json(
-                            if bearer { 200 } else { 401 },
-                            serde_json::json!({}),
-                        ))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, versions, handshakes)
-}
-
 #[tokio::test]
 async fn the_upstream_chooses_http2_or_http11_by_alpn() {
     let pki = pki();
@@ -284,13 +249,18 @@ async fn the_upstream_chooses_http2_or_http11_by_alpn() {
         (&[], "", http::Version::HTTP_11),
     ];
     for (alpn, extra, expected) in cases {
-        let (addr, versions, handshakes) = dual(&pki, alpn).await;
+        let (addr, seen, handshakes) = tls_upstream_offering(&pki.server_cert, &pki.server_key, alpn).await;
         let (_idp, tg) = proxy_to(addr, &pki.ca, extra).await;
         for n in 0..10 {
             assert_eq!(fetch(&tg, if n % 2 == 0 { "GET" } else { "POST" }, "/v").await.0, 200);
         }
-        let versions = versions.lock().unwrap().clone();
+        let seen = seen.lock().unwrap().clone();
+        let versions: Vec<_> = seen.iter().map(|r| r.version).collect();
         assert_eq!(versions, vec![expected; 10], "offered {alpn:?} with {extra:?}");
+        assert!(
+            seen.iter().all(|r| r.header("authorization").is_some_and(|a| a.starts_with("Bearer "))),
+            "every request carried the token ({alpn:?} {extra:?})"
+        );
         assert_eq!(
             handshakes.load(Ordering::SeqCst),
             1,
@@ -341,6 +311,31 @@ async fn buffered_bodies_wait_for_a_small_upstream_window() {
     let got = up.requests();
     assert_eq!(got.len(), 4);
     assert!(got[1..].iter().all(|g| g.body_len == 60 * 1024), "{got:?}");
+    tg.shutdown().await;
+}
+
+#[tokio::test]
+async fn connection_specific_client_headers_never_reach_an_http2_upstream() {
+    // RFC 9113 section 8.2.2: h2 refuses a request carrying any of them, so one left in would
+    // turn every such request into a 502.
+    let up = H2Upstream::start(100, |_, _| Act::Answer("clean", Duration::ZERO)).await;
+    let (_idp, tg) = proxy_to(up.addr, &up.pki.ca, "").await;
+    assert_eq!(fetch(&tg, "GET", "/warm").await.0, 200);
+    let answer = raw(
+        tg.proxy_addr,
+        b"GET /hop HTTP/1.1\r\nhost: x\r\nconnection: keep-alive, x-private\r\nkeep-alive: timeout=5\r\n\
+          proxy-connection: keep-alive\r\nte: trailers, deflate\r\nupgrade: h2c\r\nx-private: 1\r\n\
+          x-kept: 2\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let got = up.requests().pop().unwrap();
+    for name in ["connection", "keep-alive", "proxy-connection", "upgrade", "transfer-encoding", "x-private"]
+    {
+        assert!(!got.headers.contains_key(name), "{name} reached the upstream");
+    }
+    assert_eq!(got.headers["te"], "trailers");
+    assert_eq!(got.headers["x-kept"], "2");
     tg.shutdown().await;
 }
 

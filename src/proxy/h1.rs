@@ -123,7 +123,7 @@ pub enum Sent {
     Http2(Conn),
 }
 
-// Conn carries HTTP/2 too, when ALPN says so: hyper drives it then.
+// Conn carries HTTP/2 too, when ALPN says so: the h2 crate drives it then.
 impl tokio::io::AsyncRead for Conn {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -245,30 +245,8 @@ impl Pool {
         if io.speaks_h2() {
             return Ok(Sent::Http2(io));
         }
-        self.first(io, &out, inline, head, body).await.map(Sent::Response)
-    }
-
-    /// Sends one request on `io`, a connection just opened by [`Pool::open`].
-    pub async fn send_on(
-        self: &Arc<Self>,
-        io: Conn,
-        head: &Head<'_>,
-        body: &Bytes,
-    ) -> Result<Response<Body>, Error> {
-        let (out, inline) = self.request_bytes(head, body);
-        self.first(io, &out, inline, head, body).await
-    }
-
-    async fn first(
-        self: &Arc<Self>,
-        io: Conn,
-        out: &[u8],
-        inline: bool,
-        head: &Head<'_>,
-        body: &Bytes,
-    ) -> Result<Response<Body>, Error> {
-        match self.exchange(io, BytesMut::new(), out, (!inline).then_some(body), head.method).await {
-            Ok(resp) => Ok(resp),
+        match self.exchange(io, BytesMut::new(), &out, (!inline).then_some(body), head.method).await {
+            Ok(resp) => Ok(Sent::Response(resp)),
             Err(Attempt::Unsent(e) | Attempt::Stale(e) | Attempt::Failed(e)) => Err(e),
         }
     }

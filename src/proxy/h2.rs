@@ -229,8 +229,10 @@ impl Lease {
             Ok(send) => send,
             Err(e) => return Err(Failure::Unsent(Box::new(req), e)),
         };
+        // Connection-specific fields, which RFC 9113 section 8.2.2 forbids (h2 refuses a request
+        // carrying them), are hop-by-hop headers: `headers::rewrite_request` removed them and
+        // left `TE` only as `trailers`; configured route headers cannot name them.
         let (mut head, body) = req.into_parts();
-        strip_connection_headers(&mut head.headers);
         // Unique per request: HPACK would add it to the dynamic table (evicting an entry that
         // might have been reused) every time. Sent as a never-indexed literal instead.
         if let Some(id) = head.headers.get_mut(&super::headers::X_REQUEST_ID) {
@@ -262,20 +264,6 @@ impl Lease {
             Body::Http2(Streaming { recv, remaining, _lease: self })
         };
         Ok(Response::from_parts(parts, body))
-    }
-}
-
-/// RFC 9113 section 8.2.2: connection-specific fields are not allowed in HTTP/2 (h2 refuses a
-/// request carrying them). Hop-by-hop headers are gone already; this catches the rest.
-fn strip_connection_headers(headers: &mut HeaderMap) {
-    const KEEP_ALIVE: header::HeaderName = header::HeaderName::from_static("keep-alive");
-    const PROXY_CONNECTION: header::HeaderName = header::HeaderName::from_static("proxy-connection");
-    for name in [header::CONNECTION, header::TRANSFER_ENCODING, header::UPGRADE, KEEP_ALIVE, PROXY_CONNECTION]
-    {
-        headers.remove(name);
-    }
-    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
-        headers.remove(header::TE);
     }
 }
 

@@ -125,7 +125,7 @@ impl Runtime {
                 None => {
                     let limits = &config.limits;
                     let max_head = usize::try_from(limits.max_header_size).unwrap_or(usize::MAX);
-                    let alpn = if offer_h2 { origin::H2_OR_H1 } else { &[b"http/1.1" as &[u8]] };
+                    let alpn = if offer_h2 { origin::H2_OR_H1 } else { origin::H1_ONLY };
                     let tls = if https {
                         Some(
                             stream::Tls::new(r.upstream.authority.host(), r.ca_file.as_deref(), alpn)
@@ -513,7 +513,8 @@ enum Payload {
 }
 
 impl Outgoing {
-    /// A request for hyper's clients, which take `Host` (or `:authority`) from the URI.
+    /// A request for the streamed-body clients (HTTP/2, or hyper's pooled HTTP/1.1), which take
+    /// `Host` or `:authority` from the URI.
     fn build(&self, route: &Route, body: Body) -> Result<Request<Body>, ProxyError> {
         let uri = origin::absolute(&route.upstream.scheme, &route.upstream.authority, &self.target)
             .ok_or(ProxyError::InvalidPath(route::PathError::BadByte))?;

@@ -18,6 +18,8 @@ use super::h2;
 
 /// The ALPN protocols offered to an upstream that may speak HTTP/2, in order of preference.
 pub const H2_OR_H1: &[&[u8]] = &[b"h2", b"http/1.1"];
+/// The ALPN protocol offered with `upstream_protocol: http1`.
+pub const H1_ONLY: &[&[u8]] = &[b"http/1.1"];
 
 /// Connections to one upstream.
 pub struct Origin {

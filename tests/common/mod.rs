@@ -386,9 +386,19 @@ pub async fn tls_upstream_counted(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>, Arc<AtomicUsize>) {
+    tls_upstream_offering(cert, key, &[b"h2", b"http/1.1"]).await
+}
+
+/// [`tls_upstream_counted`] offering `alpn` (hyper serves HTTP/1.1 and HTTP/2 either way).
+pub async fn tls_upstream_offering(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    alpn: &[&[u8]],
+) -> (SocketAddr, Arc<Mutex<Vec<Seen>>>, Arc<AtomicUsize>) {
     let handshakes = Arc::new(AtomicUsize::new(0));
     let counter = handshakes.clone();
-    let config = tokengate::tls::server_config(cert, key, None, false).unwrap();
+    let mut config = tokengate::tls::server_config(cert, key, None, false).unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind(any()).await.unwrap();
     let addr = listener.local_addr().unwrap();
