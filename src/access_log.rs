@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use crate::config::{AccessLogConfig, AccessLogFormat, AccessLogTo};
+use crate::text::{ip, number};
 
 /// A thread's buffer is handed to the writer at this size.
 const FLUSH_SIZE: usize = 64 * 1024;
@@ -318,11 +319,6 @@ fn timestamp(out: &mut Vec<u8>) {
 
 // The line is written byte by byte rather than with `write!`: core::fmt (and float formatting
 // for the durations) cost more than everything else the log does per request.
-
-fn number(out: &mut Vec<u8>, n: impl itoa::Integer) {
-    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-}
-
 fn three_digits(out: &mut Vec<u8>, n: u32) {
     let n = n % 1000;
     out.extend_from_slice(&[b'0' + (n / 100) as u8, b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8]);
@@ -334,22 +330,6 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
     number(out, micros / 1000);
     out.push(b'.');
     three_digits(out, (micros % 1000) as u32);
-}
-
-fn ip(out: &mut Vec<u8>, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                number(out, octet);
-            }
-        }
-        IpAddr::V6(_) => {
-            let _ = write!(out, "{ip}");
-        }
-    }
 }
 
 /// `2026-11-25T17:12:01.123Z 10.0.0.7 "GET /api/x HTTP/1.1" 200 1234 1.234ms in=0 upstream_time=1.100ms route=api upstream=https://... provider=p fetched=0 replayed=0 ua="curl/8.5" id=...`

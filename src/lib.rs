@@ -19,5 +19,6 @@ pub mod reload;
 pub mod route;
 pub mod secret;
 pub mod server;
+pub mod text;
 pub mod tls;
 pub mod token;

@@ -204,15 +204,13 @@ pub fn rewrite_response(headers: &mut HeaderMap) {
     headers.remove(header::TE);
 }
 
-/// The address as a header value, formatted without a heap string.
+/// The address as a header value.
 fn ip_value(ip: IpAddr) -> HeaderValue {
-    use std::io::Write;
-    let mut buf = [0u8; 64];
-    let mut rest = &mut buf[..];
-    // An IPv6 address is at most 45 characters, so this always fits.
-    let _ = write!(rest, "{ip}");
-    let len = 64 - rest.len();
-    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    let mut text = Vec::with_capacity(15);
+    crate::text::ip(&mut text, ip);
+    // Handed over, not copied.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Appends `value` to a comma-separated header, joining existing values into one.
