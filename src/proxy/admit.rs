@@ -132,7 +132,12 @@ pub const DEFAULT_METHODS: [Method; 7] =
     [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE, Method::PATCH, Method::OPTIONS];
 
 /// Headers that frameworks (Rails, Express, Spring, Google APIs) read as the request's method.
-const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+// Names made at compile time: a `&str` would be parsed again on every request.
+static METHOD_OVERRIDES: [header::HeaderName; 3] = [
+    header::HeaderName::from_static("x-http-method-override"),
+    header::HeaderName::from_static("x-http-method"),
+    header::HeaderName::from_static("x-method-override"),
+];
 
 /// Checks the route's own rules: address, method, API key, client certificate.
 pub fn authorize<B>(
@@ -146,7 +151,7 @@ pub fn authorize<B>(
     }
     // A method override header is the method to frameworks that honour it, so it must pass the
     // same rule as the request method.
-    let overrides = METHOD_OVERRIDES.iter().flat_map(|h| req.headers().get_all(*h));
+    let overrides = METHOD_OVERRIDES.iter().flat_map(|h| req.headers().get_all(h));
     let overridden = overrides.map(|v| Method::from_bytes(v.as_bytes()).map_err(|_| ()));
     let allowed_method = |m: &Method| {
         if route.methods.is_empty() { DEFAULT_METHODS.contains(m) } else { route.methods.contains(m) }

@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
 // `Connection` first and `TE` fourth: `strip_hop_by_hop` treats them by position.
 const HOP_COUNT: usize = 8;
@@ -28,8 +28,11 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Removes the headers a `Connection` value lists.
 pub fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
-    let listed = connection.to_str().into_iter().flat_map(|v| v.split(','));
-    for name in listed.filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok()) {
+    let listed = connection.to_str().into_iter().flat_map(|v| v.split(',')).map(str::trim);
+    // `close` names no header and `keep-alive` is dropped as hop-by-hop anyway: the two values
+    // nearly every `Connection` carries cost no name parsing or lookup.
+    let named = listed.filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"));
+    for name in named.filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()) {
         headers.remove(name);
     }
 }
@@ -155,22 +158,23 @@ pub fn rewrite_request(headers: &mut HeaderMap, hop: &Forwarding<'_>, authorizat
         .remove(header::HOST)
         .or_else(|| hop.authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     if hop.format.x_forwarded() {
-        let forwarded_for = HeaderName::from_static("x-forwarded-for");
-        if headers.contains_key(&forwarded_for) {
-            append(headers, forwarded_for, &hop.client.to_string());
-        } else {
-            headers.insert(forwarded_for, ip_value(hop.client));
-        }
-        let proto = HeaderName::from_static("x-forwarded-proto");
-        if !headers.contains_key(&proto) {
-            headers.insert(proto, HeaderValue::from_static(hop.proto));
-        }
-        let forwarded_host = HeaderName::from_static("x-forwarded-host");
-        match &host {
-            Some(h) if !headers.contains_key(&forwarded_host) => {
-                headers.insert(forwarded_host, h.clone());
+        // Entries, so each name is hashed once whether or not the client sent it.
+        match headers.entry(HeaderName::from_static("x-forwarded-for")) {
+            Entry::Occupied(e) => {
+                let name = e.key().clone();
+                append(headers, name, &hop.client.to_string());
             }
-            _ => {}
+            Entry::Vacant(e) => {
+                e.insert(ip_value(hop.client));
+            }
+        }
+        headers
+            .entry(HeaderName::from_static("x-forwarded-proto"))
+            .or_insert(HeaderValue::from_static(hop.proto));
+        if let (Some(h), Entry::Vacant(e)) =
+            (&host, headers.entry(HeaderName::from_static("x-forwarded-host")))
+        {
+            e.insert(h.clone());
         }
     }
     if hop.format.rfc7239() {
@@ -185,15 +189,15 @@ pub fn rewrite_request(headers: &mut HeaderMap, hop: &Forwarding<'_>, authorizat
         element.push_str(hop.proto);
         append(headers, header::FORWARDED, &element);
     }
-    if headers.contains_key(header::VIA) {
-        append(headers, header::VIA, &format!("{} tokengate", hop.version));
-    } else {
-        let via = match hop.version {
-            "2" => "2 tokengate",
-            "1.0" => "1.0 tokengate",
-            _ => "1.1 tokengate",
-        };
-        headers.insert(header::VIA, HeaderValue::from_static(via));
+    match headers.entry(header::VIA) {
+        Entry::Occupied(_) => append(headers, header::VIA, &format!("{} tokengate", hop.version)),
+        Entry::Vacant(e) => {
+            e.insert(HeaderValue::from_static(match hop.version {
+                "2" => "2 tokengate",
+                "1.0" => "1.0 tokengate",
+                _ => "1.1 tokengate",
+            }));
+        }
     }
     headers.insert(header::AUTHORIZATION, authorization);
 }
