@@ -413,6 +413,28 @@ async fn idle_http2_connections_are_closed_after_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn idle_http2_connections_are_closed_without_a_request_to_notice() {
+    let up = H2Upstream::start(100, |_, _| Act::Answer("ok", Duration::from_millis(400))).await;
+    let (_idp, tg) = proxy_with(up.addr, &up.pki.ca, "limits:\n  upstream_idle_timeout: 300ms\n", "").await;
+    // A response slower than the idle timeout: the connection is busy, not idle, meanwhile.
+    assert_eq!(fetch(&tg, "GET", "/slow").await.0, 200);
+    assert_eq!(up.closed.load(Ordering::SeqCst), 0, "a busy connection is not idle");
+    let idle_from = std::time::Instant::now();
+    // No request follows; the connection's own timer lets it go.
+    while up.closed.load(Ordering::SeqCst) == 0 && idle_from.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waited = idle_from.elapsed();
+    assert_eq!(up.closed.load(Ordering::SeqCst), 1, "the idle connection was closed by tokengate");
+    assert!(waited >= Duration::from_millis(250), "closed before it was idle for the timeout ({waited:?})");
+    assert_eq!(up.connections(), 1);
+    // The next request opens a new one and is served.
+    assert_eq!(fetch(&tg, "GET", "/again").await.0, 200);
+    assert_eq!(up.connections(), 2);
+    tg.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_burst_after_goaway_waits_for_one_new_connection() {
     let up = H2Upstream::start(100, |_, req| match req.uri().path() {
         "/last" => Act::AnswerThenGoAway,

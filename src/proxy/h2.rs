@@ -87,6 +87,17 @@ struct Use {
     _close: tokio::sync::oneshot::Sender<()>,
 }
 
+impl Use {
+    /// Milliseconds until the connection has been idle for `limit` (0 once it has), at `now`
+    /// (milliseconds since the epoch); `None` while a stream is open.
+    fn idle_left(&self, now: u64, limit: u64) -> Option<u64> {
+        if self.streams.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        Some(limit.saturating_sub(now.saturating_sub(self.idle_since.load(Ordering::Relaxed))))
+    }
+}
+
 /// One stream's claim on a connection, held until its response body ends or is dropped.
 pub struct Lease {
     send: h2::client::SendRequest<Bytes>,
@@ -120,9 +131,7 @@ impl Live {
 
     /// Still worth keeping at `now` (milliseconds since the epoch).
     fn keep(&self, now: u64, idle_timeout: u64) -> bool {
-        !self.use_.closed.load(Ordering::Relaxed)
-            && (self.use_.streams.load(Ordering::Relaxed) > 0
-                || now.saturating_sub(self.use_.idle_since.load(Ordering::Relaxed)) < idle_timeout)
+        !self.use_.closed.load(Ordering::Relaxed) && self.use_.idle_left(now, idle_timeout) != Some(0)
     }
 }
 
@@ -190,19 +199,37 @@ impl Connections {
         let (close, closing) = tokio::sync::oneshot::channel();
         let use_ = Arc::new(Use {
             streams: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(0),
+            idle_since: AtomicU64::new(millis(self.epoch)),
             closed: AtomicBool::new(false),
             _close: close,
         });
         let ended = Arc::downgrade(&use_);
-        // Spawned on this worker's runtime; it ends when the upstream closes the connection or
-        // when the last handle to it is dropped.
+        let (epoch, limit) = (self.epoch, self.idle_limit());
+        // Spawned on this worker's runtime; it ends when the upstream closes the connection,
+        // when the last handle to it is dropped, or when it has been idle for the idle timeout
+        // (checked here too, so a connection is let go even if no request comes to notice).
         tokio::spawn(async move {
-            tokio::select! {
-                done = connection => if let Err(e) = done {
-                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
-                },
-                _ = closing => {}
+            tokio::pin!(connection);
+            let mut closing = closing;
+            loop {
+                // Woken when the connection would have been idle long enough; while streams
+                // are open, a limit later (at least 100 ms, so a zero limit does not spin).
+                let left = match ended.upgrade().map(|u| u.idle_left(millis(epoch), limit)) {
+                    Some(Some(0)) | None => break,
+                    Some(Some(left)) => left,
+                    Some(None) => limit.max(100),
+                };
+                let check = tokio::time::sleep(Duration::from_millis(left));
+                tokio::select! {
+                    done = &mut connection => {
+                        if let Err(e) = done {
+                            tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                        }
+                        break;
+                    }
+                    _ = &mut closing => break,
+                    () = check => {}
+                }
             }
             if let Some(u) = ended.upgrade() {
                 u.closed.store(true, Ordering::Relaxed);
