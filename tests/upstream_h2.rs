@@ -426,7 +426,7 @@ async fn idle_http2_connections_are_closed_without_a_request_to_notice() {
     }
     let waited = idle_from.elapsed();
     assert_eq!(up.closed.load(Ordering::SeqCst), 1, "the idle connection was closed by tokengate");
-    assert!(waited >= Duration::from_millis(250), "closed before it was idle for the timeout ({waited:?})");
+    assert!(waited >= Duration::from_millis(200), "closed before it was idle for the timeout ({waited:?})");
     assert_eq!(up.connections(), 1);
     // The next request opens a new one and is served.
     assert_eq!(fetch(&tg, "GET", "/again").await.0, 200);
