@@ -327,6 +327,49 @@ async fn a_configmap_swap_reloads_and_a_broken_one_keeps_the_running_config() {
     assert_eq!(p.log_text().matches("configuration reloaded").count(), before);
 }
 
+/// Read system calls the process has made (`syscr` in `/proc/<pid>/io`).
+fn read_calls(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines().find_map(|l| l.strip_prefix("syscr: ")).unwrap().trim().parse().unwrap()
+}
+
+/// Comparing the watched files means opening and reading them, and an open is itself an inotify
+/// event in the watched directory. A watcher that reacts to that reads its files again, and
+/// again, for as long as it runs. Idle, with a secret in a mounted Secret and the log written
+/// beside the configuration, it must read nothing; a real change must still reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_watcher_does_not_reread_its_own_files() {
+    let idp = SwitchIdp::start(3600).await;
+    let up = Upstream::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = KubeMount::new(&dir.path().join("secrets"), &[("client-secret", "the-secret\n")]);
+    let (proxy, admin) = (closed_port(), closed_port());
+    let path = dir.path().join("tg.yaml");
+    let secret_line = format!("client_secret_file: {}", secrets.path("client-secret").display());
+    let config = |prefix: &str| {
+        format!(
+            "listen: {proxy}\nadmin:\n  listen: {admin}\n{}routes:\n  - prefix: {prefix}\n    upstream: {}\n    provider: idp\n",
+            idp.provider(&secret_line),
+            up.url()
+        )
+    };
+    std::fs::write(&path, config("/a")).unwrap();
+    let p = Process::spawn(&path, admin);
+    p.ready().await;
+    // Past the start-up reads and one debounce period.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let before = read_calls(p.child.id());
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let reads = read_calls(p.child.id()) - before;
+    assert!(reads < 4, "{reads} read calls in 2 s while idle: the watcher is re-reading its files");
+
+    std::fs::write(&path, config("/b")).unwrap();
+    eventually("the changed configuration is served", Duration::from_secs(5), async || {
+        client().get(format!("http://{proxy}/b/1")).send().await.unwrap().status() == 200
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_secret_file_is_used_by_the_next_token_fetch() {
     let idp = SwitchIdp::start(3600).await;

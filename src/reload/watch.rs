@@ -5,15 +5,20 @@
 //! writing a new `..2026_…` directory and renaming the `..data` symlink over the old one, so the
 //! file's own path never sees an event, only its directory does. Each burst of events
 //! (debounced) leads to a look at the files' contents, and only a real change reloads, exactly
-//! as SIGHUP does; tokengate's own reads and unrelated files in the same directory do nothing.
+//! as SIGHUP does; unrelated files in the same directory do nothing.
+//!
+//! inotify reports opens and reads too, and that look opens every file: the events that cannot
+//! change a file's contents are dropped before they wake anything, or the look would wake itself
+//! forever. `notify` is used without a debouncer crate because `notify-debouncer-mini` drops the
+//! event kind this needs; the debounce is a sleep.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify_debouncer_mini::notify::{RecommendedWatcher, RecursiveMode};
-use notify_debouncer_mini::{DebounceEventResult, Debouncer, new_debouncer};
+use notify::event::{AccessKind, AccessMode};
+use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
 use super::Control;
 
@@ -29,11 +34,14 @@ pub fn spawn(control: Arc<Control>) -> Option<tokio::task::JoinHandle<()>> {
         return None;
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let debouncer = new_debouncer(DEBOUNCE, move |result: DebounceEventResult| {
-        let _ = tx.send(result.is_ok());
+    let watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
+        // An error (the event queue overflowed, say) may hide a change: look.
+        if event.as_ref().map_or(true, |e| may_change_contents(&e.kind)) {
+            let _ = tx.send(());
+        }
     });
-    let mut debouncer = match debouncer {
-        Ok(d) => d,
+    let mut watcher = match watcher {
+        Ok(w) => w,
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch the configuration files; reload with SIGHUP");
             return None;
@@ -42,10 +50,14 @@ pub fn spawn(control: Arc<Control>) -> Option<tokio::task::JoinHandle<()>> {
     Some(tokio::spawn(async move {
         let mut files = watched_files(&path, &control);
         let mut dirs = BTreeSet::new();
-        rewatch(&mut debouncer, &mut dirs, &files);
+        rewatch(&mut watcher, &mut dirs, &files);
         let mut seen = fingerprint(&files);
         tracing::info!(files = files.len(), "watching the configuration files for changes");
         while rx.recv().await.is_some() {
+            // The rest of the burst arrives meanwhile. A fixed wait, not one for quiet, so a
+            // file written nonstop in the same directory cannot postpone a reload forever.
+            tokio::time::sleep(DEBOUNCE).await;
+            while rx.try_recv().is_ok() {}
             if fingerprint(&files) == seen {
                 continue;
             }
@@ -55,7 +67,7 @@ pub fn spawn(control: Arc<Control>) -> Option<tokio::task::JoinHandle<()>> {
             }
             // The new configuration may name other files.
             files = watched_files(&path, &control);
-            rewatch(&mut debouncer, &mut dirs, &files);
+            rewatch(&mut watcher, &mut dirs, &files);
             seen = fingerprint(&files);
         }
     }))
@@ -70,7 +82,7 @@ fn watched_files(path: &Path, control: &Control) -> Vec<PathBuf> {
 
 /// Watches the directory of every file, and of where it points when it is a symlink (a mounted
 /// secret's `..data/key`), adding and dropping directories as the list changes.
-fn rewatch(debouncer: &mut Debouncer<RecommendedWatcher>, dirs: &mut BTreeSet<PathBuf>, files: &[PathBuf]) {
+fn rewatch(watcher: &mut RecommendedWatcher, dirs: &mut BTreeSet<PathBuf>, files: &[PathBuf]) {
     let mut wanted = BTreeSet::new();
     for file in files {
         let absolute = std::path::absolute(file).unwrap_or_else(|_| file.clone());
@@ -80,14 +92,25 @@ fn rewatch(debouncer: &mut Debouncer<RecommendedWatcher>, dirs: &mut BTreeSet<Pa
         }
     }
     for gone in dirs.difference(&wanted) {
-        let _ = debouncer.watcher().unwatch(gone);
+        let _ = watcher.unwatch(gone);
     }
     for dir in wanted.difference(dirs) {
-        if let Err(e) = debouncer.watcher().watch(dir, RecursiveMode::NonRecursive) {
+        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot watch this directory; changes in it need SIGHUP");
         }
     }
     *dirs = wanted;
+}
+
+/// Whether an event of this kind can mean new contents. Opening, reading and closing a file
+/// without writing cannot; everything else can (a write, a rename over it, a delete, a change of
+/// permissions that makes it unreadable, an unknown kind).
+fn may_change_contents(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
 }
 
 /// A digest of every file's contents (a missing or unreadable file counts as its own state), so
@@ -104,4 +127,35 @@ fn fingerprint(files: &[PathBuf]) -> Vec<u8> {
         }
     }
     digest.finish().as_ref().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind, RenameMode};
+
+    use super::may_change_contents;
+
+    #[test]
+    fn only_reads_and_opens_are_ignored() {
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Any),
+        ] {
+            assert!(!may_change_contents(&kind), "{kind:?}");
+        }
+        for kind in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Modify(ModifyKind::Any),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Create(CreateKind::Any),
+            EventKind::Remove(RemoveKind::Any),
+            EventKind::Other,
+            EventKind::Any,
+        ] {
+            assert!(may_change_contents(&kind), "{kind:?}");
+        }
+    }
 }
