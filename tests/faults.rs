@@ -491,6 +491,108 @@ fn binary_config(proxy: SocketAddr, admin: SocketAddr, idp: &Idp, routes: &[(&st
     s
 }
 
+/// The `suppressed=N` counts of the log lines with `message` and `field`.
+fn logged(log: &str, message: &str, field: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains(message) && l.contains(&format!("{field} ")))
+        .map(|l| {
+            let held = l.rsplit_once("suppressed=").and_then(|(_, n)| n.trim().parse().ok());
+            held.unwrap_or_else(|| panic!("a line without its suppressed=N count: {l}"))
+        })
+        .collect()
+}
+
+/// A flood of requests that each cause a log line (an unreachable upstream, a client outside the
+/// allow-list, a foreign Host on the admin listener, an upstream refusing every token) writes about one line per second per route and kind, and the next line after it
+/// counts what was held back; the metrics count every request. Another route's first failure
+/// is logged at once, whatever the flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floods_of_failing_or_denied_requests_do_not_flood_the_log() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let refuses = guarded_upstream(Arc::new(Mutex::new(HashSet::new()))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tg.yaml");
+    let (proxy, admin) = (closed_port(), closed_port());
+    let mut yaml = binary_config(
+        proxy,
+        admin,
+        &idp,
+        &[
+            ("/down", format!("http://{}", closed_port())),
+            ("/also-down", format!("http://{}", closed_port())),
+            ("/refuses", refuses.up.url()),
+        ],
+    );
+    yaml.push_str(&format!(
+        "  - prefix: /locked\n    upstream: {}\n    provider: idp\n    allow: [10.0.0.0/8]\n",
+        up.url()
+    ));
+    std::fs::write(&path, yaml).unwrap();
+    let p = Process::spawn(&path, admin);
+    p.ready().await;
+
+    const N: usize = 300;
+    let mut tasks = tokio::task::JoinSet::new();
+    let foreign = async |url: String| {
+        client().get(url).header("host", "evil.example").send().await.unwrap().status().as_u16()
+    };
+    for n in 0..N {
+        for prefix in ["/down", "/locked", "/refuses"] {
+            let url = format!("http://{proxy}{prefix}/{n}");
+            tasks.spawn(async move { client().get(url).send().await.unwrap().status().as_u16() });
+        }
+        tasks.spawn(foreign(format!("http://{admin}/metrics")));
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    while let Some(status) = tasks.join_next().await {
+        *statuses.entry(status.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(statuses, [(401, N), (403, 2 * N), (502, N)].into_iter().collect());
+    let floods = [
+        ("upstream unreachable", "route=/down"),
+        ("request denied", "route=/locked"),
+        ("admin request denied", "reason=host_not_allowed"),
+    ];
+    assert_eq!(client().get(format!("http://{proxy}/also-down/1")).send().await.unwrap().status(), 502);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = p.log_text();
+    for (message, field) in floods.into_iter().chain([("not refreshing yet", "provider=idp")]) {
+        let lines = logged(&log, message, field);
+        assert!((1..=3).contains(&lines.len()), "{} lines for {N} requests ({field}):\n{log}", lines.len());
+    }
+    assert_eq!(logged(&log, "upstream unreachable", "route=/also-down"), [0], "{log}");
+
+    // After a quiet second, the next line says how many were held back: none are lost.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(client().get(format!("http://{proxy}/down/last")).send().await.unwrap().status(), 502);
+    assert_eq!(client().get(format!("http://{proxy}/locked/last")).send().await.unwrap().status(), 403);
+    assert_eq!(foreign(format!("http://{admin}/metrics")).await, 403);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = p.log_text();
+    for (message, field) in floods {
+        let lines = logged(&log, message, field);
+        let accounted: u64 = lines.iter().map(|held| held + 1).sum();
+        assert_eq!(accounted, N as u64 + 1, "{field}: {lines:?}");
+    }
+    let metrics = client().get(format!("http://{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    let count = |prefix: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<usize>().ok())
+    };
+    assert_eq!(
+        count(r#"tokengate_upstream_errors_total{kind="upstream_unreachable",route="/down"}"#),
+        Some(N + 1)
+    );
+    assert_eq!(
+        count(r#"tokengate_denied_total{reason="address_not_allowed",route="/locked"}"#),
+        Some(N + 1),
+        "{metrics}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
     let idp = Idp::start(IdpOptions::default()).await;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
 use crate::config::Admin;
+use crate::log_limit::LogLimit;
 use crate::proxy::error::json_response;
 use crate::proxy::{Body, Conn};
 use crate::reload::Control;
@@ -25,7 +26,10 @@ pub async fn handle<B>(control: &Arc<Control>, req: Request<B>, conn: Conn) -> R
     let admin = control.admin();
     if let Err((reason, message)) = guard(&admin, &req, &conn) {
         proxy.metrics.denied.with_label_values(&["_admin", reason]).inc();
-        tracing::info!(client = %conn.remote.ip(), reason, "admin request denied");
+        static DENIED: LogLimit = LogLimit::new();
+        if let Some(suppressed) = DENIED.admit() {
+            tracing::info!(client = %conn.remote.ip(), reason = %reason, suppressed, "admin request denied");
+        }
         return json_response(
             StatusCode::FORBIDDEN,
             &serde_json::json!({"error": reason, "message": message}),

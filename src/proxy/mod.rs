@@ -26,6 +26,7 @@ pub use admit::{Conn, Denied};
 pub use error::ProxyError;
 
 use crate::config::{Config, Limits, Upstream};
+use crate::log_limit::LogLimit;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::{self, RouteTable};
 use crate::token::{Providers, TokenSource};
@@ -62,10 +63,21 @@ pub struct Route {
     pub require_api_key: bool,
     /// A verified client certificate is required.
     pub require_client_cert: bool,
+    // The route's log lines that requests cause, each kind limited on its own.
+    logs: RouteLogs,
     // hyper's pooled client, for streamed request bodies to upstreams not on HTTP/2.
     client: upstream::WorkerClients,
     // The lean HTTP/1.1 client and the per-worker HTTP/2 connections.
     origin: Arc<origin::Origin>,
+}
+
+/// Rate limits for the log lines a route's requests cause ([`crate::log_limit`]).
+#[derive(Default)]
+struct RouteLogs {
+    denied: LogLimit,
+    busy: LogLimit,
+    unreachable: LogLimit,
+    failed: LogLimit,
 }
 
 /// What a configuration turns into: the route table and its token sources. Swapped whole on
@@ -168,6 +180,7 @@ impl Runtime {
                 methods: r.methods.clone(),
                 require_api_key: r.require_api_key.unwrap_or(config.access.api_keys.is_some()),
                 require_client_cert: r.require_client_cert,
+                logs: RouteLogs::default(),
                 client,
                 origin,
             };
@@ -201,6 +214,7 @@ pub struct Proxy {
     /// Metrics.
     pub metrics: Metrics,
     unmatched: RouteMetrics,
+    unmatched_denied: LogLimit,
     in_flight: limit::InFlight,
     access_log: crate::access_log::AccessLog,
 }
@@ -213,6 +227,7 @@ impl Proxy {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             unmatched,
+            unmatched_denied: LogLimit::default(),
             in_flight: limit::InFlight::new(),
             access_log,
         }
@@ -270,7 +285,10 @@ impl Proxy {
         };
         if let Some(reason) = denied {
             self.metrics.denied.with_label_values(&[label, reason]).inc();
-            tracing::info!(route = label, client = %conn.remote.ip(), reason, "request denied");
+            let limit = route.as_ref().map_or(&self.unmatched_denied, |r| &r.logs.denied);
+            if let Some(suppressed) = limit.admit() {
+                tracing::info!(route = %label, client = %conn.remote.ip(), reason = %reason, suppressed, "request denied");
+            }
         }
         let mut response = result.unwrap_or_else(ProxyError::into_response);
         response.headers_mut().insert(headers::X_REQUEST_ID, request_id.clone());
@@ -447,7 +465,9 @@ impl Proxy {
                     return Err(fault_error(*f));
                 }
                 if limit::is_busy(&e) {
-                    tracing::warn!(route = %route.label, upstream = %route.upstream, "upstream connection limit reached");
+                    if let Some(suppressed) = route.logs.busy.admit() {
+                        tracing::warn!(route = %route.label, upstream = %route.upstream, suppressed, "upstream connection limit reached");
+                    }
                     return Err(ProxyError::UpstreamBusy);
                 }
                 return Err(self.upstream_error(route, e.is_connect(), &e));
@@ -461,7 +481,9 @@ impl Proxy {
 
     fn origin_error(&self, route: &Route, e: &origin::Error) -> ProxyError {
         if let origin::Error::Http1(h1::Error::Busy(busy)) = e {
-            tracing::warn!(route = %route.label, error = %busy, "upstream connection limit reached");
+            if let Some(suppressed) = route.logs.busy.admit() {
+                tracing::warn!(route = %route.label, error = %busy, suppressed, "upstream connection limit reached");
+            }
             return ProxyError::UpstreamBusy;
         }
         self.upstream_error(route, e.is_connect(), e)
@@ -469,10 +491,14 @@ impl Proxy {
 
     fn upstream_error(&self, route: &Route, connect: bool, e: &dyn std::fmt::Display) -> ProxyError {
         if connect {
-            tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, "upstream unreachable");
+            if let Some(suppressed) = route.logs.unreachable.admit() {
+                tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, suppressed, "upstream unreachable");
+            }
             return ProxyError::UpstreamUnreachable;
         }
-        tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, "upstream request failed");
+        if let Some(suppressed) = route.logs.failed.admit() {
+            tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, suppressed, "upstream request failed");
+        }
         ProxyError::UpstreamFailed
     }
 

@@ -26,6 +26,7 @@ pub use error::FetchError;
 pub use response::{Issued, LifetimeSource};
 
 use crate::config::Provider;
+use crate::log_limit::LogLimit;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 
@@ -134,6 +135,8 @@ pub struct TokenSource {
     refresher: Mutex<Option<tokio::task::AbortHandle>>,
     metrics: Metrics,
     shared: Option<(Arc<shared::SharedCache>, String)>,
+    // Every request an upstream answers 401 while refreshes back off would log a line.
+    backing_off_logs: LogLimit,
 }
 
 impl Drop for TokenSource {
@@ -204,6 +207,7 @@ impl TokenSource {
                 let key = s.provider_key(name, &canonical::encode(config));
                 (s, key)
             }),
+            backing_off_logs: LogLimit::default(),
         }))
     }
 
@@ -322,7 +326,9 @@ impl TokenSource {
             let mut h = self.health.lock().ok()?;
             let now = Instant::now();
             if let Some(r) = h.rejection.filter(|r| now < r.until) {
-                tracing::warn!(provider = %self.name, retry_in_s = r.until.duration_since(now).as_secs(), "upstream rejected a token it never accepted; not refreshing yet (check the scopes and audience)");
+                if let Some(suppressed) = self.backing_off_logs.admit() {
+                    tracing::warn!(provider = %self.name, retry_in_s = r.until.duration_since(now).as_secs(), suppressed, "upstream rejected a token it never accepted; not refreshing yet (check the scopes and audience)");
+                }
                 return None;
             }
             let wait = schedule::rejection_backoff(h.rejection.map(|r| r.wait));
