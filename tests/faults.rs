@@ -258,28 +258,32 @@ async fn retry_after_on_429_is_honoured() {
 
 #[tokio::test]
 async fn malformed_token_responses_are_counted_and_nothing_is_forwarded() {
+    let too_long = format!(r#"{{"access_token":"{}","expires_in":60}}"#, "a".repeat(40_000));
     for (status, body, label) in [
         (200, "<html><body>Login</body></html>", "malformed_response"),
         (200, r#"{"token_type":"Bearer","expires_in":60}"#, "malformed_response"),
         (200, r#"{"access_token":"x","token_type":"mac"}"#, "unsupported_token_type"),
         (200, "{not json", "malformed_response"),
+        (200, too_long.as_str(), "malformed_response"),
         (502, "<html>Bad Gateway</html>", "http_502"),
     ] {
+        let owned = body.to_owned();
         let idp = ScriptedIdp::start(Arc::new(move |_| Reply::Status {
             status,
-            body: body.into(),
+            body: owned.clone(),
             retry_after: None,
         }))
         .await;
         let up = Upstream::start(None).await;
         let tg = start(&config(idp.addr, &up.url(), "")).await;
-        assert_eq!(get(&tg, "/x").await.0, 503, "{body}");
+        let short = &body[..body.len().min(60)];
+        assert_eq!(get(&tg, "/x").await.0, 503, "{short}");
         let m = metrics(&tg).await;
         assert!(
             m.contains(&format!(r#"tokengate_token_fetches_total{{provider="p",result="{label}"}}"#)),
-            "{body}: {m}"
+            "{short}: {m}"
         );
-        assert!(up.requests().is_empty(), "{body}: a request was forwarded without a token");
+        assert!(up.requests().is_empty(), "{short}: a request was forwarded without a token");
     }
 }
 

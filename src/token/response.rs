@@ -8,6 +8,11 @@ use super::error::{FetchError, tidy};
 use super::jwt;
 use crate::secret::Secret;
 
+/// Longest access token taken. The largest real ones (Entra ID with group claims) stay under
+/// 16 KiB, and upstreams refuse a header far shorter than an IdP response can be (nginx: 8 KiB
+/// per line by default): a longer one would be sent on every request only to be refused.
+pub const MAX_TOKEN_LEN: usize = 32 * 1024;
+
 /// A token as issued, before it is scheduled.
 #[derive(Debug, Clone)]
 pub struct Issued {
@@ -117,6 +122,13 @@ pub fn parse_success(
             return Err(FetchError::Malformed(format!("no `{}` in the response", map.access_token)));
         }
     };
+    if access_token.len() > MAX_TOKEN_LEN {
+        return Err(FetchError::Malformed(format!(
+            "`{}` is {} bytes, more than the {MAX_TOKEN_LEN} an upstream request header can carry",
+            map.access_token,
+            access_token.len()
+        )));
+    }
     if access_token.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
         return Err(FetchError::Malformed(format!(
             "`{}` contains characters not allowed in a header",
@@ -230,6 +242,14 @@ mod tests {
         assert_eq!(t.lifetime, Duration::from_secs(604_800));
         assert_eq!(t.refresh_token.unwrap().expose(), "eyJ.e.f");
         assert_eq!(t.scope.as_deref(), Some("openid email profile inspect"));
+    }
+
+    #[test]
+    fn tokens_longer_than_a_header_can_carry_are_refused() {
+        let reply = |n: usize| format!(r#"{{"access_token":"{}","expires_in":60}}"#, "a".repeat(n));
+        assert_eq!(ok(&reply(MAX_TOKEN_LEN)).unwrap().access_token.expose().len(), MAX_TOKEN_LEN);
+        let err = ok(&reply(MAX_TOKEN_LEN + 1)).unwrap_err().to_string();
+        assert!(err.contains("32769 bytes"), "{err}");
     }
 
     #[test]
