@@ -536,6 +536,9 @@ async fn floods_of_failing_or_denied_requests_do_not_flood_the_log() {
     let p = Process::spawn(&path, admin);
     p.ready().await;
 
+    // The first refused token is replaced once; from then on refreshes back off, and each
+    // refused request would log that.
+    assert_eq!(client().get(format!("http://{proxy}/refuses/first")).send().await.unwrap().status(), 401);
     const N: usize = 300;
     let mut tasks = tokio::task::JoinSet::new();
     let foreign = async |url: String| {
