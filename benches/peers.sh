@@ -25,7 +25,7 @@
 # wrote are counted against the requests it answered.
 #
 # Prints a markdown table of median requests/s, p50 and p99 latency, and ratios against direct and
-# against nginx, plus tokengate's peak RSS and CPU seconds per 10k requests. It compares; it never
+# against nginx, CPU seconds per 10k requests of every proxy, and tokengate's RSS. It compares; it never
 # fails on a number.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -198,9 +198,9 @@ CONF
 chmod 600 "$WORK/tokengate.yaml"
 [ -n "$BASE_PROTOCOL" ] && [ -z "$BASELINE_BIN" ] && BASELINE_BIN=./target/release/tokengate
 
-nginx -c "$WORK/origin.conf" -g 'daemon off;' & PIDS+=($!)
-nginx -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
-haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/logs/haproxy.log" 2>&1 & PIDS+=($!)
+nginx -c "$WORK/origin.conf" -g 'daemon off;' & ORIGIN_PID=$!; PIDS+=($ORIGIN_PID)
+nginx -c "$WORK/nginx.conf" -g 'daemon off;' & NGINX_PID=$!; PIDS+=($NGINX_PID)
+haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/logs/haproxy.log" 2>&1 & HAPROXY_PID=$!; PIDS+=($HAPROXY_PID)
 ./target/release/tokengate --log warn run --workers "$WORKERS" -c "$WORK/tokengate.yaml" 2>"$WORK/logs/tokengate.err" & TG_PID=$!; PIDS+=($TG_PID)
 
 if [ -n "$BASELINE_BIN" ]; then
@@ -209,7 +209,7 @@ if [ -n "$BASELINE_BIN" ]; then
     "$WORK/tokengate.yaml" > "$WORK/tokengate-base.yaml"
   [ -n "$BASE_PROTOCOL" ] && echo "    upstream_protocol: $BASE_PROTOCOL" >> "$WORK/tokengate-base.yaml"
   chmod 600 "$WORK/tokengate-base.yaml"
-  "$BASELINE_BIN" --log warn run --workers "$WORKERS" -c "$WORK/tokengate-base.yaml" 2>"$WORK/logs/tokengate-base.err" & PIDS+=($!)
+  "$BASELINE_BIN" --log warn run --workers "$WORKERS" -c "$WORK/tokengate-base.yaml" 2>"$WORK/logs/tokengate-base.err" & BASE_PID=$!; PIDS+=($BASE_PID)
   wait_ready "$TG_BASE_ADMIN"
   PEERS="$PEERS tokengate-base"
 fi
@@ -237,6 +237,11 @@ done
 
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# A process and its children (nginx's workers), user + system ticks.
+tree_ticks() { local t=0 p; for p in $1 $(ps -o pid= --ppid "$1"); do t=$((t + $(cpu_ticks "$p"))); done; echo $t; }
+# Whose CPU each peer's runs are charged to ("direct" is the origin itself).
+declare -A PROC=([direct]=$ORIGIN_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID [haproxy-h1]=$HAPROXY_PID
+                 [tokengate]=$TG_PID [tokengate-base]=${BASE_PID:-0})
 idle_rss=$(rss_kib "$TG_PID")
 
 # One wrk run: prints "requests_per_second p50_ms p99_ms requests".
@@ -254,16 +259,19 @@ run() {
 median() { sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 
 declare -A RPS P50 P99
+declare -A TICKS REQS
 tg_requests=0 tg_ticks=0
 for size in small large; do
   for name in $PEERS; do : > "$WORK/$name-$size"; done
   for round in $(seq "$ROUNDS"); do
     # Interleaved A B A B so drift on the machine hits every peer alike.
     for name in $PEERS; do
-      before=$(cpu_ticks "$TG_PID")
+      before=$(tree_ticks "${PROC[$name]}")
       read -r rps p50 p99 n < <(run "${URL[$name]}" "/$size")
+      spent=$(($(tree_ticks "${PROC[$name]}") - before))
+      TICKS[$name-$size]=$((${TICKS[$name-$size]:-0} + spent)); REQS[$name-$size]=$((${REQS[$name-$size]:-0} + n))
       if [ "$name" = tokengate ]; then
-        tg_ticks=$((tg_ticks + $(cpu_ticks "$TG_PID") - before)); tg_requests=$((tg_requests + n))
+        tg_ticks=$((tg_ticks + spent)); tg_requests=$((tg_requests + n))
       fi
       echo "$rps $p50 $p99" >> "$WORK/$name-$size"
     done
@@ -300,16 +308,18 @@ echo
 upstream_mode=$([ "$TLS" = 1 ] && echo "HTTPS origin (HTTP/2 by ALPN)" || echo "plain http origin")
 echo "### workers=$WORKERS, $CONNECTIONS connections, ${DURATION}s x $ROUNDS rounds, $upstream_mode, $log_mode, ${TOKEN_BYTES}-byte token, $(nproc) cores ($(date -u +%Y-%m-%d))"
 echo
-echo "| response | peer | req/s (median) | p50 ms | p99 ms | vs direct | vs nginx |"
-echo "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+echo "| response | peer | req/s (median) | p50 ms | p99 ms | vs direct | vs nginx | CPU s / 10k req |"
+echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 for size in small large; do
   label=$([ $size = small ] && echo "100 B" || echo "16 KiB")
   for name in $PEERS; do
     awk -v l="$label" -v n="$name" -v r="${RPS[$name-$size]}" -v a="${P50[$name-$size]}" -v b="${P99[$name-$size]}" \
-        -v d="${RPS[direct-$size]}" -v x="${RPS[nginx-$size]}" \
-        'BEGIN { printf "| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f |\n", l, n, r, a, b, r/d, r/x }'
+        -v d="${RPS[direct-$size]}" -v x="${RPS[nginx-$size]}" -v t="${TICKS[$name-$size]}" -v q="${REQS[$name-$size]}" -v hz="$hz" \
+        'BEGIN { printf "| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f | %.3f |\n", l, n, r, a, b, r/d, r/x, (t/hz)/(q/10000) }'
   done
 done
+echo
+echo "CPU is each proxy's own (user + system, nginx with its workers) over all rounds; for direct, the origin's."
 # tokengate against the best other proxy, round by round (the same round's runs are seconds
 # apart) and as the ratio of medians.
 echo
