@@ -22,8 +22,8 @@ use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 
 use super::Control;
 
-/// Events closer together than this are one change: an editor's save or the kubelet's swap is
-/// several events within milliseconds.
+/// How long after an event the files are compared: the events within it are one change (an
+/// editor's save or the kubelet's swap is several events within milliseconds).
 pub const DEBOUNCE: Duration = Duration::from_millis(300);
 
 /// Watches the files of `control`'s configuration until the returned task is aborted.
