@@ -260,7 +260,6 @@ median() { sort -g | awk '{a[NR]=$1} END { if (NR%2) print a[(NR+1)/2]; else pri
 
 declare -A RPS P50 P99
 declare -A TICKS REQS
-tg_requests=0 tg_ticks=0
 for size in small large; do
   for name in $PEERS; do : > "$WORK/$name-$size"; done
   for round in $(seq "$ROUNDS"); do
@@ -270,9 +269,6 @@ for size in small large; do
       read -r rps p50 p99 n < <(run "${URL[$name]}" "/$size")
       spent=$(($(tree_ticks "${PROC[$name]}") - before))
       TICKS[$name-$size]=$((${TICKS[$name-$size]:-0} + spent)); REQS[$name-$size]=$((${REQS[$name-$size]:-0} + n))
-      if [ "$name" = tokengate ]; then
-        tg_ticks=$((tg_ticks + spent)); tg_requests=$((tg_requests + n))
-      fi
       echo "$rps $p50 $p99" >> "$WORK/$name-$size"
     done
   done
@@ -337,6 +333,7 @@ for size in small large; do
     'BEGIN { printf "tokengate / best other proxy, %s: per round %s; ratio of medians %.2f\n", l, p, t/b }'
 done
 echo
+tg_ticks=$((${TICKS[tokengate-small]} + ${TICKS[tokengate-large]})) tg_requests=$((${REQS[tokengate-small]} + ${REQS[tokengate-large]}))
 awk -v i="$idle_rss" -v p="$peak_rss" -v h="$held_rss" -v t="$tg_ticks" -v hz="$hz" -v n="$tg_requests" \
   'BEGIN { printf "tokengate: idle RSS %.1f MiB, peak RSS under load %.1f MiB, RSS with 1,000 open connections %.1f MiB, %.3f CPU seconds per 10k requests\n", i/1024, p/1024, h/1024, (t/hz)/(n/10000) }'
 if [ "$ACCESS_LOG" = 1 ]; then
