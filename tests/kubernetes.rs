@@ -327,6 +327,22 @@ async fn a_configmap_swap_reloads_and_a_broken_one_keeps_the_running_config() {
     assert_eq!(p.log_text().matches("configuration reloaded").count(), before);
 }
 
+/// One route at `prefix` to `up`, its provider's client secret read from the file `secret`.
+fn secret_file_config(
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    idp: &SwitchIdp,
+    secret: &Path,
+    prefix: &str,
+    up: &Upstream,
+) -> String {
+    format!(
+        "listen: {proxy}\nadmin:\n  listen: {admin}\n{}routes:\n  - prefix: {prefix}\n    upstream: {}\n    provider: idp\n",
+        idp.provider(&format!("client_secret_file: {}", secret.display())),
+        up.url()
+    )
+}
+
 /// Read system calls the process has made (`syscr` in `/proc/<pid>/io`).
 fn read_calls(pid: u32) -> u64 {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
@@ -345,14 +361,8 @@ async fn an_idle_watcher_does_not_reread_its_own_files() {
     let secrets = KubeMount::new(&dir.path().join("secrets"), &[("client-secret", "the-secret\n")]);
     let (proxy, admin) = (closed_port(), closed_port());
     let path = dir.path().join("tg.yaml");
-    let secret_line = format!("client_secret_file: {}", secrets.path("client-secret").display());
-    let config = |prefix: &str| {
-        format!(
-            "listen: {proxy}\nadmin:\n  listen: {admin}\n{}routes:\n  - prefix: {prefix}\n    upstream: {}\n    provider: idp\n",
-            idp.provider(&secret_line),
-            up.url()
-        )
-    };
+    let config =
+        |prefix: &str| secret_file_config(proxy, admin, &idp, &secrets.path("client-secret"), prefix, &up);
     std::fs::write(&path, config("/a")).unwrap();
     let p = Process::spawn(&path, admin);
     p.ready().await;
@@ -379,16 +389,8 @@ async fn a_rotated_secret_file_is_used_by_the_next_token_fetch() {
     let mut secrets = secrets;
     let (proxy, admin) = (closed_port(), closed_port());
     let path = dir.path().join("tg.yaml");
-    let secret_line = format!("client_secret_file: {}", secrets.path("client-secret").display());
-    std::fs::write(
-        &path,
-        format!(
-            "listen: {proxy}\nadmin:\n  listen: {admin}\n{}routes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
-            idp.provider(&secret_line),
-            up.url()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, secret_file_config(proxy, admin, &idp, &secrets.path("client-secret"), "/", &up))
+        .unwrap();
     let p = Process::spawn(&path, admin);
     p.ready().await;
     assert_eq!(idp.last_basic_secret(), "first-secret");
