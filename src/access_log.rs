@@ -136,7 +136,8 @@ impl AccessLog {
         let lines = metrics.access_log_lines.clone();
         let dropped = metrics.access_log_dropped.clone();
         let handle = std::thread::Builder::new().name("tokengate-access-log".into()).spawn(move || {
-            Writer { sink, reopen, lines, dropped, reported: 0, buffers }.run(from_requests)
+            Writer { sink, reopen, lines, dropped, reported: 0, buffers, write_errors: Default::default() }
+                .run(from_requests)
         })?;
         *shared.writer.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
         Ok(AccessLog { inner: Some(shared) })
@@ -225,6 +226,8 @@ struct Writer {
     // Dropped lines already reported in the log.
     reported: u64,
     buffers: Buffers,
+    // A closed or broken sink fails every write: one line a second says so.
+    write_errors: crate::log::LogLimit,
 }
 
 impl Writer {
@@ -291,7 +294,9 @@ impl Writer {
             Ok(()) => self.lines.inc_by(lines),
             Err(e) => {
                 self.dropped.inc_by(lines);
-                tracing::error!(error = %e, "cannot write the access log");
+                if let Some(suppressed) = self.write_errors.admit() {
+                    tracing::error!(error = %e, suppressed, "cannot write the access log");
+                }
             }
         }
     }

@@ -13,7 +13,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod jose;
-pub mod log_limit;
+pub mod log;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -1,5 +1,6 @@
 //! The `tokengate` command.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -82,7 +83,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // One process-wide TLS provider, so no library falls back to a different one.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    init_logging(&cli);
+    // Flushes the queued log lines when main returns.
+    let _log = init_logging(&cli);
     let workers = match &cli.command {
         Some(Command::Run { workers }) => *workers,
         _ => None,
@@ -115,7 +117,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(cli: &Cli) {
+fn init_logging(cli: &Cli) -> tokengate::log::Guard {
     // An explicit --log wins over RUST_LOG, which wins over the default.
     // `token` prints the IdP's error itself; its own log would say it a second time.
     let default = if matches!(cli.command, Some(Command::Token { .. })) { "off" } else { "info" };
@@ -128,13 +130,11 @@ fn init_logging(cli: &Cli) {
     // file are noise.
     let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let ansi = !no_color && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match cli.log_format {
-        LogFormat::Text => builder.init(),
-        // Fields at the top level of each object, as log shippers expect.
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let format = match cli.log_format {
+        LogFormat::Text => tokengate::log::Format::Text,
+        LogFormat::Json => tokengate::log::Format::Json,
+    };
+    tokengate::log::init(filter, format, ansi)
 }
 
 fn with_config(path: &Option<PathBuf>, f: impl FnOnce(&Path, Config) -> ExitCode) -> ExitCode {
@@ -361,11 +361,14 @@ async fn run(path: PathBuf, config: Config, workers: server::Workers) -> ExitCod
     let running = match server::start_with(config, Some(path), workers).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {e}");
+            // Not eprintln!: it panics when stderr is closed.
+            let _ = writeln!(std::io::stderr(), "error: {e}");
             return ExitCode::from(1);
         }
     };
+    let summary = tokio::spawn(tokengate::log::summarize_held_lines());
     wait_for_signals(&running, true).await;
+    summary.abort();
     let force = tokio::spawn(exit_on_second_signal(running.proxy.clone()));
     running.shutdown().await;
     force.abort();

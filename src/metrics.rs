@@ -165,6 +165,9 @@ impl Metrics {
             names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
         }
+        let log = LogDropped::new();
+        names.extend(prometheus::core::Collector::desc(&log).iter().map(|d| d.fq_name.clone()));
+        registry.register(Box::new(log)).expect("metric names are unique");
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...: the
         // names every Prometheus client library exports, read from /proc at scrape time.
         #[cfg(target_os = "linux")]
@@ -231,6 +234,43 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// `tokengate_log_lines_dropped_total{reason}`, read from the process-wide counts of
+/// [`crate::log`] at scrape time (the log starts before any registry exists).
+struct LogDropped {
+    desc: prometheus::core::Desc,
+}
+
+impl LogDropped {
+    fn new() -> Self {
+        let desc = prometheus::core::Desc::new(
+            "tokengate_log_lines_dropped_total".into(),
+            "Operator log lines not written, by reason (writer_behind: stderr was slow or stalled; \
+             rate_limited: a library repeated a line more than once a second)."
+                .into(),
+            vec!["reason".into()],
+            Default::default(),
+        )
+        .expect("valid metric");
+        LogDropped { desc }
+    }
+}
+
+impl prometheus::core::Collector for LogDropped {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let crate::log::Dropped { writer_behind, rate_limited } = crate::log::dropped();
+        let counter =
+            IntCounterVec::new(Opts::new(self.desc.fq_name.clone(), self.desc.help.clone()), &["reason"])
+                .expect("valid metric");
+        counter.with_label_values(&["writer_behind"]).inc_by(writer_behind);
+        counter.with_label_values(&["rate_limited"]).inc_by(rate_limited);
+        prometheus::core::Collector::collect(&counter)
     }
 }
 

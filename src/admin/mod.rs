@@ -15,7 +15,7 @@ use std::sync::Arc;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
 use crate::config::Admin;
-use crate::log_limit::LogLimit;
+use crate::log::LogLimit;
 use crate::proxy::error::json_response;
 use crate::proxy::{Body, Conn};
 use crate::reload::Control;

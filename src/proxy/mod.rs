@@ -26,7 +26,7 @@ pub use admit::{Conn, Denied};
 pub use error::ProxyError;
 
 use crate::config::{Config, Limits, Upstream};
-use crate::log_limit::LogLimit;
+use crate::log::LogLimit;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::{self, RouteTable};
 use crate::token::{Providers, TokenSource};
@@ -71,7 +71,7 @@ pub struct Route {
     origin: Arc<origin::Origin>,
 }
 
-/// Rate limits for the log lines a route's requests cause ([`crate::log_limit`]).
+/// Rate limits for the log lines a route's requests cause ([`crate::log::LogLimit`]).
 #[derive(Default)]
 struct RouteLogs {
     denied: LogLimit,

@@ -9,7 +9,8 @@
 //!
 //! inotify reports opens and reads too, and that look opens every file: the events that cannot
 //! change a file's contents are dropped before they wake anything, or the look would wake itself
-//! forever. `notify` is used without a debouncer crate because `notify-debouncer-mini` drops the
+//! forever. So are events on other regular files of those directories (a log file kept beside
+//! the configuration is written on every line). `notify` is used without a debouncer crate because `notify-debouncer-mini` drops the
 //! event kind this needs; the debounce is a sleep.
 
 use std::collections::BTreeSet;
@@ -34,9 +35,14 @@ pub fn spawn(control: Arc<Control>) -> Option<tokio::task::JoinHandle<()>> {
         return None;
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let relevant = Arc::new(std::sync::RwLock::new(Relevant::default()));
+    let seen_by_watcher = relevant.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
         // An error (the event queue overflowed, say) may hide a change: look.
-        if event.as_ref().map_or(true, |e| may_change_contents(&e.kind)) {
+        let wake = event.as_ref().map_or(true, |e| {
+            may_change_contents(&e.kind) && seen_by_watcher.read().map_or(true, |r| r.may_concern(&e.paths))
+        });
+        if wake {
             let _ = tx.send(());
         }
     });
@@ -51,6 +57,7 @@ pub fn spawn(control: Arc<Control>) -> Option<tokio::task::JoinHandle<()>> {
         let mut files = watched_files(&path, &control);
         let mut dirs = BTreeSet::new();
         rewatch(&mut watcher, &mut dirs, &files);
+        set(&relevant, &files);
         let mut seen = fingerprint(&files);
         tracing::info!(files = files.len(), "watching the configuration files for changes");
         while rx.recv().await.is_some() {
@@ -68,6 +75,7 @@ pub fn spawn(control: Arc<Control>) -> Option<tokio::task::JoinHandle<()>> {
             // The new configuration may name other files.
             files = watched_files(&path, &control);
             rewatch(&mut watcher, &mut dirs, &files);
+            set(&relevant, &files);
             seen = fingerprint(&files);
         }
     }))
@@ -102,6 +110,38 @@ fn rewatch(watcher: &mut RecommendedWatcher, dirs: &mut BTreeSet<PathBuf>, files
     *dirs = wanted;
 }
 
+/// The watched files, as written and as resolved.
+#[derive(Default)]
+struct Relevant(BTreeSet<PathBuf>);
+
+impl Relevant {
+    fn new(files: &[PathBuf]) -> Self {
+        let mut paths = BTreeSet::new();
+        for file in files {
+            paths.insert(std::path::absolute(file).unwrap_or_else(|_| file.clone()));
+            paths.extend(std::fs::canonicalize(file));
+        }
+        Relevant(paths)
+    }
+
+    /// Whether an event on `paths` may change a watched file. Only a regular file that is none
+    /// of them certainly cannot; a symlink (`..data`), a directory (`..2026_…`), a path that is
+    /// gone, or an event without paths may.
+    fn may_concern(&self, paths: &[PathBuf]) -> bool {
+        paths.is_empty()
+            || paths.iter().any(|p| {
+                self.0.contains(p) || std::fs::symlink_metadata(p).map_or(true, |m| !m.file_type().is_file())
+            })
+    }
+}
+
+fn set(relevant: &std::sync::RwLock<Relevant>, files: &[PathBuf]) {
+    let new = Relevant::new(files);
+    if let Ok(mut r) = relevant.write() {
+        *r = new;
+    }
+}
+
 /// Whether an event of this kind can mean new contents. Opening, reading and closing a file
 /// without writing cannot; everything else can (a write, a rename over it, a delete, a change of
 /// permissions that makes it unreadable, an unknown kind).
@@ -134,7 +174,26 @@ mod tests {
     use notify::EventKind;
     use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind, RenameMode};
 
-    use super::may_change_contents;
+    use super::{Relevant, may_change_contents};
+
+    #[test]
+    fn other_regular_files_in_the_directory_do_not_concern_the_watch() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let write = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, "x").unwrap_or_else(|e| panic!("{e}"));
+            p
+        };
+        let (config, log, data) = (write("config.yaml"), write("tokengate.log"), dir.path().join("..data"));
+        std::os::unix::fs::symlink(dir.path(), &data).unwrap_or_else(|e| panic!("{e}"));
+        let relevant = Relevant::new(std::slice::from_ref(&config));
+        assert!(relevant.may_concern(std::slice::from_ref(&config)));
+        assert!(!relevant.may_concern(std::slice::from_ref(&log)), "a log file beside it");
+        assert!(relevant.may_concern(&[log.clone(), config]), "a rename of another file over it");
+        assert!(relevant.may_concern(&[data]), "the kubelet's symlink swap");
+        assert!(relevant.may_concern(&[dir.path().join("gone")]), "a file that was removed");
+        assert!(relevant.may_concern(&[]));
+    }
 
     #[test]
     fn only_reads_and_opens_are_ignored() {

@@ -26,7 +26,7 @@ pub use error::FetchError;
 pub use response::{Issued, LifetimeSource};
 
 use crate::config::Provider;
-use crate::log_limit::LogLimit;
+use crate::log::LogLimit;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 

@@ -491,14 +491,29 @@ pub struct Process {
 impl Process {
     pub fn spawn(config_path: &std::path::Path, admin: SocketAddr) -> Process {
         let log = config_path.with_file_name("tokengate.log");
+        let stderr = std::fs::File::create(&log).unwrap().into();
+        let mut p = Process::spawn_with(config_path, admin, &[], stderr);
+        p.log = log;
+        p
+    }
+
+    /// `tokengate run -c config_path` with more arguments, its stderr going to `stderr`
+    /// ([`Process::log_text`] then reads nothing).
+    pub fn spawn_with(
+        config_path: &std::path::Path,
+        admin: SocketAddr,
+        args: &[&str],
+        stderr: std::process::Stdio,
+    ) -> Process {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
             .args(["run", "-c", config_path.to_str().unwrap()])
+            .args(args)
             .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(stderr)
             .spawn()
             .unwrap();
-        Process { child, admin, log }
+        Process { child, admin, log: std::path::PathBuf::new() }
     }
 
     pub fn signal(&self, sig: &str) {

@@ -1,9 +1,7 @@
-//! Rate limits for log lines that requests cause: a denied client, an unreachable upstream, an
+//! Rate limits for the log lines that requests cause: a denied client, an unreachable upstream, an
 //! upstream that rejects every token. Any client or upstream can repeat those as fast as the
-//! network allows, and the operator log is written synchronously. Unlimited, a flood of denied
-//! requests or an upstream outage turns it into a second access log on the request path, and
-//! a slow log reader (a container runtime's pipe) would stall the workers. Metrics still count
-//! every event.
+//! network allows. Unlimited, a flood of denied requests or an upstream outage turns the operator
+//! log into a second access log and crowds out every other line. Metrics still count every event.
 //!
 //! Hand-written rather than taken from `tracing-throttle`, which keys events by their field
 //! values: those include the client's address, which the client chooses.
