@@ -448,17 +448,48 @@ fn json(out: &mut Vec<u8>, r: &Record<'_>) {
     out.extend_from_slice(b"}\n");
 }
 
+/// A JSON string with everything outside printable ASCII escaped as `\uXXXX`: U+2028, U+0085,
+/// bidirectional overrides and the like are valid JSON but break lines or mislead in the viewers
+/// logs are read with.
 fn json_string(out: &mut Vec<u8>, s: &str) {
-    // serde_json escapes exactly what JSON needs; writing into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
+    out.push(b'"');
+    let mut rest = s;
+    while let Some(at) = rest.bytes().position(|b| b == b'"' || b == b'\\' || !is_printable_ascii(b)) {
+        out.extend_from_slice(&rest.as_bytes()[..at]);
+        let mut chars = rest[at..].chars();
+        let c = chars.next().unwrap_or_default();
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            _ => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.extend_from_slice(b"\\u");
+                    for shift in [12, 8, 4, 0] {
+                        out.push(HEX[usize::from((*unit >> shift) & 0xf)]);
+                    }
+                }
+            }
+        }
+        rest = chars.as_str();
+    }
+    out.extend_from_slice(rest.as_bytes());
+    out.push(b'"');
 }
 
-/// Copies `s`, writing `quote`, backslash and control bytes as `\xNN` so a line stays one line.
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn is_printable_ascii(b: u8) -> bool {
+    (0x20..0x7f).contains(&b)
+}
+
+/// Copies `s`, writing `quote`, backslash and every byte outside printable ASCII as `\xNN` (as
+/// nginx does), so a line stays one line and reads the same in any viewer: no control bytes, no
+/// Unicode line separators (U+0085, U+2028), no bidirectional overrides (U+202E).
 fn escaped(out: &mut Vec<u8>, s: &str, quote: u8) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut rest = s.as_bytes();
     // Runs of plain bytes are copied whole.
-    while let Some(at) = rest.iter().position(|&b| b == quote || b == b'\\' || b < 0x20 || b == 0x7f) {
+    while let Some(at) = rest.iter().position(|&b| b == quote || b == b'\\' || !is_printable_ascii(b)) {
         out.extend_from_slice(&rest[..at]);
         let b = rest[at];
         out.extend_from_slice(&[b'\\', b'x', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
@@ -522,6 +553,22 @@ mod tests {
         let mut out = Vec::new();
         escaped(&mut out, "\u{1}a b\u{7f}\"", b' ');
         assert_eq!(String::from_utf8(out).unwrap_or_default(), "\\x01a\\x20b\\x7f\"");
+    }
+
+    #[test]
+    fn everything_outside_printable_ascii_is_escaped() {
+        let hostile = "a\u{85}b\u{2028}c\u{2029}d\u{9b}e\u{202e}f\u{1F600}\té\"\\";
+        let mut out = Vec::new();
+        escaped(&mut out, hostile, b'"');
+        assert_eq!(
+            String::from_utf8(out).unwrap_or_default(),
+            "a\\xc2\\x85b\\xe2\\x80\\xa8c\\xe2\\x80\\xa9d\\xc2\\x9be\\xe2\\x80\\xaef\\xf0\\x9f\\x98\\x80\\x09\\xc3\\xa9\\x22\\x5c"
+        );
+        let mut out = Vec::new();
+        json_string(&mut out, hostile);
+        assert!(out.iter().all(|b| is_printable_ascii(*b)), "{}", String::from_utf8_lossy(&out));
+        let back: String = serde_json::from_slice(&out).unwrap_or_default();
+        assert_eq!(back, hostile);
     }
 
     #[test]

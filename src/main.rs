@@ -386,6 +386,7 @@ async fn exit_on_second_signal(proxy: std::sync::Arc<tokengate::proxy::Proxy>) {
     }
     tracing::warn!("second signal: exiting now without waiting for in-flight requests");
     proxy.access_log().flush();
+    tokengate::log::finish();
     std::process::exit(1);
 }
 

@@ -65,7 +65,7 @@ async fn a_connection_must_send_its_first_request_head_within_the_header_timeout
     let hostile: [(&str, Vec<u8>); 6] = [
         ("nothing", Vec::new()),
         ("a few bytes", b"GE".to_vec()),
-        ("a partial request head", b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec()),
+        ("a partial request head", b"GET / HTTP/1.1\r\nHost: localhost\r\n".to_vec()),
         ("a partial HTTP/2 preface", PREFACE[..10].to_vec()),
         ("the preface without SETTINGS", PREFACE.to_vec()),
         ("the preface and part of SETTINGS", partial_settings),
@@ -90,7 +90,7 @@ async fn a_connection_must_send_its_first_request_head_within_the_header_timeout
     assert!(up.requests().is_empty());
     // A client that sends its request in time is served, on a connection that then stays open.
     let mut s = TcpStream::connect(tg.proxy_addr).await.unwrap();
-    s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
     let mut buf = [0u8; 4096];
     let n = s.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
@@ -349,7 +349,7 @@ async fn the_upstream_connection_comes_free(tg: &tokengate::server::Running) {
 async fn a_client_that_takes_no_response_data_is_closed_and_frees_the_upstream_connection() {
     let tg = one_upstream_connection_with_send_timeout().await;
     let mut slow = TcpStream::connect(tg.proxy_addr).await.unwrap();
-    slow.write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    slow.write_all(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
     // It reads nothing. The one upstream connection is held by its response until tokengate
     // gives up on it; then a normal request gets the connection.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -358,7 +358,7 @@ async fn a_client_that_takes_no_response_data_is_closed_and_frees_the_upstream_c
     // only once a third of its send buffer is free, wakes tokengate well within the timeout) is
     // not cut off.
     let mut steady = TcpStream::connect(tg.proxy_addr).await.unwrap();
-    steady.write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+    steady.write_all(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
     let mut total = 0usize;
     let mut buf = vec![0u8; 512 * 1024];
     while total < (32 << 20) {

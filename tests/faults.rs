@@ -456,9 +456,11 @@ async fn oversized_and_slow_request_bodies_are_refused() {
     // A chunked body that stalls mid-way.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(tg.proxy_addr).await.unwrap();
-    s.write_all(b"POST /slow HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        .await
-        .unwrap();
+    s.write_all(
+        b"POST /slow HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .unwrap();
     let mut resp = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut resp)).await;
     let text = String::from_utf8_lossy(&resp);

@@ -293,12 +293,13 @@ async fn forward_proxy_mode_serves_configured_hosts_only() {
     .unwrap();
     assert!(refused.starts_with("HTTP/1.1 404") && refused.contains("no_route"), "{refused}");
     assert!(other.requests().is_empty(), "tokengate acted as an open proxy");
-    let connect = raw(fwd, format!("CONNECT {} HTTP/1.1\r\nHost: x\r\n\r\n", up.addr).as_bytes()).await;
+    let connect =
+        raw(fwd, format!("CONNECT {} HTTP/1.1\r\nHost: localhost\r\n\r\n", up.addr).as_bytes()).await;
     assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
     // The regular listener still refuses absolute-form targets.
     let plain = raw(
         tg.proxy_addr,
-        format!("GET {}/v1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", up.url()).as_bytes(),
+        format!("GET {}/v1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", up.url()).as_bytes(),
     )
     .await;
     assert!(plain.starts_with("HTTP/1.1 400"), "{plain}");

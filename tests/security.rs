@@ -155,7 +155,7 @@ async fn traversal_and_ambiguous_paths_never_reach_another_route() {
     ] {
         let resp = raw(
             tg.proxy_addr,
-            format!("GET {path} HTTP/1.1\r\nHost: tokengate\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await;
         assert!(resp.starts_with("HTTP/1.1 400"), "{path}: {resp}");
@@ -172,7 +172,7 @@ async fn traversal_and_ambiguous_paths_never_reach_another_route() {
 async fn raw_status(addr: std::net::SocketAddr, method: &str, path: &str) -> u16 {
     let resp = raw(
         addr,
-        format!("{method} {path} HTTP/1.1\r\nHost: tokengate\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await;
     resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{method} {path}: {resp}"))
@@ -238,7 +238,8 @@ async fn absolute_form_and_connect_are_refused() {
     let resp =
         raw(tg.proxy_addr, b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 405"), "{resp}");
-    let resp = raw(tg.proxy_addr, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let resp =
+        raw(tg.proxy_addr, b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
     assert!(up.requests().is_empty());
 }
@@ -248,21 +249,21 @@ async fn smuggling_attempts_are_rejected_or_reach_the_upstream_as_one_clean_requ
     let (up, tg) = hostile_setup().await;
     let bad_framing: [&[u8]; 9] = [
         // Two different Content-Lengths.
-        b"POST /coreview/eu/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        b"POST /coreview/eu/a HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
         // A malformed Content-Length.
-        b"POST /coreview/eu/a HTTP/1.1\r\nHost: x\r\nContent-Length: 4, 5\r\n\r\nabcde",
+        b"POST /coreview/eu/a HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4, 5\r\n\r\nabcde",
         // obs-fold.
-        b"GET /coreview/eu/a HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n\r\n",
+        b"GET /coreview/eu/a HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n  folded\r\n\r\n",
         // Invalid header name.
-        b"GET /coreview/eu/a HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
+        b"GET /coreview/eu/a HTTP/1.1\r\nHost: localhost\r\nBad Header: 1\r\n\r\n",
         // Underscore header (may alias a dashed one upstream).
-        b"GET /coreview/eu/a HTTP/1.1\r\nHost: x\r\nX_Api_Key: 1\r\nConnection: close\r\n\r\n",
+        b"GET /coreview/eu/a HTTP/1.1\r\nHost: localhost\r\nX_Api_Key: 1\r\nConnection: close\r\n\r\n",
         // Duplicate and missing Host.
-        b"GET /coreview/eu/a HTTP/1.1\r\nHost: x\r\nHost: y\r\nConnection: close\r\n\r\n",
+        b"GET /coreview/eu/a HTTP/1.1\r\nHost: localhost\r\nHost: y\r\nConnection: close\r\n\r\n",
         b"GET /coreview/eu/a HTTP/1.1\r\nConnection: close\r\n\r\n",
         // Bare LF inside a header value, NUL in a value.
-        b"GET /coreview/eu/a HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
-        b"GET /coreview/eu/a HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n",
+        b"GET /coreview/eu/a HTTP/1.1\r\nHost: localhost\r\nX-A: a\rb\r\n\r\n",
+        b"GET /coreview/eu/a HTTP/1.1\r\nHost: localhost\r\nX-A: a\0b\r\n\r\n",
     ];
     for req in bad_framing {
         let resp = raw(tg.proxy_addr, req).await;
@@ -276,7 +277,7 @@ async fn smuggling_attempts_are_rejected_or_reach_the_upstream_as_one_clean_requ
     // is not forwarded as a second request.
     let resp = raw(
         tg.proxy_addr,
-        b"POST /coreview/eu/a HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /coreview/gov/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /coreview/eu/a HTTP/1.1\r\nHost: localhost\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /coreview/gov/smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n",
     )
     .await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
@@ -313,7 +314,7 @@ async fn an_upstreams_empty_error_answer_passes_unchanged() {
     let idp = Idp::start(IdpOptions::default()).await;
     let tg = start(&idp.config_to(&format!("http://{upstream}"))).await;
     wait_ready(&tg).await;
-    let resp = raw(tg.proxy_addr, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let resp = raw(tg.proxy_addr, b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
     assert!(resp.ends_with("\r\n\r\n") && !resp.contains("application/json"), "{resp}");
 }
@@ -327,12 +328,12 @@ async fn oversized_headers_get_431_and_slow_heads_are_cut() {
         idp.config_to(&up.url())
     ))
     .await;
-    let big = format!("GET /x HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
+    let big = format!("GET /x HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n", "a".repeat(64 * 1024));
     let resp = raw(tg.proxy_addr, big.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 431"), "{}", &resp[..resp.len().min(200)]);
     assert_eq!(json_error(&resp), "headers_too_large", "{resp}");
     // The same for a request line that is too long, and for garbage.
-    let long = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(64 * 1024));
+    let long = format!("GET /{} HTTP/1.1\r\nHost: localhost\r\n\r\n", "a".repeat(64 * 1024));
     let resp = raw(tg.proxy_addr, long.as_bytes()).await;
     assert!(
         resp.starts_with("HTTP/1.1 4") && !json_error(&resp).is_empty(),
@@ -342,7 +343,7 @@ async fn oversized_headers_get_431_and_slow_heads_are_cut() {
     let resp = raw(tg.proxy_addr, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http\r\n\r\n").await;
     assert_eq!(json_error(&resp), "invalid_request", "{resp}");
     let started = std::time::Instant::now();
-    let resp = raw(tg.proxy_addr, b"GET /x HTTP/1.1\r\nHost: x\r\n").await;
+    let resp = raw(tg.proxy_addr, b"GET /x HTTP/1.1\r\nHost: localhost\r\n").await;
     assert!(!resp.contains("200 OK"), "{resp}");
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(up.requests().is_empty());
@@ -600,18 +601,49 @@ async fn secrets_an_idp_echoes_in_its_error_text_are_redacted_everywhere() {
 async fn forwarding_claims_of_untrusted_clients_are_replaced_and_trusted_proxies_are_appended_to() {
     let idp = Idp::start(IdpOptions::default()).await;
     let up = Upstream::start(None).await;
-    let request = "GET /x HTTP/1.1\r\nHost: tokengate:8080\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Host: admin.internal\r\nX-Forwarded-Proto: https\r\nForwarded: for=1.2.3.4\r\nX-Real-IP: 1.2.3.4\r\nTrue-Client-IP: 1.2.3.4\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\nConnection: close\r\n\r\n";
-    let untrusted = start(&idp.config_to(&up.url())).await;
+    // Every spelling of an address, host or scheme claim that frameworks and gateways read.
+    let claims = [
+        "Forwarded: for=1.2.3.4",
+        "X-Real-IP: 1.2.3.4",
+        "True-Client-IP: 1.2.3.4",
+        "X-Originating-IP: 1.2.3.4",
+        "X-Forwarded: for=1.2.3.4",
+        "X-Host: admin.internal",
+        "X-HTTP-Host-Override: admin.internal",
+        "X-Remote-IP: 1.2.3.4",
+        "X-Remote-Addr: 1.2.3.4",
+        "X-Client-IP: 1.2.3.4",
+        "X-Cluster-Client-IP: 1.2.3.4",
+        "Client-IP: 1.2.3.4",
+        "X-Original-Host: admin.internal",
+        "X-ProxyUser-Ip: 1.2.3.4",
+        "X-Envoy-External-Address: 1.2.3.4",
+        "CF-Connecting-IP: 1.2.3.4",
+        "Forwarded-For: 1.2.3.4",
+        "X-Forwarded-Server: admin.internal",
+        "X-Url-Scheme: https",
+        "Front-End-Https: on",
+    ];
+    let mut request = String::from(
+        "GET /x HTTP/1.1\r\nHost: tokengate:8080\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Host: admin.internal\r\nX-Forwarded-Proto: https\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\n",
+    );
+    for claim in claims {
+        request.push_str(claim);
+        request.push_str("\r\n");
+    }
+    request.push_str("Connection: close\r\n\r\n");
+    let untrusted = start(&format!("access:\n  hosts: [tokengate]\n{}", idp.config_to(&up.url()))).await;
     assert!(raw(untrusted.proxy_addr, request.as_bytes()).await.starts_with("HTTP/1.1 200"));
     let seen = up.requests().pop().unwrap();
     assert_eq!(seen.header("x-forwarded-for").as_deref(), Some("127.0.0.1"));
     assert_eq!(seen.header("x-forwarded-host").as_deref(), Some("tokengate:8080"));
     assert_eq!(seen.header("x-forwarded-proto").as_deref(), Some("http"));
-    for gone in ["forwarded", "x-real-ip", "true-client-ip", "x-original-url", "x-rewrite-url"] {
+    let names = claims.iter().map(|c| c.split(':').next().unwrap_or(c));
+    for gone in names.chain(["X-Original-URL", "X-Rewrite-URL"]) {
         assert_eq!(seen.header(gone), None, "{gone} passed through from an untrusted client");
     }
     let trusted = start(&format!(
-        "access:\n  trusted_proxies: [127.0.0.0/8]\n  forwarded: both\n{}",
+        "access:\n  hosts: [tokengate]\n  trusted_proxies: [127.0.0.0/8]\n  forwarded: both\n{}",
         idp.config_to(&up.url())
     ))
     .await;
@@ -655,7 +687,8 @@ async fn trace_unknown_methods_and_method_overrides_need_a_route_that_allows_the
     ] {
         let resp = raw(
             tg.proxy_addr,
-            format!("{method} {path} HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n").as_bytes(),
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await;
         assert!(resp.starts_with(&format!("HTTP/1.1 {want}")), "{method} {path} {extra}: {resp}");
@@ -677,7 +710,8 @@ async fn trace_unknown_methods_and_method_overrides_need_a_route_that_allows_the
     ] {
         let resp = raw(
             tg.proxy_addr,
-            format!("{method} {path} HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n").as_bytes(),
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await;
         assert!(resp.starts_with("HTTP/1.1 200"), "{method} {path}: {resp}");
@@ -715,7 +749,7 @@ async fn a_malformed_chunked_body_is_the_clients_error_and_never_reaches_the_ups
     ] {
         let resp = raw(
             tg.proxy_addr,
-            format!("POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{body}")
+            format!("POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n{body}")
                 .as_bytes(),
         )
         .await;
@@ -734,11 +768,11 @@ async fn websocket_upgrades_are_refused_plainly_and_h2c_offers_ignored() {
     let idp = Idp::start(IdpOptions::default()).await;
     let up = Upstream::start(None).await;
     let tg = start(&idp.config_to(&up.url())).await;
-    let ws = "GET /chat HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let ws = "GET /chat HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
     let resp = raw(tg.proxy_addr, ws.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 501") && resp.contains("upgrade_not_supported"), "{resp}");
     assert!(up.requests().is_empty(), "a refused upgrade reached the upstream");
-    let h2c = "GET /x HTTP/1.1\r\nHost: t\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n";
+    let h2c = "GET /x HTTP/1.1\r\nHost: localhost\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n";
     let resp = raw(tg.proxy_addr, h2c.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     let seen = up.requests().pop().unwrap();

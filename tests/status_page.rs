@@ -107,35 +107,6 @@ async fn only_the_pages_own_requests_pass_the_browser_check() {
     assert!(!html.contains("http://") && !html.contains("https://"), "the page loads nothing from elsewhere");
 }
 
-fn chromium() -> Option<&'static str> {
-    ["chromium", "chromium-browser", "google-chrome"]
-        .into_iter()
-        .find(|c| std::process::Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
-}
-
-/// Headless Chromium with the flags a closed network needs (no background connections).
-fn headless(browser: &str, profile: &std::path::Path, extra: &[&str], url: &str) -> std::process::Output {
-    std::process::Command::new(browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            "--virtual-time-budget=4000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(extra)
-        .arg(url)
-        .output()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_renders_providers_and_routes_in_a_real_browser() {
     let Some(browser) = chromium() else {

@@ -323,7 +323,7 @@ async fn connection_specific_client_headers_never_reach_an_http2_upstream() {
     assert_eq!(fetch(&tg, "GET", "/warm").await.0, 200);
     let answer = raw(
         tg.proxy_addr,
-        b"GET /hop HTTP/1.1\r\nhost: x\r\nconnection: keep-alive, x-private\r\nkeep-alive: timeout=5\r\n\
+        b"GET /hop HTTP/1.1\r\nhost: localhost\r\nconnection: keep-alive, x-private\r\nkeep-alive: timeout=5\r\n\
           proxy-connection: keep-alive\r\nte: trailers, deflate\r\nupgrade: h2c\r\nx-private: 1\r\n\
           x-kept: 2\r\n\r\n",
     )
@@ -347,7 +347,7 @@ async fn streamed_uploads_go_over_http2_whole() {
     assert_eq!(fetch(&tg, "GET", "/warm").await.0, 200);
     // Chunked, with no length: streamed rather than buffered.
     let mut wire =
-        b"PUT /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        b"PUT /upload HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
             .to_vec();
     for _ in 0..64 {
         wire.extend_from_slice(format!("{:x}\r\n", 16 * 1024).as_bytes());

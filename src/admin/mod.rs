@@ -123,7 +123,7 @@ fn guard<B>(admin: &Admin, req: &Request<B>, conn: &Conn) -> Result<(), (&'stati
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
     if let Some(host) = host
-        && !host_allowed(admin, host)
+        && !crate::config::host_served(&admin.hosts, host)
     {
         return Err(("host_not_allowed", "this Host is not served by the admin listener"));
     }
@@ -154,41 +154,4 @@ fn status_page_request<B>(req: &Request<B>) -> bool {
         _ => false,
     };
     allowed_site && same_origin
-}
-
-/// An IP literal (what probes and scrapers send), `localhost`, or a configured name.
-fn host_allowed(admin: &Admin, host: &str) -> bool {
-    let name = crate::proxy::admit::strip_port(host);
-    if host.starts_with('[') {
-        return host.contains(']') && name.parse::<std::net::Ipv6Addr>().is_ok();
-    }
-    name.parse::<std::net::Ipv4Addr>().is_ok()
-        || name.eq_ignore_ascii_case("localhost")
-        || admin.hosts.iter().any(|h| h.0.eq_ignore_ascii_case(name))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hosts_are_ip_literals_localhost_or_configured() {
-        let admin =
-            Admin { hosts: vec![crate::config::Text("tokengate-admin.svc".into())], ..Admin::default() };
-        for ok in [
-            "127.0.0.1:9090",
-            "10.1.2.3",
-            "[::1]:9090",
-            "localhost:9090",
-            "LOCALHOST",
-            "tokengate-admin.svc:9090",
-        ] {
-            assert!(host_allowed(&admin, ok), "{ok}");
-        }
-        for bad in
-            ["evil.example", "evil.example:9090", "127.0.0.1.evil.example", "[evil]:1", "localhost.evil"]
-        {
-            assert!(!host_allowed(&admin, bad), "{bad}");
-        }
-    }
 }

@@ -69,6 +69,31 @@ pub fn allowed(blocks: &[Cidr], ip: IpAddr) -> bool {
     blocks.is_empty() || blocks.iter().any(|b| b.contains(ip))
 }
 
+/// Whether a listener serves a request with this `Host` (DNS-rebinding defence): an IP literal
+/// (what probes, scrapers and most clients in a cluster send), `localhost`, or a name in `names`;
+/// any host when `names` holds `*`. A web page served from a name that resolves to tokengate
+/// sends that name, which is none of these.
+pub fn host_served(names: &[Text], host: &str) -> bool {
+    let name = host_name(host);
+    if host.starts_with('[') {
+        return host.contains(']') && name.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || names.iter().any(|h| h.0 == "*" || h.0.eq_ignore_ascii_case(name))
+}
+
+/// The host name of a `Host` value: without the port, IPv6 literals without their brackets.
+pub fn host_name(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
 /// Access control for the plain listener and the defaults of every route.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -77,7 +102,8 @@ pub struct Access {
     pub allow: Vec<Cidr>,
     /// Inbound API keys; when set, every route requires one unless it says otherwise.
     pub api_keys: Option<ApiKeys>,
-    /// `Host` values served (DNS-rebinding defence); empty: any.
+    /// Host names served besides IP literals and `localhost` (DNS-rebinding defence; see
+    /// [`host_served`]); `*` serves any.
     pub hosts: Vec<Text>,
     /// Serve requests that carry browser headers (`Origin`, `Sec-Fetch-*`). Off by default: a web
     /// page must not be able to use tokengate's credentials through the user's browser.
@@ -210,5 +236,34 @@ mod tests {
         assert!(!keys.accepts(b"new-key-01234567890"));
         assert!(!keys.accepts(b""));
         assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd"));
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::{Text, host_name, host_served};
+
+    #[test]
+    fn hosts_are_ip_literals_localhost_or_configured() {
+        let names = [Text("tokengate.svc".into())];
+        for ok in
+            ["127.0.0.1:9090", "10.1.2.3", "[::1]:9090", "localhost:9090", "LOCALHOST", "tokengate.svc:80"]
+        {
+            assert!(host_served(&names, ok), "{ok}");
+        }
+        for bad in
+            ["evil.example", "evil.example:9090", "127.0.0.1.evil.example", "[evil]:1", "localhost.evil", ""]
+        {
+            assert!(!host_served(&names, bad), "{bad}");
+        }
+        assert!(host_served(&[Text("*".into())], "evil.example"));
+    }
+
+    #[test]
+    fn host_without_port() {
+        assert_eq!(host_name("tokengate:8080"), "tokengate");
+        assert_eq!(host_name("tokengate"), "tokengate");
+        assert_eq!(host_name("[::1]:8080"), "::1");
+        assert_eq!(host_name("127.0.0.1:80"), "127.0.0.1");
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use access::{Access, ApiKeys, Cidr, ForwardedFormat, allowed, constant_time_eq};
+pub use access::{Access, ApiKeys, Cidr, ForwardedFormat, allowed, constant_time_eq, host_served};
 pub use client_auth::{
     AssertionSettings, Audience, ClientAuth, IdentityFiles, JWT_BEARER_ASSERTION, KeyFile,
     MAX_ASSERTION_LIFETIME,

@@ -34,9 +34,25 @@ pub enum Format {
     Json,
 }
 
-/// Keeps the writer thread; dropping it flushes what is queued (waiting at most a second).
+/// Keeps the writer thread; dropping it flushes what is queued (see [`finish`]).
 #[must_use = "dropping the guard stops the log writer"]
-pub struct Guard(#[allow(dead_code)] tracing_appender::non_blocking::WorkerGuard);
+pub struct Guard(());
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        finish();
+    }
+}
+
+static WORKER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    std::sync::Mutex::new(None);
+
+/// Writes what is queued (waiting at most a second) and stops the writer; later lines are lost.
+/// For paths that end the process without unwinding (`std::process::exit`).
+pub fn finish() {
+    let worker = WORKER.lock().map(|mut w| w.take()).unwrap_or_default();
+    drop(worker);
+}
 
 /// Lines lost, by reason, since the process started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -75,7 +91,10 @@ pub fn init(filter: tracing_subscriber::EnvFilter, format: Format, ansi: bool) -
         Format::Json => fmt.json().flatten_event(true).boxed(),
     };
     let _ = tracing_subscriber::registry().with(filter).with(library::Limit::default()).with(fmt).try_init();
-    Guard(guard)
+    if let Ok(mut w) = WORKER.lock() {
+        *w = Some(guard);
+    }
+    Guard(())
 }
 
 /// Every [`SUMMARY_PERIOD`], says how many library lines were held back, so an operator who

@@ -85,6 +85,12 @@ pub fn admit<B>(req: &mut Request<B>, conn: &Conn, runtime: &Runtime) -> Result<
     if let Some(path) = normal {
         *req.uri_mut() = with_path(req.uri(), &path)?;
     }
+    let mut codings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next()
+        && (codings.next().is_some() || !first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    {
+        return Err(ProxyError::TransferCoding);
+    }
     let host_headers = req.headers().get_all(header::HOST).iter().count();
     let host_ok = match req.version() {
         Version::HTTP_2 | Version::HTTP_10 | Version::HTTP_09 => host_headers <= 1,
@@ -106,18 +112,12 @@ pub fn admit<B>(req: &mut Request<B>, conn: &Conn, runtime: &Runtime) -> Result<
     if !allowed(listener_allow, conn.remote.ip()) {
         return Err(ProxyError::Denied(Denied::Address));
     }
-    let served = &runtime.access.hosts;
-    if !served.is_empty() && !conn.forward {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .unwrap_or("");
-        let name = strip_port(host);
-        if !served.iter().any(|h| h.0.eq_ignore_ascii_case(name)) {
-            return Err(ProxyError::Denied(Denied::Host));
-        }
+    // On the forward-proxy listener, Host names the upstream, which chooses the route. An
+    // HTTP/1.0 request may have none; browsers always send one.
+    let host = req.headers().get(header::HOST).map(|h| h.to_str().unwrap_or("?"));
+    let host = host.or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if !conn.forward && host.is_some_and(|h| !crate::config::host_served(&runtime.access.hosts, h)) {
+        return Err(ProxyError::Denied(Denied::Host));
     }
     if !runtime.access.allow_browsers && from_browser(req.headers()) {
         return Err(ProxyError::Denied(Denied::Browser));
@@ -218,28 +218,4 @@ pub(crate) fn from_browser(headers: &http::HeaderMap) -> bool {
     headers.contains_key(header::ORIGIN)
         || headers.contains_key(SEC_FETCH_MODE)
         || headers.contains_key(SEC_FETCH_SITE)
-}
-
-/// The host name of a `Host` value: without the port, IPv6 literals without their brackets.
-pub(crate) fn strip_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::strip_port;
-
-    #[test]
-    fn host_without_port() {
-        assert_eq!(strip_port("tokengate:8080"), "tokengate");
-        assert_eq!(strip_port("tokengate"), "tokengate");
-        assert_eq!(strip_port("[::1]:8080"), "::1");
-        assert_eq!(strip_port("127.0.0.1:80"), "127.0.0.1");
-    }
 }

@@ -39,6 +39,12 @@ pub enum ProxyError {
         /// The methods it allows.
         allow: Vec<http::Method>,
     },
+    /// `Transfer-Encoding` other than one `chunked` (a compression coding, an unknown one, two
+    /// headers): the body's meaning would change on the way (RFC 9112 section 6.1).
+    #[error(
+        "transfer codings other than a single 'chunked' are not supported; send the body with Content-Length or chunked alone"
+    )]
+    TransferCoding,
     /// A malformed or ambiguous header.
     #[error("invalid request header: {0}")]
     InvalidHeader(&'static str),
@@ -94,6 +100,7 @@ impl ProxyError {
             ProxyError::Denied(d) => (StatusCode::FORBIDDEN, d.label()),
             ProxyError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ProxyError::InvalidHeader(_) => (StatusCode::BAD_REQUEST, "invalid_header"),
+            ProxyError::TransferCoding => (StatusCode::NOT_IMPLEMENTED, "unsupported_transfer_coding"),
             ProxyError::UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             ProxyError::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             ProxyError::UpstreamFailed => (StatusCode::BAD_GATEWAY, "upstream_error"),
@@ -141,6 +148,10 @@ impl ProxyError {
             // HTTP_PROXY clients send the key as the proxy password (RFC 9110 section 11.7.1).
             ProxyError::Denied(super::Denied::ProxyApiKey) => {
                 h.insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"tokengate\""));
+            }
+            // The body's framing is not trusted: nothing after it may be read as a request.
+            ProxyError::TransferCoding => {
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }

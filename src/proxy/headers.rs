@@ -106,29 +106,28 @@ pub struct Forwarding<'a> {
     pub version: &'static str,
 }
 
-/// Headers through which a client claims who it is or how it connected. Only a trusted proxy may
-/// send them; anyone else's are removed.
+/// Headers through which a client claims who it is, where it connected from or which host it
+/// asked for. Only a trusted proxy may send them; anyone else's are removed. Frameworks and
+/// gateways read dozens of spellings, so the rule is by shape, not a list: any `Forwarded*` or
+/// `X-Forwarded*`, any name ending in `-ip`, `-addr` or `-address` (`X-Real-IP`, `Client-IP`,
+/// `X-Remote-Addr`, `X-Envoy-External-Address`...), a host (`X-Host`, `X-Original-Host`,
+/// `X-HTTP-Host-Override`), a scheme (`X-Url-Scheme`, `Front-End-Https`) or an `X-Original-*`
+/// value.
 fn is_client_claim(name: &str) -> bool {
-    matches!(
-        name,
-        "x-forwarded-for"
-            | "x-forwarded-host"
-            | "x-forwarded-proto"
-            | "x-forwarded-port"
-            | "x-forwarded-prefix"
-            | "x-forwarded-server"
-            | "x-forwarded-ssl"
-            | "x-forwarded-scheme"
-            | "forwarded"
-            | "x-real-ip"
-            | "x-client-ip"
-            | "client-ip"
-            | "true-client-ip"
-            | "x-cluster-client-ip"
-            | "cf-connecting-ip"
-            | "fastly-client-ip"
-            | "x-original-forwarded-for"
-    )
+    if name == "host" {
+        return false;
+    }
+    let n = name.strip_prefix("x-").unwrap_or(name);
+    n.starts_with("forwarded")
+        || n.starts_with("original-")
+        || n.ends_with("-ip")
+        || n.ends_with("-addr")
+        || n.ends_with("-address")
+        || n == "host"
+        || n.ends_with("-host")
+        || n.contains("host-override")
+        || n.ends_with("scheme")
+        || n == "front-end-https"
 }
 
 /// Headers some frameworks (IIS, Symfony, Zend, nginx auth setups) read as the request's real
@@ -147,7 +146,7 @@ pub fn rewrite_request(headers: &mut HeaderMap, hop: &Forwarding<'_>, authorizat
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
         let n = name.as_str();
-        if n.len() >= 9 && (is_path_override(n) || (!hop.trusted && is_client_claim(n))) {
+        if n.len() >= 6 && (is_path_override(n) || (!hop.trusted && is_client_claim(n))) {
             doomed.push(name.clone());
         }
     }
@@ -231,6 +230,44 @@ fn append(headers: &mut HeaderMap, name: HeaderName, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_claims_are_recognised_by_shape() {
+        for claim in [
+            "x-forwarded-for",
+            "x-forwarded",
+            "forwarded",
+            "forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-by",
+            "x-originating-ip",
+            "x-host",
+            "x-http-host-override",
+            "x-remote-ip",
+            "x-remote-addr",
+            "x-client-ip",
+            "x-cluster-client-ip",
+            "client-ip",
+            "true-client-ip",
+            "cf-connecting-ip",
+            "fastly-client-ip",
+            "x-real-ip",
+            "x-original-host",
+            "x-original-forwarded-for",
+            "x-envoy-external-address",
+            "x-proxyuser-ip",
+            "x-url-scheme",
+            "x-forwarded-scheme",
+            "front-end-https",
+        ] {
+            assert!(is_client_claim(claim), "{claim}");
+        }
+        for ordinary in
+            ["host", "content-type", "authorization", "x-request-id", "user-agent", "x-api-key", "via"]
+        {
+            assert!(!is_client_claim(ordinary), "{ordinary}");
+        }
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -97,8 +97,9 @@ pub struct Runtime {
     pub tls_allow: Vec<crate::config::Cidr>,
     /// Allowed client blocks on the forward-proxy listener.
     pub forward_allow: Vec<crate::config::Cidr>,
-    /// Routes by upstream authority (`host:port` and bare `host`), for the forward proxy.
-    pub by_host: std::collections::HashMap<String, Vec<Arc<Route>>>,
+    /// Routes by upstream authority (`host:port` and bare `host`), then by base path, for the
+    /// forward proxy.
+    pub by_host: std::collections::HashMap<String, RouteTable<Arc<Route>>>,
 }
 
 impl Runtime {
@@ -113,7 +114,7 @@ impl Runtime {
             std::collections::HashMap::new();
         let mut table = RouteTable::default();
         let mut routes = Vec::new();
-        let mut by_host: std::collections::HashMap<String, Vec<Arc<Route>>> =
+        let mut by_host: std::collections::HashMap<String, RouteTable<Arc<Route>>> =
             std::collections::HashMap::new();
         for r in &config.routes {
             let provider = providers
@@ -187,9 +188,14 @@ impl Runtime {
             let route = Arc::new(route);
             let authority = route.upstream.authority.as_str().to_ascii_lowercase();
             let host = route.upstream.authority.host().to_ascii_lowercase();
-            by_host.entry(authority.clone()).or_default().push(route.clone());
+            // The forward proxy routes by upstream and then by the upstream's base path.
+            let base = match route.upstream.base_path.as_str() {
+                "" => "/",
+                base => base,
+            };
+            by_host.entry(authority.clone()).or_default().insert(base, route.clone());
             if host != authority {
-                by_host.entry(host).or_default().push(route.clone());
+                by_host.entry(host).or_default().insert(base, route.clone());
             }
             routes.push(route.clone());
             table.insert(r.prefix.as_str(), route);
@@ -578,34 +584,28 @@ fn body_error(fault: &OnceLock<body::BodyFault>, e: &(dyn std::error::Error + Se
     }
 }
 
+/// The route for a request, on either listener. Both choose with [`RouteTable::route`], so every
+/// rule about paths (whole segments, `;` parameters that would change the route) holds for both:
+/// the reverse listener looks up the path among route prefixes, the forward-proxy listener among
+/// the base paths of the routes to the named upstream.
 fn match_route(runtime: &Runtime, uri: &Uri, forward: bool) -> Result<Arc<Route>, ProxyError> {
-    if forward {
+    let table = if forward {
         let authority = uri.authority().map(|a| a.as_str().to_ascii_lowercase()).unwrap_or_default();
-        let candidates = runtime.by_host.get(&authority).or_else(|| {
+        runtime.by_host.get(&authority).or_else(|| {
             let host = uri.host().unwrap_or("").to_ascii_lowercase();
             uri.port().is_none().then(|| runtime.by_host.get(&host)).flatten()
-        });
-        // Several routes may share a host with different base paths: the longest one that
-        // prefixes the path wins.
-        return candidates
-            .and_then(|routes| {
-                routes
-                    .iter()
-                    .filter(|r| {
-                        let base = r.upstream.base_path.as_str();
-                        base.is_empty() || uri.path() == base || uri.path().starts_with(&format!("{base}/"))
-                    })
-                    .max_by_key(|r| r.upstream.base_path.len())
-            })
-            .cloned()
-            .ok_or_else(|| ProxyError::NoRoute { path: format!("{authority}{}", uri.path()) });
-    }
-    runtime
-        .table
-        .route(uri.path())
-        .map_err(ProxyError::InvalidPath)?
-        .map(|(_, r)| Arc::clone(r))
-        .ok_or_else(|| ProxyError::NoRoute { path: uri.path().to_owned() })
+        })
+    } else {
+        Some(&runtime.table)
+    };
+    let found = match table {
+        Some(table) => table.route(uri.path()).map_err(ProxyError::InvalidPath)?,
+        None => None,
+    };
+    found.map(|(_, r)| Arc::clone(r)).ok_or_else(|| {
+        let authority = if forward { uri.authority().map_or("", |a| a.as_str()) } else { "" };
+        ProxyError::NoRoute { path: format!("{authority}{}", uri.path()) }
+    })
 }
 
 /// What happened to a request, for the access log.

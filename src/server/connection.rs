@@ -236,6 +236,13 @@ pub(super) async fn serve<F, S>(
                     };
                     let has_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
                     let conn = crate::proxy::Conn { client_cert: has_cert, secure: true, ..plain };
+                    // Exactly the protocol ALPN agreed (RFC 9113 sections 3.2 and 3.4), not the
+                    // one the first bytes look like; without ALPN, either.
+                    let builder = match tls.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => Arc::new(builder.as_ref().clone().http2_only()),
+                        Some(b"http/1.1") => Arc::new(builder.as_ref().clone().http1_only()),
+                        _ => builder,
+                    };
                     drive(&builder, tls, make_service(conn), &activity, &settings, phase, remote).await;
                     drop(slot);
                 });

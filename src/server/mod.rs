@@ -199,6 +199,10 @@ pub async fn start_with(
         })
     })));
     tracing::info!(%proxy_addr, %admin_addr, tls_addr = ?tls_addr, "tokengate is listening");
+    tracing::info!(
+        hosts = %served_hosts(&config.access.hosts),
+        "Host values served (access.hosts adds names; a web page on any other name is refused)"
+    );
     let mut helpers = vec![tokio::spawn(warm_up(proxy.clone(), readiness, config.limits.warmup_timeout))];
     helpers.extend(crate::reload::watch::spawn(control.clone()));
     Ok(Running {
@@ -213,6 +217,19 @@ pub async fn start_with(
         tasks,
         threads: worker_done,
     })
+}
+
+/// The `Host` values the proxy listeners serve, in words.
+fn served_hosts(names: &[crate::config::Text]) -> String {
+    if names.iter().any(|n| n.0 == "*") {
+        return "any (access.hosts has *)".to_owned();
+    }
+    let mut out = String::from("IP literals, localhost");
+    for n in names {
+        out.push_str(", ");
+        out.push_str(&n.0);
+    }
+    out
 }
 
 /// What `run` warns about in a configuration that it still serves (`check` prints the same).

@@ -565,3 +565,33 @@ pub fn skipped(tool: &str, install: &str) {
     assert!(std::env::var_os("CI").is_none(), "{tool} must be installed in CI ({install})");
     let _ = writeln!(std::io::stderr(), "SKIPPED: {tool} is not installed ({install}); the test did not run");
 }
+
+/// The Chromium binary, if one is installed.
+pub fn chromium() -> Option<&'static str> {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|c| std::process::Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+}
+
+/// Headless Chromium with the flags a closed network needs (no background connections).
+pub fn headless(browser: &str, profile: &std::path::Path, extra: &[&str], url: &str) -> std::process::Output {
+    std::process::Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--virtual-time-budget=4000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .output()
+        .unwrap()
+}
