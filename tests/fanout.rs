@@ -231,3 +231,98 @@ async fn idle_connections_make_room_for_requests_waiting_on_any_worker() {
     assert_eq!(up.requests().len(), 120);
     tg.shutdown().await;
 }
+
+/// tokengate with `upstream_max_connections: 2`, a 1 s queue timeout and `limits` more, in
+/// front of a keep-alive upstream.
+async fn two_slots(limits: &str) -> (Upstream, tokengate::server::Running) {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(Some(idp.clone())).await;
+    let tg = start(&format!(
+        "limits:\n  upstream_max_connections: 2\n  upstream_queue_timeout: 1s\n{limits}{}",
+        idp.config_to(&up.url())
+    ))
+    .await;
+    wait_ready(&tg).await;
+    (up, tg)
+}
+
+/// Uploads too large to buffer (chunked, or with a length past the replay buffer) go through
+/// another client than ordinary requests. Its finished connections must not keep their slots:
+/// after as many concurrent uploads as there are slots, an ordinary request is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_uploads_leave_no_slot_behind() {
+    let (up, tg) = two_slots("  replay_buffer: 1KiB\n").await;
+    let body = "x".repeat(8 * 1024);
+    let (first, rest) = body.split_at(4096);
+    for framing in ["chunked", "sized"] {
+        // Both slots in use at once: the first half of each body, then the rest.
+        let mut sockets = Vec::new();
+        for n in 0..2 {
+            let head = match framing {
+                "chunked" => format!(
+                    "POST /{framing}/{n} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n",
+                    first.len()
+                ),
+                _ => format!(
+                    "POST /{framing}/{n} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{first}",
+                    body.len()
+                ),
+            };
+            let mut s = tokio::net::TcpStream::connect(tg.proxy_addr).await.unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            sockets.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for s in &mut sockets {
+            let tail = match framing {
+                "chunked" => format!("{:x}\r\n{rest}\r\n0\r\n\r\n", rest.len()),
+                _ => rest.to_owned(),
+            };
+            s.write_all(tail.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+        }
+        // The clients keep their connections open: only tokengate's side may free the slots.
+        let started = std::time::Instant::now();
+        let r = client().get(format!("http://{}/after-{framing}", tg.proxy_addr)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+        assert!(started.elapsed() < Duration::from_millis(500), "waited {:?} for a slot", started.elapsed());
+        std::mem::forget(sockets);
+    }
+    assert_eq!(up.requests().len(), 6);
+}
+
+/// A body trickled in with pauses just under `body_read_timeout` falls below `body_min_rate` and
+/// is cut off (408), freeing its slot: two such clients cannot shut others out for long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_uploads_are_cut_off_and_free_their_slots() {
+    let (up, tg) =
+        two_slots("  body_read_timeout: 400ms\n  body_min_rate: 500\n  replay_buffer: 1KiB\n").await;
+    let mut tricklers = Vec::new();
+    for n in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(tg.proxy_addr).await.unwrap();
+        let head = format!("PUT /trickle/{n} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        tricklers.push(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            // One byte every 300 ms: never a pause as long as the timeout.
+            while s.write_all(b"x").await.is_ok() && started.elapsed() < Duration::from_secs(10) {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let mut buf = [0u8; 256];
+                if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+                    return (String::from_utf8_lossy(&buf[..n]).into_owned(), started.elapsed());
+                }
+            }
+            (String::new(), started.elapsed())
+        }));
+    }
+    for t in tricklers {
+        let (answer, after) = t.await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?} after {after:?}");
+        assert!(after < Duration::from_secs(3), "cut off only after {after:?}");
+    }
+    let r = client().get(format!("http://{}/ordinary", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(up.requests().iter().all(|s| !s.path.starts_with("/trickle") || s.body.len() < 100));
+}

@@ -325,6 +325,43 @@ async fn upstream_401_on_small_post_replays_the_same_body() {
     assert_eq!(seen[1].method, "POST");
 }
 
+/// Clients that send small bodies chunked (Go with a reader, Node without a length, Java's
+/// streaming mode) get the same replay as those that declare a length: a chunked body up to the
+/// replay buffer, even an empty one, is replayed after a 401; a longer one streams and is not.
+#[tokio::test]
+async fn upstream_401_on_a_small_chunked_body_replays_it() {
+    let (idp, up, tg) = replay_setup().await;
+    let chunked = |body: &str| {
+        let mut chunks = String::new();
+        for piece in body.as_bytes().chunks(4) {
+            chunks.push_str(&format!("{:x}\r\n{}\r\n", piece.len(), String::from_utf8_lossy(piece)));
+        }
+        format!(
+            "POST /orders HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{chunks}0\r\n\r\n"
+        )
+    };
+    for (n, body) in [r#"{"qty":3}"#, ""].into_iter().enumerate() {
+        up.reject_next.store(true, Ordering::SeqCst);
+        let resp = raw(tg.proxy_addr, chunked(body).as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{body:?}: {resp}");
+        let seen = up.up.requests();
+        assert_eq!(seen.len(), 2 * (n + 1));
+        let (first, replay) = (&seen[2 * n], &seen[2 * n + 1]);
+        assert_eq!((&first.body[..], &replay.body[..]), (body.as_bytes(), body.as_bytes()));
+        assert_ne!(first.header("authorization"), replay.header("authorization"));
+        assert_eq!(replay.header("content-length"), Some(body.len().to_string()));
+    }
+    // Longer than the replay buffer (64 KiB): streamed whole, and the 401 passes through.
+    up.reject_next.store(true, Ordering::SeqCst);
+    let resp = raw(tg.proxy_addr, chunked(&"x".repeat(70 * 1024)).as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    assert_eq!(up.up.requests().last().unwrap().body.len(), 70 * 1024);
+    let m = metrics(&tg).await;
+    assert!(m.contains(r#"tokengate_upstream_401_total{outcome="replayed",route="/"} 2"#), "{m}");
+    assert!(m.contains(r#"tokengate_upstream_401_total{outcome="not_replayable",route="/"} 1"#), "{m}");
+    assert_eq!(idp.calls(), 4);
+}
+
 /// Sends `n` concurrent requests and requires each to be answered 200.
 async fn burst_all_ok(tg: &tokengate::server::Running, n: usize) {
     let mut tasks = tokio::task::JoinSet::new();

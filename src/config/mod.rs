@@ -227,6 +227,11 @@ pub struct Limits {
     /// Longest pause allowed between two pieces of a request body (slow-body bound; 408).
     #[serde(deserialize_with = "value::duration")]
     pub body_read_timeout: Duration,
+    /// Slowest average rate a request body may arrive at, in bytes per second, once it has
+    /// been arriving for `body_read_timeout` (408 below it): a body trickled in with pauses just
+    /// under the timeout would hold its upstream connection for ever. `0` turns it off.
+    #[serde(deserialize_with = "value::size")]
+    pub body_min_rate: u64,
     /// Largest request body accepted (413); unlimited when absent.
     #[serde(deserialize_with = "value::opt_size")]
     pub max_body_size: Option<u64>,
@@ -262,6 +267,8 @@ impl Default for Limits {
             warmup_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
             body_read_timeout: Duration::from_secs(30),
+            // Apache's mod_reqtimeout default.
+            body_min_rate: 500,
             send_timeout: Duration::from_secs(60),
             max_body_size: None,
             replay_buffer: 64 * 1024,

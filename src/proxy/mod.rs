@@ -375,16 +375,25 @@ impl Proxy {
         }
         let target = upstream_target(route, &parts.uri, conn.forward);
         let fault = Arc::new(OnceLock::new());
-        let guarded = body::Guarded::new(body, limits.max_body_size, limits.body_read_timeout, fault.clone());
-        // Small bodies of known length are read first: they can be replayed after a 401, and the
-        // lean client sends them with the head in one write.
+        let pace = body::Pace { pause: limits.body_read_timeout, min_rate: limits.body_min_rate };
+        let guarded = body::Guarded::new(body, limits.max_body_size, pace, fault.clone());
+        // Small bodies are read first, whatever their framing: they can be replayed after a 401,
+        // and the lean client sends them with the head in one write. A chunked body is read up
+        // to the replay buffer; past it, what was read goes first and the rest streams.
         let payload = match declared {
             Some(0) => Payload::Buffered(Bytes::new()),
             Some(len) if len <= limits.replay_buffer => {
                 let bytes = guarded.collect().await.map_err(|e| body_error(&fault, &*e))?.to_bytes();
                 Payload::Buffered(bytes)
             }
-            _ => Payload::Streamed(guarded),
+            Some(_) => Payload::Streamed(guarded),
+            None => {
+                let mut guarded = guarded;
+                match guarded.read_up_to(limits.replay_buffer).await.map_err(|e| body_error(&fault, &*e))? {
+                    Some(bytes) => Payload::Buffered(bytes),
+                    None => Payload::Streamed(guarded),
+                }
+            }
         };
         let kept = match &payload {
             Payload::Buffered(bytes) => Some(bytes.clone()),
@@ -449,7 +458,7 @@ impl Proxy {
             }
             Payload::Streamed(guarded) => guarded,
         };
-        let mut req = request.build(route, Body::Request(guarded))?;
+        let mut req = request.build(route, Body::Request(Box::new(guarded)))?;
         if route.origin.speaks_h2() {
             // Boxed: streamed uploads are rare, and the common path's future stays small.
             match tokio::time::timeout(timeout, Box::pin(route.origin.stream(req))).await {

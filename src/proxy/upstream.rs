@@ -13,7 +13,8 @@ use super::Body;
 use super::limit::{Limited, UpstreamSlots};
 use crate::config::Limits;
 
-/// A pooled client for upstream requests; every connection holds one of its upstream's slots.
+/// A client for streamed uploads; every connection holds one of its upstream's slots until it
+/// closes, which it does when its exchange ends.
 pub type UpstreamClient = Client<HttpsConnector<Limited<HttpConnector>>, Body>;
 
 /// One client per worker thread: each holds its own connections (one HTTP/2 connection per
@@ -45,7 +46,11 @@ fn client(limits: &Limits, tls: rustls::ClientConfig, slots: &Arc<UpstreamSlots>
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(limits.upstream_idle_timeout)
-        .pool_max_idle_per_host(256)
+        // No idle connections: this client only carries uploads too large to buffer, and an idle
+        // connection in hyper's pool would keep its upstream slot where no waiting request can
+        // close it (after upstream_max_connections such uploads, every request got 503). A new
+        // connection per large upload costs little beside the upload.
+        .pool_max_idle_per_host(0)
         .build(connector)
 }
 
