@@ -114,7 +114,7 @@ impl Metrics {
             Opts::new(
                 "tokengate_connections_closed_total",
                 "Downstream connections tokengate closed itself, by listener and reason \
-                 (first_request_timeout, idle, evicted, send_timeout).",
+                 (first_request_timeout, header_timeout, idle, evicted, send_timeout).",
             ),
             &["listener", "reason"],
         )

@@ -111,6 +111,17 @@ async fn an_http2_client_earns_its_slot_with_preface_and_settings() {
 /// Reads frames until a GOAWAY arrives, answering the server's PINGs and sending PINGs of its
 /// own every 100 ms; returns when the GOAWAY came.
 async fn ping_until_goaway(addr: SocketAddr, give_up: Duration) -> Option<Duration> {
+    ping_until_closed(addr, give_up, false).await.map(|(goaway, _)| goaway)
+}
+
+/// [`ping_until_goaway`], then (with `to_the_end`) on until the server closes the connection:
+/// when the GOAWAY came, and when the connection closed (the same without `to_the_end`).
+async fn ping_until_closed(
+    addr: SocketAddr,
+    give_up: Duration,
+    to_the_end: bool,
+) -> Option<(Duration, Duration)> {
+    let mut goaway = None;
     let started = Instant::now();
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut hello = PREFACE.to_vec();
@@ -129,7 +140,7 @@ async fn ping_until_goaway(addr: SocketAddr, give_up: Duration) -> Option<Durati
             n = s.read(&mut buf) => {
                 let n = n.unwrap_or(0);
                 if n == 0 {
-                    return None;
+                    return goaway.map(|g| (g, started.elapsed()));
                 }
                 pending.extend_from_slice(&buf[..n]);
                 while pending.len() >= 9 {
@@ -141,7 +152,8 @@ async fn ping_until_goaway(addr: SocketAddr, give_up: Duration) -> Option<Durati
                     let payload = pending[9..9 + len].to_vec();
                     pending.drain(..9 + len);
                     match kind {
-                        GOAWAY => return Some(started.elapsed()),
+                        GOAWAY if !to_the_end => return Some((started.elapsed(), started.elapsed())),
+                        GOAWAY => goaway = goaway.or(Some(started.elapsed())),
                         PING if flags & 1 == 0 => {
                             let _ = s.write_all(&frame(PING, 1, 0, &payload)).await;
                         }
@@ -165,6 +177,66 @@ async fn an_http2_connection_without_streams_gets_goaway_after_the_idle_timeout_
         .expect("an HTTP/2 connection with no open stream was kept open by PINGs");
     assert!(goaway >= Duration::from_millis(500), "closed before the idle timeout: {goaway:?}");
     assert_eq!(closed_count(&metrics(&tg).await, "proxy", "idle"), 1);
+}
+
+/// The idle clock runs from the end of the last request, exactly: a connection whose client
+/// acknowledges PINGs gets its GOAWAY at `idle_timeout` and is closed right after.
+#[tokio::test]
+async fn an_idle_http2_connection_closes_at_the_idle_timeout_not_later() {
+    let (_up, tg) = proxy_with("  idle_timeout: 3s\n").await;
+    let (goaway, closed) = ping_until_closed(tg.proxy_addr, Duration::from_secs(10), true)
+        .await
+        .expect("an HTTP/2 connection with no open stream was kept open by PINGs");
+    assert!(goaway >= Duration::from_millis(2900), "GOAWAY before the idle timeout: {goaway:?}");
+    assert!(goaway < Duration::from_millis(3500), "GOAWAY only after {goaway:?}");
+    assert!(closed < goaway + Duration::from_secs(1), "closed {:?} after the GOAWAY", closed - goaway);
+}
+
+/// HTTP/1.1 keep-alive: the wait for the next request is `idle_timeout`'s; `header_read_timeout`
+/// starts at the next head's first byte. Clients that reuse pooled connections must not race a
+/// close after `header_read_timeout`.
+#[tokio::test]
+async fn a_keep_alive_connection_waits_idle_timeout_for_its_next_request_and_header_timeout_for_its_head() {
+    let (_up, tg) = proxy_with("  header_read_timeout: 400ms\n  idle_timeout: 3s\n").await;
+    let request = b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let mut buf = [0u8; 4096];
+    let mut s = TcpStream::connect(tg.proxy_addr).await.unwrap();
+    for pause in [Duration::ZERO, Duration::from_millis(1500), Duration::from_millis(1500)] {
+        tokio::time::sleep(pause).await;
+        s.write_all(request).await.unwrap();
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "after {pause:?} idle: {}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    // A head that begins and stalls is closed after header_read_timeout.
+    let started = Instant::now();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: loc").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("the stalled head was kept");
+    assert!(matches!(n, Ok(0) | Err(_)), "{:?}", n.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned()));
+    assert!(started.elapsed() < Duration::from_millis(1000), "closed after {:?}", started.elapsed());
+    // An idle one is closed at idle_timeout.
+    let mut s = TcpStream::connect(tg.proxy_addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let _ = s.read(&mut buf).await.unwrap();
+    let idle = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(6), s.read(&mut buf)).await.expect("never closed");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    assert!(
+        idle.elapsed() >= Duration::from_millis(2900) && idle.elapsed() < Duration::from_millis(3600),
+        "{:?}",
+        idle.elapsed()
+    );
+    let m = metrics(&tg).await;
+    assert_eq!(
+        (closed_count(&m, "proxy", "header_timeout"), closed_count(&m, "proxy", "idle")),
+        (1, 1),
+        "{m}"
+    );
 }
 
 #[tokio::test]

@@ -158,3 +158,42 @@ async fn https_upstream_on_workers(protocol: &str, expected: http::Version) {
     assert!(opened <= 16, "{opened} handshakes for 16 requests");
     tg.shutdown().await;
 }
+
+/// Workers share the port with `SO_REUSEPORT`; another process must not join them. A second
+/// `tokengate run` on the same proxy port (its own admin port) refuses to start, naming the
+/// port, and every request keeps reaching the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_cannot_share_the_proxy_port() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let proxy = closed_port();
+    let run = |dir: &std::path::Path, admin: std::net::SocketAddr, route: &str| {
+        let path = dir.join("tokengate.yaml");
+        let yaml = format!(
+            "listen: {proxy}\nadmin:\n  listen: {admin}\naccess_log: off\n{}",
+            idp.config_to(&up.url()).replace("prefix: /", &format!("prefix: /{route}"))
+        );
+        std::fs::write(&path, yaml).unwrap();
+        Process::spawn_with(
+            &path,
+            admin,
+            &["--workers", "2"],
+            std::fs::File::create(dir.join("log")).unwrap().into(),
+        )
+    };
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = run(a_dir.path(), closed_port(), "first");
+    first.ready().await;
+    let mut second = run(b_dir.path(), closed_port(), "second");
+    assert_eq!(
+        second.exited_within(Duration::from_secs(10)).await,
+        Some(Some(1)),
+        "the second process started"
+    );
+    let log = std::fs::read_to_string(b_dir.path().join("log")).unwrap();
+    assert!(log.contains(&proxy.to_string()) && log.contains("another process"), "{log}");
+    for n in 0..20 {
+        let r = fresh_client().get(format!("http://{proxy}/first/{n}")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}

@@ -262,6 +262,8 @@ pub(super) async fn serve<F, S>(
 enum Closed {
     /// No complete first request head (or HTTP/2 preface and SETTINGS) in time.
     FirstRequestTimeout,
+    /// A later HTTP/1 request head began but did not complete within `header_read_timeout`.
+    HeadTimeout,
     /// No request in flight for `idle_timeout`.
     Idle,
     /// Closed to make room for a new connection while all slots were taken.
@@ -276,6 +278,7 @@ impl Listener {
         let Some(reason) = reason else { return };
         let label = match reason {
             Closed::FirstRequestTimeout => "first_request_timeout",
+            Closed::HeadTimeout => "header_timeout",
             Closed::Idle => "idle",
             Closed::Evicted => "evicted",
             Closed::SendTimeout => "send_timeout",
@@ -331,8 +334,11 @@ where
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let first_deadline = activity.accepted + settings.first_request_timeout;
-    let check_every = (settings.idle_timeout.min(settings.send_timeout) / 4).max(Duration::from_millis(50));
-    let mut idle_since = Instant::now();
+    // How often the watchdog looks. A deadline that starts between two looks (a request ended,
+    // a head began) is seen at the next one, well before it is due, and then met exactly;
+    // waking on every request instead would cost a task wake-up per request.
+    let shortest = settings.send_timeout.min(settings.idle_timeout).min(settings.first_request_timeout);
+    let check_every = (shortest / 4).max(Duration::from_millis(50));
     // Since when a response body has had data ready that the client did not take.
     let mut stalled: Option<(Instant, u64)> = None;
     let mut draining = false;
@@ -345,12 +351,14 @@ where
             conn.as_mut().graceful_shutdown();
         }
         let earned = activity.earned.load(Ordering::Relaxed);
+        let idle_at = activity.idle_since().map(|since| since + settings.idle_timeout);
+        let head_at = activity.head_since().map(|since| since + settings.first_request_timeout);
         let wake_at = match closing {
             Some((_, until)) => until,
             // Looking again before the deadline too: once the head has come, the other checks
             // must not wait for it.
             None if !earned => first_deadline.min(Instant::now() + check_every),
-            None => Instant::now() + check_every,
+            None => [idle_at, head_at].into_iter().flatten().fold(Instant::now() + check_every, Instant::min),
         };
         tokio::select! {
             result = conn.as_mut() => {
@@ -376,12 +384,17 @@ where
                 if let Some((why, _)) = closing {
                     return Some(why);
                 }
+                let now = Instant::now();
                 if !earned {
-                    if activity.earned.load(Ordering::Relaxed) || Instant::now() < first_deadline {
+                    if activity.earned.load(Ordering::Relaxed) || now < first_deadline {
                         continue;
                     }
                     tracing::debug!(%remote, "no complete request head within header_read_timeout; closing");
                     return Some(Closed::FirstRequestTimeout);
+                }
+                if activity.head_since().is_some_and(|since| now >= since + settings.first_request_timeout) {
+                    tracing::debug!(%remote, "a request head began but did not complete within header_read_timeout; closing");
+                    return Some(Closed::HeadTimeout);
                 }
                 let taken = activity.taken.load(Ordering::Relaxed);
                 if activity.undelivered.load(Ordering::Relaxed) == 0 {
@@ -397,9 +410,7 @@ where
                         _ => stalled = Some((Instant::now(), taken)),
                     }
                 }
-                if activity.busy_since_last_check() {
-                    idle_since = Instant::now();
-                } else if idle_since.elapsed() >= settings.idle_timeout {
+                if activity.idle_since().is_some_and(|since| now >= since + settings.idle_timeout) {
                     // HTTP/1: closes now; HTTP/2: GOAWAY, then close once no stream is open.
                     tracing::debug!(%remote, "closing idle connection");
                     conn.as_mut().graceful_shutdown();
@@ -416,8 +427,14 @@ pub(super) struct Activity {
     accepted: Instant,
     /// Requests whose response body has not been sent completely.
     active: AtomicUsize,
-    /// A request started or finished since the watchdog last looked.
-    changed: AtomicBool,
+    /// When a request last started or finished, in nanoseconds since `accepted`: with none in
+    /// flight, the connection has been idle since then.
+    last_change: AtomicU64,
+    /// HTTP/1: when the first byte of a request head came with no request in flight, in
+    /// nanoseconds since `accepted` plus one; 0 while none is coming.
+    head_started: AtomicU64,
+    /// The connection speaks HTTP/1 (its first bytes were not the HTTP/2 preface).
+    http1: AtomicBool,
     /// Response bodies that produced data hyper has not yet asked them to follow with more:
     /// their client is not taking what was sent (socket full, or HTTP/2 window closed).
     undelivered: AtomicUsize,
@@ -440,7 +457,9 @@ impl Activity {
         Activity {
             accepted: Instant::now(),
             active: AtomicUsize::new(0),
-            changed: AtomicBool::new(false),
+            last_change: AtomicU64::new(0),
+            head_started: AtomicU64::new(0),
+            http1: AtomicBool::new(false),
             undelivered: AtomicUsize::new(0),
             taken: AtomicU64::new(0),
             earned: AtomicBool::new(false),
@@ -452,16 +471,42 @@ impl Activity {
     fn start_request(&self) {
         self.earned.store(true, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
+        self.head_started.store(0, Ordering::Relaxed);
+        self.last_change.store(self.nanos(), Ordering::Relaxed);
     }
 
     fn end_request(&self) {
+        self.last_change.store(self.nanos(), Ordering::Relaxed);
         self.active.fetch_sub(1, Ordering::Relaxed);
-        self.changed.store(true, Ordering::Relaxed);
     }
 
-    /// True if a request is in flight or one started or ended since the last call.
-    fn busy_since_last_check(&self) -> bool {
-        self.changed.swap(false, Ordering::Relaxed) || self.active.load(Ordering::Relaxed) > 0
+    fn nanos(&self) -> u64 {
+        u64::try_from(self.accepted.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Since when the connection has had no request in flight; `None` while one is.
+    fn idle_since(&self) -> Option<Instant> {
+        (self.active.load(Ordering::Relaxed) == 0)
+            .then(|| self.accepted + Duration::from_nanos(self.last_change.load(Ordering::Relaxed)))
+    }
+
+    /// HTTP/1 bytes arrived: with no request in flight they begin a request head, whose
+    /// `header_read_timeout` starts now (the wait for it was `idle_timeout`'s).
+    fn bytes_read(&self) {
+        if self.http1.load(Ordering::Relaxed)
+            && self.active.load(Ordering::Relaxed) == 0
+            && self.head_started.load(Ordering::Relaxed) == 0
+        {
+            self.head_started.store(self.nanos().saturating_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Since when a request head has been arriving, if one is.
+    fn head_since(&self) -> Option<Instant> {
+        match self.head_started.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.accepted + Duration::from_nanos(n - 1)),
+        }
     }
 }
 
@@ -507,6 +552,7 @@ impl<T> FirstFlight<T> {
         if self.head[..n] != H2_PREFACE[..n] {
             // Not HTTP/2 with prior knowledge: HTTP/1 earns its slot with a request head.
             self.watching = false;
+            self.activity.http1.store(true, Ordering::Relaxed);
             return;
         }
         if self.len < self.head.len() {
@@ -532,9 +578,14 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstFlight<T> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.watching && buf.filled().len() > before {
+        if buf.filled().len() > before {
             let this = &mut *self;
-            this.watch(&buf.filled()[before..]);
+            if this.watching {
+                this.watch(&buf.filled()[before..]);
+            }
+            if !this.watching {
+                this.activity.bytes_read();
+            }
         }
         poll
     }

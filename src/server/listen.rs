@@ -38,6 +38,14 @@ pub(super) fn bind_shared(addr: SocketAddr, count: usize) -> Result<SharedListen
         // Back to a std socket: the thread that serves it registers it with its own event loop.
         socket.listen(1024)?.into_std()
     };
+    // SO_REUSEPORT would let a second tokengate (same user) bind the port too, and the kernel
+    // would split connections between two configurations. A socket without it cannot bind a port
+    // anyone listens on, so one is bound and dropped first: the port must be free.
+    if count > 1 && addr.port() != 0 {
+        let probe =
+            if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+        probe.and_then(|p| p.set_reuseaddr(true).and_then(|()| p.bind(addr))).map_err(failed)?;
+    }
     let first = one(addr).map_err(failed)?;
     let actual = first.local_addr().map_err(failed)?;
     let mut sockets = vec![first];
@@ -119,7 +127,9 @@ pub(super) fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // The connection watchdog times request heads itself: hyper's timer would also run
+        // while a keep-alive connection waits for its next request, which is idle_timeout's.
+        .header_read_timeout(None)
         // hyper's minimum buffer is 8 KiB; the limit is also what bounds header size.
         .max_buf_size(usize::try_from(limits.max_header_size).unwrap_or(usize::MAX).max(8192));
     builder

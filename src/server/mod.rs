@@ -30,7 +30,7 @@ use crate::token;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", in_use_hint(source))]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -217,6 +217,14 @@ pub async fn start_with(
         tasks,
         threads: worker_done,
     })
+}
+
+fn in_use_hint(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        " (another process, perhaps another tokengate, is listening there; stop it or choose another address)"
+    } else {
+        ""
+    }
 }
 
 /// The `Host` values the proxy listeners serve, in words.
