@@ -33,12 +33,6 @@ async fn setup() -> (tempfile::TempDir, Idp, Upstream, SocketAddr, SocketAddr) {
     (tempfile::tempdir().unwrap(), idp, up, closed_port(), closed_port())
 }
 
-/// The value of one series on the admin listener's `/metrics`.
-async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
-    let text = client().get(format!("http://{admin}/metrics")).send().await.ok()?.text().await.ok()?;
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// An HTTP/2 prior-knowledge connection that has sent its preface and an empty SETTINGS frame.
 async fn h2c(proxy: SocketAddr) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
@@ -123,7 +117,7 @@ async fn a_flood_of_library_warnings_is_limited_and_counted() {
     let log = p.log_text();
     let lines = log.lines().filter(|l| l.contains("PING ack that we never sent")).count();
     assert!((1..=3).contains(&lines), "{lines} lines for {N} PING ACKs");
-    let held = metric(admin, r#"tokengate_log_lines_dropped_total{reason="rate_limited"}"#).await;
+    let held = metric_value(admin, r#"tokengate_log_lines_dropped_total{reason="rate_limited"}"#).await;
     assert!(held.is_some_and(|n| n >= (N - 3) as f64), "rate_limited = {held:?}");
 }
 
@@ -155,7 +149,7 @@ async fn a_stalled_stderr_blocks_no_worker() {
     let started = Instant::now();
     assert_eq!(answered_within(proxy, 8, Duration::from_secs(3)).await, 8);
     assert!(started.elapsed() < Duration::from_secs(3));
-    let behind = metric(admin, r#"tokengate_log_lines_dropped_total{reason="writer_behind"}"#).await;
+    let behind = metric_value(admin, r#"tokengate_log_lines_dropped_total{reason="writer_behind"}"#).await;
     assert!(behind.is_some_and(|n| n > 0.0), "the pipe never filled: writer_behind = {behind:?}");
 }
 

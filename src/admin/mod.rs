@@ -93,7 +93,13 @@ pub async fn handle<B>(control: &Arc<Control>, req: Request<B>, conn: Conn) -> R
                 .map(|(name, p)| (name.clone(), serde_json::to_value(p.status()).unwrap_or_default()))
                 .collect();
             let strict = admin.strict_readiness || query_flag(req.uri().query(), "strict");
-            let (status, body) = control.readiness.answer(providers, strict);
+            let (status, mut body) = control.readiness.answer(providers, strict);
+            // Providers of the last reload still without a token, whose routes kept their
+            // previous provider: not serving them is not unready, but it must be seen.
+            let warming = control.warming();
+            if !warming.is_empty() {
+                body["warming"] = serde_json::to_value(warming).unwrap_or_default();
+            }
             json_response(status, &body)
         }
         other => json_response(

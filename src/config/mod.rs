@@ -9,6 +9,7 @@ pub mod env;
 mod files;
 mod http_provider;
 mod provider;
+mod source;
 mod value;
 
 use std::collections::{BTreeMap, HashSet};
@@ -311,7 +312,7 @@ pub struct RouteConfig {
     #[serde(default = "yes")]
     pub strip_prefix: bool,
     /// Extra PEM CA bundle trusted for this upstream, in addition to the public roots.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "value::opt_path")]
     pub ca_file: Option<PathBuf>,
     /// How requests reach an `https://` upstream (plain `http://` is always HTTP/1.1).
     #[serde(default)]
@@ -459,11 +460,13 @@ pub struct InboundTls {
     #[serde(deserialize_with = "value::socket_addr")]
     pub listen: SocketAddr,
     /// PEM certificate chain.
+    #[serde(deserialize_with = "value::path")]
     pub cert_file: PathBuf,
     /// PEM private key.
+    #[serde(deserialize_with = "value::path")]
     pub key_file: PathBuf,
     /// PEM CA bundle that client certificates must chain to (enables mTLS).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "value::opt_path")]
     pub client_ca_file: Option<PathBuf>,
     /// `required` (default with a client CA): handshakes without a valid certificate fail;
     /// `optional`: a certificate is verified when sent, and routes with
@@ -591,7 +594,7 @@ pub enum ConfigError {
         /// The file.
         path: String,
         /// Why.
-        source: std::io::Error,
+        source: source::SourceError,
     },
     /// Environment variables the file uses are not set (all of them, with their lines).
     #[error("{path}:{}: environment variables not set: {}", missing.first().map_or(0, |m| m.0), missing.iter().map(|(line, name)| format!("{name} (line {line})")).collect::<Vec<_>>().join(", "))]
@@ -618,7 +621,7 @@ pub enum ConfigError {
 /// Loads a configuration file, expanding `${VAR}` from the process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     use std::fmt::Write;
-    let text = std::fs::read_to_string(path)
+    let text = source::read(path)
         .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
     let mut config = parse(&text, &path.display().to_string())?;
     let sha = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
@@ -668,6 +671,15 @@ pub fn permission_warning(path: &Path) -> Option<String> {
 
 /// Parses configuration text; `path` is only used in error messages.
 pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+    if let Some(line) = source::too_deep(text) {
+        let message = format!("'[' and '{{' nest more than {} levels deep here", source::MAX_DEPTH);
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            line: Some(line),
+            key: "structure".into(),
+            message,
+        });
+    }
     let missing = env::missing(text);
     if !missing.is_empty() {
         return Err(ConfigError::MissingEnv { path: path.to_owned(), missing });
@@ -1075,6 +1087,56 @@ routes:
         assert_eq!(p.client_auth.secret().unwrap().expose(), "a: b # c");
         let err = parse_with_env(&text).unwrap_err().to_string();
         assert_eq!(err, "test.yaml:6: environment variables not set: SECRET (line 6)");
+    }
+
+    /// Every string value of the schema may use `${VAR}`: a table of keys, each given a variable,
+    /// and not one `${` may survive parsing while every expanded value is in the result.
+    #[test]
+    fn every_string_value_expands_variables() {
+        let table = [
+            ("listen", "listen: ${LISTEN}"),
+            ("admin.listen", "admin:\n  listen: ${ADMIN_LISTEN}\n  hosts:\n    - ${ADMIN_HOST}"),
+            (
+                "tls",
+                "tls:\n  listen: ${TLS_LISTEN}\n  cert_file: ${TLS_CERT}\n  key_file: ${TLS_KEY}\n  client_ca_file: ${TLS_CA}",
+            ),
+            ("forward_proxy.listen", "forward_proxy:\n  listen: ${FWD_LISTEN}"),
+            ("access", "access:\n  hosts:\n    - ${ACCESS_HOST}"),
+            ("access_log", "access_log: ${ACCESS_LOG}"),
+            (
+                "providers",
+                "providers:\n  idp:\n    type: oauth2\n    token_url: ${TOKEN_URL}\n    client_id: ${CLIENT_ID}\n    client_secret: s\n    scopes:\n      - ${SCOPE}\n    params:\n      audience: ${AUDIENCE}\n    headers:\n      X-Idp: ${IDP_HEADER}\n    ca_file: ${IDP_CA}\n    allowed_upstreams:\n      - ${ALLOWED}.example",
+            ),
+            (
+                "routes",
+                "routes:\n  - name: ${ROUTE_NAME}\n    prefix: ${PREFIX}\n    upstream: ${UPSTREAM}\n    provider: idp\n    ca_file: ${ROUTE_CA}\n    headers:\n      X-Tenant: ${TENANT}",
+            ),
+        ];
+        // Each value holds its variable's name in lower case, the marker looked for below.
+        let value = |name: &str| match name {
+            n if n.ends_with("LISTEN") => format!("127.0.0.{}:1{}", n.len(), n.len()),
+            "TOKEN_URL" => "https://idp.example/token_url".into(),
+            "UPSTREAM" => "https://allowed.example/upstream".into(),
+            "PREFIX" => "/prefix".into(),
+            "ALLOWED" => "allowed".into(),
+            n => format!("/expanded-{}", n.to_lowercase()),
+        };
+        let text: String = table.iter().map(|(_, yaml)| format!("{yaml}\n")).collect();
+        let config = env::with_lookup(move |n| Some(value(n)), || parse(&text, "t.yaml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("${"), "{shown}");
+        // Header values are hidden from Debug: looked at directly.
+        let Provider::OAuth2(idp) = &config.providers["idp"] else { panic!("not oauth2") };
+        let headers = idp.headers.iter().chain(&config.routes[0].headers).map(|(_, v)| v.as_bytes());
+        let headers: Vec<String> = headers.map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+        for (key, yaml) in table {
+            for var in yaml.split("${").skip(1).filter_map(|v| v.split('}').next()) {
+                let marker = if var.ends_with("LISTEN") { value(var) } else { var.to_lowercase() };
+                let found = shown.contains(&marker) || headers.iter().any(|h| h.contains(&marker));
+                assert!(found, "{key}: ${{{var}}} was not expanded: {shown}");
+            }
+        }
     }
 
     fn with_key(extra: &str) -> (tempfile::TempDir, String) {

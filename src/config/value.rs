@@ -107,6 +107,16 @@ fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Text::deserialize(d).map(|t| t.0)
 }
 
+/// `deserialize_with` for a file path, `${VAR}`-expanded like every string value.
+pub fn path<'de, D: Deserializer<'de>>(d: D) -> Result<std::path::PathBuf, D::Error> {
+    text(d).map(std::path::PathBuf::from)
+}
+
+/// `deserialize_with` for an optional file path.
+pub fn opt_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<std::path::PathBuf>, D::Error> {
+    path(d).map(Some)
+}
+
 /// `deserialize_with` for a human-readable duration.
 pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&text(d)?).map_err(de::Error::custom)

@@ -1,6 +1,7 @@
 //! Reloading the configuration: SIGHUP, `POST /reload` and changed files ([`watch`]) all end in
 //! [`Control::reload_file`]. A file that does not load keeps the running configuration.
 
+mod warming;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -25,6 +26,8 @@ pub struct Control {
     tls: Option<crate::tls::ServerTls>,
     // When the configuration in force was loaded (Unix seconds).
     loaded_at: std::sync::atomic::AtomicU64,
+    // Providers of the configuration in force still getting their first token, with the error.
+    warming: warming::Warming,
 }
 
 fn unix_now() -> u64 {
@@ -48,6 +51,7 @@ impl Control {
             readiness,
             tls,
             loaded_at: std::sync::atomic::AtomicU64::new(unix_now()),
+            warming: warming::Warming::default(),
         }
     }
 
@@ -62,16 +66,25 @@ impl Control {
     /// Reads the configuration file again and swaps it in; on error the running one stays.
     /// Every outcome is counted in `tokengate_config_reloads_total{result}`.
     pub async fn reload_file(&self) -> Result<(), String> {
-        let result = match self.path.as_ref() {
+        let result = match self.path.clone() {
             None => Err("this instance was not started from a file".to_owned()),
-            Some(path) => match crate::config::load(path) {
-                Ok(config) => self.reload(config).await,
-                Err(e) => Err(e.to_string()),
+            // Off the control runtime, whose one thread also answers /healthz and refreshes
+            // tokens: reading and parsing may take a while.
+            Some(path) => match tokio::task::spawn_blocking(move || crate::config::load(&path)).await {
+                Ok(Ok(config)) => self.reload(config).await,
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(format!("reading the configuration failed: {e}")),
             },
         };
         let label = if result.is_ok() { "success" } else { "failure" };
         self.proxy.metrics.config_reloads.with_label_values(&[label]).inc();
         result
+    }
+
+    /// Changed or new providers of the last reload that have no token yet (name and error);
+    /// their routes keep the provider they had before until they have one.
+    pub fn warming(&self) -> std::collections::BTreeMap<String, String> {
+        self.warming.snapshot()
     }
 
     /// The configuration file, if this instance was started from one.
@@ -141,20 +154,29 @@ impl Control {
                 }
             }
         }
-        let runtime = Runtime::build(&config, providers, &self.proxy.metrics)?;
         let mut prefetch = tokio::task::JoinSet::new();
         for p in &fresh {
             let p = p.clone();
             prefetch.spawn(async move {
-                if let Err(e) = p.get().await {
-                    tracing::warn!(provider = p.name(), error = %e, "new provider has no token yet; its routes answer 503 until it has");
-                }
+                let got = p.get().await;
                 p.start();
+                got.err().map(|e| (p, e.reason))
             });
         }
-        while prefetch.join_next().await.is_some() {}
-        let routes = runtime.table.len();
-        self.proxy.runtime.store(Arc::new(runtime));
+        let cold: Vec<_> = prefetch.join_all().await.into_iter().flatten().collect();
+        // Envoy's cluster warming: a changed or new provider without a token does not take over
+        // routes that were being served; they keep their previous provider until it has one.
+        let plan = warming::plan(&config, &providers, &cold, &old);
+        let full = (!plan.cold.is_empty())
+            .then(|| Runtime::build(&config, providers.clone(), &self.proxy.metrics))
+            .transpose()?;
+        let installed = Arc::new(Runtime::build(&plan.config, plan.providers, &self.proxy.metrics)?);
+        let routes = installed.table.len();
+        self.proxy.runtime.store(installed.clone());
+        match full {
+            Some(full) => self.warming.start(&self.proxy, installed, full, &plan.cold),
+            None => self.warming.clear(),
+        }
         if let (Some(slot), Some(server_tls)) = (&self.tls, server_tls) {
             slot.store(Arc::new(server_tls));
         }
@@ -162,7 +184,12 @@ impl Control {
             *current = config;
         }
         self.loaded_at.store(unix_now(), std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(routes, new_providers = fresh.len(), "configuration reloaded");
-        Ok(())
+        if plan.cold.is_empty() {
+            tracing::info!(routes, new_providers = fresh.len(), "configuration reloaded");
+            return Ok(());
+        }
+        let message = warming::describe(&plan.cold);
+        tracing::error!("configuration reloaded, except: {message}");
+        Err(format!("applied, except: {message}"))
     }
 }

@@ -313,6 +313,12 @@ pub async fn wait_ready(running: &tokengate::server::Running) {
     panic!("tokengate did not become ready");
 }
 
+/// The value of one series (name and labels, as exposed) on `admin`'s `/metrics`.
+pub async fn metric_value(admin: SocketAddr, series: &str) -> Option<f64> {
+    let text = client().get(format!("http://{admin}/metrics")).send().await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// An address with nothing listening.
 pub fn closed_port() -> SocketAddr {
     let l = std::net::TcpListener::bind(ANY).unwrap();
