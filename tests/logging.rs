@@ -114,7 +114,7 @@ async fn a_flood_of_library_warnings_is_limited_and_counted() {
     const N: usize = 20_000;
     send_draining(h2c(proxy).await, &unsolicited_ping_acks(N)).await;
     assert_eq!(answered_within(proxy, 8, Duration::from_secs(3)).await, 8);
-    let log = p.log_text();
+    let log = p.logged("PING ack that we never sent").await;
     let lines = log.lines().filter(|l| l.contains("PING ack that we never sent")).count();
     assert!((1..=3).contains(&lines), "{lines} lines for {N} PING ACKs");
     let held = metric_value(admin, r#"tokengate_log_lines_dropped_total{reason="rate_limited"}"#).await;

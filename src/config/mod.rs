@@ -253,6 +253,11 @@ pub struct Limits {
     pub upstream_queue_timeout: Duration,
     /// Requests worked on at once across all listeners; more get `503 overloaded` at once.
     pub max_requests_in_flight: usize,
+    /// How long a request with no valid token waits for the fetch under way (an IdP that hangs
+    /// instead of refusing), then `503 token_unavailable` with `Retry-After: 1` while the fetch
+    /// goes on.
+    #[serde(deserialize_with = "value::duration")]
+    pub token_wait: Duration,
 }
 
 impl Default for Limits {
@@ -278,6 +283,7 @@ impl Default for Limits {
             upstream_max_connections: 256,
             upstream_queue_timeout: Duration::from_secs(5),
             max_requests_in_flight: 4096,
+            token_wait: Duration::from_secs(2),
         }
     }
 }

@@ -344,9 +344,8 @@ impl Proxy {
             Some(t) => t,
             None => {
                 notes.token_fetched = true;
-                route.provider.get().await.map_err(|e| ProxyError::TokenUnavailable {
-                    provider: e.provider,
-                    retry_in: e.retry_in,
+                route.provider.get_within(limits.token_wait).await.map_err(|e| {
+                    ProxyError::TokenUnavailable { provider: e.provider, retry_in: e.retry_in }
                 })?
             }
         };

@@ -135,9 +135,17 @@ pub struct TokenSource {
     refresher: Mutex<Option<tokio::task::AbortHandle>>,
     metrics: Metrics,
     shared: Option<(Arc<shared::SharedCache>, String)>,
+    // Told when another replica stored a token in the shared cache.
+    announced: Arc<Notify>,
+    // When requests last looked in the shared cache during a backoff (ms since `created`).
+    peeked_ms: AtomicU64,
+    created: Instant,
     // Every request an upstream answers 401 while refreshes back off would log a line.
     backing_off_logs: LogLimit,
 }
+
+/// How often requests that find no token during a backoff look in the shared cache.
+const PEEK_EVERY: Duration = Duration::from_millis(500);
 
 impl Drop for TokenSource {
     fn drop(&mut self) {
@@ -207,6 +215,9 @@ impl TokenSource {
                 let key = s.provider_key(name, &canonical::encode(config));
                 (s, key)
             }),
+            announced: Arc::new(Notify::new()),
+            peeked_ms: AtomicU64::new(0),
+            created: Instant::now(),
             backing_off_logs: LogLimit::default(),
         }))
     }
@@ -227,7 +238,11 @@ impl TokenSource {
     pub fn start(self: &Arc<Self>) {
         let Ok(mut g) = self.refresher.lock() else { return };
         if g.is_none() {
-            let handle = tokio::spawn(refresh_loop(Arc::downgrade(self), self.wake.clone()));
+            if let Some((cache, key)) = &self.shared {
+                cache.listen(key, &self.announced);
+            }
+            let wakes = (self.wake.clone(), self.announced.clone());
+            let handle = tokio::spawn(refresh_loop(Arc::downgrade(self), wakes));
             *g = Some(handle.abort_handle());
         }
     }
@@ -263,9 +278,54 @@ impl TokenSource {
         }
         let quiet = self.health.lock().ok().and_then(|h| h.quiet_until);
         if quiet.is_some_and(|q| Instant::now() < q) {
-            return Err(self.unavailable());
+            // Another replica may have a token already: no need to wait out the backoff.
+            return self.adopt_shared(true).await.ok_or_else(|| self.unavailable());
         }
         self.fetch(false).await
+    }
+
+    /// [`TokenSource::get`], waiting at most `wait` for a fetch (an IdP that hangs instead of
+    /// refusing): then `Unavailable` with a retry in a second, while the fetch goes on.
+    pub async fn get_within(self: &Arc<Self>, wait: Duration) -> Result<Arc<Token>, Unavailable> {
+        if let Some(t) = self.usable() {
+            return Ok(t);
+        }
+        let me = Arc::clone(self);
+        let fetch = tokio::spawn(async move { me.get().await });
+        match tokio::time::timeout(wait, fetch).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_panicked)) => Err(self.unavailable()),
+            Err(_) => Err(Unavailable {
+                provider: self.name.clone(),
+                reason: format!("the identity provider has not answered within {} ms", wait.as_millis()),
+                retry_in: Duration::from_secs(1),
+            }),
+        }
+    }
+
+    /// Installs a token another replica stored in the shared cache, if it is newer than ours.
+    /// `limited`: at most one look per [`PEEK_EVERY`] (requests during an outage would each
+    /// look).
+    async fn adopt_shared(&self, limited: bool) -> Option<Arc<Token>> {
+        let (cache, key) = self.shared.as_ref()?;
+        if limited {
+            let now = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let last = self.peeked_ms.load(Ordering::Relaxed);
+            let due = last == 0 || now >= last + PEEK_EVERY.as_millis() as u64;
+            if !due
+                || self
+                    .peeked_ms
+                    .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+            {
+                return None;
+            }
+        }
+        let current = self.current.load_full();
+        let margin = self.config.common().refresh_margin;
+        let issued = cache.peek(key, current.as_ref().map(|t| &t.value), margin).await?;
+        self.metrics.token_fetches.with_label_values(&[&self.name, "shared_cache"]).inc();
+        Some(self.install(issued, Instant::now()))
     }
 
     /// One fetch straight from the IdP, bypassing the cache and the shared cache, with nothing
@@ -342,11 +402,19 @@ impl TokenSource {
     async fn fetch_locked(&self) -> Result<Arc<Token>, Unavailable> {
         let started = Instant::now();
         let current = self.current.load_full();
+        // When the token request itself went out: the lifetime counts from then, not from when
+        // the answer was installed (a slow IdP or a stalled shared cache in between).
+        let sent = Mutex::new(started);
+        let fetch = || {
+            if let Ok(mut s) = sent.lock() {
+                *s = Instant::now();
+            }
+            self.fetcher.fetch(current.as_deref())
+        };
         let result = match &self.shared {
-            None => self.fetcher.fetch(current.as_deref()).await.map(|i| (i, true)),
+            None => fetch().await.map(|i| (i, true)),
             Some((cache, key)) => {
                 let margin = self.config.common().refresh_margin;
-                let fetch = || self.fetcher.fetch(current.as_deref());
                 match cache.fetch(key, current.as_ref().map(|t| &t.value), margin, fetch).await {
                     Ok(shared::Shared::Hit(i)) => Ok((i, false)),
                     Ok(shared::Shared::Fetched(i)) => Ok((i, true)),
@@ -362,7 +430,8 @@ impl TokenSource {
             Ok((issued, from_idp)) => {
                 let result = if from_idp { "success" } else { "shared_cache" };
                 self.metrics.token_fetches.with_label_values(&[&self.name, result]).inc();
-                Ok(self.install(issued))
+                let sent = sent.lock().map_or(started, |s| *s);
+                Ok(self.install(issued, if from_idp { sent } else { Instant::now() }))
             }
             Err(e) => {
                 self.metrics.token_fetches.with_label_values(&[self.name.as_str(), &e.label()]).inc();
@@ -389,10 +458,20 @@ impl TokenSource {
         outcome
     }
 
-    fn install(&self, issued: Issued) -> Arc<Token> {
+    /// Installs `issued`, whose request went out at `sent`. It expires `lifetime` after `sent`, or
+    /// at its JWT `exp` if that is sooner.
+    fn install(&self, issued: Issued, sent: Instant) -> Arc<Token> {
         let now = Instant::now();
-        let lifetime = issued.lifetime;
-        let margin = schedule::refresh_margin(lifetime, self.config.common().refresh_margin);
+        let mut expires_at = sent + issued.lifetime;
+        if let Some(exp) = jwt::expiry(issued.access_token.expose()) {
+            let left = exp - SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            if left.is_finite() && left >= 1.0 {
+                expires_at = expires_at.min(now + Duration::from_secs_f64(left.min(1e9)));
+            }
+        }
+        // What is left of it, which schedules the refresh; the margin follows the whole lifetime.
+        let lifetime = expires_at.saturating_duration_since(now).max(Duration::from_secs(1));
+        let margin = schedule::refresh_margin(issued.lifetime, self.config.common().refresh_margin);
         let refresh_in = lifetime.saturating_sub(margin + schedule::jitter(margin, rand::random()));
         let expires_unix = SystemTime::now()
             .checked_add(lifetime)
@@ -493,7 +572,7 @@ impl TokenSource {
     }
 }
 
-async fn refresh_loop(weak: Weak<TokenSource>, wake: Arc<Notify>) {
+async fn refresh_loop(weak: Weak<TokenSource>, (wake, announced): (Arc<Notify>, Arc<Notify>)) {
     loop {
         let delay = {
             let Some(source) = weak.upgrade() else { return };
@@ -507,6 +586,13 @@ async fn refresh_loop(weak: Weak<TokenSource>, wake: Arc<Notify>) {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = wake.notified() => {}
+                () = announced.notified() => {
+                    // Another replica stored a token: switch to it at once.
+                    if let Some(source) = weak.upgrade() {
+                        source.adopt_shared(false).await;
+                    }
+                    continue;
+                }
             }
         }
         let Some(source) = weak.upgrade() else { return };

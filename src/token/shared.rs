@@ -1,6 +1,11 @@
 //! The optional token cache shared by replicas through Redis: one replica at a time refreshes
 //! (a lock with expiry), the others pick up its token; entries are encrypted (AES-256-GCM, the
 //! Redis key as associated data). When Redis is unreachable each replica fetches on its own.
+//!
+//! Replicas act as one: each stored token carries a generation from a Redis counter, announced on
+//! a pub/sub channel, so every replica switches to it at once (an IdP that revokes the previous
+//! token on refresh would otherwise turn the others' requests into 401s), and an entry older than
+//! one a replica has seen (written back, say) is never used again.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +30,9 @@ struct Entry {
     l: f64,
     /// Granted scope.
     s: Option<String>,
+    /// Generation: increases with every token stored for the provider.
+    #[serde(default)]
+    g: u64,
 }
 
 /// Outcome of a fetch through the shared cache.
@@ -37,14 +45,20 @@ pub enum Shared {
 
 /// The shared cache client.
 pub struct SharedCache {
-    redis: Redis,
+    redis: std::sync::Arc<Redis>,
     key: LessSafeKey,
     // Keys the provider digests in Redis key names; derived from the cache key.
     key_id: ring::hmac::Key,
     prefix: String,
     lock_ttl: Duration,
     rng: SystemRandom,
+    // The highest generation seen, by provider key.
+    seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    // Who to tell when another replica stores a token, by provider key; the listener task.
+    listeners: std::sync::Arc<std::sync::Mutex<Listeners>>,
 }
+
+type Listeners = std::collections::HashMap<String, Vec<std::sync::Weak<tokio::sync::Notify>>>;
 
 impl SharedCache {
     /// Connects lazily to the configured Redis.
@@ -52,7 +66,7 @@ impl SharedCache {
         let key = UnboundKey::new(&AES_256_GCM, &config.key)
             .map_err(|_| "shared_cache.key must be 32 bytes".to_string())?;
         Ok(SharedCache {
-            redis: Redis::new(&config.redis, config.connect_timeout, config.timeout)?,
+            redis: std::sync::Arc::new(Redis::new(&config.redis, config.connect_timeout, config.timeout)?),
             key: LessSafeKey::new(key),
             key_id: {
                 let label =
@@ -62,6 +76,8 @@ impl SharedCache {
             prefix: config.prefix.clone(),
             lock_ttl: config.lock_ttl,
             rng: SystemRandom::new(),
+            seen: Default::default(),
+            listeners: Default::default(),
         })
     }
 
@@ -95,13 +111,9 @@ impl SharedCache {
     {
         let token_key = format!("{}{provider_key}:token", self.prefix);
         let lock_key = format!("{}{provider_key}:lock", self.prefix);
-        let usable = |entry: &Entry| {
-            let remaining = entry.e - unix_now();
-            let margin = schedule::refresh_margin(Duration::from_secs_f64(entry.l.max(1.0)), refresh_margin);
-            remaining > margin.as_secs_f64() && current.is_none_or(|c| c.expose() != entry.t)
-        };
+        let usable = |entry: &Entry| self.usable(provider_key, entry, current, refresh_margin);
         match self.load(&token_key).await {
-            Ok(Some(entry)) if usable(&entry) => return Ok(Shared::Hit(issued(entry))),
+            Ok(Some(entry)) if usable(&entry) => return Ok(Shared::Hit(self.take(provider_key, entry))),
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "shared token cache unavailable; fetching from the IdP directly");
@@ -115,12 +127,19 @@ impl SharedCache {
             Ok(true) => {
                 let result = fetch().await;
                 if let Ok(issued) = &result
-                    && let Err(e) = self.store(&token_key, issued).await
+                    && let Err(e) = self.store(provider_key, &token_key, issued).await
                 {
                     tracing::warn!(error = %e, "could not store the token in the shared cache");
                 }
                 let _ = self.redis.delete_if(&lock_key, owner.as_bytes()).await;
                 result.map(Shared::Fetched)
+            }
+            Ok(false) if self.redis.expire_if_persistent(&lock_key, self.lock_ttl).await.unwrap_or(false) => {
+                // Not a lock of ours (they all expire): it now expires, and this refresh goes on.
+                tracing::warn!(
+                    "the shared cache's refresh lock had no expiry; gave it one and fetching directly"
+                );
+                fetch().await.map(Shared::Fetched)
             }
             Ok(false) => {
                 // Another replica is refreshing: wait for its token, then give up and fetch.
@@ -130,7 +149,7 @@ impl SharedCache {
                     if let Ok(Some(entry)) = self.load(&token_key).await
                         && usable(&entry)
                     {
-                        return Ok(Shared::Hit(issued(entry)));
+                        return Ok(Shared::Hit(self.take(provider_key, entry)));
                     }
                 }
                 tracing::warn!("no token from the replica holding the refresh lock; fetching directly");
@@ -143,20 +162,82 @@ impl SharedCache {
         }
     }
 
+    /// A token newer than `current` that another replica stored, if there is one.
+    pub async fn peek(
+        &self,
+        provider_key: &str,
+        current: Option<&Secret>,
+        refresh_margin: Option<Duration>,
+    ) -> Option<Issued> {
+        let token_key = format!("{}{provider_key}:token", self.prefix);
+        let entry = self.load(&token_key).await.ok()??;
+        self.usable(provider_key, &entry, current, refresh_margin).then(|| self.take(provider_key, entry))
+    }
+
+    /// Whether `entry` may be used instead of `current`: another token, not about to expire, and
+    /// of no older generation than one seen already.
+    fn usable(
+        &self,
+        provider_key: &str,
+        entry: &Entry,
+        current: Option<&Secret>,
+        margin: Option<Duration>,
+    ) -> bool {
+        let remaining = entry.e - unix_now();
+        let margin = schedule::refresh_margin(Duration::from_secs_f64(entry.l.max(1.0)), margin);
+        let seen = self.seen.lock().ok().and_then(|s| s.get(provider_key).copied()).unwrap_or(0);
+        remaining > margin.as_secs_f64() && current.is_none_or(|c| c.expose() != entry.t) && entry.g >= seen
+    }
+
+    /// Takes `entry` into use: its generation is the newest seen.
+    fn take(&self, provider_key: &str, entry: Entry) -> Issued {
+        self.saw(provider_key, entry.g);
+        issued(entry)
+    }
+
+    fn saw(&self, provider_key: &str, generation: u64) {
+        if let Ok(mut seen) = self.seen.lock() {
+            let g = seen.entry(provider_key.to_owned()).or_default();
+            *g = (*g).max(generation);
+        }
+    }
+
     async fn load(&self, key: &str) -> Result<Option<Entry>, RedisError> {
         let Some(sealed) = self.redis.get(key).await? else { return Ok(None) };
         Ok(self.open(key, &sealed))
     }
 
-    async fn store(&self, key: &str, issued: &Issued) -> Result<(), RedisError> {
+    async fn store(&self, provider_key: &str, key: &str, issued: &Issued) -> Result<(), RedisError> {
+        let generation = self.redis.incr(&format!("{}{provider_key}:generation", self.prefix)).await?;
         let entry = Entry {
             t: issued.access_token.expose().to_owned(),
             e: unix_now() + issued.lifetime.as_secs_f64(),
             l: issued.lifetime.as_secs_f64(),
             s: issued.scope.clone(),
+            g: generation,
         };
         let sealed = self.seal(key, &entry).ok_or_else(|| RedisError::Redis("encryption failed".into()))?;
-        self.redis.set(key, &sealed, issued.lifetime, false).await.map(|_| ())
+        self.redis.set(key, &sealed, issued.lifetime, false).await?;
+        self.saw(provider_key, generation);
+        // The provider key is a digest, not a secret: it only says which provider to look at.
+        self.redis.publish(&self.channel(), provider_key).await
+    }
+
+    fn channel(&self) -> String {
+        format!("{}tokens", self.prefix)
+    }
+
+    /// Wakes `notify` whenever another replica stores a token for `provider_key`, for as long as
+    /// `notify` lives. One subscriber connection serves every provider.
+    pub fn listen(&self, provider_key: &str, notify: &std::sync::Arc<tokio::sync::Notify>) {
+        let Ok(mut listeners) = self.listeners.lock() else { return };
+        let first = listeners.is_empty();
+        listeners.entry(provider_key.to_owned()).or_default().push(std::sync::Arc::downgrade(notify));
+        if first {
+            let redis = self.redis.clone();
+            let channel = self.channel();
+            tokio::spawn(subscriber(redis, channel, std::sync::Arc::downgrade(&self.listeners)));
+        }
     }
 
     fn seal(&self, key: &str, entry: &Entry) -> Option<Vec<u8>> {
@@ -184,6 +265,41 @@ impl SharedCache {
         let nonce = Nonce::try_assume_unique_for_key(&raw[..NONCE_LEN]).ok()?;
         let plain = self.key.open_in_place(nonce, Aad::from(key.as_bytes()), &mut raw[NONCE_LEN..]).ok()?;
         serde_json::from_slice(plain).ok()
+    }
+}
+
+/// Keeps a subscription to `channel` while `listeners` lives, reconnecting after failures, and
+/// wakes the listeners of each provider key announced on it.
+async fn subscriber(
+    redis: std::sync::Arc<Redis>,
+    channel: String,
+    listeners: std::sync::Weak<std::sync::Mutex<Listeners>>,
+) {
+    use futures_util::StreamExt;
+    while listeners.strong_count() > 0 {
+        let mut messages = match redis.subscribe(&channel).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "shared cache: cannot subscribe to token announcements; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
+            let Some(listeners) = listeners.upgrade() else { return };
+            match next {
+                Err(_) => continue,
+                Ok(None) => break,
+                Ok(Some(msg)) => {
+                    let key: String = msg.get_payload().unwrap_or_default();
+                    let mut map = listeners.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if let Some(list) = map.get_mut(&key) {
+                        list.retain(|n| n.upgrade().inspect(|n| n.notify_one()).is_some());
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -222,7 +338,7 @@ mod tests {
     #[tokio::test]
     async fn entries_are_encrypted_and_bound_to_their_key() {
         let c = cache([7; 32]);
-        let entry = Entry { t: "the-access-token".into(), e: 1.0e10, l: 300.0, s: None };
+        let entry = Entry { t: "the-access-token".into(), e: 1.0e10, l: 300.0, s: None, g: 1 };
         let sealed = c.seal("tg:p:token", &entry).unwrap();
         assert!(!String::from_utf8_lossy(&sealed).contains("the-access-token"));
         assert_eq!(c.open("tg:p:token", &sealed).unwrap().t, "the-access-token");

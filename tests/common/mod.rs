@@ -2,6 +2,8 @@
 //! tokengate server on ephemeral loopback ports.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod redis;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -542,6 +544,19 @@ impl Process {
     /// What it has logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to 5 s for a log line containing `needle` (lines reach the file through a
+    /// writer thread) and returns the log; panics with the log if none comes.
+    pub async fn logged(&self, needle: &str) -> String {
+        for _ in 0..250 {
+            let text = self.log_text();
+            if text.contains(needle) {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no log line with {needle:?}:\n{}", self.log_text());
     }
 
     /// Waits up to `limit` for the process to exit; its exit code, or `None` if it is still running.
