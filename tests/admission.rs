@@ -313,3 +313,49 @@ async fn the_tls_listener_serves_exactly_the_protocol_alpn_agreed() {
     assert!(wrong.is_empty() || wrong.starts_with(b"HTTP/1.1 4"), "{}", String::from_utf8_lossy(&wrong));
     assert_eq!(up.requests().len(), 1, "only the first request reached the upstream");
 }
+
+/// A request answered with an error before its body was read leaves the connection unusable
+/// (the rest of the body would be read as the next request, so it is closed): the answer says
+/// `Connection: close`, so a client does not send its next request into a closed socket. A
+/// request without a body keeps its connection.
+#[tokio::test]
+async fn an_error_before_the_body_is_read_says_the_connection_closes() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = echo_route(&idp, &up, "").await;
+    let dead = start(&format!(
+        "limits:\n  warmup_timeout: 0s\nproviders:\n  idp:\n    type: oauth2\n    token_url: http://{}/token\n    client_id: c\n    client_secret: s\nroutes:\n  - prefix: /\n    upstream: {}\n    provider: idp\n",
+        closed_port(),
+        up.url()
+    ))
+    .await;
+    let cases = [
+        (&tg, "POST /nowhere HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\n", "hello", 404),
+        (
+            &tg,
+            "POST /echo/x HTTP/1.1\r\nHost: rebind.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "5\r\nhello\r\n0\r\n\r\n",
+            403,
+        ),
+        (&dead, "POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\n", "hello", 503),
+    ];
+    for (tg, head, body, status) in cases {
+        let mut s = tokio::net::TcpStream::connect(tg.proxy_addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        let resp = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+        assert_eq!(status_of(&resp), status, "{resp}");
+        assert!(resp.contains("connection: close"), "{head}: {resp}");
+        let _ = s.write_all(body.as_bytes()).await;
+    }
+    // Without a body the connection stays open for the next request.
+    let mut s = tokio::net::TcpStream::connect(tg.proxy_addr).await.unwrap();
+    for _ in 0..2 {
+        s.write_all(b"GET /nowhere HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        let resp = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+        assert!(resp.starts_with("http/1.1 404") && !resp.contains("connection: close"), "{resp}");
+    }
+}

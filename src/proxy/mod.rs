@@ -254,6 +254,9 @@ impl Proxy {
         // upstream, the response and the access log carry it.
         let request_id = headers::request_id(req.headers());
         req.headers_mut().insert(headers::X_REQUEST_ID, request_id.clone());
+        // An HTTP/1 body that is answered before it is read leaves the connection unusable: hyper
+        // closes it, and a client reusing it would meet a closed socket on its next request.
+        let unread_body = req.version() < http::Version::HTTP_2 && !req.body().is_end_stream();
         let place = self.in_flight.enter(runtime.limits.max_requests_in_flight);
         let matched = match place {
             None => Err(ProxyError::Overloaded),
@@ -296,7 +299,17 @@ impl Proxy {
                 tracing::info!(route = %label, client = %conn.remote.ip(), reason = %reason, suppressed, "request denied");
             }
         }
+        let body_refused = unread_body
+            && match &result {
+                Err(ProxyError::BodyTooLarge | ProxyError::BodyTimeout | ProxyError::InvalidBody) => true,
+                Err(_) => !notes.body_read,
+                Ok(_) => false,
+            };
         let mut response = result.unwrap_or_else(ProxyError::into_response);
+        if body_refused {
+            // Said so the client opens a new connection for its next request.
+            response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
         response.headers_mut().insert(headers::X_REQUEST_ID, request_id.clone());
         let metrics = route.as_ref().map_or(&self.unmatched, |r| &r.metrics);
         self.record(metrics, method, &response, started);
@@ -374,6 +387,7 @@ impl Proxy {
         }
         let target = upstream_target(route, &parts.uri, conn.forward);
         let fault = Arc::new(OnceLock::new());
+        notes.body_read = true;
         let pace = body::Pace { pause: limits.body_read_timeout, min_rate: limits.body_min_rate };
         let guarded = body::Guarded::new(body, limits.max_body_size, pace, fault.clone());
         // Small bodies are read first, whatever their framing: they can be replayed after a 401,
@@ -621,6 +635,8 @@ fn match_route(runtime: &Runtime, uri: &Uri, forward: bool) -> Result<Arc<Route>
 struct Notes {
     token_fetched: bool,
     replayed: bool,
+    // The request body was read (or its reading started).
+    body_read: bool,
     // Until the (last) upstream response head.
     upstream_duration: Option<Duration>,
 }

@@ -103,6 +103,9 @@ struct Health {
     quiet_until: Option<Instant>,
     /// Backoff for refreshes after upstream 401s of tokens no upstream ever accepted.
     rejection: Option<Rejection>,
+    /// Replacements of revoked tokens that may happen now, and when that was counted: see
+    /// [`REVOKED_BURST`].
+    revoked_budget: Option<(f64, Instant)>,
     /// Successful fetches (IdP or shared cache) since start.
     fetched: u64,
     /// Failed fetches since start.
@@ -111,6 +114,11 @@ struct Health {
 
 /// Minimum delay before retrying after an error that looks like a configuration problem (4xx).
 const CONFIG_ERROR_RETRY: Duration = Duration::from_secs(10);
+
+/// Longest wait between retries of a transient failure while there is no usable token (unless
+/// the IdP's `Retry-After` asks for longer): requests are failing meanwhile, and one call every
+/// few seconds per replica is no flood. With a token still usable the backoff grows to 30 s.
+const NO_TOKEN_RETRY: Duration = Duration::from_secs(3);
 
 /// No rejection-triggered refresh before `until`, which was `wait` after the last one.
 #[derive(Clone, Copy)]
@@ -143,6 +151,12 @@ pub struct TokenSource {
     // Every request an upstream answers 401 while refreshes back off would log a line.
     backing_off_logs: LogLimit,
 }
+
+/// Revoked tokens are replaced at once, a few in a row ([`REVOKED_BURST`]), then at most one a
+/// second. Replicas that cannot share tokens (no shared cache, or Redis down) against an IdP that
+/// revokes the previous token on every issue would otherwise revoke each other's tokens as fast as
+/// requests come (80 IdP calls a second in the soak).
+const REVOKED_BURST: f64 = 3.0;
 
 /// How often requests that find no token during a backoff look in the shared cache.
 const PEEK_EVERY: Duration = Duration::from_millis(500);
@@ -382,7 +396,16 @@ impl TokenSource {
             return Some(t);
         }
         let revoked = rejected.accepted.load(Ordering::Relaxed);
-        if !revoked {
+        if revoked {
+            let mut h = self.health.lock().ok()?;
+            let now = Instant::now();
+            let (budget, at) = h.revoked_budget.unwrap_or((REVOKED_BURST, now));
+            let budget = (budget + now.duration_since(at).as_secs_f64()).min(REVOKED_BURST);
+            if budget < 1.0 {
+                return None;
+            }
+            h.revoked_budget = Some((budget - 1.0, now));
+        } else {
             let mut h = self.health.lock().ok()?;
             let now = Instant::now();
             if let Some(r) = h.rejection.filter(|r| now < r.until) {
@@ -447,6 +470,9 @@ impl TokenSource {
                     if !e.is_transient() {
                         // A wrong secret or scope does not fix itself: retry slowly.
                         delay = delay.max(CONFIG_ERROR_RETRY);
+                    } else if e.retry_after().is_none() && self.usable().is_none() {
+                        // An outage that has taken the token: notice its end within seconds.
+                        delay = delay.min(NO_TOKEN_RETRY);
                     }
                     h.quiet_until = Some(Instant::now() + delay);
                     h.last_error = Some(e);
@@ -465,8 +491,10 @@ impl TokenSource {
         let mut expires_at = sent + issued.lifetime;
         if let Some(exp) = jwt::expiry(issued.access_token.expose()) {
             let left = exp - SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-            if left.is_finite() && left >= 1.0 {
-                expires_at = expires_at.min(now + Duration::from_secs_f64(left.min(1e9)));
+            // `exp` counts whole seconds: only a difference beyond that resolution counts.
+            let by_exp = now + Duration::from_secs_f64(left.clamp(0.0, 1e9));
+            if left.is_finite() && left >= 1.0 && by_exp + Duration::from_secs(1) < expires_at {
+                expires_at = by_exp;
             }
         }
         // What is left of it, which schedules the refresh; the margin follows the whole lifetime.
@@ -481,6 +509,7 @@ impl TokenSource {
             .unwrap_or_else(|_| HeaderValue::from_static("Bearer"));
         header.set_sensitive(true);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let issued_lifetime = issued.lifetime;
         let token = Arc::new(Token {
             value: issued.access_token,
             header,
@@ -488,7 +517,8 @@ impl TokenSource {
             expires_unix,
             usable_until: now + lifetime.saturating_sub(schedule::expiry_skew(lifetime)),
             refresh_at: now + refresh_in,
-            lifetime,
+            // As issued, unless the JWT's own exp cut it short.
+            lifetime: if expires_at < sent + issued.lifetime { lifetime } else { issued.lifetime },
             lifetime_source: issued.lifetime_source,
             scope: issued.scope,
             generation,
@@ -501,6 +531,7 @@ impl TokenSource {
             *h = Health {
                 last_success: Some(SystemTime::now()),
                 rejection: h.rejection,
+                revoked_budget: h.revoked_budget,
                 fetched: h.fetched + 1,
                 failed: h.failed,
                 ..Health::default()
@@ -508,7 +539,7 @@ impl TokenSource {
         }
         tracing::info!(
             provider = %self.name,
-            lifetime_s = lifetime.as_secs(),
+            lifetime_s = issued_lifetime.as_secs(),
             refresh_in_s = refresh_in.as_secs(),
             generation,
             "token obtained"

@@ -52,8 +52,8 @@ pub struct SharedCache {
     prefix: String,
     lock_ttl: Duration,
     rng: SystemRandom,
-    // The highest generation seen, by provider key.
-    seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    // The newest entry taken, by provider key: its generation and expiry.
+    seen: std::sync::Mutex<std::collections::HashMap<String, (u64, f64)>>,
     // Who to tell when another replica stores a token, by provider key; the listener task.
     listeners: std::sync::Arc<std::sync::Mutex<Listeners>>,
 }
@@ -175,7 +175,10 @@ impl SharedCache {
     }
 
     /// Whether `entry` may be used instead of `current`: another token, not about to expire, and
-    /// of no older generation than one seen already.
+    /// not older than the newest entry taken. Older means a lower generation *and* an earlier
+    /// expiry: a Redis that lost its data restarts the generation counter, and its new entries
+    /// (which expire later than anything seen) must be taken, or replicas that revoke each
+    /// other's tokens would never agree again.
     fn usable(
         &self,
         provider_key: &str,
@@ -185,20 +188,25 @@ impl SharedCache {
     ) -> bool {
         let remaining = entry.e - unix_now();
         let margin = schedule::refresh_margin(Duration::from_secs_f64(entry.l.max(1.0)), margin);
-        let seen = self.seen.lock().ok().and_then(|s| s.get(provider_key).copied()).unwrap_or(0);
-        remaining > margin.as_secs_f64() && current.is_none_or(|c| c.expose() != entry.t) && entry.g >= seen
+        let seen = self.seen.lock().ok().and_then(|s| s.get(provider_key).copied());
+        let newer = seen.is_none_or(|(g, e)| entry.g >= g || entry.e > e);
+        remaining > margin.as_secs_f64() && current.is_none_or(|c| c.expose() != entry.t) && newer
     }
 
-    /// Takes `entry` into use: its generation is the newest seen.
+    /// Takes `entry` into use: it is the newest seen.
     fn take(&self, provider_key: &str, entry: Entry) -> Issued {
-        self.saw(provider_key, entry.g);
+        self.saw(provider_key, entry.g, entry.e);
         issued(entry)
     }
 
-    fn saw(&self, provider_key: &str, generation: u64) {
+    fn saw(&self, provider_key: &str, generation: u64, expiry: f64) {
         if let Ok(mut seen) = self.seen.lock() {
-            let g = seen.entry(provider_key.to_owned()).or_default();
-            *g = (*g).max(generation);
+            let newest = seen.entry(provider_key.to_owned()).or_insert((generation, expiry));
+            *newest = if generation >= newest.0 {
+                (generation, expiry.max(newest.1))
+            } else {
+                (generation, expiry)
+            };
         }
     }
 
@@ -218,7 +226,7 @@ impl SharedCache {
         };
         let sealed = self.seal(key, &entry).ok_or_else(|| RedisError::Redis("encryption failed".into()))?;
         self.redis.set(key, &sealed, issued.lifetime, false).await?;
-        self.saw(provider_key, generation);
+        self.saw(provider_key, generation, entry.e);
         // The provider key is a digest, not a secret: it only says which provider to look at.
         self.redis.publish(&self.channel(), provider_key).await
     }
