@@ -152,11 +152,13 @@ pub struct TokenSource {
     backing_off_logs: LogLimit,
 }
 
-/// Revoked tokens are replaced at once, a few in a row ([`REVOKED_BURST`]), then at most one a
-/// second. Replicas that cannot share tokens (no shared cache, or Redis down) against an IdP that
-/// revokes the previous token on every issue would otherwise revoke each other's tokens as fast as
-/// requests come (80 IdP calls a second in the soak).
-const REVOKED_BURST: f64 = 3.0;
+/// Revoked tokens are replaced at once, [`REVOKED_BURST`] in a row, then at most
+/// [`REVOKED_PER_SECOND`]. Replicas that cannot share tokens (no shared cache, or Redis down)
+/// against an IdP that revokes the previous token on every issue revoke each other's tokens, and
+/// would otherwise do it as fast as requests come (80 IdP calls a second in the soak).
+const REVOKED_BURST: f64 = 5.0;
+/// See [`REVOKED_BURST`].
+const REVOKED_PER_SECOND: f64 = 5.0;
 
 /// How often requests that find no token during a backoff look in the shared cache.
 const PEEK_EVERY: Duration = Duration::from_millis(500);
@@ -400,7 +402,8 @@ impl TokenSource {
             let mut h = self.health.lock().ok()?;
             let now = Instant::now();
             let (budget, at) = h.revoked_budget.unwrap_or((REVOKED_BURST, now));
-            let budget = (budget + now.duration_since(at).as_secs_f64()).min(REVOKED_BURST);
+            let budget =
+                (budget + now.duration_since(at).as_secs_f64() * REVOKED_PER_SECOND).min(REVOKED_BURST);
             if budget < 1.0 {
                 return None;
             }

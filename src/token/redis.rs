@@ -142,10 +142,11 @@ impl Redis {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(timeout))
-            // Reconnect attempts back off from 100 ms to 5 s in the background; commands are
-            // bounded by their own deadline meanwhile.
+            // Reconnect attempts back off from 100 ms to 1 s in the background, so sharing
+            // resumes within about a second of Redis coming back; commands are bounded by their
+            // own deadline meanwhile.
             .set_min_delay(Duration::from_millis(100))
-            .set_max_delay(Duration::from_secs(5))
+            .set_max_delay(Duration::from_secs(1))
             .set_number_of_retries(6);
         // The connection task is spawned on the caller's runtime.
         tokio::runtime::Handle::try_current().map_err(|e| format!("shared_cache: {e}"))?;
