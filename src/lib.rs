@@ -3,7 +3,7 @@
 //! provider and forwards to the upstream over TLS.
 //!
 //! The file tree is the architecture: [`config`] (schema, loading, access rules), [`route`] (prefix
-//! table, path checks), [`proxy`] (admission, the request path, header hygiene, upstream clients),
+//! table, path checks), [`proxy`] (admission, the request path, header hygiene), [`upstream`] (the upstream client: pools, HTTP/1.1 and HTTP/2, connection limits),
 //! [`token`] (OAuth2 and declarative flows, cache, refresh, shared cache), [`admin`] and
 //! [`metrics`] and [`access_log`] (observability), [`server`] (listeners, TLS, shutdown, reload), [`tls`], [`secret`],
 //! [`demo`].
@@ -23,3 +23,4 @@ pub mod server;
 pub mod text;
 pub mod tls;
 pub mod token;
+pub mod upstream;

@@ -4,70 +4,7 @@ use std::net::IpAddr;
 
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
-// `Connection` first and `TE` fourth: `strip_hop_by_hop` treats them by position.
-const HOP_COUNT: usize = 8;
-const HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-];
-
-const CONNECTION_AT: usize = 0;
-const TE_AT: usize = 3;
-
-/// Whether `name` is a hop-by-hop header of its own (those named in `Connection` aside). `TE`
-/// counts: [`strip_hop_by_hop`] puts `TE: trailers` back on requests.
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name)
-}
-
-/// Removes the headers a `Connection` value lists.
-pub fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
-    let listed = connection.to_str().into_iter().flat_map(|v| v.split(',')).map(str::trim);
-    // `close` names no header and `keep-alive` is dropped as hop-by-hop anyway: the two values
-    // nearly every `Connection` carries cost no name parsing or lookup.
-    let named = listed.filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"));
-    for name in named.filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()) {
-        headers.remove(name);
-    }
-}
-
-/// Removes hop-by-hop headers and every header the `Connection` header names. Runs before the
-/// credential is attached: a client sending `Connection: authorization` must not be able to make
-/// the next hop drop it. `TE: trailers` survives (gRPC needs it end to end).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names, then lookups only for what is there: most requests carry no
-    // hop-by-hop header but `Connection`.
-    let mut present = [false; HOP_COUNT];
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present[i] = true;
-        }
-    }
-    if present[CONNECTION_AT] {
-        let listed: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
-        for connection in &listed {
-            remove_listed(headers, connection);
-        }
-    }
-    let te_trailers = present[TE_AT]
-        && headers.get_all(header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
-        });
-    for (name, present) in HOP_BY_HOP.iter().zip(present) {
-        if present {
-            headers.remove(name);
-        }
-    }
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
+use crate::upstream::hop::strip_hop_by_hop;
 
 /// `X-Request-Id`: one id per request, from the client or made here.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -199,12 +136,6 @@ pub fn rewrite_request(headers: &mut HeaderMap, hop: &Forwarding<'_>, authorizat
         }
     }
     headers.insert(header::AUTHORIZATION, authorization);
-}
-
-/// Removes hop-by-hop headers from an upstream response before it goes downstream.
-pub fn rewrite_response(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    headers.remove(header::TE);
 }
 
 /// The address as a header value.
@@ -381,21 +312,5 @@ mod tests {
             assert!(made.bytes().all(|b| b.is_ascii_hexdigit()));
         }
         assert_ne!(id(None), id(None));
-    }
-
-    #[test]
-    fn positions_match_the_list() {
-        assert_eq!(HOP_BY_HOP[CONNECTION_AT], header::CONNECTION);
-        assert_eq!(HOP_BY_HOP[TE_AT], header::TE);
-    }
-
-    #[test]
-    fn te_trailers_survives() {
-        let mut h = map(&[("te", "trailers, deflate")]);
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.get("te").unwrap(), "trailers");
-        let mut h = map(&[("te", "gzip")]);
-        strip_hop_by_hop(&mut h);
-        assert!(h.get("te").is_none());
     }
 }

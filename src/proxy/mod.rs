@@ -4,13 +4,8 @@
 pub mod admit;
 pub mod body;
 pub mod error;
-pub mod h1;
-pub mod h2;
 pub mod headers;
-pub mod limit;
-pub mod origin;
-pub mod stream;
-pub mod upstream;
+mod inflight;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -31,9 +26,8 @@ use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::{self, RouteTable};
 use crate::token::{Providers, TokenSource};
 
-pub use body::Body;
-/// Error type of streamed bodies.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::upstream::{self, Payload, h1};
+pub use crate::upstream::{Body, BoxError};
 
 /// A route ready to serve.
 pub struct Route {
@@ -65,10 +59,8 @@ pub struct Route {
     pub require_client_cert: bool,
     // The route's log lines that requests cause, each kind limited on its own.
     logs: RouteLogs,
-    // hyper's pooled client, for streamed request bodies to upstreams not on HTTP/2.
-    client: upstream::WorkerClients,
-    // The lean HTTP/1.1 client and the per-worker HTTP/2 connections.
-    origin: Arc<origin::Origin>,
+    // How requests reach the upstream.
+    client: upstream::Client,
 }
 
 /// Rate limits for the log lines a route's requests cause ([`crate::log::LogLimit`]).
@@ -105,13 +97,7 @@ pub struct Runtime {
 impl Runtime {
     /// Builds routes for `config` on top of already-built token sources.
     pub fn build(config: &Config, providers: Providers, metrics: &Metrics) -> Result<Self, String> {
-        let mut clients = upstream::Clients::default();
-        let slots = limit::UpstreamSlots::new(
-            config.limits.upstream_max_connections,
-            config.limits.upstream_queue_timeout,
-        );
-        let mut origins: std::collections::HashMap<String, Arc<origin::Origin>> =
-            std::collections::HashMap::new();
+        let mut clients = upstream::Clients::new(&config.limits);
         let mut table = RouteTable::default();
         let mut routes = Vec::new();
         let mut by_host: std::collections::HashMap<String, RouteTable<Arc<Route>>> =
@@ -122,51 +108,8 @@ impl Runtime {
                 .cloned()
                 .ok_or_else(|| format!("route {}: unknown provider {}", r.label(), r.provider.0))?;
             let client = clients
-                .get(&config.limits, r.ca_file.as_ref(), &slots)
+                .client(&r.upstream, r.ca_file.as_ref(), r.upstream_protocol)
                 .map_err(|e| format!("route {}: {e}", r.label()))?;
-            let https = r.upstream.scheme == http::uri::Scheme::HTTPS;
-            let key = format!(
-                "{}://{}|{}|{:?}",
-                r.upstream.scheme,
-                r.upstream.authority.as_str().to_ascii_lowercase(),
-                r.ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-                r.upstream_protocol,
-            );
-            let offer_h2 = https && r.upstream_protocol == crate::config::UpstreamProtocol::Auto;
-            let origin = match origins.get(&key) {
-                Some(o) => o.clone(),
-                None => {
-                    let limits = &config.limits;
-                    let max_head = usize::try_from(limits.max_header_size).unwrap_or(usize::MAX);
-                    let alpn = if offer_h2 { origin::H2_OR_H1 } else { origin::H1_ONLY };
-                    let tls = if https {
-                        Some(
-                            stream::Tls::new(r.upstream.authority.host(), r.ca_file.as_deref(), alpn)
-                                .map_err(|e| format!("route {}: {e}", r.label()))?,
-                        )
-                    } else {
-                        None
-                    };
-                    let pool = Arc::new(h1::Pool::new(
-                        &r.upstream.authority,
-                        tls,
-                        limits.upstream_connect_timeout,
-                        limits.upstream_idle_timeout,
-                        max_head,
-                        &slots,
-                    ));
-                    pool.share_idle();
-                    let h2 = offer_h2.then(|| h2::Connections::new(limits.upstream_idle_timeout, max_head));
-                    let o = Arc::new(origin::Origin::new(
-                        pool,
-                        h2,
-                        r.upstream.scheme.clone(),
-                        r.upstream.authority.clone(),
-                    ));
-                    origins.insert(key, o.clone());
-                    o
-                }
-            };
             let route = Route {
                 label: r.label().to_owned(),
                 prefix: r.prefix.as_str().to_owned(),
@@ -183,7 +126,6 @@ impl Runtime {
                 require_client_cert: r.require_client_cert,
                 logs: RouteLogs::default(),
                 client,
-                origin,
             };
             let route = Arc::new(route);
             let authority = route.upstream.authority.as_str().to_ascii_lowercase();
@@ -221,7 +163,7 @@ pub struct Proxy {
     pub metrics: Metrics,
     unmatched: RouteMetrics,
     unmatched_denied: LogLimit,
-    in_flight: limit::InFlight,
+    in_flight: inflight::InFlight,
     access_log: crate::access_log::AccessLog,
 }
 
@@ -234,7 +176,7 @@ impl Proxy {
             metrics,
             unmatched,
             unmatched_denied: LogLimit::default(),
-            in_flight: limit::InFlight::new(),
+            in_flight: inflight::InFlight::new(),
             access_log,
         }
     }
@@ -399,12 +341,12 @@ impl Proxy {
                 let bytes = guarded.collect().await.map_err(|e| body_error(&fault, &*e))?.to_bytes();
                 Payload::Buffered(bytes)
             }
-            Some(_) => Payload::Streamed(guarded),
+            Some(_) => Payload::Streamed(Body::Streaming(Box::pin(guarded))),
             None => {
                 let mut guarded = guarded;
                 match guarded.read_up_to(limits.replay_buffer).await.map_err(|e| body_error(&fault, &*e))? {
                     Some(bytes) => Payload::Buffered(bytes),
-                    None => Payload::Streamed(guarded),
+                    None => Payload::Streamed(Body::Streaming(Box::pin(guarded))),
                 }
             }
         };
@@ -454,80 +396,38 @@ impl Proxy {
         runtime: &Runtime,
         route: &Route,
         request: &Outgoing,
-        payload: Payload,
+        payload: upstream::Payload,
         fault: &OnceLock<body::BodyFault>,
     ) -> Result<Response<Body>, ProxyError> {
         self.metrics.inflight.inc();
         let _inflight = scopeguard(|| self.metrics.inflight.dec());
-        let timeout = runtime.limits.upstream_timeout;
         let head = h1::Head { method: &request.method, target: &request.target, headers: &request.headers };
-        let guarded = match payload {
-            Payload::Buffered(bytes) => {
-                return match tokio::time::timeout(timeout, route.origin.send(&head, &bytes)).await {
-                    Err(_elapsed) => Err(ProxyError::UpstreamTimeout),
-                    Ok(Err(e)) => Err(self.origin_error(route, &e)),
-                    Ok(Ok(resp)) => Ok(resp),
-                };
-            }
-            Payload::Streamed(guarded) => guarded,
-        };
-        let mut req = request.build(route, Body::Request(Box::new(guarded)))?;
-        if route.origin.speaks_h2() {
-            // Boxed: streamed uploads are rare, and the common path's future stays small.
-            match tokio::time::timeout(timeout, Box::pin(route.origin.stream(req))).await {
-                Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
-                Ok(Err(e)) => {
-                    return Err(match fault.get() {
-                        Some(f) => fault_error(*f),
-                        None => self.origin_error(route, &e),
-                    });
-                }
-                Ok(Ok(origin::Streamed::Response(resp))) => return Ok(resp),
-                Ok(Ok(origin::Streamed::NotHttp2(back))) => req = back,
-            }
-        }
-        let resp = match tokio::time::timeout(timeout, route.client.get().request(req)).await {
-            Err(_elapsed) => return Err(ProxyError::UpstreamTimeout),
-            Ok(Err(e)) => {
-                if let Some(f) = fault.get() {
-                    return Err(fault_error(*f));
-                }
-                if limit::is_busy(&e) {
-                    if let Some(suppressed) = route.logs.busy.admit() {
-                        tracing::warn!(route = %route.label, upstream = %route.upstream, suppressed, "upstream connection limit reached");
-                    }
-                    return Err(ProxyError::UpstreamBusy);
-                }
-                return Err(self.upstream_error(route, e.is_connect(), &e));
-            }
-            Ok(Ok(resp)) => resp,
-        };
-        let (mut parts, body) = resp.into_parts();
-        headers::rewrite_response(&mut parts.headers);
-        Ok(Response::from_parts(parts, Body::Incoming(body)))
+        let sent = route.client.send(&head, payload, runtime.limits.upstream_timeout).await;
+        sent.map_err(|e| match fault.get() {
+            // The upstream request failed because the client's body did.
+            Some(f) => fault_error(*f),
+            None => self.upstream_error(route, &e),
+        })
     }
 
-    fn origin_error(&self, route: &Route, e: &origin::Error) -> ProxyError {
-        if let origin::Error::Http1(h1::Error::Busy(busy)) = e {
-            if let Some(suppressed) = route.logs.busy.admit() {
-                tracing::warn!(route = %route.label, error = %busy, suppressed, "upstream connection limit reached");
+    /// The one place upstream failures become answers (and rate-limited log lines).
+    fn upstream_error(&self, route: &Route, e: &upstream::Error) -> ProxyError {
+        let (limit, error, message) = match e {
+            upstream::Error::Timeout(_) => return ProxyError::UpstreamTimeout,
+            upstream::Error::Busy(_) => {
+                (&route.logs.busy, ProxyError::UpstreamBusy, "upstream connection limit reached")
             }
-            return ProxyError::UpstreamBusy;
-        }
-        self.upstream_error(route, e.is_connect(), e)
-    }
-
-    fn upstream_error(&self, route: &Route, connect: bool, e: &dyn std::fmt::Display) -> ProxyError {
-        if connect {
-            if let Some(suppressed) = route.logs.unreachable.admit() {
-                tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, suppressed, "upstream unreachable");
+            upstream::Error::Unreachable(_) => {
+                (&route.logs.unreachable, ProxyError::UpstreamUnreachable, "upstream unreachable")
             }
-            return ProxyError::UpstreamUnreachable;
+            upstream::Error::Failed(_) => {
+                (&route.logs.failed, ProxyError::UpstreamFailed, "upstream request failed")
+            }
+        };
+        if let Some(suppressed) = limit.admit() {
+            tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, suppressed, "{message}");
         }
-        if let Some(suppressed) = route.logs.failed.admit() {
-            tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, suppressed, "upstream request failed");
-        }
-        ProxyError::UpstreamFailed
+        error
     }
 
     fn record(
@@ -556,28 +456,6 @@ struct Outgoing {
     /// Path and query.
     target: String,
     headers: http::HeaderMap,
-}
-
-/// The request body as it goes upstream.
-enum Payload {
-    /// Read whole; can be sent again.
-    Buffered(Bytes),
-    /// Streamed from the client; sent once.
-    Streamed(body::Guarded),
-}
-
-impl Outgoing {
-    /// A request for the streamed-body clients (HTTP/2, or hyper's pooled HTTP/1.1), which take
-    /// `Host` or `:authority` from the URI.
-    fn build(&self, route: &Route, body: Body) -> Result<Request<Body>, ProxyError> {
-        let uri = origin::absolute(&route.upstream.scheme, &route.upstream.authority, &self.target)
-            .ok_or(ProxyError::InvalidPath(route::PathError::BadByte))?;
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = uri;
-        *req.headers_mut() = self.headers.clone();
-        Ok(req)
-    }
 }
 
 /// An answer other than 401 (and not a server error, which says nothing about the credential)

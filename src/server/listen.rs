@@ -108,7 +108,7 @@ pub(super) fn spawn_worker(
     std::thread::Builder::new()
         .name(format!("tokengate-worker-{index}"))
         .spawn(move || {
-            crate::proxy::h1::set_worker(index);
+            crate::upstream::h1::set_worker(index);
             runtime.block_on(async move {
                 let mut set = tokio::task::JoinSet::new();
                 for serving in loops {

@@ -100,7 +100,7 @@ fn end_to_end(headers: &http::HeaderMap) -> BTreeMap<String, Vec<Vec<u8>>> {
     let mut out: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
     for (name, value) in headers {
         let n = name.as_str();
-        if tokengate::proxy::headers::is_hop_by_hop(name)
+        if tokengate::upstream::hop::is_hop_by_hop(name)
             || n == "content-length"
             || listed.iter().any(|l| l == n)
         {
@@ -114,8 +114,8 @@ fn end_to_end(headers: &http::HeaderMap) -> BTreeMap<String, Vec<Vec<u8>>> {
 /// tokengate's lean client.
 async fn lean(addr: SocketAddr, target: &str) -> Verdict {
     let authority: http::uri::Authority = addr.to_string().parse().unwrap();
-    let slots = tokengate::proxy::limit::UpstreamSlots::new(4, Duration::from_secs(1));
-    let pool = Arc::new(tokengate::proxy::h1::Pool::new(
+    let slots = tokengate::upstream::limit::UpstreamSlots::new(4, Duration::from_secs(1));
+    let pool = Arc::new(tokengate::upstream::h1::Pool::new(
         &authority,
         None,
         Duration::from_secs(1),
@@ -124,8 +124,8 @@ async fn lean(addr: SocketAddr, target: &str) -> Verdict {
         &slots,
     ));
     let headers = http::HeaderMap::new();
-    let head = tokengate::proxy::h1::Head { method: &http::Method::GET, target, headers: &headers };
-    let Ok(Ok(tokengate::proxy::h1::Sent::Response(resp))) =
+    let head = tokengate::upstream::h1::Head { method: &http::Method::GET, target, headers: &headers };
+    let Ok(Ok(tokengate::upstream::h1::Sent::Response(resp))) =
         tokio::time::timeout(Duration::from_secs(2), pool.send(&head, &Bytes::new())).await
     else {
         return Verdict::Refused;

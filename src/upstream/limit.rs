@@ -1,5 +1,4 @@
-//! Bounded fan-out: how many connections tokengate opens to one upstream, and how many requests
-//! it works on at once.
+//! Bounded fan-out: how many connections tokengate opens to one upstream.
 //!
 //! Without a bound, one HTTP/2 client connection with 100 streams opens 100 upstream
 //! connections, and a few such clients exhaust the process's file descriptors for everyone. Each
@@ -13,7 +12,6 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -228,39 +226,5 @@ impl<T: hyper::rt::Write> hyper::rt::Write for Permitted<T> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         self.project().io.poll_write_vectored(cx, bufs)
-    }
-}
-
-/// Requests being worked on at once, across all listeners and workers.
-pub struct InFlight {
-    now: AtomicUsize,
-}
-
-impl InFlight {
-    /// No request in flight.
-    pub fn new() -> Self {
-        InFlight { now: AtomicUsize::new(0) }
-    }
-
-    /// A place for one more request, or `None` at `max`.
-    pub fn enter(&self, max: usize) -> Option<InFlightGuard<'_>> {
-        let before = self.now.fetch_add(1, Ordering::Relaxed);
-        let guard = InFlightGuard(self);
-        (before < max).then_some(guard)
-    }
-}
-
-impl Default for InFlight {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Holds a place in [`InFlight`] until dropped.
-pub struct InFlightGuard<'a>(&'a InFlight);
-
-impl Drop for InFlightGuard<'_> {
-    fn drop(&mut self) {
-        self.0.now.fetch_sub(1, Ordering::Relaxed);
     }
 }

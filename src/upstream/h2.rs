@@ -24,6 +24,9 @@ use http_body::{Body as _, Frame, SizeHint};
 use super::Body;
 use super::h1::{self, Conn, SHARDS};
 
+/// Unique per request: sent as a never-indexed literal, so it does not churn the HPACK table.
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 /// One worker's connections to the upstream.
 #[derive(Default)]
 struct Shard {
@@ -262,7 +265,7 @@ impl Lease {
         let (mut head, body) = req.into_parts();
         // Unique per request: HPACK would add it to the dynamic table (evicting an entry that
         // might have been reused) every time. Sent as a never-indexed literal instead.
-        if let Some(id) = head.headers.get_mut(&super::headers::X_REQUEST_ID) {
+        if let Some(id) = head.headers.get_mut(&X_REQUEST_ID) {
             id.set_sensitive(true);
         }
         let eos = body.is_end_stream();
@@ -283,7 +286,7 @@ impl Lease {
         }
         let resp = response.await.map_err(Failure::Failed)?;
         let (mut parts, recv) = resp.into_parts();
-        super::headers::rewrite_response(&mut parts.headers);
+        super::hop::rewrite_response(&mut parts.headers);
         let body = if recv.is_end_stream() {
             Body::Empty
         } else {

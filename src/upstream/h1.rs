@@ -564,12 +564,12 @@ fn build(parsed: Parsed, head: &Bytes) -> Result<(http::response::Parts, Framing
         } else if name == header::CONTENT_LENGTH && !matches!(parsed.framing, Framing::Length(_)) {
             // Beside Transfer-Encoding it is wrong (RFC 9112 section 6.3): the body is re-framed
             // downstream, so it is dropped.
-        } else if !super::headers::is_hop_by_hop(&name) {
+        } else if !super::hop::is_hop_by_hop(&name) {
             headers.append(name, value);
         }
     }
     for value in connection.iter().flatten() {
-        super::headers::remove_listed(&mut headers, value);
+        super::hop::remove_listed(&mut headers, value);
     }
     let mut parts = Response::new(()).into_parts().0;
     parts.status = parsed.status;
@@ -839,7 +839,7 @@ mod tests {
             Duration::from_secs(1),
             Duration::from_secs(1),
             8192,
-            &crate::proxy::limit::UpstreamSlots::new(1, Duration::from_secs(1)),
+            &crate::upstream::limit::UpstreamSlots::new(1, Duration::from_secs(1)),
         ));
         let mut s =
             Streaming { io: None, pool, buf: BytesMut::new(), framing, reusable: true, extensions: 0 };

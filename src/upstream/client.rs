@@ -1,0 +1,194 @@
+//! The one entry point: a [`Client`] per route, built by [`Clients`], sends a request on
+//! HTTP/1.1 or HTTP/2 as the origin chose and reports failures as one [`Error`].
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+
+use super::h1::{self, Head};
+use super::limit::{self, UpstreamSlots};
+use super::origin::{self, Origin};
+use super::{Body, hop, pooled, stream};
+use crate::config::{Limits, Upstream, UpstreamProtocol};
+
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Every connection slot of the upstream stayed taken for `upstream_queue_timeout`.
+    #[error("{0}")]
+    Busy(String),
+    /// No connection could be made (refused, unresolvable, TLS handshake failed).
+    #[error("{0}")]
+    Unreachable(String),
+    /// No response head within `upstream_timeout`.
+    #[error("no response head within {} ms", .0.as_millis())]
+    Timeout(Duration),
+    /// The connection failed after it was made (reset, malformed response).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A request body as it goes upstream.
+pub enum Payload {
+    /// In memory: sent with the head in one write, and can be sent again.
+    Buffered(Bytes),
+    /// Streamed from the client; sent once.
+    Streamed(Body),
+}
+
+/// One upstream as a route reaches it.
+#[derive(Clone)]
+pub struct Client {
+    origin: Arc<Origin>,
+    pooled: pooled::WorkerClients,
+    upstream: Upstream,
+}
+
+impl Client {
+    /// Sends `head` with `payload`, waiting at most `timeout` for the response head. Hop-by-hop
+    /// headers of the response are removed.
+    pub async fn send(
+        &self,
+        head: &Head<'_>,
+        payload: Payload,
+        timeout: Duration,
+    ) -> Result<Response<Body>, Error> {
+        let sent = async {
+            match payload {
+                Payload::Buffered(bytes) => self.origin.send(head, &bytes).await.map_err(origin_error),
+                // Boxed: streamed uploads are rare, and the common path's future stays small.
+                Payload::Streamed(body) => Box::pin(self.stream(head, body)).await,
+            }
+        };
+        tokio::time::timeout(timeout, sent).await.map_err(|_| Error::Timeout(timeout))?
+    }
+
+    async fn stream(&self, head: &Head<'_>, body: Body) -> Result<Response<Body>, Error> {
+        let mut req = self.request(head, body)?;
+        if self.origin.speaks_h2() {
+            match self.origin.stream(req).await.map_err(origin_error)? {
+                origin::Streamed::Response(resp) => return Ok(resp),
+                origin::Streamed::NotHttp2(back) => req = back,
+            }
+        }
+        let resp = self.pooled.get().request(req).await.map_err(|e| {
+            if limit::is_busy(&e) {
+                Error::Busy(e.to_string())
+            } else if e.is_connect() {
+                Error::Unreachable(e.to_string())
+            } else {
+                Error::Failed(e.to_string())
+            }
+        })?;
+        let (mut parts, body) = resp.into_parts();
+        hop::rewrite_response(&mut parts.headers);
+        Ok(Response::from_parts(parts, Body::Incoming(body)))
+    }
+
+    /// A request for the streamed-body clients (HTTP/2, or hyper's HTTP/1.1), which take `Host`
+    /// or `:authority` from the URI.
+    fn request(&self, head: &Head<'_>, body: Body) -> Result<Request<Body>, Error> {
+        let uri = origin::absolute(&self.upstream.scheme, &self.upstream.authority, head.target)
+            .ok_or_else(|| Error::Failed(format!("request target {:?} is not a valid URI", head.target)))?;
+        let mut req = Request::new(body);
+        *req.method_mut() = head.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = head.headers.clone();
+        Ok(req)
+    }
+}
+
+fn origin_error(e: origin::Error) -> Error {
+    match e {
+        origin::Error::Http1(h1::Error::Busy(busy)) => Error::Busy(busy.to_string()),
+        e if e.is_connect() => Error::Unreachable(e.to_string()),
+        e => Error::Failed(e.to_string()),
+    }
+}
+
+/// Builds the clients of a configuration: routes to the same origin (scheme, host, port, CA and
+/// protocol) share its pools, and every upstream `host:port` has one set of connection slots.
+pub struct Clients {
+    limits: Limits,
+    slots: Arc<UpstreamSlots>,
+    pooled: pooled::Clients,
+    origins: HashMap<String, Arc<Origin>>,
+}
+
+impl Clients {
+    /// No clients yet, under `limits`.
+    pub fn new(limits: &Limits) -> Self {
+        Clients {
+            limits: limits.clone(),
+            slots: UpstreamSlots::new(limits.upstream_max_connections, limits.upstream_queue_timeout),
+            pooled: pooled::Clients::default(),
+            origins: HashMap::new(),
+        }
+    }
+
+    /// The client for `upstream`, trusting `ca_file` besides the public roots.
+    pub fn client(
+        &mut self,
+        upstream: &Upstream,
+        ca_file: Option<&PathBuf>,
+        protocol: UpstreamProtocol,
+    ) -> Result<Client, String> {
+        let pooled = self.pooled.get(&self.limits, ca_file, &self.slots).map_err(|e| e.to_string())?;
+        let https = upstream.scheme == http::uri::Scheme::HTTPS;
+        let key = format!(
+            "{}://{}|{}|{protocol:?}",
+            upstream.scheme,
+            upstream.authority.as_str().to_ascii_lowercase(),
+            ca_file.map(|p| p.display().to_string()).unwrap_or_default(),
+        );
+        let origin = match self.origins.get(&key) {
+            Some(o) => o.clone(),
+            None => {
+                let o = Arc::new(self.origin(
+                    upstream,
+                    ca_file,
+                    https && protocol == UpstreamProtocol::Auto,
+                    https,
+                )?);
+                self.origins.insert(key, o.clone());
+                o
+            }
+        };
+        Ok(Client { origin, pooled, upstream: upstream.clone() })
+    }
+
+    fn origin(
+        &self,
+        upstream: &Upstream,
+        ca_file: Option<&PathBuf>,
+        offer_h2: bool,
+        https: bool,
+    ) -> Result<Origin, String> {
+        let limits = &self.limits;
+        let max_head = usize::try_from(limits.max_header_size).unwrap_or(usize::MAX);
+        let alpn = if offer_h2 { origin::H2_OR_H1 } else { origin::H1_ONLY };
+        let tls = if https {
+            Some(
+                stream::Tls::new(upstream.authority.host(), ca_file.map(PathBuf::as_path), alpn)
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            None
+        };
+        let pool = Arc::new(h1::Pool::new(
+            &upstream.authority,
+            tls,
+            limits.upstream_connect_timeout,
+            limits.upstream_idle_timeout,
+            max_head,
+            &self.slots,
+        ));
+        pool.share_idle();
+        let h2 = offer_h2.then(|| super::h2::Connections::new(limits.upstream_idle_timeout, max_head));
+        Ok(Origin::new(pool, h2, upstream.scheme.clone(), upstream.authority.clone()))
+    }
+}
