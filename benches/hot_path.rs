@@ -58,7 +58,7 @@ fn header_rewrite(c: &mut Criterion) {
         b.iter_batched(
             || base.clone(),
             |mut h| {
-                tokengate::proxy::headers::rewrite_request(&mut h, &hop, token.clone());
+                tokengate::proxy::headers::rewrite_request(&mut h, &hop, Some(token.clone()));
                 h
             },
             criterion::BatchSize::SmallInput,

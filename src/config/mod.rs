@@ -8,6 +8,7 @@ mod client_auth;
 pub mod env;
 mod files;
 mod http_provider;
+mod inject;
 mod provider;
 mod source;
 mod value;
@@ -25,6 +26,7 @@ pub use client_auth::{
     MAX_ASSERTION_LIFETIME,
 };
 pub use http_provider::{BodySpec, HttpProvider, HttpRequestSpec};
+pub use inject::Inject;
 pub use provider::{
     AllowedUpstream, Assertion, ExchangeToken, Grant, OAuth2Provider, Provider, ProviderCommon,
     TokenEndpoint, TokenExchange, is_loopback,
@@ -341,6 +343,9 @@ pub struct RouteConfig {
     /// Headers set on every upstream request of this route (an API's tenant header, say).
     #[serde(default, deserialize_with = "provider::header_map")]
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Where the credential goes (default `Authorization: Bearer <token>`).
+    #[serde(default)]
+    pub inject: Inject,
 }
 
 fn yes() -> bool {

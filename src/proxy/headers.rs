@@ -75,8 +75,9 @@ fn is_path_override(name: &str) -> bool {
 
 /// Prepares the downstream request headers for the upstream: hop-by-hop headers, client
 /// credentials, path overrides and (from untrusted peers) forwarding claims removed, forwarding
-/// headers added, the token attached.
-pub fn rewrite_request(headers: &mut HeaderMap, hop: &Forwarding<'_>, authorization: HeaderValue) {
+/// headers added, the credential attached when it goes in `Authorization` (`None`: the caller
+/// attaches it elsewhere, and the client's `Authorization` is removed all the same).
+pub fn rewrite_request(headers: &mut HeaderMap, hop: &Forwarding<'_>, authorization: Option<HeaderValue>) {
     strip_hop_by_hop(headers);
     headers.remove(header::PROXY_AUTHORIZATION);
     // One pass over the names; most requests carry none of these.
@@ -135,7 +136,10 @@ pub fn rewrite_request(headers: &mut HeaderMap, hop: &Forwarding<'_>, authorizat
             }));
         }
     }
-    headers.insert(header::AUTHORIZATION, authorization);
+    match authorization {
+        Some(value) => headers.insert(header::AUTHORIZATION, value),
+        None => headers.remove(header::AUTHORIZATION),
+    };
 }
 
 /// The address as a header value.
@@ -233,7 +237,7 @@ mod tests {
             ("x-forwarded-for", "10.0.0.1"),
             ("accept", "application/json"),
         ]);
-        rewrite_request(&mut h, &hop(true, Default::default()), HeaderValue::from_static("Bearer T"));
+        rewrite_request(&mut h, &hop(true, Default::default()), Some(HeaderValue::from_static("Bearer T")));
         assert_eq!(h.get("authorization").unwrap(), "Bearer T");
         assert_eq!(h.get_all("authorization").iter().count(), 1);
         for gone in [
@@ -271,7 +275,7 @@ mod tests {
         rewrite_request(
             &mut h,
             &hop(false, crate::config::ForwardedFormat::Both),
-            HeaderValue::from_static("Bearer T"),
+            Some(HeaderValue::from_static("Bearer T")),
         );
         assert_eq!(h.get("x-forwarded-for").unwrap(), "127.0.0.1");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "tokengate");
@@ -285,7 +289,7 @@ mod tests {
         rewrite_request(
             &mut h,
             &hop(true, crate::config::ForwardedFormat::Rfc7239),
-            HeaderValue::from_static("Bearer T"),
+            Some(HeaderValue::from_static("Bearer T")),
         );
         assert_eq!(
             h.get("forwarded").unwrap(),

@@ -61,6 +61,8 @@ pub struct Route {
     logs: RouteLogs,
     // How requests reach the upstream.
     client: upstream::Client,
+    // Where the credential goes.
+    inject: crate::config::Inject,
 }
 
 /// Rate limits for the log lines a route's requests cause ([`crate::log::LogLimit`]).
@@ -126,6 +128,7 @@ impl Runtime {
                 require_client_cert: r.require_client_cert,
                 logs: RouteLogs::default(),
                 client,
+                inject: r.inject.clone(),
             };
             let route = Arc::new(route);
             let authority = route.upstream.authority.as_str().to_ascii_lowercase();
@@ -323,7 +326,8 @@ impl Proxy {
             format: runtime.access.forwarded,
             version,
         };
-        headers::rewrite_request(&mut parts.headers, &hop, token.header.clone());
+        let in_authorization = route.inject.is_default().then(|| token.header.clone());
+        headers::rewrite_request(&mut parts.headers, &hop, in_authorization);
         for (name, value) in &route.headers {
             parts.headers.insert(name, value.clone());
         }
@@ -355,6 +359,9 @@ impl Proxy {
             Payload::Streamed(_) => None,
         };
         let mut request = Outgoing { method: parts.method, target, headers: parts.headers };
+        if !route.inject.is_default() {
+            attach(&route.inject, &mut request, &token);
+        }
         let sent = Instant::now();
         let resp = self.send(runtime, route, &request, payload, &fault).await;
         notes.upstream_duration = Some(sent.elapsed());
@@ -371,7 +378,7 @@ impl Proxy {
                 self.count_401(route, "replayed");
                 notes.replayed = true;
                 drop(resp);
-                request.headers.insert(http::header::AUTHORIZATION, fresh.header.clone());
+                attach(&route.inject, &mut request, &fresh);
                 let sent = Instant::now();
                 let resp = self.send(runtime, route, &request, Payload::Buffered(bytes), &fault).await;
                 notes.upstream_duration = Some(sent.elapsed());
@@ -456,6 +463,54 @@ struct Outgoing {
     /// Path and query.
     target: String,
     headers: http::HeaderMap,
+}
+
+/// Puts the credential where `inject` says, replacing what the request carried there.
+fn attach(inject: &crate::config::Inject, request: &mut Outgoing, token: &crate::token::Token) {
+    use crate::config::Inject;
+    match inject {
+        Inject::Header { name, .. } if inject.is_default() => {
+            request.headers.insert(name, token.header.clone());
+        }
+        Inject::Header { name, .. } => {
+            let mut value = http::HeaderValue::from_str(&inject.value(token.value.expose()))
+                .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+            value.set_sensitive(true);
+            request.headers.insert(name, value);
+        }
+        Inject::Query { param, .. } => {
+            request.target = with_query_param(&request.target, param, &inject.value(token.value.expose()));
+        }
+    }
+}
+
+/// `target` with every `param` of its query (however the client spelled the name) replaced by
+/// one `param=value`, the value percent-encoded (a space as `%20`, as Corti's streams expect).
+fn with_query_param(target: &str, param: &str, value: &str) -> String {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut out = String::with_capacity(target.len() + param.len() + value.len() * 3 + 2);
+    out.push_str(path);
+    out.push('?');
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let name = pair.split('=').next().unwrap_or(pair);
+        let decoded: String = form_urlencoded::parse(name.as_bytes()).map(|(k, _)| k.into_owned()).collect();
+        if decoded != param {
+            out.push_str(pair);
+            out.push('&');
+        }
+    }
+    out.push_str(param);
+    out.push('=');
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(b"0123456789ABCDEF"[usize::from(b >> 4)]));
+            out.push(char::from(b"0123456789ABCDEF"[usize::from(b & 0xf)]));
+        }
+    }
+    out
 }
 
 /// An answer other than 401 (and not a server error, which says nothing about the credential)

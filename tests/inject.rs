@@ -1,0 +1,97 @@
+//! The credential goes where the API wants it: a header with a scheme or raw, or a query
+//! parameter; whatever the client sent there (or in `Authorization`) never reaches the upstream.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+
+/// tokengate with one route per `(prefix, inject)` to `up`.
+async fn routes(idp: &Idp, up: &Upstream, injects: &[(&str, &str)]) -> tokengate::server::Running {
+    let mut yaml = format!("{}routes:\n", idp.provider_yaml());
+    for (prefix, inject) in injects {
+        yaml.push_str(&format!(
+            "  - prefix: {prefix}\n    upstream: {}\n    provider: idp\n    inject: {inject}\n",
+            up.url()
+        ));
+    }
+    start(&yaml).await
+}
+
+#[tokio::test]
+async fn the_credential_goes_in_the_header_or_parameter_the_route_names() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = routes(
+        &idp,
+        &up,
+        &[
+            ("/raw", "{ header: X-Api-Key }"),
+            ("/key", "{ header: Authorization, scheme: Key }"),
+            ("/query", "{ query: token, scheme: Bearer }"),
+        ],
+    )
+    .await;
+    let send = async |path: &str| {
+        let r = client()
+            .get(format!("http://{}{path}", tg.proxy_addr))
+            .header("x-api-key", "client-key")
+            .header("authorization", "Basic Y2xpZW50OnNlY3JldA==")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        up.requests().pop().unwrap()
+    };
+    let token = |seen: &Seen| seen.header("x-api-key").unwrap_or_default();
+
+    let seen = send("/raw/x").await;
+    assert!(idp.valid(&format!("Bearer {}", token(&seen))), "{:?}", seen.headers);
+    assert_eq!(seen.header("authorization"), None, "the client's Authorization reached the upstream");
+
+    let seen = send("/key/x").await;
+    let value = seen.header("authorization").unwrap();
+    assert!(value.starts_with("Key ") && idp.valid(&value.replacen("Key ", "Bearer ", 1)), "{value}");
+    assert_eq!(seen.header("x-api-key").as_deref(), Some("client-key"), "other headers pass");
+
+    // The client's own token parameter, however spelled, is replaced; other parameters stay.
+    let seen = send("/query/streams?tenant-name=acme&token=client&t%6Fken=sneaky&x=1").await;
+    let query = seen.query.clone().unwrap();
+    let (kept, ours) = query.rsplit_once("&token=").unwrap();
+    assert_eq!(kept, "tenant-name=acme&x=1");
+    assert!(ours.starts_with("Bearer%20") && idp.valid(&ours.replace("%20", " ")), "{query}");
+    assert_eq!(seen.header("authorization"), None);
+}
+
+/// After an upstream 401, the replay carries the new token in the same place.
+#[tokio::test]
+async fn a_replay_after_a_401_puts_the_new_token_in_the_same_place() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    // Refuses the first request it sees, whatever it carries.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let addr = tokengate::demo::serve_fn(any(), move |req| {
+        let seen = s.clone();
+        async move {
+            let req = capture(req).await;
+            let mut seen = seen.lock().unwrap();
+            seen.push(req);
+            json(if seen.len() == 1 { 401 } else { 200 }, serde_json::json!({}))
+        }
+    })
+    .await
+    .unwrap();
+    let up = Upstream { addr, seen: seen.clone() };
+    let tg = routes(&idp, &up, &[("/q", "{ query: token, scheme: Bearer }")]).await;
+    let r = client().get(format!("http://{}/q/x?a=1", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    let token = |s: &Seen| s.query.clone().unwrap();
+    assert!(
+        token(&seen[0]).starts_with("a=1&token=Bearer%20")
+            && token(&seen[1]).starts_with("a=1&token=Bearer%20")
+    );
+    assert_ne!(token(&seen[0]), token(&seen[1]), "the replay did not carry the new token");
+    assert_eq!(token(&seen[1]).matches("token=").count(), 1);
+}
