@@ -220,6 +220,7 @@ live check (one token fetch per provider):"
                 format!("oauth2 grant {}, client_auth {}", o.grant.name(), o.client_auth.name())
             }
             Provider::Http(_) => "http login".to_owned(),
+            Provider::Static(_) => "static value".to_owned(),
         };
         let source =
             match tokengate::token::TokenSource::new(name, p, tokengate::metrics::Metrics::new(), None) {
@@ -304,6 +305,19 @@ fn describe(p: &Provider) -> String {
                 .as_ref()
                 .map_or_else(|| "no refresh".to_owned(), |r| format!("refresh {} {}", r.method, r.url));
             format!("http login {} {}, {refresh}", h.login.method, h.login.url)
+        }
+        Provider::Static(s) => {
+            use tokengate::config::static_provider::{Source, StaticValue};
+            let from = |s: &Source| match s {
+                Source::Inline(_) => "from the configuration".to_owned(),
+                Source::File(f) => format!("from {}", f.display()),
+            };
+            match &s.value {
+                StaticValue::Value(v) => format!("static value {}", from(v)),
+                StaticValue::Basic { username, password } => {
+                    format!("static Basic, username {username}, password {}", from(password))
+                }
+            }
         }
     }
 }

@@ -34,7 +34,10 @@ const PLACEHOLDERS: &[(&str, &str)] = &[
 
 fn tokengate(args: &[&str], secret_file: &std::path::Path) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tokengate"));
-    cmd.args(args).env_clear().env("SCREENING_EAGLE_CLIENT_SECRET_FILE", secret_file);
+    cmd.args(args)
+        .env_clear()
+        .env("SCREENING_EAGLE_CLIENT_SECRET_FILE", secret_file)
+        .env("SENSU_API_KEY_FILE", secret_file);
     // Files the secretless examples read at load time: a key and a projected token.
     let dir = secret_file.parent().unwrap();
     let key = dir.join("client.pem");

@@ -95,3 +95,62 @@ async fn a_replay_after_a_401_puts_the_new_token_in_the_same_place() {
     assert_ne!(token(&seen[0]), token(&seen[1]), "the replay did not carry the new token");
     assert_eq!(token(&seen[1]).matches("token=").count(), 1);
 }
+
+/// `type: static` providers: an API key from a file (read again at every refresh, so a rotated
+/// key is used without a reload) sent as `Authorization: Key`, and Basic from a username and a
+/// password file. `/tokens` shows their state, never the value.
+#[tokio::test]
+async fn static_credentials_from_files_go_where_inject_says() {
+    let up = Upstream::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("api-key");
+    std::fs::write(&key_file, "first-key-0123\n").unwrap();
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, "s3cret").unwrap();
+    let tg = start(&format!(
+        "providers:\n  sensu:\n    type: static\n    value_file: {}\n    allowed_upstreams: [\"{}\"]\n  basic:\n    type: static\n    username: app\n    password_file: {}\nroutes:\n  - prefix: /sensu\n    upstream: {1}\n    provider: sensu\n    inject: {{ header: Authorization, scheme: Key }}\n  - prefix: /basic\n    upstream: {1}\n    provider: basic\n    inject: {{ header: Authorization, scheme: Basic }}\n",
+        key_file.display(),
+        up.url(),
+        password_file.display()
+    ))
+    .await;
+    let auth = async |path: &str| {
+        let r = client().get(format!("http://{}{path}", tg.proxy_addr)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        up.requests().pop().unwrap().header("authorization").unwrap()
+    };
+    assert_eq!(auth("/sensu/api/core/v2/namespaces").await, "Key first-key-0123");
+    assert_eq!(auth("/basic/x").await, "Basic YXBwOnMzY3JldA==");
+
+    std::fs::write(&key_file, "second-key-4567\n").unwrap();
+    tg.proxy.runtime.load().providers["sensu"].refresh().await.unwrap();
+    assert_eq!(auth("/sensu/x").await, "Key second-key-4567");
+
+    let tokens =
+        client().get(format!("http://{}/tokens", tg.admin_addr)).send().await.unwrap().text().await.unwrap();
+    assert!(
+        tokens.contains("\"static\"") && !tokens.contains("second-key") && !tokens.contains("s3cret"),
+        "{tokens}"
+    );
+}
+
+#[test]
+fn a_static_provider_needs_exactly_one_value() {
+    let parse = |provider: &str| {
+        let yaml = format!(
+            "providers:\n  p:\n    type: static\n{provider}routes:\n  - prefix: /\n    upstream: https://api.example.com\n    provider: p\n"
+        );
+        tokengate::config::parse(&yaml, "t.yaml").map(|_| ()).map_err(|e| e.to_string())
+    };
+    assert_eq!(parse("    value: abc\n"), Ok(()));
+    for bad in [
+        "",
+        "    value: a\n    username: u\n    password: p\n",
+        "    username: u\n",
+        "    value: a\n    token_url: https://idp.example.com/t\n",
+        "    value_file: /nonexistent/key\n",
+    ] {
+        let err = parse(bad).unwrap_err();
+        assert!(err.contains("providers.p"), "{bad:?}: {err}");
+    }
+}

@@ -24,6 +24,7 @@ pub fn providers(providers: &crate::token::Providers) -> serde_json::Map<String,
             v["type"] = match p.config() {
                 crate::config::Provider::OAuth2(_) => "oauth2",
                 crate::config::Provider::Http(_) => "http",
+                crate::config::Provider::Static(_) => "static",
             }
             .into();
             (name.clone(), v)

@@ -11,6 +11,7 @@ mod http_provider;
 mod inject;
 mod provider;
 mod source;
+pub mod static_provider;
 mod value;
 
 use std::collections::{BTreeMap, HashSet};

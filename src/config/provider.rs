@@ -25,6 +25,8 @@ pub enum Provider {
     OAuth2(OAuth2Provider),
     /// A token API described by its login and refresh requests.
     Http(HttpProvider),
+    /// A credential that is not fetched (an API key, a username and password).
+    Static(super::static_provider::StaticProvider),
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -33,6 +35,8 @@ enum Kind {
     OAuth2,
     #[serde(rename = "http")]
     Http,
+    #[serde(rename = "static")]
+    Static,
 }
 
 impl Provider {
@@ -41,6 +45,7 @@ impl Provider {
         match self {
             Provider::OAuth2(p) => &p.common,
             Provider::Http(p) => &p.common,
+            Provider::Static(p) => &p.common,
         }
     }
 }
@@ -287,6 +292,8 @@ struct RawProvider {
     login: Option<RawHttpRequest>,
     refresh: Option<RawHttpRequest>,
     response: Option<RawResponse>,
+    value: Option<Text>,
+    value_file: Option<Text>,
 }
 
 #[derive(Deserialize)]
@@ -480,7 +487,11 @@ impl TryFrom<RawProvider> for Provider {
             ca_file: raw.ca_file.clone(),
             allowed_upstreams: raw.allowed_upstreams.clone(),
         };
+        if !matches!(raw.kind, Kind::Static) && (raw.value.is_some() || raw.value_file.is_some()) {
+            return Err("value and value_file apply to type: static".into());
+        }
         match raw.kind {
+            Kind::Static => static_provider(raw, common),
             Kind::OAuth2 => {
                 let http_only = [
                     ("login", raw.login.is_some()),
@@ -524,6 +535,35 @@ impl TryFrom<RawProvider> for Provider {
             }
         }
     }
+}
+
+fn static_provider(raw: RawProvider, common: RawCommon) -> Result<Provider, String> {
+    use super::static_provider::{self, Source};
+    let fetching = [
+        ("grant", raw.grant.is_some()),
+        ("token_url", raw.token_url.is_some()),
+        ("issuer", raw.issuer.is_some()),
+        ("client_id", raw.client_id.is_some()),
+        ("client_secret", raw.client_secret.is_some() || raw.client_secret_file.is_some()),
+        ("scopes", !raw.scopes.is_empty()),
+        ("login", raw.login.is_some()),
+        ("refresh", raw.refresh.is_some()),
+        ("refresh_token", raw.refresh_token.is_some() || raw.refresh_token_file.is_some()),
+        ("username_file", raw.username_file.is_some()),
+    ];
+    if let Some((key, _)) = fetching.iter().find(|(_, set)| *set) {
+        return Err(format!("{key} does not apply to type: static, which fetches nothing"));
+    }
+    let password = match (raw.password, raw.password_file) {
+        (Some(p), None) => Some(Source::Inline(Secret::new(p.0))),
+        (None, Some(f)) => Some(Source::File(client_auth::readable("password_file", PathBuf::from(f.0))?)),
+        (None, None) => None,
+        (Some(_), Some(_)) => return Err("password and password_file: set one".into()),
+    };
+    let (common, _) = common.build()?;
+    let username = raw.username.map(|t| t.0);
+    static_provider::build(raw.value.map(|t| t.0), raw.value_file.map(|t| t.0), username, password, common)
+        .map(Provider::Static)
 }
 
 fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {

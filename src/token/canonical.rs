@@ -95,6 +95,22 @@ pub fn encode(provider: &Provider) -> Vec<u8> {
             }
             e.headers(&p.headers);
         }
+        Provider::Static(p) => {
+            // Never shared (there is no IdP to spare), but encoded like any other.
+            use crate::config::static_provider::{Source, StaticValue};
+            e.field(b"type", b"static");
+            let source = |e: &mut Encoder, s: &Source| match s {
+                Source::Inline(v) => e.secret(b"value", v),
+                Source::File(f) => e.path(b"value_file", f),
+            };
+            match &p.value {
+                StaticValue::Value(s) => source(&mut e, s),
+                StaticValue::Basic { username, password } => {
+                    e.field(b"username", username.as_bytes());
+                    source(&mut e, password);
+                }
+            }
+        }
         Provider::Http(p) => {
             e.field(b"type", b"http");
             e.request(b"login", &p.login);

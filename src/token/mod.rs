@@ -82,13 +82,25 @@ pub struct Unavailable {
 enum Fetcher {
     OAuth2(oauth2::OAuth2Fetcher),
     Http(http_api::HttpFetcher),
+    Static(crate::config::static_provider::StaticValue),
 }
+
+/// How long a static credential is used before its file is read again.
+const STATIC_LIFETIME: Duration = Duration::from_secs(60);
 
 impl Fetcher {
     async fn fetch(&self, current: Option<&Token>) -> Result<Issued, FetchError> {
         match self {
             Fetcher::OAuth2(f) => f.fetch().await,
             Fetcher::Http(f) => f.fetch(current).await,
+            Fetcher::Static(v) => Ok(Issued {
+                access_token: v.read().map_err(FetchError::Credential)?,
+                lifetime: STATIC_LIFETIME,
+                lifetime_source: response::LifetimeSource::Default,
+                refresh_token: None,
+                scope: None,
+                server_date: None,
+            }),
         }
     }
 }
@@ -213,7 +225,10 @@ impl TokenSource {
                 let http = send::client(&p.common).map_err(|e| format!("provider {name}: {e}"))?;
                 Fetcher::Http(http_api::HttpFetcher::new(name, p.clone(), http))
             }
+            Provider::Static(p) => Fetcher::Static(p.value.clone()),
         };
+        // A static credential has no IdP to spare: nothing to share.
+        let shared = shared.filter(|_| !matches!(config, Provider::Static(_)));
         Ok(Arc::new(TokenSource {
             name: name.to_owned(),
             config: config.clone(),
@@ -540,13 +555,18 @@ impl TokenSource {
                 ..Health::default()
             };
         }
-        tracing::info!(
-            provider = %self.name,
-            lifetime_s = issued_lifetime.as_secs(),
-            refresh_in_s = refresh_in.as_secs(),
-            generation,
-            "token obtained"
-        );
+        if matches!(self.config, Provider::Static(_)) {
+            // Read again every minute: not news.
+            tracing::debug!(provider = %self.name, generation, "static credential read");
+        } else {
+            tracing::info!(
+                provider = %self.name,
+                lifetime_s = issued_lifetime.as_secs(),
+                refresh_in_s = refresh_in.as_secs(),
+                generation,
+                "token obtained"
+            );
+        }
         token
     }
 
