@@ -287,7 +287,7 @@ port, pid = int(sys.argv[1]), sys.argv[2]
 conns = []
 for _ in range(1000):
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"GET /small HTTP/1.1\r\nhost: bench\r\n\r\n")
+    s.sendall(b"GET /small HTTP/1.1\r\nhost: localhost\r\n\r\n")
     conns.append(s)
 for s in conns:
     got = b""
