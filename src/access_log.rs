@@ -450,7 +450,7 @@ fn json(out: &mut Vec<u8>, r: &Record<'_>) {
 
 /// A JSON string with everything outside printable ASCII escaped as `\uXXXX`: U+2028, U+0085,
 /// bidirectional overrides and the like are valid JSON but break lines or mislead in the viewers
-/// logs are read with.
+/// logs are read with. Hand-written: serde_json writes them as UTF-8 and has no ASCII-only mode.
 fn json_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let mut rest = s;

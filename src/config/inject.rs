@@ -33,9 +33,10 @@ impl Default for Inject {
 }
 
 impl Inject {
-    /// `Authorization: Bearer`, whose header value each token carries ready-made.
+    /// `Authorization: Bearer`, whose header value each token carries ready-made. Asked on every
+    /// request: compares without building the default.
     pub fn is_default(&self) -> bool {
-        *self == Inject::default()
+        matches!(self, Inject::Header { name, scheme: Some(s) } if name == http::header::AUTHORIZATION && s == "Bearer")
     }
 
     /// The value sent for `token`.
@@ -48,20 +49,9 @@ impl Inject {
     }
 }
 
-/// Headers a credential may not go in: the message's framing and routing, and hop-by-hop ones.
-const RESERVED: [&str; 11] = [
-    "host",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-];
+/// Headers a credential may not go in besides the hop-by-hop ones: the message's framing and
+/// routing, and the proxy's own credentials.
+const RESERVED: [&str; 4] = ["host", "content-length", "proxy-authorization", "proxy-authenticate"];
 
 impl<'de> Deserialize<'de> for Inject {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -87,7 +77,7 @@ fn parse(header: Option<String>, query: Option<String>, scheme: Option<String>) 
         (Some(h), None) => {
             let name =
                 HeaderName::from_bytes(h.as_bytes()).map_err(|_| format!("{h:?} is not a header name"))?;
-            if RESERVED.contains(&name.as_str()) {
+            if RESERVED.contains(&name.as_str()) || super::provider::HOP_BY_HOP.contains(&name.as_str()) {
                 return Err(format!("the credential cannot go in {h}: it frames or routes the request"));
             }
             Ok(Inject::Header { name, scheme })

@@ -448,7 +448,7 @@ impl RawCommon {
     }
 }
 
-const HOP_BY_HOP: [&str; 7] =
+pub(super) const HOP_BY_HOP: [&str; 7] =
     ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"];
 
 /// `deserialize_with` for a map of extra headers.

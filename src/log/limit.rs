@@ -13,19 +13,34 @@ use std::time::{Duration, Instant};
 /// At most one line per this period from one [`LogLimit`].
 pub const PERIOD: Duration = Duration::from_secs(1);
 
-/// Admits one event per [`PERIOD`] and counts the others, for one kind of event in one place
-/// (one route, one provider), so one route's outage cannot hide another route's.
-#[derive(Debug, Default)]
+/// Admits one event per [`PERIOD`] (or the period it was made with) and counts the others, for
+/// one kind of event in one place (one route, one provider), so one route's outage cannot hide
+/// another route's. Also the gate for anything else done at most once a period.
+#[derive(Debug)]
 pub struct LogLimit {
     /// Milliseconds since [`epoch`] before which events are held back.
     next_ms: AtomicU64,
     held: AtomicU64,
+    period_ms: u64,
+}
+
+impl Default for LogLimit {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl LogLimit {
     /// A limit that admits the next event; `const`, for a `static` one.
     pub const fn new() -> Self {
-        LogLimit { next_ms: AtomicU64::new(0), held: AtomicU64::new(0) }
+        Self::every(PERIOD)
+    }
+
+    /// A limit of one event per `period`.
+    pub const fn every(period: Duration) -> Self {
+        let period_ms = period.as_millis();
+        let period_ms = if period_ms > u64::MAX as u128 { u64::MAX } else { period_ms as u64 };
+        LogLimit { next_ms: AtomicU64::new(0), held: AtomicU64::new(0), period_ms }
     }
 
     /// `Some(n)` when this event may be logged, `n` being how many were held back since the
@@ -37,7 +52,7 @@ impl LogLimit {
 
     fn admit_at(&self, now_ms: u64) -> Option<u64> {
         let next = self.next_ms.load(Ordering::Relaxed);
-        let period = u64::try_from(PERIOD.as_millis()).unwrap_or(u64::MAX);
+        let period = self.period_ms;
         // Of events racing on several workers, one wins the slot.
         if now_ms < next
             || self

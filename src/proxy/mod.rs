@@ -326,7 +326,8 @@ impl Proxy {
             format: runtime.access.forwarded,
             version,
         };
-        let in_authorization = route.inject.is_default().then(|| token.header.clone());
+        let default_inject = route.inject.is_default();
+        let in_authorization = default_inject.then(|| token.header.clone());
         headers::rewrite_request(&mut parts.headers, &hop, in_authorization);
         for (name, value) in &route.headers {
             parts.headers.insert(name, value.clone());
@@ -359,7 +360,7 @@ impl Proxy {
             Payload::Streamed(_) => None,
         };
         let mut request = Outgoing { method: parts.method, target, headers: parts.headers };
-        if !route.inject.is_default() {
+        if !default_inject {
             attach(&route.inject, &mut request, &token);
         }
         let sent = Instant::now();
@@ -484,6 +485,10 @@ fn attach(inject: &crate::config::Inject, request: &mut Outgoing, token: &crate:
     }
 }
 
+/// Everything but the unreserved characters of RFC 3986 is percent-encoded in a query value.
+const QUERY_VALUE: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
 /// `target` with every `param` of its query (however the client spelled the name) replaced by
 /// one `param=value`, the value percent-encoded (a space as `%20`, as Corti's streams expect).
 fn with_query_param(target: &str, param: &str, value: &str) -> String {
@@ -501,15 +506,7 @@ fn with_query_param(target: &str, param: &str, value: &str) -> String {
     }
     out.push_str(param);
     out.push('=');
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push('%');
-            out.push(char::from(b"0123456789ABCDEF"[usize::from(b >> 4)]));
-            out.push(char::from(b"0123456789ABCDEF"[usize::from(b & 0xf)]));
-        }
-    }
+    out.extend(percent_encoding::utf8_percent_encode(value, QUERY_VALUE));
     out
 }
 

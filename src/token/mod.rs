@@ -157,9 +157,8 @@ pub struct TokenSource {
     shared: Option<(Arc<shared::SharedCache>, String)>,
     // Told when another replica stored a token in the shared cache.
     announced: Arc<Notify>,
-    // When requests last looked in the shared cache during a backoff (ms since `created`).
-    peeked_ms: AtomicU64,
-    created: Instant,
+    // Requests during a backoff look in the shared cache at most once per PEEK_EVERY.
+    peeks: LogLimit,
     // Every request an upstream answers 401 while refreshes back off would log a line.
     backing_off_logs: LogLimit,
 }
@@ -247,8 +246,7 @@ impl TokenSource {
                 (s, key)
             }),
             announced: Arc::new(Notify::new()),
-            peeked_ms: AtomicU64::new(0),
-            created: Instant::now(),
+            peeks: LogLimit::every(PEEK_EVERY),
             backing_off_logs: LogLimit::default(),
         }))
     }
@@ -307,12 +305,17 @@ impl TokenSource {
         if let Some(t) = self.usable() {
             return Ok(t);
         }
-        let quiet = self.health.lock().ok().and_then(|h| h.quiet_until);
-        if quiet.is_some_and(|q| Instant::now() < q) {
+        if self.backing_off() {
             // Another replica may have a token already: no need to wait out the backoff.
             return self.adopt_shared(true).await.ok_or_else(|| self.unavailable());
         }
         self.fetch(false).await
+    }
+
+    /// After a failure, requests get an answer at once until the retry delay has passed.
+    fn backing_off(&self) -> bool {
+        let quiet = self.health.lock().ok().and_then(|h| h.quiet_until);
+        quiet.is_some_and(|q| Instant::now() < q)
     }
 
     /// [`TokenSource::get`], waiting at most `wait` for a fetch (an IdP that hangs instead of
@@ -321,17 +324,25 @@ impl TokenSource {
         if let Some(t) = self.usable() {
             return Ok(t);
         }
-        let me = Arc::clone(self);
-        let fetch = tokio::spawn(async move { me.get().await });
-        match tokio::time::timeout(wait, fetch).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_panicked)) => Err(self.unavailable()),
-            Err(_) => Err(Unavailable {
+        let waited = if self.backing_off() {
+            // No fetch is awaited (at most a bounded look in the shared cache): no task either.
+            tokio::time::timeout(wait, self.get()).await
+        } else {
+            // The fetch runs in a task of its own, so it goes on when this request stops waiting.
+            let me = Arc::clone(self);
+            let fetch = tokio::spawn(async move { me.get().await });
+            tokio::time::timeout(wait, async {
+                fetch.await.unwrap_or_else(|_panicked| Err(self.unavailable()))
+            })
+            .await
+        };
+        waited.unwrap_or_else(|_| {
+            Err(Unavailable {
                 provider: self.name.clone(),
                 reason: format!("the identity provider has not answered within {} ms", wait.as_millis()),
                 retry_in: Duration::from_secs(1),
-            }),
-        }
+            })
+        })
     }
 
     /// Installs a token another replica stored in the shared cache, if it is newer than ours.
@@ -339,18 +350,8 @@ impl TokenSource {
     /// look).
     async fn adopt_shared(&self, limited: bool) -> Option<Arc<Token>> {
         let (cache, key) = self.shared.as_ref()?;
-        if limited {
-            let now = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX);
-            let last = self.peeked_ms.load(Ordering::Relaxed);
-            let due = last == 0 || now >= last + PEEK_EVERY.as_millis() as u64;
-            if !due
-                || self
-                    .peeked_ms
-                    .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                    .is_err()
-            {
-                return None;
-            }
+        if limited && self.peeks.admit().is_none() {
+            return None;
         }
         let current = self.current.load_full();
         let margin = self.config.common().refresh_margin;
@@ -507,12 +508,14 @@ impl TokenSource {
     fn install(&self, issued: Issued, sent: Instant) -> Arc<Token> {
         let now = Instant::now();
         let mut expires_at = sent + issued.lifetime;
+        let mut shortened = false;
         if let Some(exp) = jwt::expiry(issued.access_token.expose()) {
             let left = exp - SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
             // `exp` counts whole seconds: only a difference beyond that resolution counts.
             let by_exp = now + Duration::from_secs_f64(left.clamp(0.0, 1e9));
             if left.is_finite() && left >= 1.0 && by_exp + Duration::from_secs(1) < expires_at {
                 expires_at = by_exp;
+                shortened = true;
             }
         }
         // What is left of it, which schedules the refresh; the margin follows the whole lifetime.
@@ -536,7 +539,7 @@ impl TokenSource {
             usable_until: now + lifetime.saturating_sub(schedule::expiry_skew(lifetime)),
             refresh_at: now + refresh_in,
             // As issued, unless the JWT's own exp cut it short.
-            lifetime: if expires_at < sent + issued.lifetime { lifetime } else { issued.lifetime },
+            lifetime: if shortened { lifetime } else { issued.lifetime },
             lifetime_source: issued.lifetime_source,
             scope: issued.scope,
             generation,
