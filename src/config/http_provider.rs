@@ -10,7 +10,6 @@ use serde::Deserialize;
 use super::provider::{ProviderCommon, endpoint_url, headers, secret};
 use super::value::Text;
 use crate::secret::Secret;
-use crate::token::response::FieldMap;
 
 /// A declarative token API.
 #[derive(Debug, Clone, PartialEq)]
@@ -153,6 +152,37 @@ pub(super) fn build(
     }
     let refresh = refresh.map(|r| r.build("refresh", allow_insecure_http)).transpose()?;
     Ok(HttpProvider { login, refresh, response: response.unwrap_or_default().build(), common })
+}
+
+/// Names of the JSON fields of a token response; dotted names reach into nested objects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldMap {
+    /// Field holding the access token.
+    pub access_token: String,
+    /// Field with the lifetime in seconds, if the response has one.
+    pub expires_in: Option<String>,
+    /// Field with the absolute expiry in epoch seconds, if the response has one.
+    pub expires_at: Option<String>,
+    /// Field with the refresh token.
+    pub refresh_token: Option<String>,
+    /// Field with the token type, checked to be Bearer when present.
+    pub token_type: Option<String>,
+    /// Field with the granted scope.
+    pub scope: Option<String>,
+}
+
+impl FieldMap {
+    /// RFC 6749 §5.1 names.
+    pub fn oauth2() -> Self {
+        FieldMap {
+            access_token: "access_token".into(),
+            expires_in: Some("expires_in".into()),
+            expires_at: None,
+            refresh_token: Some("refresh_token".into()),
+            token_type: Some("token_type".into()),
+            scope: Some("scope".into()),
+        }
+    }
 }
 
 #[cfg(test)]

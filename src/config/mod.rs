@@ -26,6 +26,7 @@ pub use client_auth::{
     AssertionSettings, Audience, ClientAuth, IdentityFiles, JWT_BEARER_ASSERTION, KeyFile,
     MAX_ASSERTION_LIFETIME,
 };
+pub use http_provider::FieldMap;
 pub use http_provider::{BodySpec, HttpProvider, HttpRequestSpec};
 pub use inject::Inject;
 pub use provider::{
