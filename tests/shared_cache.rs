@@ -211,8 +211,13 @@ async fn a_replica_in_backoff_takes_the_token_another_stored() {
     // Failures push B's retries seconds apart.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(status(&b, "/b").await, 503);
-    let retry_in = token_state(&b).await["refresh_in_seconds"].as_u64().unwrap_or(0);
-    assert!(retry_in >= 1, "B's next retry is due at once; the test needs it later");
+    // Right after one of B's retries failed, its next one is seconds away: the window below
+    // (900 ms) then shows B taking A's token, not fetching one itself.
+    let waiting = Instant::now();
+    while token_state(&b).await["refresh_in_seconds"].as_u64().unwrap_or(0) < 2 {
+        assert!(waiting.elapsed() < Duration::from_secs(10), "B's retries never came 2 s apart");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     idp.down.store(false, Ordering::SeqCst);
     let a = replica(&url, &idp, &up, "").await;
     wait_ready(&a).await;
