@@ -154,3 +154,40 @@ fn a_static_provider_needs_exactly_one_value() {
         assert!(err.contains("providers.p"), "{bad:?}: {err}");
     }
 }
+
+/// A token whose `token_type` is not Bearer is refused on routes that would send it as Bearer by
+/// default, and sent where a route says how.
+#[tokio::test]
+async fn a_token_type_other_than_bearer_goes_only_where_a_route_says_how() {
+    let opts = IdpOptions { token_type: "MAC", ..IdpOptions::default() };
+    let (stated, unstated) = (Idp::start(opts.clone()).await, Idp::start(opts).await);
+    let up = Upstream::start(None).await;
+    let provider = |name: &str, idp: &Idp| {
+        format!(
+            "  {name}:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\n",
+            idp.token_url()
+        )
+    };
+    let yaml = format!(
+        "providers:\n{}{}routes:\n  - prefix: /mac\n    upstream: {u}\n    provider: stated\n    inject: {{ header: Authorization, scheme: MAC }}\n  - prefix: /default\n    upstream: {u}\n    provider: unstated\n",
+        provider("stated", &stated),
+        provider("unstated", &unstated),
+        u = up.url()
+    );
+    let tg = start(&yaml).await;
+
+    let r = client().get(format!("http://{}/mac/x", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let value = up.requests().pop().unwrap().header("authorization").unwrap();
+    assert!(stated.valid(&value.replacen("MAC ", "Bearer ", 1)), "{value}");
+
+    let r = client().get(format!("http://{}/default/x", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "token_unavailable", "{body}");
+    let url = format!("http://{}/tokens", tg.admin_addr);
+    let tokens: serde_json::Value = client().get(url).send().await.unwrap().json().await.unwrap();
+    let error = tokens["providers"]["unstated"]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("token_type \"MAC\"") && error.contains("inject"), "{tokens}");
+    assert_eq!(up.requests().len(), 1, "nothing was sent with the wrong scheme");
+}

@@ -345,9 +345,9 @@ pub struct RouteConfig {
     /// Headers set on every upstream request of this route (an API's tenant header, say).
     #[serde(default, deserialize_with = "provider::header_map")]
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
-    /// Where the credential goes (default `Authorization: Bearer <token>`).
+    /// Where the credential goes; `None` (not written) is `Authorization: Bearer <token>`.
     #[serde(default)]
-    pub inject: Inject,
+    pub inject: Option<Inject>,
 }
 
 fn yes() -> bool {
@@ -767,6 +767,12 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
                 format!("prefix {:?} is used by an earlier route", route.prefix.as_str()),
             ));
         }
+    }
+    // A token whose `token_type` is not Bearer is sent only where a route says how (`inject`):
+    // sent as Bearer by default, it would be a different credential than the IdP issued.
+    for (name, provider) in &mut config.providers {
+        provider.common_mut().any_token_type =
+            config.routes.iter().filter(|r| r.provider.0 == *name).all(|r| r.inject.is_some());
     }
     for (i, route) in config.routes.iter().enumerate() {
         if route.require_api_key == Some(true) && config.access.api_keys.is_none() {

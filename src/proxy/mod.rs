@@ -128,7 +128,7 @@ impl Runtime {
                 require_client_cert: r.require_client_cert,
                 logs: RouteLogs::default(),
                 client,
-                inject: r.inject.clone(),
+                inject: r.inject.clone().unwrap_or_default(),
             };
             let route = Arc::new(route);
             let authority = route.upstream.authority.as_str().to_ascii_lowercase();

@@ -39,7 +39,9 @@ pub enum FetchError {
     #[error("malformed token response: {0}")]
     Malformed(String),
     /// `token_type` is something other than Bearer.
-    #[error("unsupported token_type {0:?}: only Bearer tokens can be injected")]
+    #[error(
+        "unsupported token_type {0:?}: sent as `Authorization: Bearer` it would not be the credential the IdP issued; say how to send it with `inject` on every route using this provider"
+    )]
     UnsupportedTokenType(String),
     /// A key, certificate, assertion or exchange token file cannot be used.
     #[error("{0}")]

@@ -280,7 +280,7 @@ impl OAuth2Fetcher {
             return Err(response::parse_error(reply.status.as_u16(), &reply.body, reply.retry_after)
                 .redact(&redactor));
         }
-        response::parse_success(&reply.body, &FieldMap::oauth2(), reply.date, self.config.common.default_ttl)
+        response::parse_success(&reply.body, &FieldMap::oauth2(), reply.date, &self.config.common)
             .map_err(|e| e.redact(&redactor))
     }
 

@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use super::error::{FetchError, tidy};
 use super::jwt;
+use crate::config::ProviderCommon;
 use crate::secret::Secret;
 
 /// Longest access token taken. The largest real ones (Entra ID with group claims) stay under
@@ -66,13 +67,15 @@ fn unix_now() -> f64 {
 ///
 /// The lifetime is taken from `expires_in`, else `expires_at` (relative to the reply's `Date`, so
 /// a skewed local clock does not matter), else the JWT `exp`, else `default_ttl`. A stated lifetime
-/// of zero or less is treated as unknown, never as "forever".
+/// of zero or less is treated as unknown, never as "forever". A `token_type` other than Bearer
+/// is refused unless `common.any_token_type`.
 pub fn parse_success(
     body: &[u8],
     map: &FieldMap,
     date: Option<SystemTime>,
-    default_ttl: Duration,
+    common: &ProviderCommon,
 ) -> Result<Issued, FetchError> {
+    let default_ttl = common.default_ttl;
     let json: Value = serde_json::from_slice(body).map_err(|_| {
         let start = String::from_utf8_lossy(&body[..body.len().min(40)]).to_string();
         FetchError::Malformed(if start.trim_start().starts_with('<') {
@@ -106,7 +109,9 @@ pub fn parse_success(
             map.access_token
         )));
     }
-    if let Some(tt) = map.token_type.as_deref().and_then(|f| field(&json, f)) {
+    if let Some(tt) = map.token_type.as_deref().and_then(|f| field(&json, f))
+        && !common.any_token_type
+    {
         let tt = tt.as_str().unwrap_or_default();
         if !tt.eq_ignore_ascii_case("bearer") {
             return Err(FetchError::UnsupportedTokenType(tidy(tt)));
@@ -195,8 +200,19 @@ mod tests {
 
     const TTL: Duration = Duration::from_secs(300);
 
+    fn common(any_token_type: bool) -> ProviderCommon {
+        ProviderCommon {
+            timeout: Duration::from_secs(5),
+            refresh_margin: None,
+            default_ttl: TTL,
+            ca_file: None,
+            allowed_upstreams: Vec::new(),
+            any_token_type,
+        }
+    }
+
     fn ok(body: &str) -> Result<Issued, FetchError> {
-        parse_success(body.as_bytes(), &FieldMap::oauth2(), None, TTL)
+        parse_success(body.as_bytes(), &FieldMap::oauth2(), None, &common(false))
     }
 
     #[test]
@@ -246,6 +262,13 @@ mod tests {
             Err(FetchError::UnsupportedTokenType(_))
         ));
         assert!(matches!(ok(r#"{"access_token":"a b"}"#), Err(FetchError::Malformed(_))));
+        let stated = parse_success(
+            br#"{"access_token":"a","token_type":"mac"}"#,
+            &FieldMap::oauth2(),
+            None,
+            &common(true),
+        );
+        assert_eq!(stated.unwrap().access_token.expose(), "a", "routes say how to send it");
         assert!(matches!(ok(r#"{"access_token":"a","expires_in":"soon"}"#), Err(FetchError::Malformed(_))));
     }
 

@@ -75,6 +75,8 @@ pub struct IdpOptions {
     pub lifetime: Duration,
     pub delay: Duration,
     pub required_scope: Option<String>,
+    /// The `token_type` of every reply.
+    pub token_type: &'static str,
 }
 
 impl Default for IdpOptions {
@@ -86,6 +88,7 @@ impl Default for IdpOptions {
             lifetime: Duration::from_secs(3600),
             delay: Duration::ZERO,
             required_scope: None,
+            token_type: "Bearer",
         }
     }
 }
@@ -151,7 +154,7 @@ impl Idp {
                     200,
                     serde_json::json!({
                         "access_token": token,
-                        "token_type": "Bearer",
+                        "token_type": opts.token_type,
                         "expires_in": opts.lifetime.as_secs_f64().round() as u64,
                     }),
                 )
