@@ -426,6 +426,7 @@ mod tests {
                 default_ttl: Duration::from_secs(300),
                 ca_file: None,
                 allowed_upstreams: vec![],
+                any_token_type: false,
             },
         }
     }
