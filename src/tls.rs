@@ -39,6 +39,12 @@ pub struct Identity {
     key: rustls::pki_types::PrivateKeyDer<'static>,
 }
 
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity { certs: self.certs.clone(), key: self.key.clone_key() }
+    }
+}
+
 impl Identity {
     /// Reads a PEM certificate chain (leaf first) and a PEM private key, and checks that they
     /// belong together.

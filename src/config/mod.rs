@@ -327,6 +327,13 @@ pub struct RouteConfig {
     /// How requests reach an `https://` upstream (plain `http://` is always HTTP/1.1).
     #[serde(default)]
     pub upstream_protocol: UpstreamProtocol,
+    /// A client certificate (PEM chain, leaf first) presented to an `https://` upstream that
+    /// asks for one; with `client_key_file`.
+    #[serde(default, deserialize_with = "value::opt_path")]
+    pub client_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `client_cert_file`.
+    #[serde(default, deserialize_with = "value::opt_path")]
+    pub client_key_file: Option<PathBuf>,
     /// Client address blocks allowed on this route, in addition to the listener's list.
     #[serde(default)]
     pub allow: Vec<Cidr>,
@@ -505,6 +512,17 @@ impl RouteConfig {
     /// The label for metrics and logs.
     pub fn label(&self) -> &str {
         self.name.as_ref().map_or(self.prefix.as_str(), |n| n.0.as_str())
+    }
+
+    /// The client certificate presented to the upstream, if any (the load checks that both
+    /// files are named together).
+    pub fn client_identity(&self) -> Option<IdentityFiles> {
+        match (&self.client_cert_file, &self.client_key_file) {
+            (Some(cert_file), Some(key_file)) => {
+                Some(IdentityFiles { cert_file: cert_file.clone(), key_file: key_file.clone() })
+            }
+            _ => None,
+        }
     }
 }
 
@@ -781,6 +799,21 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
                 "no keys are configured; add access.api_keys".into(),
             ));
         }
+        match (&route.client_cert_file, &route.client_key_file) {
+            (Some(_), None) => {
+                return Err(invalid(format!("routes[{i}].client_cert_file"), "needs client_key_file".into()));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(format!("routes[{i}].client_key_file"), "needs client_cert_file".into()));
+            }
+            (Some(_), Some(_)) if route.upstream.scheme != http::uri::Scheme::HTTPS => {
+                return Err(invalid(
+                    format!("routes[{i}].client_cert_file"),
+                    format!("a client certificate needs TLS; the upstream {} is plain http", route.upstream),
+                ));
+            }
+            _ => {}
+        }
         if route.require_client_cert && config.tls.as_ref().is_none_or(|t| t.client_ca_file.is_none()) {
             return Err(invalid(
                 format!("routes[{i}].require_client_cert"),
@@ -818,7 +851,9 @@ fn named_files(config: &Config, mut files: Vec<PathBuf>) -> Vec<PathBuf> {
         files.extend([tls.cert_file.clone(), tls.key_file.clone()]);
         files.extend(tls.client_ca_file.clone());
     }
-    files.extend(config.routes.iter().filter_map(|r| r.ca_file.clone()));
+    for r in &config.routes {
+        files.extend(r.ca_file.iter().chain(&r.client_cert_file).chain(&r.client_key_file).cloned());
+    }
     files.extend(config.providers.values().filter_map(|p| p.common().ca_file.clone()));
     let mut seen = HashSet::new();
     files.retain(|f| seen.insert(f.clone()));

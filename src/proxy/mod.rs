@@ -110,7 +110,7 @@ impl Runtime {
                 .cloned()
                 .ok_or_else(|| format!("route {}: unknown provider {}", r.label(), r.provider.0))?;
             let client = clients
-                .client(&r.upstream, r.ca_file.as_ref(), r.upstream_protocol)
+                .client(&r.upstream, r.ca_file.as_ref(), r.client_identity().as_ref(), r.upstream_protocol)
                 .map_err(|e| format!("route {}: {e}", r.label()))?;
             let route = Route {
                 label: r.label().to_owned(),

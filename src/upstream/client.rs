@@ -13,7 +13,7 @@ use super::h1::{self, Head};
 use super::limit::{self, UpstreamSlots};
 use super::origin::{self, Origin};
 use super::{Body, hop, pooled, stream};
-use crate::config::{Limits, Upstream, UpstreamProtocol};
+use crate::config::{IdentityFiles, Limits, Upstream, UpstreamProtocol};
 
 /// Why an upstream exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -130,17 +130,28 @@ impl Clients {
         }
     }
 
-    /// The client for `upstream`, trusting `ca_file` besides the public roots.
+    /// The client for `upstream`, trusting `ca_file` besides the public roots and presenting
+    /// the certificate of `identity` when the upstream asks for one. The identity's files are
+    /// read now: a reload after they change builds new connections with the new certificate,
+    /// while those in flight finish on the old one.
     pub fn client(
         &mut self,
         upstream: &Upstream,
         ca_file: Option<&PathBuf>,
+        identity: Option<&IdentityFiles>,
         protocol: UpstreamProtocol,
     ) -> Result<Client, String> {
-        let pooled = self.pooled.get(&self.limits, ca_file, &self.slots).map_err(|e| e.to_string())?;
+        let loaded = identity.map(IdentityFiles::load).transpose()?;
+        let identity_key = identity
+            .map(|i| format!("{}|{}", i.cert_file.display(), i.key_file.display()))
+            .unwrap_or_default();
+        let pooled = self
+            .pooled
+            .get(&self.limits, ca_file, loaded.clone().map(|id| (identity_key.as_str(), id)), &self.slots)
+            .map_err(|e| e.to_string())?;
         let https = upstream.scheme == http::uri::Scheme::HTTPS;
         let key = format!(
-            "{}://{}|{}|{protocol:?}",
+            "{}://{}|{}|{identity_key}|{protocol:?}",
             upstream.scheme,
             upstream.authority.as_str().to_ascii_lowercase(),
             ca_file.map(|p| p.display().to_string()).unwrap_or_default(),
@@ -151,6 +162,7 @@ impl Clients {
                 let o = Arc::new(self.origin(
                     upstream,
                     ca_file,
+                    loaded,
                     https && protocol == UpstreamProtocol::Auto,
                     https,
                 )?);
@@ -165,6 +177,7 @@ impl Clients {
         &self,
         upstream: &Upstream,
         ca_file: Option<&PathBuf>,
+        identity: Option<crate::tls::Identity>,
         offer_h2: bool,
         https: bool,
     ) -> Result<Origin, String> {
@@ -173,7 +186,7 @@ impl Clients {
         let alpn = if offer_h2 { origin::H2_OR_H1 } else { origin::H1_ONLY };
         let tls = if https {
             Some(
-                stream::Tls::new(upstream.authority.host(), ca_file.map(PathBuf::as_path), alpn)
+                stream::Tls::new(upstream.authority.host(), ca_file.map(PathBuf::as_path), identity, alpn)
                     .map_err(|e| e.to_string())?,
             )
         } else {

@@ -54,25 +54,34 @@ fn client(limits: &Limits, tls: rustls::ClientConfig, slots: &Arc<UpstreamSlots>
         .build(connector)
 }
 
-/// Clients keyed by CA file, so routes with the same trust share one pool.
+/// Clients keyed by their TLS settings (CA file, client certificate files), so routes with the
+/// same trust and identity share one pool.
 #[derive(Default)]
-pub struct Clients(HashMap<Option<PathBuf>, WorkerClients>);
+pub struct Clients(HashMap<String, WorkerClients>);
 
 impl Clients {
-    /// The client for `ca_file`, built on first use.
+    /// The client for `ca_file` presenting `identity` (read from `identity_key`'s files), built
+    /// on first use.
     pub fn get(
         &mut self,
         limits: &Limits,
         ca_file: Option<&PathBuf>,
+        identity: Option<(&str, crate::tls::Identity)>,
         slots: &Arc<UpstreamSlots>,
     ) -> Result<WorkerClients, crate::tls::TlsError> {
-        if let Some(c) = self.0.get(&ca_file.cloned()) {
+        let key = format!(
+            "{}|{}",
+            ca_file.map(|p| p.display().to_string()).unwrap_or_default(),
+            identity.as_ref().map_or("", |(k, _)| k)
+        );
+        if let Some(c) = self.0.get(&key) {
             return Ok(c.clone());
         }
         // hyper-rustls sets ALPN (h2, http/1.1) itself from enable_all_versions().
-        let tls = crate::tls::client_config(ca_file.map(PathBuf::as_path), &[])?;
+        let tls =
+            crate::tls::client_config_with(ca_file.map(PathBuf::as_path), &[], identity.map(|(_, id)| id))?;
         let c = WorkerClients((0..super::h1::SHARDS).map(|_| client(limits, tls.clone(), slots)).collect());
-        self.0.insert(ca_file.cloned(), c.clone());
+        self.0.insert(key, c.clone());
         Ok(c)
     }
 }

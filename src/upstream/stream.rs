@@ -22,14 +22,15 @@ pub struct Tls {
 }
 
 impl Tls {
-    /// TLS to `host`, trusting the public roots and `ca_file`, offering `alpn` (in order of
-    /// preference).
+    /// TLS to `host`, trusting the public roots and `ca_file`, presenting `identity` when the
+    /// upstream asks for a client certificate, offering `alpn` (in order of preference).
     pub fn new(
         host: &str,
         ca_file: Option<&std::path::Path>,
+        identity: Option<crate::tls::Identity>,
         alpn: &[&[u8]],
     ) -> Result<Self, crate::tls::TlsError> {
-        let config = crate::tls::client_config(ca_file, alpn)?;
+        let config = crate::tls::client_config_with(ca_file, alpn, identity)?;
         // An IP literal in brackets (`[::1]`) is a name without them.
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let name = rustls::pki_types::ServerName::try_from(bare.to_owned()).map_err(|e| {
