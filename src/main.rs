@@ -231,6 +231,7 @@ live check (one token fetch per provider):"
                     continue;
                 }
             };
+        source.accept_any_token_type(config.any_token_type(name));
         let started = std::time::Instant::now();
         match source.fetch_once().await {
             Ok(issued) => {
@@ -338,6 +339,7 @@ async fn token_main(config: Config, provider: String, show: bool) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+    source.accept_any_token_type(config.any_token_type(&provider));
     println!("provider   {provider}: {}", describe(p));
     match source.refresh().await {
         Ok(t) => {

@@ -31,6 +31,10 @@ pub struct Metrics {
     pub inflight: IntGauge,
     /// `tokengate_connections_closed_total{listener,reason}`: connections tokengate closed itself.
     pub connections_closed: IntCounterVec,
+    /// `tokengate_websocket_tunnels{route}`: WebSocket tunnels open.
+    pub websocket_open: IntGaugeVec,
+    /// `tokengate_websocket_closed_total{route,reason}`: WebSocket tunnels ended, and why.
+    pub websocket_closed: IntCounterVec,
     /// `tokengate_access_log_lines_total`: access-log lines written.
     pub access_log_lines: prometheus::IntCounter,
     /// `tokengate_access_log_dropped_total`: lines dropped because the writer fell behind.
@@ -119,6 +123,19 @@ impl Metrics {
             &["listener", "reason"],
         )
         .expect("valid metric");
+        let websocket_open = IntGaugeVec::new(
+            Opts::new("tokengate_websocket_tunnels", "WebSocket tunnels open, by route."),
+            &["route"],
+        )
+        .expect("valid metric");
+        let websocket_closed = IntCounterVec::new(
+            Opts::new(
+                "tokengate_websocket_closed_total",
+                "WebSocket tunnels ended, by route and reason (client, upstream, idle, lifetime, draining, error).",
+            ),
+            &["route", "reason"],
+        )
+        .expect("valid metric");
         let access_log_lines =
             prometheus::IntCounter::new("tokengate_access_log_lines_total", "Access-log lines written.")
                 .expect("valid metric");
@@ -156,6 +173,8 @@ impl Metrics {
             Box::new(token_expiry.clone()),
             Box::new(inflight.clone()),
             Box::new(connections_closed.clone()),
+            Box::new(websocket_open.clone()),
+            Box::new(websocket_closed.clone()),
             Box::new(access_log_lines.clone()),
             Box::new(access_log_dropped.clone()),
             Box::new(config_reloads.clone()),
@@ -189,6 +208,8 @@ impl Metrics {
             token_expiry,
             inflight,
             connections_closed,
+            websocket_open,
+            websocket_closed,
             access_log_lines,
             access_log_dropped,
             config_reloads,

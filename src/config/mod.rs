@@ -117,6 +117,16 @@ pub enum AccessLogFormat {
     Json,
 }
 
+impl Config {
+    /// Whether `provider`'s tokens may have a `token_type` other than Bearer: every route using
+    /// it says in `inject` how its token is sent (sent as Bearer by default, it would not be the
+    /// credential the IdP issued).
+    pub fn any_token_type(&self, provider: &str) -> bool {
+        let mut routes = self.routes.iter().filter(|r| r.provider.0 == provider).peekable();
+        routes.peek().is_some() && routes.all(|r| r.inject.is_some())
+    }
+}
+
 impl<'de> Deserialize<'de> for AccessLogConfig {
     /// `access_log: off`, `access_log: /var/log/tokengate/access.log`, or
     /// `access_log: {to: stderr, format: json}`.
@@ -355,6 +365,39 @@ pub struct RouteConfig {
     /// Where the credential goes; `None` (not written) is `Authorization: Bearer <token>`.
     #[serde(default)]
     pub inject: Option<Inject>,
+    /// Forward WebSocket upgrades (HTTP/1.1 `Upgrade: websocket`, HTTP/2 extended CONNECT) with
+    /// the credential on the upgrade request, then tunnel both ways. Implied by a `ws://` or
+    /// `wss://` upstream; without it upgrades get 501.
+    #[serde(default)]
+    pub websocket: bool,
+    /// When a WebSocket tunnel is closed (close 1001) so the client reconnects: `token` (before
+    /// the token it was opened with expires) or a duration. Default: no limit.
+    #[serde(default)]
+    pub websocket_max_lifetime: Option<TunnelLifetime>,
+}
+
+/// How long a WebSocket tunnel may stay open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelLifetime {
+    /// Until the token it was opened with is no longer usable.
+    Token,
+    /// A fixed time.
+    Fixed(Duration),
+}
+
+impl<'de> Deserialize<'de> for TunnelLifetime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = Text::deserialize(d)?.0;
+        if text == "token" {
+            return Ok(TunnelLifetime::Token);
+        }
+        match value::parse_duration(&text) {
+            Ok(d) if !d.is_zero() => Ok(TunnelLifetime::Fixed(d)),
+            _ => Err(serde::de::Error::custom(format!(
+                "{text:?}: `token` (close before the token expires) or a duration such as 10m"
+            ))),
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -514,6 +557,11 @@ impl RouteConfig {
         self.name.as_ref().map_or(self.prefix.as_str(), |n| n.0.as_str())
     }
 
+    /// WebSocket upgrades are forwarded (`websocket: true`, or a `ws://`/`wss://` upstream).
+    pub fn websocket(&self) -> bool {
+        self.websocket || self.upstream.websocket
+    }
+
     /// The client certificate presented to the upstream, if any (the load checks that both
     /// files are named together).
     pub fn client_identity(&self) -> Option<IdentityFiles> {
@@ -570,17 +618,21 @@ pub struct Upstream {
     pub authority: http::uri::Authority,
     /// Base path without trailing slash (empty for none).
     pub base_path: String,
+    /// Written `ws://` or `wss://` (reached as `http://` or `https://`).
+    pub websocket: bool,
 }
 
 impl Upstream {
     /// Parses `https://host[:port][/base]`; no query, fragment or user info.
     pub fn parse(s: &str) -> Result<Self, String> {
         let uri: http::Uri = s.parse().map_err(|e| format!("upstream {s:?} is not a valid URL: {e}"))?;
-        let scheme = match uri.scheme_str() {
-            Some("https") => http::uri::Scheme::HTTPS,
-            Some("http") => http::uri::Scheme::HTTP,
+        let (scheme, websocket) = match uri.scheme_str() {
+            Some("https") => (http::uri::Scheme::HTTPS, false),
+            Some("http") => (http::uri::Scheme::HTTP, false),
+            Some("wss") => (http::uri::Scheme::HTTPS, true),
+            Some("ws") => (http::uri::Scheme::HTTP, true),
             _ => {
-                return Err(format!("upstream {s:?} must start with https:// or http://"));
+                return Err(format!("upstream {s:?} must start with https://, http://, wss:// or ws://"));
             }
         };
         let authority = uri.authority().cloned().ok_or_else(|| format!("upstream {s:?} has no host"))?;
@@ -600,13 +652,18 @@ impl Upstream {
             path => crate::route::normalize(path)
                 .map_err(|_| format!("upstream {s:?} has an invalid base path"))?,
         };
-        Ok(Upstream { scheme, authority, base_path: path.trim_end_matches('/').to_owned() })
+        Ok(Upstream { scheme, authority, base_path: path.trim_end_matches('/').to_owned(), websocket })
     }
 }
 
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+        let scheme = match (self.websocket, self.scheme == http::uri::Scheme::HTTPS) {
+            (false, _) => self.scheme.as_str(),
+            (true, true) => "wss",
+            (true, false) => "ws",
+        };
+        write!(f, "{scheme}://{}{}", self.authority, self.base_path)
     }
 }
 
@@ -786,17 +843,17 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
             ));
         }
     }
-    // A token whose `token_type` is not Bearer is sent only where a route says how (`inject`):
-    // sent as Bearer by default, it would be a different credential than the IdP issued.
-    for (name, provider) in &mut config.providers {
-        provider.common_mut().any_token_type =
-            config.routes.iter().filter(|r| r.provider.0 == *name).all(|r| r.inject.is_some());
-    }
     for (i, route) in config.routes.iter().enumerate() {
         if route.require_api_key == Some(true) && config.access.api_keys.is_none() {
             return Err(invalid(
                 format!("routes[{i}].require_api_key"),
                 "no keys are configured; add access.api_keys".into(),
+            ));
+        }
+        if route.websocket_max_lifetime.is_some() && !route.websocket() {
+            return Err(invalid(
+                format!("routes[{i}].websocket_max_lifetime"),
+                "applies to WebSocket tunnels; add websocket: true".into(),
             ));
         }
         match (&route.client_cert_file, &route.client_key_file) {

@@ -48,14 +48,6 @@ impl Provider {
             Provider::Static(p) => &p.common,
         }
     }
-
-    pub(super) fn common_mut(&mut self) -> &mut ProviderCommon {
-        match self {
-            Provider::OAuth2(p) => &mut p.common,
-            Provider::Http(p) => &mut p.common,
-            Provider::Static(p) => &mut p.common,
-        }
-    }
 }
 
 /// Settings shared by every provider type.
@@ -72,9 +64,6 @@ pub struct ProviderCommon {
     pub ca_file: Option<PathBuf>,
     /// Where this provider's tokens may be sent (empty: anywhere a route says).
     pub allowed_upstreams: Vec<AllowedUpstream>,
-    /// Accept a `token_type` other than Bearer: every route using the provider states in
-    /// `inject` how its token is sent. Derived from the routes when the file is loaded.
-    pub any_token_type: bool,
 }
 
 /// An upstream a provider's tokens may go to.
@@ -115,7 +104,15 @@ impl AllowedUpstream {
                 None => host == h.trim_start_matches('[').trim_end_matches(']'),
             },
             AllowedUpstream::Prefix(p) => {
-                if u.scheme() != p.scheme()
+                // A WebSocket upstream travels as its HTTP twin: `wss://` as `https://`.
+                fn transport(scheme: &str) -> &str {
+                    match scheme {
+                        "wss" => "https",
+                        "ws" => "http",
+                        other => other,
+                    }
+                }
+                if transport(u.scheme()) != transport(p.scheme())
                     || u.host() != p.host()
                     || u.port_or_known_default() != p.port_or_known_default()
                 {
@@ -448,7 +445,6 @@ impl RawCommon {
                 .iter()
                 .map(|t| AllowedUpstream::parse(&t.0))
                 .collect::<Result<_, _>>()?,
-            any_token_type: false,
         };
         if common.timeout.is_zero() {
             return Err("timeout must be greater than zero".into());

@@ -54,21 +54,14 @@ impl Denied {
 
 /// Checks the request's form and the listener-wide rules: request target, path, `Host`, header
 /// names, browser headers, client address. The path is put in its normal form (see
-/// [`route::normalize`]): what is routed and checked is what the upstream receives.
-pub fn admit<B>(req: &mut Request<B>, conn: &Conn, runtime: &Runtime) -> Result<(), ProxyError> {
-    if req.method() == Method::CONNECT {
-        return Err(ProxyError::Connect);
-    }
-    // An upgrade (WebSocket, say) would be forwarded as a plain request and fail in confusing ways
-    // upstream: refuse it plainly. `Upgrade: h2c` (curl --http2 on http://) is an offer that may be
-    // ignored, and is.
-    let upgrades = req.headers().get_all(header::UPGRADE).iter();
-    let foreign = upgrades
-        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-        .any(|p| !p.trim().eq_ignore_ascii_case("h2c"));
-    if foreign {
-        return Err(ProxyError::UpgradeNotSupported);
-    }
+/// [`route::normalize`]): what is routed and checked is what the upstream receives. Says whether
+/// the request asks for a WebSocket.
+pub fn admit<B>(
+    req: &mut Request<B>,
+    conn: &Conn,
+    runtime: &Runtime,
+) -> Result<Option<super::websocket::Ask>, ProxyError> {
+    let ask = super::websocket::asks(req)?;
     if conn.forward {
         // An HTTP_PROXY client names the upstream: `GET http://host/path`.
         if req.uri().scheme_str() != Some("http") || req.uri().authority().is_none() {
@@ -122,7 +115,7 @@ pub fn admit<B>(req: &mut Request<B>, conn: &Conn, runtime: &Runtime) -> Result<
     if !runtime.access.allow_browsers && from_browser(req.headers()) {
         return Err(ProxyError::Denied(Denied::Browser));
     }
-    Ok(())
+    Ok(ask)
 }
 
 /// Methods a route serves unless its `methods` list says otherwise. `TRACE` echoes the request,
@@ -156,8 +149,10 @@ pub fn authorize<B>(
     let allowed_method = |m: &Method| {
         if route.methods.is_empty() { DEFAULT_METHODS.contains(m) } else { route.methods.contains(m) }
     };
+    // An HTTP/2 WebSocket (extended CONNECT) is the HTTP/1.1 upgrade's GET.
+    let method = if req.method() == Method::CONNECT { &Method::GET } else { req.method() };
     let refused =
-        !allowed_method(req.method()) || overridden.into_iter().any(|m| !m.is_ok_and(|m| allowed_method(&m)));
+        !allowed_method(method) || overridden.into_iter().any(|m| !m.is_ok_and(|m| allowed_method(&m)));
     if refused {
         let allow = if route.methods.is_empty() { DEFAULT_METHODS.to_vec() } else { route.methods.clone() };
         return Err(ProxyError::MethodNotAllowed { allow });

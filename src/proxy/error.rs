@@ -27,9 +27,13 @@ pub enum ProxyError {
     /// `CONNECT` tunnels are never opened.
     #[error("CONNECT is not supported")]
     Connect,
-    /// Protocol upgrades (WebSocket) are not proxied.
-    #[error("protocol upgrades such as WebSocket are not proxied; send plain HTTP requests")]
-    UpgradeNotSupported,
+    /// An upgrade this route does not forward: any but WebSocket, or WebSocket on a route
+    /// without `websocket: true`.
+    #[error("{0}")]
+    UpgradeNotSupported(&'static str),
+    /// A WebSocket opening handshake that cannot be forwarded as it is.
+    #[error("invalid WebSocket handshake: {0}")]
+    InvalidWebSocket(&'static str),
     /// Access control refused the request.
     #[error("{}", denied_message(*.0))]
     Denied(super::Denied),
@@ -90,7 +94,8 @@ impl ProxyError {
             ProxyError::InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
             ProxyError::AbsoluteForm => (StatusCode::BAD_REQUEST, "absolute_form_not_allowed"),
             ProxyError::Connect => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            ProxyError::UpgradeNotSupported => (StatusCode::NOT_IMPLEMENTED, "upgrade_not_supported"),
+            ProxyError::UpgradeNotSupported(_) => (StatusCode::NOT_IMPLEMENTED, "upgrade_not_supported"),
+            ProxyError::InvalidWebSocket(_) => (StatusCode::BAD_REQUEST, "invalid_websocket_handshake"),
             ProxyError::OriginForm => (StatusCode::BAD_REQUEST, "absolute_form_required"),
             ProxyError::TokenUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable"),
             ProxyError::Denied(super::Denied::ApiKey) => (StatusCode::UNAUTHORIZED, "invalid_api_key"),

@@ -6,6 +6,7 @@ pub mod body;
 pub mod error;
 pub mod headers;
 mod inflight;
+pub mod websocket;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -63,6 +64,8 @@ pub struct Route {
     client: upstream::Client,
     // Where the credential goes.
     inject: crate::config::Inject,
+    // WebSocket upgrades are forwarded, with tunnels closed at this lifetime.
+    websocket: Option<Option<crate::config::TunnelLifetime>>,
 }
 
 /// Rate limits for the log lines a route's requests cause ([`crate::log::LogLimit`]).
@@ -129,6 +132,7 @@ impl Runtime {
                 logs: RouteLogs::default(),
                 client,
                 inject: r.inject.clone().unwrap_or_default(),
+                websocket: r.websocket().then_some(r.websocket_max_lifetime),
             };
             let route = Arc::new(route);
             let authority = route.upstream.authority.as_str().to_ascii_lowercase();
@@ -190,7 +194,12 @@ impl Proxy {
     }
 
     /// Handles one downstream request. Never fails: every error becomes a response.
-    pub async fn handle(&self, mut req: Request<Incoming>, conn: Conn) -> Response<Body> {
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        conn: Conn,
+        tunnels: &websocket::ConnTunnels,
+    ) -> Response<Body> {
         let started = Instant::now();
         let runtime = self.runtime.load_full();
         let method = method_label(req.method());
@@ -206,17 +215,23 @@ impl Proxy {
         let matched = match place {
             None => Err(ProxyError::Overloaded),
             Some(_) => admit::admit(&mut req, &conn, &runtime)
-                .and_then(|()| match_route(&runtime, req.uri(), conn.forward)),
+                .and_then(|ask| Ok((match_route(&runtime, req.uri(), conn.forward)?, ask))),
         };
         // The path as routed (normal form) is known after admission; copies are made only for
         // the access log.
         let logged = self.access_log.enabled().then(|| Logged::of(&req));
         let (route, result) = match matched {
             Err(e) => (None, Err(e)),
-            Ok(route) => {
-                let result = match admit::authorize(&req, &conn, &route, &runtime) {
-                    Ok(()) => self.forward(&runtime, &route, req, conn, &mut notes).await,
-                    Err(e) => Err(e),
+            Ok((route, ask)) => {
+                let result = match (admit::authorize(&req, &conn, &route, &runtime), ask) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), None) => self.forward(&runtime, &route, req, conn, &mut notes).await,
+                    (Ok(()), Some(_)) if route.websocket.is_none() => Err(ProxyError::UpgradeNotSupported(
+                        "this route does not forward WebSocket; it needs websocket: true",
+                    )),
+                    (Ok(()), Some(ask)) => {
+                        self.forward_websocket(&runtime, &route, req, ask, conn, tunnels, &mut notes).await
+                    }
                 };
                 if let Err(
                     e @ (ProxyError::UpstreamUnreachable
@@ -298,41 +313,8 @@ impl Proxy {
         {
             return Err(ProxyError::BodyTooLarge);
         }
-        let token = match route.provider.usable() {
-            Some(t) => t,
-            None => {
-                notes.token_fetched = true;
-                route.provider.get_within(limits.token_wait).await.map_err(|e| {
-                    ProxyError::TokenUnavailable { provider: e.provider, retry_in: e.retry_in }
-                })?
-            }
-        };
-        let (mut parts, body) = req.into_parts();
-        let version = match parts.version {
-            Version::HTTP_2 => "2",
-            Version::HTTP_10 => "1.0",
-            _ => "1.1",
-        };
-        if let Some(keys) = &runtime.access.api_keys {
-            // The app's key to tokengate is not for the upstream.
-            parts.headers.remove(&keys.header);
-        }
-        let hop = headers::Forwarding {
-            client: conn.remote.ip(),
-            trusted: !runtime.access.trusted_proxies.is_empty()
-                && crate::config::allowed(&runtime.access.trusted_proxies, conn.remote.ip()),
-            proto: if conn.secure { "https" } else { "http" },
-            authority: parts.uri.authority(),
-            format: runtime.access.forwarded,
-            version,
-        };
-        let default_inject = route.inject.is_default();
-        let in_authorization = default_inject.then(|| token.header.clone());
-        headers::rewrite_request(&mut parts.headers, &hop, in_authorization);
-        for (name, value) in &route.headers {
-            parts.headers.insert(name, value.clone());
-        }
-        let target = upstream_target(route, &parts.uri, conn.forward);
+        let (parts, body) = req.into_parts();
+        let (mut request, token) = self.outgoing(runtime, route, parts, &conn, notes).await?;
         let fault = Arc::new(OnceLock::new());
         notes.body_read = true;
         let pace = body::Pace { pause: limits.body_read_timeout, min_rate: limits.body_min_rate };
@@ -359,10 +341,6 @@ impl Proxy {
             Payload::Buffered(bytes) => Some(bytes.clone()),
             Payload::Streamed(_) => None,
         };
-        let mut request = Outgoing { method: parts.method, target, headers: parts.headers };
-        if !default_inject {
-            attach(&route.inject, &mut request, &token);
-        }
         let sent = Instant::now();
         let resp = self.send(runtime, route, &request, payload, &fault).await;
         notes.upstream_duration = Some(sent.elapsed());
@@ -392,6 +370,57 @@ impl Proxy {
         };
         self.count_401(route, outcome);
         Ok(resp)
+    }
+
+    /// The token for `route` and the upstream request head for `parts`: headers rewritten for
+    /// the upstream, the route's headers set and the credential attached.
+    async fn outgoing(
+        &self,
+        runtime: &Runtime,
+        route: &Route,
+        mut parts: http::request::Parts,
+        conn: &Conn,
+        notes: &mut Notes,
+    ) -> Result<(Outgoing, Arc<crate::token::Token>), ProxyError> {
+        let token = match route.provider.usable() {
+            Some(t) => t,
+            None => {
+                notes.token_fetched = true;
+                route.provider.get_within(runtime.limits.token_wait).await.map_err(|e| {
+                    ProxyError::TokenUnavailable { provider: e.provider, retry_in: e.retry_in }
+                })?
+            }
+        };
+        let version = match parts.version {
+            Version::HTTP_2 => "2",
+            Version::HTTP_10 => "1.0",
+            _ => "1.1",
+        };
+        if let Some(keys) = &runtime.access.api_keys {
+            // The app's key to tokengate is not for the upstream.
+            parts.headers.remove(&keys.header);
+        }
+        let hop = headers::Forwarding {
+            client: conn.remote.ip(),
+            trusted: !runtime.access.trusted_proxies.is_empty()
+                && crate::config::allowed(&runtime.access.trusted_proxies, conn.remote.ip()),
+            proto: if conn.secure { "https" } else { "http" },
+            authority: parts.uri.authority(),
+            format: runtime.access.forwarded,
+            version,
+        };
+        let default_inject = route.inject.is_default();
+        let in_authorization = default_inject.then(|| token.header.clone());
+        headers::rewrite_request(&mut parts.headers, &hop, in_authorization);
+        for (name, value) in &route.headers {
+            parts.headers.insert(name, value.clone());
+        }
+        let target = upstream_target(route, &parts.uri, conn.forward);
+        let mut request = Outgoing { method: parts.method, target, headers: parts.headers };
+        if !default_inject {
+            attach(&route.inject, &mut request, &token);
+        }
+        Ok((request, token))
     }
 
     fn count_401(&self, route: &Route, outcome: &str) {

@@ -154,6 +154,7 @@ impl Control {
                 }
             }
         }
+        crate::token::settle_token_types(&config, &providers);
         let mut prefetch = tokio::task::JoinSet::new();
         for p in &fresh {
             let p = p.clone();

@@ -25,6 +25,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::proxy::Body;
+use crate::proxy::websocket::ConnTunnels;
 
 /// What every listener serves: an infallible HTTP service (errors are responses).
 pub(super) trait Handler:
@@ -129,7 +130,7 @@ impl Slots {
         let oldest = live
             .values()
             .filter(|a| {
-                a.active.load(Ordering::Relaxed) == 0
+                a.in_flight() == 0
                     && !a.evicting.load(Ordering::Relaxed)
                     // A connection that has sent nothing yet may have its request on the way.
                     && (a.earned.load(Ordering::Relaxed) || now.duration_since(a.accepted) >= NEWCOMER_GRACE)
@@ -173,7 +174,7 @@ pub(super) async fn serve<F, S>(
     slots: Arc<Slots>,
     make_service: F,
 ) where
-    F: Fn(crate::proxy::Conn) -> S + Clone + Send + 'static,
+    F: Fn(crate::proxy::Conn, &ConnTunnels) -> S + Clone + Send + 'static,
     S: Handler,
     S::Future: Send + 'static,
 {
@@ -207,9 +208,10 @@ pub(super) async fn serve<F, S>(
         // and a TLS session must not make every plain connection's task larger.
         match settings.tls.clone() {
             None => {
-                let service = make_service(plain);
+                let service = make_service(plain, &slot.activity.tunnels);
                 tokio::spawn(async move {
-                    drive(&builder, stream, service, &slot.activity, &settings, phase, remote).await;
+                    let peer = Peer { remote, alpn: None };
+                    drive(&builder, stream, service, &slot.activity, &settings, phase, peer).await;
                     drop(slot);
                 });
             }
@@ -238,12 +240,14 @@ pub(super) async fn serve<F, S>(
                     let conn = crate::proxy::Conn { client_cert: has_cert, secure: true, ..plain };
                     // Exactly the protocol ALPN agreed (RFC 9113 sections 3.2 and 3.4), not the
                     // one the first bytes look like; without ALPN, either.
-                    let builder = match tls.get_ref().1.alpn_protocol() {
-                        Some(b"h2") => Arc::new(builder.as_ref().clone().http2_only()),
-                        Some(b"http/1.1") => Arc::new(builder.as_ref().clone().http1_only()),
-                        _ => builder,
+                    let alpn = match tls.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => Some(Alpn::H2),
+                        Some(b"http/1.1") => Some(Alpn::Http1),
+                        _ => None,
                     };
-                    drive(&builder, tls, make_service(conn), &activity, &settings, phase, remote).await;
+                    let service = make_service(conn, &activity.tunnels);
+                    let peer = Peer { remote, alpn };
+                    drive(&builder, tls, service, &activity, &settings, phase, peer).await;
                     drop(slot);
                 });
             }
@@ -290,6 +294,20 @@ impl Listener {
 /// How long an HTTP/2 connection told to go away (GOAWAY) may take to finish its last streams.
 const GOAWAY_GRACE: Duration = Duration::from_secs(5);
 
+/// The protocol a TLS handshake agreed by ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Alpn {
+    Http1,
+    H2,
+}
+
+/// Who is on the other end of a connection.
+struct Peer {
+    remote: SocketAddr,
+    // Bytes of another protocol than this close the connection.
+    alpn: Option<Alpn>,
+}
+
 /// Serves one connection (plain or after the TLS handshake) and counts why tokengate closed it,
 /// if it did.
 async fn drive<T, S>(
@@ -299,7 +317,7 @@ async fn drive<T, S>(
     activity: &Arc<Activity>,
     settings: &Listener,
     phase: watch::Receiver<u8>,
-    remote: SocketAddr,
+    peer: Peer,
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: Handler,
@@ -308,10 +326,32 @@ async fn drive<T, S>(
     let io = TokioIo::new(FirstFlight::new(
         super::parse_error::ErrorBodies::new(io, activity.clone()),
         activity.clone(),
+        peer.alpn,
     ));
     let service = Tracked { inner: service, activity: activity.clone() };
-    let closed = supervise(builder, io, service, activity, settings, phase, remote).await;
+    let closed = supervise(builder, io, service, activity, settings, phase.clone(), peer.remote).await;
     settings.count_closed(closed);
+    // An HTTP/1 connection that switched protocols ends its HTTP part here and lives on as a
+    // tunnel, which keeps the slot.
+    tunnels_closed(&activity.tunnels, phase).await;
+}
+
+/// Waits until the connection's tunnels have closed, asking them to when the listener drains;
+/// at the end of the shutdown grace they are left behind.
+async fn tunnels_closed(tunnels: &ConnTunnels, mut phase: watch::Receiver<u8>) {
+    loop {
+        if *phase.borrow_and_update() >= DRAINING {
+            tunnels.drain();
+        }
+        tokio::select! {
+            () = tunnels.closed() => return,
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow() == CLOSING {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Serves one connection until it ends, misses its first-request deadline, goes idle, is
@@ -331,7 +371,7 @@ where
     S: Handler,
     S::Future: Send + 'static,
 {
-    let conn = builder.serve_connection(io, service);
+    let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let first_deadline = activity.accepted + settings.first_request_timeout;
     // How often the watchdog looks. A deadline that starts between two looks (a request ended,
@@ -349,6 +389,7 @@ where
         if !draining && *phase.borrow() >= DRAINING {
             draining = true;
             conn.as_mut().graceful_shutdown();
+            activity.tunnels.drain();
         }
         let earned = activity.earned.load(Ordering::Relaxed);
         let idle_at = activity.idle_since().map(|since| since + settings.idle_timeout);
@@ -445,12 +486,15 @@ pub(super) struct Activity {
     /// Set when eviction picked this connection.
     evicting: AtomicBool,
     evict: Notify,
+    /// Upgraded requests (WebSocket) relaying: in flight until they close, and the connection
+    /// keeps its slot until then.
+    pub(super) tunnels: ConnTunnels,
 }
 
 impl Activity {
-    /// Requests whose response has not been sent completely.
+    /// Requests whose response has not been sent completely, and open tunnels.
     pub(super) fn in_flight(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
+        self.active.load(Ordering::Relaxed) + self.tunnels.open()
     }
 
     fn new() -> Self {
@@ -465,6 +509,7 @@ impl Activity {
             earned: AtomicBool::new(false),
             evicting: AtomicBool::new(false),
             evict: Notify::new(),
+            tunnels: ConnTunnels::default(),
         }
     }
 
@@ -486,15 +531,18 @@ impl Activity {
 
     /// Since when the connection has had no request in flight; `None` while one is.
     fn idle_since(&self) -> Option<Instant> {
-        (self.active.load(Ordering::Relaxed) == 0)
-            .then(|| self.accepted + Duration::from_nanos(self.last_change.load(Ordering::Relaxed)))
+        if self.in_flight() != 0 {
+            return None;
+        }
+        let request = self.accepted + Duration::from_nanos(self.last_change.load(Ordering::Relaxed));
+        Some(self.tunnels.last_end().map_or(request, |tunnel| tunnel.max(request)))
     }
 
     /// HTTP/1 bytes arrived: with no request in flight they begin a request head, whose
     /// `header_read_timeout` starts now (the wait for it was `idle_timeout`'s).
     fn bytes_read(&self) {
         if self.http1.load(Ordering::Relaxed)
-            && self.active.load(Ordering::Relaxed) == 0
+            && self.in_flight() == 0
             && self.head_started.load(Ordering::Relaxed) == 0
         {
             self.head_started.store(self.nanos().saturating_add(1), Ordering::Relaxed);
@@ -529,10 +577,14 @@ struct FirstFlight<T> {
     len: usize,
     // Bytes read so far, while watching.
     seen: usize,
+    // The protocol ALPN agreed. hyper-util's upgradeable connections (needed for WebSocket)
+    // choose the protocol by the first bytes whatever the builder says, so the choice is
+    // enforced here: other bytes end the connection before hyper sees them.
+    alpn: Option<Alpn>,
 }
 
 impl<T> FirstFlight<T> {
-    fn new(inner: T, activity: Arc<Activity>) -> Self {
+    fn new(inner: T, activity: Arc<Activity>, alpn: Option<Alpn>) -> Self {
         FirstFlight {
             inner,
             activity,
@@ -540,6 +592,18 @@ impl<T> FirstFlight<T> {
             head: [0; H2_FIRST_FRAME_AT + FRAME_HEADER],
             len: 0,
             seen: 0,
+            alpn,
+        }
+    }
+
+    /// The first bytes are not the protocol ALPN agreed.
+    fn off_protocol(&self) -> bool {
+        match self.alpn {
+            None => false,
+            Some(Alpn::H2) => self.activity.http1.load(Ordering::Relaxed),
+            Some(Alpn::Http1) => {
+                self.len >= H2_PREFACE.len() && self.head[..H2_PREFACE.len()] == H2_PREFACE[..]
+            }
         }
     }
 
@@ -582,6 +646,12 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstFlight<T> {
             let this = &mut *self;
             if this.watching {
                 this.watch(&buf.filled()[before..]);
+                if this.off_protocol() {
+                    buf.set_filled(before);
+                    let e =
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, "not the protocol ALPN agreed");
+                    return Poll::Ready(Err(e));
+                }
             }
             if !this.watching {
                 this.activity.bytes_read();

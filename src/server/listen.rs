@@ -66,7 +66,7 @@ impl SharedListener {
         make_service: F,
     ) -> Vec<ServeFuture>
     where
-        F: Fn(crate::proxy::Conn) -> S + Clone + Send + Sync + 'static,
+        F: Fn(crate::proxy::Conn, &crate::proxy::websocket::ConnTunnels) -> S + Clone + Send + Sync + 'static,
         S: Handler,
         S::Future: Send + 'static,
     {
@@ -136,6 +136,8 @@ pub(super) fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        // WebSocket over HTTP/2 (RFC 8441); routes without `websocket: true` answer 501.
+        .enable_connect_protocol()
         .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));

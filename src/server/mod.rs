@@ -141,11 +141,11 @@ pub async fn start_with(
     let max_connections = config.limits.max_connections;
     let builder = Arc::new(builder);
     let p = proxy.clone();
-    let proxy_service = move |conn: crate::proxy::Conn| {
-        let p = p.clone();
+    let proxy_service = move |conn: crate::proxy::Conn, tunnels: &crate::proxy::websocket::ConnTunnels| {
+        let (p, tunnels) = (p.clone(), tunnels.clone());
         service_fn(move |req| {
-            let p = p.clone();
-            async move { Ok::<_, Infallible>(p.handle(req, conn).await) }
+            let (p, tunnels) = (p.clone(), tunnels.clone());
+            async move { Ok::<_, Infallible>(p.handle(req, conn, &tunnels).await) }
         })
     };
     let mut tasks = Vec::new();
@@ -168,7 +168,9 @@ pub async fn start_with(
         let listener = bind_shared(fwd.listen, threads)?;
         forward_addr = Some(listener.addr);
         let plain = proxy_service.clone();
-        let service = move |conn: crate::proxy::Conn| plain(crate::proxy::Conn { forward: true, ..conn });
+        let service = move |conn: crate::proxy::Conn, tunnels: &crate::proxy::websocket::ConnTunnels| {
+            plain(crate::proxy::Conn { forward: true, ..conn }, tunnels)
+        };
         let settings = Listener { name: "forward_proxy", ..proxy_settings.clone() };
         add(listener.serve(builder.clone(), rx.clone(), settings, max_connections, service));
     }
@@ -191,13 +193,20 @@ pub async fn start_with(
     };
     let c = control.clone();
     let admin_slots = Slots::new(ADMIN_CONNECTIONS);
-    tasks.push(tokio::spawn(serve(admin_listener, builder, rx, admin_settings, admin_slots, move |conn| {
-        let c = c.clone();
-        service_fn(move |req| {
+    tasks.push(tokio::spawn(serve(
+        admin_listener,
+        builder,
+        rx,
+        admin_settings,
+        admin_slots,
+        move |conn, _| {
             let c = c.clone();
-            async move { Ok::<_, Infallible>(crate::admin::handle(&c, req, conn).await) }
-        })
-    })));
+            service_fn(move |req| {
+                let c = c.clone();
+                async move { Ok::<_, Infallible>(crate::admin::handle(&c, req, conn).await) }
+            })
+        },
+    )));
     tracing::info!(%proxy_addr, %admin_addr, tls_addr = ?tls_addr, "tokengate is listening");
     tracing::info!(
         hosts = %served_hosts(&config.access.hosts),

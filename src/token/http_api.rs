@@ -136,8 +136,13 @@ impl HttpFetcher {
             return Err(response::parse_error(reply.status.as_u16(), &reply.body, reply.retry_after)
                 .redact(&redactor));
         }
-        response::parse_success(&reply.body, &self.config.response, reply.date, &self.config.common)
-            .map_err(|e| e.redact(&redactor))
+        response::parse_success(
+            &reply.body,
+            &self.config.response,
+            reply.date,
+            self.config.common.default_ttl,
+        )
+        .map_err(|e| e.redact(&redactor))
     }
 }
 

@@ -13,7 +13,7 @@ pub mod schedule;
 mod send;
 pub mod shared;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -89,7 +89,14 @@ enum Fetcher {
 const STATIC_LIFETIME: Duration = Duration::from_secs(60);
 
 impl Fetcher {
-    async fn fetch(&self, current: Option<&Token>) -> Result<Issued, FetchError> {
+    /// A token, refused when its `token_type` is not Bearer unless `any_token_type`.
+    async fn fetch(&self, current: Option<&Token>, any_token_type: bool) -> Result<Issued, FetchError> {
+        let issued = self.issue(current).await?;
+        issued.check_token_type(any_token_type)?;
+        Ok(issued)
+    }
+
+    async fn issue(&self, current: Option<&Token>) -> Result<Issued, FetchError> {
         match self {
             Fetcher::OAuth2(f) => f.fetch().await,
             Fetcher::Http(f) => f.fetch(current).await,
@@ -100,6 +107,7 @@ impl Fetcher {
                 refresh_token: None,
                 scope: None,
                 server_date: None,
+                token_type: None,
             }),
         }
     }
@@ -161,6 +169,8 @@ pub struct TokenSource {
     peeks: LogLimit,
     // Every request an upstream answers 401 while refreshes back off would log a line.
     backing_off_logs: LogLimit,
+    // Tokens whose token_type is not Bearer are accepted (see `accept_any_token_type`).
+    any_token_type: AtomicBool,
 }
 
 /// Revoked tokens are replaced at once, [`REVOKED_BURST`] in a row, then at most
@@ -248,12 +258,25 @@ impl TokenSource {
             announced: Arc::new(Notify::new()),
             peeks: LogLimit::every(PEEK_EVERY),
             backing_off_logs: LogLimit::default(),
+            any_token_type: AtomicBool::new(false),
         }))
+    }
+
+    /// Accepts tokens whose `token_type` is not Bearer, when every route using this source says
+    /// in `inject` how to send them ([`crate::config::Config::any_token_type`]). Set before the
+    /// first fetch, and again by each reload that keeps the source.
+    pub fn accept_any_token_type(&self, yes: bool) {
+        self.any_token_type.store(yes, Ordering::Relaxed);
     }
 
     /// The provider name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Its tokens expire (a static credential does not: it is only read again).
+    pub fn expires(&self) -> bool {
+        !matches!(self.config, Provider::Static(_))
     }
 
     /// The configuration this source was built from.
@@ -363,7 +386,7 @@ impl TokenSource {
     /// One fetch straight from the IdP, bypassing the cache and the shared cache, with nothing
     /// recorded: `check --live` reports what it got.
     pub async fn fetch_once(&self) -> Result<Issued, FetchError> {
-        self.fetcher.fetch(None).await
+        self.fetcher.fetch(None, self.any_token_type.load(Ordering::Relaxed)).await
     }
 
     /// Fetches a new token even if the cached one is usable (unless another fetch finished while
@@ -451,7 +474,7 @@ impl TokenSource {
             if let Ok(mut s) = sent.lock() {
                 *s = Instant::now();
             }
-            self.fetcher.fetch(current.as_deref())
+            self.fetcher.fetch(current.as_deref(), self.any_token_type.load(Ordering::Relaxed))
         };
         let result = match &self.shared {
             None => fetch().await.map(|i| (i, true)),
@@ -679,7 +702,17 @@ pub fn build(config: &crate::config::Config, metrics: &Metrics) -> Result<Provid
         };
         providers.insert(name.clone(), source);
     }
+    settle_token_types(config, &providers);
     Ok(providers)
+}
+
+/// Sets for every source whether it accepts tokens that are not Bearer: only if every route of
+/// every provider name that shares it says how to send them.
+pub fn settle_token_types(config: &crate::config::Config, providers: &Providers) {
+    for source in providers.values() {
+        let names = providers.iter().filter(|(_, s)| Arc::ptr_eq(s, source)).map(|(n, _)| n);
+        source.accept_any_token_type(names.into_iter().all(|n| config.any_token_type(n)));
+    }
 }
 
 /// The shared cache of a configuration, if it has one.

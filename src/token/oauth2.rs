@@ -280,7 +280,7 @@ impl OAuth2Fetcher {
             return Err(response::parse_error(reply.status.as_u16(), &reply.body, reply.retry_after)
                 .redact(&redactor));
         }
-        response::parse_success(&reply.body, &FieldMap::oauth2(), reply.date, &self.config.common)
+        response::parse_success(&reply.body, &FieldMap::oauth2(), reply.date, self.config.common.default_ttl)
             .map_err(|e| e.redact(&redactor))
     }
 
@@ -426,7 +426,6 @@ mod tests {
                 default_ttl: Duration::from_secs(300),
                 ca_file: None,
                 allowed_upstreams: vec![],
-                any_token_type: false,
             },
         }
     }

@@ -6,7 +6,6 @@ use serde_json::Value;
 
 use super::error::{FetchError, tidy};
 use super::jwt;
-use crate::config::ProviderCommon;
 use crate::secret::Secret;
 
 /// Longest access token taken. The largest real ones (Entra ID with group claims) stay under
@@ -29,6 +28,21 @@ pub struct Issued {
     pub scope: Option<String>,
     /// The IdP's `Date` header, for the clock offset `check --live` reports.
     pub server_date: Option<std::time::SystemTime>,
+    /// `token_type` as the reply stated it.
+    pub token_type: Option<String>,
+}
+
+impl Issued {
+    /// Refuses a `token_type` other than Bearer unless `any` (every route using the provider says
+    /// in `inject` how to send it).
+    pub fn check_token_type(&self, any: bool) -> Result<(), FetchError> {
+        match &self.token_type {
+            Some(t) if !any && !t.eq_ignore_ascii_case("bearer") => {
+                Err(FetchError::UnsupportedTokenType(tidy(t)))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Which field the lifetime was derived from.
@@ -67,15 +81,13 @@ fn unix_now() -> f64 {
 ///
 /// The lifetime is taken from `expires_in`, else `expires_at` (relative to the reply's `Date`, so
 /// a skewed local clock does not matter), else the JWT `exp`, else `default_ttl`. A stated lifetime
-/// of zero or less is treated as unknown, never as "forever". A `token_type` other than Bearer
-/// is refused unless `common.any_token_type`.
+/// of zero or less is treated as unknown, never as "forever".
 pub fn parse_success(
     body: &[u8],
     map: &FieldMap,
     date: Option<SystemTime>,
-    common: &ProviderCommon,
+    default_ttl: Duration,
 ) -> Result<Issued, FetchError> {
-    let default_ttl = common.default_ttl;
     let json: Value = serde_json::from_slice(body).map_err(|_| {
         let start = String::from_utf8_lossy(&body[..body.len().min(40)]).to_string();
         FetchError::Malformed(if start.trim_start().starts_with('<') {
@@ -109,14 +121,11 @@ pub fn parse_success(
             map.access_token
         )));
     }
-    if let Some(tt) = map.token_type.as_deref().and_then(|f| field(&json, f))
-        && !common.any_token_type
-    {
-        let tt = tt.as_str().unwrap_or_default();
-        if !tt.eq_ignore_ascii_case("bearer") {
-            return Err(FetchError::UnsupportedTokenType(tidy(tt)));
-        }
-    }
+    let token_type = map
+        .token_type
+        .as_deref()
+        .and_then(|f| field(&json, f))
+        .map(|t| t.as_str().unwrap_or_default().to_owned());
     let stated = |name: &Option<String>| -> Result<Option<f64>, FetchError> {
         match name.as_deref().and_then(|f| field(&json, f)) {
             None => Ok(None),
@@ -151,6 +160,7 @@ pub fn parse_success(
         refresh_token,
         scope,
         server_date: date,
+        token_type,
     })
 }
 
@@ -200,19 +210,9 @@ mod tests {
 
     const TTL: Duration = Duration::from_secs(300);
 
-    fn common(any_token_type: bool) -> ProviderCommon {
-        ProviderCommon {
-            timeout: Duration::from_secs(5),
-            refresh_margin: None,
-            default_ttl: TTL,
-            ca_file: None,
-            allowed_upstreams: Vec::new(),
-            any_token_type,
-        }
-    }
-
     fn ok(body: &str) -> Result<Issued, FetchError> {
-        parse_success(body.as_bytes(), &FieldMap::oauth2(), None, &common(false))
+        let issued = parse_success(body.as_bytes(), &FieldMap::oauth2(), None, TTL)?;
+        issued.check_token_type(false).map(|()| issued)
     }
 
     #[test]
@@ -262,13 +262,9 @@ mod tests {
             Err(FetchError::UnsupportedTokenType(_))
         ));
         assert!(matches!(ok(r#"{"access_token":"a b"}"#), Err(FetchError::Malformed(_))));
-        let stated = parse_success(
-            br#"{"access_token":"a","token_type":"mac"}"#,
-            &FieldMap::oauth2(),
-            None,
-            &common(true),
-        );
-        assert_eq!(stated.unwrap().access_token.expose(), "a", "routes say how to send it");
+        let stated =
+            parse_success(br#"{"access_token":"a","token_type":"mac"}"#, &FieldMap::oauth2(), None, TTL);
+        assert!(stated.unwrap().check_token_type(true).is_ok(), "routes say how to send it");
         assert!(matches!(ok(r#"{"access_token":"a","expires_in":"soon"}"#), Err(FetchError::Malformed(_))));
     }
 

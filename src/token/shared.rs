@@ -319,6 +319,7 @@ fn issued(entry: Entry) -> Issued {
         refresh_token: None,
         scope: entry.s,
         server_date: None,
+        token_type: None,
     }
 }
 

@@ -32,6 +32,14 @@ pub enum Error {
     Failed(String),
 }
 
+/// What an upgrade request got.
+pub enum Upgrade {
+    /// `101 Switching Protocols`: the head (hop-by-hop headers removed) and the connection.
+    Switched(http::response::Parts, super::Tunnel),
+    /// Any other answer (hop-by-hop headers removed), which goes to the client as it is.
+    Answered(Response<Body>),
+}
+
 /// A request body as it goes upstream.
 pub enum Payload {
     /// In memory: sent with the head in one write, and can be sent again.
@@ -65,6 +73,36 @@ impl Client {
             }
         };
         tokio::time::timeout(timeout, sent).await.map_err(|_| Error::Timeout(timeout))?
+    }
+
+    /// Asks the upstream to switch the connection to `protocol` (`websocket`): sends `head` with
+    /// `Connection: upgrade` on an HTTP/1.1 connection of its own, waiting at most `timeout` for
+    /// the answer.
+    pub async fn upgrade(
+        &self,
+        head: &Head<'_>,
+        protocol: &http::HeaderValue,
+        timeout: Duration,
+    ) -> Result<Upgrade, Error> {
+        let mut headers = head.headers.clone();
+        headers.insert(http::header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+        headers.insert(http::header::UPGRADE, protocol.clone());
+        let head = Head { method: head.method, target: head.target, headers: &headers };
+        let sent = self.origin.h1().upgrade(&head);
+        let answer = tokio::time::timeout(timeout, sent)
+            .await
+            .map_err(|_| Error::Timeout(timeout))?
+            .map_err(|e| origin_error(e.into()))?;
+        Ok(match answer {
+            h1::Upgrade::Switched { mut head, io, rest } => {
+                hop::rewrite_response(&mut head.headers);
+                Upgrade::Switched(head, super::Tunnel::new(io, rest))
+            }
+            h1::Upgrade::Answered(mut resp) => {
+                hop::rewrite_response(resp.headers_mut());
+                Upgrade::Answered(resp)
+            }
+        })
     }
 
     async fn stream(&self, head: &Head<'_>, body: Body) -> Result<Response<Body>, Error> {

@@ -93,6 +93,8 @@ pub struct Pool {
     addr: String,
     host: String,
     tls: Option<Tls>,
+    // The same TLS offering only HTTP/1.1: upgrades are HTTP/1.1.
+    upgrade_tls: Option<Tls>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_head: usize,
@@ -121,6 +123,22 @@ pub enum Sent {
     Response(Response<Body>),
     /// The new connection it opened negotiated HTTP/2; the request was not sent.
     Http2(Conn),
+}
+
+/// What an upgrade request got.
+pub enum Upgrade {
+    /// `101 Switching Protocols`: the connection now carries the new protocol, and `rest` is what
+    /// the upstream sent after the head.
+    Switched {
+        /// The 101 head.
+        head: http::response::Parts,
+        /// The connection.
+        io: Conn,
+        /// Bytes after the head.
+        rest: Bytes,
+    },
+    /// Any other answer, which goes to the client as it is.
+    Answered(Response<Body>),
 }
 
 // Conn carries HTTP/2 too, when ALPN says so: the h2 crate drives it then.
@@ -201,6 +219,7 @@ impl Pool {
         let default_port = if tls.is_some() { 443 } else { 80 };
         let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(default_port));
         Pool {
+            upgrade_tls: tls.as_ref().map(Tls::http1_only),
             tls,
             limit: slots.of(&addr.to_ascii_lowercase()),
             addr,
@@ -294,22 +313,62 @@ impl Pool {
                 return Err(Attempt::Failed(Error::Invalid("unexpected informational response")));
             }
         };
+        self.answer(io, buf, parts, framing, reusable).await.map_err(Attempt::Failed)
+    }
+
+    /// The response whose head was just read: a small body is read whole, a larger one streams.
+    async fn answer(
+        self: &Arc<Self>,
+        io: Conn,
+        buf: BytesMut,
+        parts: http::response::Parts,
+        framing: Framing,
+        reusable: bool,
+    ) -> Result<Response<Body>, Error> {
         let mut stream =
             Streaming { io: Some(io), pool: self.clone(), buf, framing, reusable, extensions: 0 };
         let body = match stream.framing {
-            Framing::Length(n) if n <= WHOLE_BODY => {
-                let whole = stream.read_whole(n).await.map_err(Attempt::Failed)?;
-                Body::full(whole)
-            }
+            Framing::Length(n) if n <= WHOLE_BODY => Body::full(stream.read_whole(n).await?),
             _ => Body::Upstream(stream),
         };
         Ok(Response::from_parts(parts, body))
     }
 
+    /// Sends an upgrade request (no body) on a new connection of its own, over TLS offering
+    /// only HTTP/1.1, and reads the answer.
+    pub async fn upgrade(self: &Arc<Self>, head: &Head<'_>) -> Result<Upgrade, Error> {
+        let mut io = self.open_with(self.upgrade_tls.as_ref()).await?;
+        let mut out = Vec::with_capacity(512);
+        encode(&mut out, &self.host, head, &Bytes::new());
+        io.send(&out).await?;
+        let mut buf = BytesMut::with_capacity(READ_BUF);
+        let mut informational = 0;
+        loop {
+            let (parts, framing, reusable) =
+                read_head(&mut io, &mut buf, head.method, self.max_head)
+                    .await
+                    .map_err(|(Attempt::Unsent(e) | Attempt::Stale(e) | Attempt::Failed(e))| e)?;
+            if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                return Ok(Upgrade::Switched { head: parts, io, rest: buf.freeze() });
+            }
+            if !parts.status.is_informational() {
+                return Ok(Upgrade::Answered(self.answer(io, buf, parts, framing, reusable).await?));
+            }
+            informational += 1;
+            if informational > MAX_INFORMATIONAL {
+                return Err(Error::Invalid("too many informational responses"));
+            }
+        }
+    }
+
     /// Opens a new connection, taking one of the upstream's slots (waiting for one if need be).
     pub async fn open(&self) -> Result<Conn, Error> {
+        self.open_with(self.tls.as_ref()).await
+    }
+
+    async fn open_with(&self, tls: Option<&Tls>) -> Result<Conn, Error> {
         let slot = self.limit.acquire().await?;
-        match Stream::connect(&self.addr, self.tls.as_ref(), self.connect_timeout).await {
+        match Stream::connect(&self.addr, tls, self.connect_timeout).await {
             Ok(None) => Err(Error::ConnectTimeout(self.addr.clone())),
             Err(source) => Err(Error::Connect { addr: self.addr.clone(), source }),
             Ok(Some(io)) => Ok(Conn { io, _slot: slot }),

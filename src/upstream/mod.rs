@@ -9,7 +9,7 @@
 //! - [`origin`]: one upstream as routes reach it, choosing between the two;
 //! - [`pooled`]: hyper's client, for uploads too large to buffer to HTTP/1.1 origins;
 //! - [`stream`]: TCP and TLS connections; [`limit`]: connection slots; [`hop`]: hop-by-hop rules;
-//! - [`body`]: the body type of every message.
+//! - [`body`]: the body type of every message; [`Tunnel`]: a connection after an upgrade.
 
 pub mod body;
 mod client;
@@ -20,6 +20,8 @@ pub mod limit;
 pub mod origin;
 pub mod pooled;
 pub mod stream;
+mod tunnel;
 
 pub use body::{Body, BoxError};
-pub use client::{Client, Clients, Error, Payload};
+pub use client::{Client, Clients, Error, Payload, Upgrade};
+pub use tunnel::Tunnel;

@@ -102,6 +102,11 @@ impl Origin {
         Origin { h1, h2, scheme, authority, speaks_h2: AtomicBool::new(false) }
     }
 
+    /// The HTTP/1.1 connections, which also carry upgrades.
+    pub fn h1(&self) -> &Arc<h1::Pool> {
+        &self.h1
+    }
+
     /// The last connection opened negotiated HTTP/2.
     pub fn speaks_h2(&self) -> bool {
         self.h2.is_some() && self.speaks_h2.load(Ordering::Relaxed)

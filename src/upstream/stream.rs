@@ -17,6 +17,7 @@ const TLS_READ_BUF: usize = 16 * 1024 + 512;
 /// session cache that makes later handshakes resumptions) and the name the certificate must carry.
 #[derive(Clone)]
 pub struct Tls {
+    config: Arc<rustls::ClientConfig>,
     connector: tokio_rustls::TlsConnector,
     name: rustls::pki_types::ServerName<'static>,
 }
@@ -39,7 +40,16 @@ impl Tls {
                 reason: format!("not a TLS server name: {e}"),
             }
         })?;
-        Ok(Tls { connector: tokio_rustls::TlsConnector::from(Arc::new(config)), name })
+        let config = Arc::new(config);
+        Ok(Tls { connector: tokio_rustls::TlsConnector::from(config.clone()), config, name })
+    }
+
+    /// The same settings offering only HTTP/1.1, for requests that need it (upgrades).
+    pub fn http1_only(&self) -> Tls {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = Arc::new(config);
+        Tls { connector: tokio_rustls::TlsConnector::from(config.clone()), config, name: self.name.clone() }
     }
 }
 
