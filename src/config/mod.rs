@@ -5,6 +5,7 @@
 
 mod access;
 mod client_auth;
+mod egress;
 pub mod env;
 mod files;
 mod http_provider;
@@ -26,6 +27,7 @@ pub use client_auth::{
     AssertionSettings, Audience, ClientAuth, IdentityFiles, JWT_BEARER_ASSERTION, KeyFile,
     MAX_ASSERTION_LIFETIME,
 };
+pub use egress::{Egress, EgressSetting, NoProxy, ProxyUrl};
 pub use http_provider::FieldMap;
 pub use http_provider::{BodySpec, HttpProvider, HttpRequestSpec};
 pub use inject::Inject;
@@ -63,6 +65,17 @@ pub struct Config {
     /// Where the access log goes: `stderr` (default), a file, or `off`.
     #[serde(default)]
     pub access_log: AccessLogConfig,
+    /// The HTTP proxy token requests and upstream connections go through: a URL, `env`
+    /// (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`) or `none` (the default). Providers and routes
+    /// may say otherwise.
+    #[serde(default)]
+    pub egress_proxy: Option<EgressSetting>,
+    /// The proxy's password, from a file (the URL then names only the user).
+    #[serde(default, deserialize_with = "egress::password_file")]
+    pub egress_proxy_password_file: Option<crate::secret::Secret>,
+    /// Destinations reached directly: host names (with their subdomains), addresses and blocks.
+    #[serde(default, deserialize_with = "egress::no_proxy_list")]
+    pub no_proxy: Vec<NoProxy>,
     /// Named token sources.
     pub providers: BTreeMap<String, Provider>,
     /// Path-prefix routes; the longest matching prefix wins.
@@ -374,6 +387,12 @@ pub struct RouteConfig {
     /// the token it was opened with expires) or a duration. Default: no limit.
     #[serde(default)]
     pub websocket_max_lifetime: Option<TunnelLifetime>,
+    /// `egress_proxy` for this route's upstream (`None`: the top-level setting).
+    #[serde(default)]
+    pub egress_proxy: Option<EgressSetting>,
+    /// How the upstream is reached, resolved with the top-level settings at load.
+    #[serde(skip)]
+    pub egress: Option<Egress>,
 }
 
 /// How long a WebSocket tunnel may stay open.
@@ -807,6 +826,8 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
     if config.routes.is_empty() {
         return Err(invalid("routes".into(), "at least one route is needed".into()));
     }
+    resolve_egress(&mut config, &|name| std::env::var(name).ok())
+        .map_err(|(key, message)| invalid(key, message))?;
     let mut seen = HashSet::new();
     for (i, route) in config.routes.iter().enumerate() {
         if !config.providers.contains_key(&route.provider.0) {
@@ -898,6 +919,26 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
     }
     config.files = named_files(&config, read);
     Ok(config)
+}
+
+/// Settles how every provider and route reaches its destination (the top-level `egress_proxy`,
+/// `no_proxy` and password, or its own `egress_proxy`); an error names the key.
+fn resolve_egress(config: &mut Config, env: egress::Env<'_>) -> Result<(), (String, String)> {
+    let defaults = egress::Defaults {
+        setting: config.egress_proxy.as_ref(),
+        password: config.egress_proxy_password_file.as_ref(),
+        no_proxy: &config.no_proxy,
+    };
+    for (name, provider) in config.providers.iter_mut() {
+        let common = provider.common_mut();
+        common.egress = egress::resolve(common.egress_proxy.as_ref(), &defaults, env)
+            .map_err(|e| (format!("providers.{name}.egress_proxy"), e))?;
+    }
+    for (i, route) in config.routes.iter_mut().enumerate() {
+        route.egress = egress::resolve(route.egress_proxy.as_ref(), &defaults, env)
+            .map_err(|e| (format!("routes[{i}].egress_proxy"), e))?;
+    }
+    Ok(())
 }
 
 /// The files `read` while parsing plus those the configuration names for later reading

@@ -48,6 +48,14 @@ impl Provider {
             Provider::Static(p) => &p.common,
         }
     }
+
+    pub(super) fn common_mut(&mut self) -> &mut ProviderCommon {
+        match self {
+            Provider::OAuth2(p) => &mut p.common,
+            Provider::Http(p) => &mut p.common,
+            Provider::Static(p) => &mut p.common,
+        }
+    }
 }
 
 /// Settings shared by every provider type.
@@ -64,6 +72,10 @@ pub struct ProviderCommon {
     pub ca_file: Option<PathBuf>,
     /// Where this provider's tokens may be sent (empty: anywhere a route says).
     pub allowed_upstreams: Vec<AllowedUpstream>,
+    /// `egress_proxy` as written for this provider (`None`: the top-level setting).
+    pub egress_proxy: Option<super::EgressSetting>,
+    /// How the token endpoint is reached, resolved with the top-level settings at load.
+    pub egress: Option<super::Egress>,
 }
 
 /// An upstream a provider's tokens may go to.
@@ -274,6 +286,7 @@ struct RawProvider {
     token_exchange: Option<RawTokenExchange>,
     #[serde(default)]
     allowed_upstreams: Vec<Text>,
+    egress_proxy: Option<super::EgressSetting>,
     #[serde(default)]
     scopes: Vec<Text>,
     #[serde(default)]
@@ -364,6 +377,7 @@ pub(super) struct RawCommon {
     pub allow_insecure_http: bool,
     pub ca_file: Option<Text>,
     pub allowed_upstreams: Vec<Text>,
+    pub egress_proxy: Option<super::EgressSetting>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -445,6 +459,8 @@ impl RawCommon {
                 .iter()
                 .map(|t| AllowedUpstream::parse(&t.0))
                 .collect::<Result<_, _>>()?,
+            egress_proxy: self.egress_proxy,
+            egress: None,
         };
         if common.timeout.is_zero() {
             return Err("timeout must be greater than zero".into());
@@ -494,6 +510,7 @@ impl TryFrom<RawProvider> for Provider {
             allow_insecure_http: raw.allow_insecure_http,
             ca_file: raw.ca_file.clone(),
             allowed_upstreams: raw.allowed_upstreams.clone(),
+            egress_proxy: raw.egress_proxy.clone(),
         };
         if !matches!(raw.kind, Kind::Static) && (raw.value.is_some() || raw.value_file.is_some()) {
             return Err("value and value_file apply to type: static".into());
@@ -582,6 +599,7 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
         allow_insecure_http: raw.allow_insecure_http,
         ca_file: raw.ca_file,
         allowed_upstreams: raw.allowed_upstreams,
+        egress_proxy: raw.egress_proxy,
     }
     .build()?;
     let endpoint = match (raw.token_url, raw.issuer) {

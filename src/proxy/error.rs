@@ -63,6 +63,9 @@ pub enum ProxyError {
     /// The upstream could not be reached.
     #[error("the upstream could not be reached")]
     UpstreamUnreachable,
+    /// The egress proxy refused or failed the connection to the upstream.
+    #[error("the egress proxy refused or could not open the connection to the upstream")]
+    EgressProxy,
     /// The upstream did not answer in time.
     #[error("the upstream did not answer in time")]
     UpstreamTimeout,
@@ -108,6 +111,7 @@ impl ProxyError {
             ProxyError::TransferCoding => (StatusCode::NOT_IMPLEMENTED, "unsupported_transfer_coding"),
             ProxyError::UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             ProxyError::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            ProxyError::EgressProxy => (StatusCode::BAD_GATEWAY, "egress_proxy_failed"),
             ProxyError::UpstreamFailed => (StatusCode::BAD_GATEWAY, "upstream_error"),
             ProxyError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ProxyError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),

@@ -112,9 +112,15 @@ impl Runtime {
                 .get(&r.provider.0)
                 .cloned()
                 .ok_or_else(|| format!("route {}: unknown provider {}", r.label(), r.provider.0))?;
-            let client = clients
-                .client(&r.upstream, r.ca_file.as_ref(), r.client_identity().as_ref(), r.upstream_protocol)
-                .map_err(|e| format!("route {}: {e}", r.label()))?;
+            let identity = r.client_identity();
+            let reach = upstream::Reach {
+                upstream: &r.upstream,
+                ca_file: r.ca_file.as_ref(),
+                identity: identity.as_ref(),
+                protocol: r.upstream_protocol,
+                egress: r.egress.as_ref(),
+            };
+            let client = clients.client(&reach).map_err(|e| format!("route {}: {e}", r.label()))?;
             let route = Route {
                 label: r.label().to_owned(),
                 prefix: r.prefix.as_str().to_owned(),
@@ -235,6 +241,7 @@ impl Proxy {
                 };
                 if let Err(
                     e @ (ProxyError::UpstreamUnreachable
+                    | ProxyError::EgressProxy
                     | ProxyError::UpstreamTimeout
                     | ProxyError::UpstreamFailed
                     | ProxyError::UpstreamBusy),
@@ -460,6 +467,11 @@ impl Proxy {
             upstream::Error::Failed(_) => {
                 (&route.logs.failed, ProxyError::UpstreamFailed, "upstream request failed")
             }
+            upstream::Error::Proxy(_) => (
+                &route.logs.unreachable,
+                ProxyError::EgressProxy,
+                "the egress proxy failed the upstream connection",
+            ),
         };
         if let Some(suppressed) = limit.admit() {
             tracing::warn!(route = %route.label, upstream = %route.upstream, error = %e, suppressed, "{message}");

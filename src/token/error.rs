@@ -15,6 +15,9 @@ pub enum FetchError {
     /// TCP/TLS connection to the token endpoint failed.
     #[error("cannot reach the token endpoint: {0}")]
     Network(String),
+    /// The egress proxy refused or could not open the way to the token endpoint.
+    #[error("egress proxy {0}")]
+    EgressProxy(String),
     /// The IdP answered with an OAuth2-style error body.
     #[error("the identity provider refused: HTTP {status}, error {error:?}{}", description.as_ref().map(|d| format!(": {d}")).unwrap_or_default())]
     Idp {
@@ -58,6 +61,7 @@ impl FetchError {
             FetchError::Discovery(_) => "discovery_error".into(),
             FetchError::Timeout => "timeout".into(),
             FetchError::Network(_) => "network_error".into(),
+            FetchError::EgressProxy(_) => "egress_proxy_error".into(),
             FetchError::Idp { error, .. } => sanitize_code(error).into(),
             FetchError::Status { status, .. } => format!("http_{status}").into(),
             FetchError::Malformed(_) => "malformed_response".into(),
@@ -71,7 +75,10 @@ impl FetchError {
     /// configuration problem (wrong secret, scope not allowed).
     pub fn is_transient(&self) -> bool {
         match self {
-            FetchError::Timeout | FetchError::Network(_) | FetchError::Discovery(_) => true,
+            FetchError::Timeout
+            | FetchError::Network(_)
+            | FetchError::EgressProxy(_)
+            | FetchError::Discovery(_) => true,
             FetchError::Idp { status, .. } | FetchError::Status { status, .. } => {
                 *status >= 500 || *status == 429
             }
@@ -97,6 +104,7 @@ impl FetchError {
         match self {
             FetchError::Discovery(s) => FetchError::Discovery(clean(s)),
             FetchError::Network(s) => FetchError::Network(clean(s)),
+            FetchError::EgressProxy(s) => FetchError::EgressProxy(clean(s)),
             FetchError::Idp { status, error, description, retry_after } => FetchError::Idp {
                 status,
                 error: clean(error),

@@ -131,7 +131,8 @@ impl HttpFetcher {
                     .body(serde_json::Value::Object(object).to_string())
             }
         };
-        let reply = send::send(builder).await.map_err(|e| e.redact(&redactor))?;
+        let reply =
+            send::send(builder, self.config.common.egress.as_ref()).await.map_err(|e| e.redact(&redactor))?;
         if !reply.status.is_success() {
             return Err(response::parse_error(reply.status.as_u16(), &reply.body, reply.retry_after)
                 .redact(&redactor));

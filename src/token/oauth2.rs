@@ -272,7 +272,8 @@ impl OAuth2Fetcher {
             }
             builder = builder.header(k, v);
         }
-        let reply = send::send(builder).await.map_err(|e| e.redact(&redactor))?;
+        let reply =
+            send::send(builder, self.config.common.egress.as_ref()).await.map_err(|e| e.redact(&redactor))?;
         if !reply.status.is_success() {
             if reply.status.as_u16() == 404 || reply.status.is_server_error() {
                 self.forget_discovery();
@@ -301,7 +302,7 @@ impl OAuth2Fetcher {
         let found = match cached {
             Some(d) => d,
             None => {
-                let found = discover(&self.http, issuer).await?;
+                let found = discover(&self.http, issuer, self.config.common.egress.as_ref()).await?;
                 if found.token_endpoint.host_str() != issuer.host_str() {
                     tracing::info!(provider = %self.provider, token_endpoint = %found.token_endpoint, "discovered token endpoint is on another host than the issuer");
                 }
@@ -340,10 +341,14 @@ pub struct Target {
 
 /// OIDC discovery: `GET {issuer}/.well-known/openid-configuration`, whose `issuer` must equal the
 /// configured one (RFC 8414 §3.3).
-pub async fn discover(http: &reqwest::Client, issuer: &reqwest::Url) -> Result<Discovered, FetchError> {
+pub async fn discover(
+    http: &reqwest::Client,
+    issuer: &reqwest::Url,
+    egress: Option<&crate::config::Egress>,
+) -> Result<Discovered, FetchError> {
     let base = issuer.as_str().trim_end_matches('/');
     let doc_url = format!("{base}/.well-known/openid-configuration");
-    let reply = send::send(http.get(&doc_url).header(ACCEPT, "application/json"))
+    let reply = send::send(http.get(&doc_url).header(ACCEPT, "application/json"), egress)
         .await
         .map_err(|e| FetchError::Discovery(format!("{doc_url}: {e}")))?;
     if !reply.status.is_success() {
@@ -426,6 +431,8 @@ mod tests {
                 default_ttl: Duration::from_secs(300),
                 ca_file: None,
                 allowed_upstreams: vec![],
+                egress_proxy: None,
+                egress: None,
             },
         }
     }

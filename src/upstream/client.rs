@@ -13,7 +13,7 @@ use super::h1::{self, Head};
 use super::limit::{self, UpstreamSlots};
 use super::origin::{self, Origin};
 use super::{Body, hop, pooled, stream};
-use crate::config::{IdentityFiles, Limits, Upstream, UpstreamProtocol};
+use crate::config::{Egress, IdentityFiles, Limits, ProxyUrl, Upstream, UpstreamProtocol};
 
 /// Why an upstream exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +30,9 @@ pub enum Error {
     /// The connection failed after it was made (reset, malformed response).
     #[error("{0}")]
     Failed(String),
+    /// The egress proxy refused or could not open the way to the upstream.
+    #[error("{0}")]
+    Proxy(String),
 }
 
 /// What an upgrade request got.
@@ -114,7 +117,9 @@ impl Client {
             }
         }
         let resp = self.pooled.get().request(req).await.map_err(|e| {
-            if limit::is_busy(&e) {
+            if let Some(refused) = super::egress::refusal(&e) {
+                Error::Proxy(refused)
+            } else if limit::is_busy(&e) {
                 Error::Busy(e.to_string())
             } else if e.is_connect() {
                 Error::Unreachable(e.to_string())
@@ -141,11 +146,38 @@ impl Client {
 }
 
 fn origin_error(e: origin::Error) -> Error {
+    if let Some(refused) = super::egress::refusal(&e) {
+        return Error::Proxy(refused);
+    }
     match e {
         origin::Error::Http1(h1::Error::Busy(busy)) => Error::Busy(busy.to_string()),
         e if e.is_connect() => Error::Unreachable(e.to_string()),
         e => Error::Failed(e.to_string()),
     }
+}
+
+/// How a route reaches its upstream.
+#[derive(Clone, Copy)]
+pub struct Reach<'a> {
+    /// The upstream.
+    pub upstream: &'a Upstream,
+    /// A CA bundle trusted besides the public roots.
+    pub ca_file: Option<&'a PathBuf>,
+    /// The client certificate presented when the upstream asks for one.
+    pub identity: Option<&'a IdentityFiles>,
+    /// HTTP/2 or HTTP/1.1 over TLS.
+    pub protocol: UpstreamProtocol,
+    /// The egress proxy settings, if any.
+    pub egress: Option<&'a Egress>,
+}
+
+/// What keys a pool by its proxy: the proxy and its credentials (never shown).
+pub(super) fn proxy_key(proxy: Option<&ProxyUrl>) -> String {
+    proxy.map_or_else(String::new, |p| {
+        let user = p.credentials.as_ref().map_or("", |(u, _)| u.as_str());
+        let password = p.credentials.as_ref().map_or("", |(_, s)| s.expose());
+        format!("{p}|{user}|{password}")
+    })
 }
 
 /// Builds the clients of a configuration: routes to the same origin (scheme, host, port, CA and
@@ -168,42 +200,39 @@ impl Clients {
         }
     }
 
-    /// The client for `upstream`, trusting `ca_file` besides the public roots and presenting
-    /// the certificate of `identity` when the upstream asks for one. The identity's files are
+    /// The client for a route's upstream, as `reach` describes it. The identity's files are
     /// read now: a reload after they change builds new connections with the new certificate,
     /// while those in flight finish on the old one.
-    pub fn client(
-        &mut self,
-        upstream: &Upstream,
-        ca_file: Option<&PathBuf>,
-        identity: Option<&IdentityFiles>,
-        protocol: UpstreamProtocol,
-    ) -> Result<Client, String> {
+    pub fn client(&mut self, reach: &Reach<'_>) -> Result<Client, String> {
+        let Reach { upstream, ca_file, identity, protocol, egress } = *reach;
+        let https = upstream.scheme == http::uri::Scheme::HTTPS;
+        let proxy = egress.and_then(|e| e.proxy_for(https, upstream.authority.host()));
         let loaded = identity.map(IdentityFiles::load).transpose()?;
         let identity_key = identity
             .map(|i| format!("{}|{}", i.cert_file.display(), i.key_file.display()))
             .unwrap_or_default();
         let pooled = self
             .pooled
-            .get(&self.limits, ca_file, loaded.clone().map(|id| (identity_key.as_str(), id)), &self.slots)
+            .get(
+                &self.limits,
+                ca_file,
+                loaded.clone().map(|id| (identity_key.as_str(), id)),
+                &self.slots,
+                proxy,
+            )
             .map_err(|e| e.to_string())?;
-        let https = upstream.scheme == http::uri::Scheme::HTTPS;
         let key = format!(
-            "{}://{}|{}|{identity_key}|{protocol:?}",
+            "{}://{}|{}|{identity_key}|{protocol:?}|{}",
             upstream.scheme,
             upstream.authority.as_str().to_ascii_lowercase(),
             ca_file.map(|p| p.display().to_string()).unwrap_or_default(),
+            proxy_key(proxy),
         );
         let origin = match self.origins.get(&key) {
             Some(o) => o.clone(),
             None => {
-                let o = Arc::new(self.origin(
-                    upstream,
-                    ca_file,
-                    loaded,
-                    https && protocol == UpstreamProtocol::Auto,
-                    https,
-                )?);
+                let offer_h2 = https && protocol == UpstreamProtocol::Auto;
+                let o = Arc::new(self.origin(upstream, ca_file, loaded, offer_h2, proxy)?);
                 self.origins.insert(key, o.clone());
                 o
             }
@@ -217,12 +246,12 @@ impl Clients {
         ca_file: Option<&PathBuf>,
         identity: Option<crate::tls::Identity>,
         offer_h2: bool,
-        https: bool,
+        proxy: Option<&ProxyUrl>,
     ) -> Result<Origin, String> {
         let limits = &self.limits;
         let max_head = usize::try_from(limits.max_header_size).unwrap_or(usize::MAX);
         let alpn = if offer_h2 { origin::H2_OR_H1 } else { origin::H1_ONLY };
-        let tls = if https {
+        let tls = if upstream.scheme == http::uri::Scheme::HTTPS {
             Some(
                 stream::Tls::new(upstream.authority.host(), ca_file.map(PathBuf::as_path), identity, alpn)
                     .map_err(|e| e.to_string())?,
@@ -237,6 +266,7 @@ impl Clients {
             limits.upstream_idle_timeout,
             max_head,
             &self.slots,
+            proxy.cloned(),
         ));
         pool.share_idle();
         let h2 = offer_h2.then(|| super::h2::Connections::new(limits.upstream_idle_timeout, max_head));

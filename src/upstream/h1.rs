@@ -20,7 +20,9 @@ use http_body::{Frame, SizeHint};
 use tokio::io::AsyncReadExt;
 
 use super::Body;
+use super::egress::Path;
 use super::stream::{Stream, Tls};
+use crate::config::ProxyUrl;
 
 /// The first read's buffer: a head and a small body arrive in one read.
 const READ_BUF: usize = 32 * 1024;
@@ -95,6 +97,10 @@ pub struct Pool {
     tls: Option<Tls>,
     // The same TLS offering only HTTP/1.1: upgrades are HTTP/1.1.
     upgrade_tls: Option<Tls>,
+    // The egress proxy this upstream is reached through, if any.
+    egress: Option<ProxyUrl>,
+    // Through that proxy in absolute form (plain http): its `Proxy-Authorization`, if any.
+    forward: Option<Option<HeaderValue>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_head: usize,
@@ -215,11 +221,14 @@ impl Pool {
         idle_timeout: Duration,
         max_head: usize,
         slots: &Arc<super::limit::UpstreamSlots>,
+        egress: Option<ProxyUrl>,
     ) -> Self {
         let default_port = if tls.is_some() { 443 } else { 80 };
         let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(default_port));
         Pool {
             upgrade_tls: tls.as_ref().map(Tls::http1_only),
+            forward: egress.as_ref().filter(|_| tls.is_none()).map(ProxyUrl::authorization),
+            egress,
             tls,
             limit: slots.of(&addr.to_ascii_lowercase()),
             addr,
@@ -275,7 +284,7 @@ impl Pool {
     fn request_bytes(&self, head: &Head<'_>, body: &Bytes) -> (Vec<u8>, bool) {
         let inline = body.len() <= INLINE_BODY;
         let mut out = Vec::with_capacity(512 + if inline { body.len() } else { 0 });
-        encode(&mut out, &self.host, head, body);
+        encode(&mut out, &self.host, head, body, self.forward.as_ref());
         if inline {
             out.extend_from_slice(body);
         }
@@ -313,6 +322,13 @@ impl Pool {
                 return Err(Attempt::Failed(Error::Invalid("unexpected informational response")));
             }
         };
+        if parts.status == StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            && let (Some(proxy), Some(_)) = (&self.egress, &self.forward)
+        {
+            let why = "answered 407 Proxy Authentication Required: check the user and password in egress_proxy (or egress_proxy_password_file)";
+            let source = super::egress::Refused::io(proxy, why.into());
+            return Err(Attempt::Failed(Error::Connect { addr: self.addr.clone(), source }));
+        }
         self.answer(io, buf, parts, framing, reusable).await.map_err(Attempt::Failed)
     }
 
@@ -337,9 +353,9 @@ impl Pool {
     /// Sends an upgrade request (no body) on a new connection of its own, over TLS offering
     /// only HTTP/1.1, and reads the answer.
     pub async fn upgrade(self: &Arc<Self>, head: &Head<'_>) -> Result<Upgrade, Error> {
-        let mut io = self.open_with(self.upgrade_tls.as_ref()).await?;
+        let mut io = self.open_with(self.upgrade_tls.as_ref(), true).await?;
         let mut out = Vec::with_capacity(512);
-        encode(&mut out, &self.host, head, &Bytes::new());
+        encode(&mut out, &self.host, head, &Bytes::new(), None);
         io.send(&out).await?;
         let mut buf = BytesMut::with_capacity(READ_BUF);
         let mut informational = 0;
@@ -363,12 +379,22 @@ impl Pool {
 
     /// Opens a new connection, taking one of the upstream's slots (waiting for one if need be).
     pub async fn open(&self) -> Result<Conn, Error> {
-        self.open_with(self.tls.as_ref()).await
+        self.open_with(self.tls.as_ref(), false).await
     }
 
-    async fn open_with(&self, tls: Option<&Tls>) -> Result<Conn, Error> {
+    /// How a connection gets to the upstream: through the egress proxy's CONNECT tunnel for TLS
+    /// and upgrades, to the proxy itself for plain requests.
+    fn path(&self, upgrade: bool) -> Path<'_> {
+        match &self.egress {
+            None => Path::Direct,
+            Some(p) if self.forward.is_some() && !upgrade => Path::Forward(p),
+            Some(p) => Path::Tunnel(p),
+        }
+    }
+
+    async fn open_with(&self, tls: Option<&Tls>, upgrade: bool) -> Result<Conn, Error> {
         let slot = self.limit.acquire().await?;
-        match Stream::connect(&self.addr, tls, self.connect_timeout).await {
+        match Stream::connect(&self.addr, self.path(upgrade), tls, self.connect_timeout).await {
             Ok(None) => Err(Error::ConnectTimeout(self.addr.clone())),
             Err(source) => Err(Error::Connect { addr: self.addr.clone(), source }),
             Ok(Some(io)) => Ok(Conn { io, _slot: slot }),
@@ -440,13 +466,30 @@ pub(super) fn replayable(method: &Method) -> bool {
     )
 }
 
-fn encode(out: &mut Vec<u8>, host: &str, head: &Head<'_>, body: &Bytes) {
+/// The request head; through a forward proxy (`forward`, with its credentials) the target is in
+/// absolute form.
+fn encode(
+    out: &mut Vec<u8>,
+    host: &str,
+    head: &Head<'_>,
+    body: &Bytes,
+    forward: Option<&Option<HeaderValue>>,
+) {
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
+    if forward.is_some() {
+        out.extend_from_slice(b"http://");
+        out.extend_from_slice(host.as_bytes());
+    }
     out.extend_from_slice(head.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
+    if let Some(Some(auth)) = forward {
+        out.extend_from_slice(b"proxy-authorization: ");
+        out.extend_from_slice(auth.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     for (name, value) in head.headers {
         // The body is sent whole with its own length; the client's Expect was answered by us.
         if name == header::CONTENT_LENGTH || name == header::EXPECT || name == header::HOST {
@@ -899,6 +942,7 @@ mod tests {
             Duration::from_secs(1),
             8192,
             &crate::upstream::limit::UpstreamSlots::new(1, Duration::from_secs(1)),
+            None,
         ));
         let mut s =
             Streaming { io: None, pool, buf: BytesMut::new(), framing, reusable: true, extensions: 0 };
@@ -934,7 +978,7 @@ mod tests {
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
         let mut out = Vec::new();
         let head = Head { method: &Method::POST, target: "/a?b=1", headers: &headers };
-        encode(&mut out, "api.example:8080", &head, &Bytes::from_static(b"xy"));
+        encode(&mut out, "api.example:8080", &head, &Bytes::from_static(b"xy"), None);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /a?b=1 HTTP/1.1\r\nhost: api.example:8080\r\nauthorization: Bearer t\r\ncontent-length: 2\r\n\r\n"

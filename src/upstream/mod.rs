@@ -13,6 +13,7 @@
 
 pub mod body;
 mod client;
+pub mod egress;
 pub mod h1;
 pub mod h2;
 pub mod hop;
@@ -23,5 +24,5 @@ pub mod stream;
 mod tunnel;
 
 pub use body::{Body, BoxError};
-pub use client::{Client, Clients, Error, Payload, Upgrade};
+pub use client::{Client, Clients, Error, Payload, Reach, Upgrade};
 pub use tunnel::Tunnel;

@@ -11,11 +11,11 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::Body;
 use super::limit::{Limited, UpstreamSlots};
-use crate::config::Limits;
+use crate::config::{Limits, ProxyUrl};
 
 /// A client for streamed uploads; every connection holds one of its upstream's slots until it
 /// closes, which it does when its exchange ends.
-pub type UpstreamClient = Client<HttpsConnector<Limited<HttpConnector>>, Body>;
+pub type UpstreamClient = Client<HttpsConnector<Limited<super::egress::Connector<HttpConnector>>>, Body>;
 
 /// One client per worker thread: each holds its own connections (one HTTP/2 connection per
 /// upstream, or an HTTP/1.1 pool), driven by that worker's event loop, so a second worker adds a
@@ -31,7 +31,12 @@ impl WorkerClients {
 }
 
 /// Builds a client trusting the public roots plus `ca_file`.
-fn client(limits: &Limits, tls: rustls::ClientConfig, slots: &Arc<UpstreamSlots>) -> UpstreamClient {
+fn client(
+    limits: &Limits,
+    tls: rustls::ClientConfig,
+    slots: &Arc<UpstreamSlots>,
+    proxy: Option<&ProxyUrl>,
+) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -41,7 +46,7 @@ fn client(limits: &Limits, tls: rustls::ClientConfig, slots: &Arc<UpstreamSlots>
         .with_tls_config(tls)
         .https_or_http()
         .enable_all_versions()
-        .wrap_connector(Limited::new(http, slots.clone()));
+        .wrap_connector(Limited::new(super::egress::Connector::new(http, proxy.cloned()), slots.clone()));
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
@@ -60,19 +65,21 @@ fn client(limits: &Limits, tls: rustls::ClientConfig, slots: &Arc<UpstreamSlots>
 pub struct Clients(HashMap<String, WorkerClients>);
 
 impl Clients {
-    /// The client for `ca_file` presenting `identity` (read from `identity_key`'s files), built
-    /// on first use.
+    /// The client for `ca_file` presenting `identity` (read from `identity_key`'s files) and
+    /// connecting through `proxy`, built on first use.
     pub fn get(
         &mut self,
         limits: &Limits,
         ca_file: Option<&PathBuf>,
         identity: Option<(&str, crate::tls::Identity)>,
         slots: &Arc<UpstreamSlots>,
+        proxy: Option<&ProxyUrl>,
     ) -> Result<WorkerClients, crate::tls::TlsError> {
         let key = format!(
-            "{}|{}",
+            "{}|{}|{}",
             ca_file.map(|p| p.display().to_string()).unwrap_or_default(),
-            identity.as_ref().map_or("", |(k, _)| k)
+            identity.as_ref().map_or("", |(k, _)| k),
+            super::client::proxy_key(proxy),
         );
         if let Some(c) = self.0.get(&key) {
             return Ok(c.clone());
@@ -80,7 +87,9 @@ impl Clients {
         // hyper-rustls sets ALPN (h2, http/1.1) itself from enable_all_versions().
         let tls =
             crate::tls::client_config_with(ca_file.map(PathBuf::as_path), &[], identity.map(|(_, id)| id))?;
-        let c = WorkerClients((0..super::h1::SHARDS).map(|_| client(limits, tls.clone(), slots)).collect());
+        let c = WorkerClients(
+            (0..super::h1::SHARDS).map(|_| client(limits, tls.clone(), slots, proxy)).collect(),
+        );
         self.0.insert(key, c.clone());
         Ok(c)
     }

@@ -62,10 +62,15 @@ pub enum Stream {
 }
 
 impl Stream {
-    /// Connects to `addr`, with TLS when `tls` is given, all within `timeout`.
-    pub async fn connect(addr: &str, tls: Option<&Tls>, timeout: Duration) -> std::io::Result<Option<Self>> {
+    /// Connects to `addr` by `path`, with TLS when `tls` is given, all within `timeout`.
+    pub async fn connect(
+        addr: &str,
+        path: super::egress::Path<'_>,
+        tls: Option<&Tls>,
+        timeout: Duration,
+    ) -> std::io::Result<Option<Self>> {
         let open = async {
-            let tcp = TcpStream::connect(addr).await?;
+            let tcp = super::egress::connect(addr, path).await?;
             tcp.set_nodelay(true)?;
             match tls {
                 None => Ok(Stream::Plain(tcp)),

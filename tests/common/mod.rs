@@ -508,6 +508,20 @@ impl Process {
         p
     }
 
+    /// [`Process::spawn`] with environment variables set.
+    pub fn spawn_env(config_path: &std::path::Path, admin: SocketAddr, vars: &[(&str, &str)]) -> Process {
+        let log = config_path.with_file_name("tokengate.log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+            .args(["run", "-c", config_path.to_str().unwrap()])
+            .env("NO_COLOR", "1")
+            .envs(vars.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Process { child, admin, log }
+    }
+
     /// `tokengate run -c config_path` with more arguments, its stderr going to `stderr`
     /// ([`Process::log_text`] then reads nothing).
     pub fn spawn_with(

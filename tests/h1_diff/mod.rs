@@ -122,6 +122,7 @@ async fn lean(addr: SocketAddr, target: &str) -> Verdict {
         Duration::from_secs(10),
         64 * 1024,
         &slots,
+        None,
     ));
     let headers = http::HeaderMap::new();
     let head = tokengate::upstream::h1::Head { method: &http::Method::GET, target, headers: &headers };
