@@ -292,6 +292,9 @@ async fn upgrades_a_route_does_not_forward_are_refused_plainly() {
     let no_connection = "GET /ws/x HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
     let answer = raw(tg.proxy_addr, no_connection.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("Connection: upgrade"), "{answer}");
+    let with_body = handshake("/ws/x", "Content-Length: 5\r\n") + "hello";
+    let answer = raw(tg.proxy_addr, with_body.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("no body"), "{answer}");
     let post = handshake("/ws/x", "").replacen("GET", "POST", 1);
     let answer = raw(tg.proxy_addr, post.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("invalid_websocket_handshake"), "{answer}");

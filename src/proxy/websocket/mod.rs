@@ -68,6 +68,12 @@ pub fn asks<B>(req: &Request<B>) -> Result<Option<Ask>, ProxyError> {
     if req.headers().get(header::SEC_WEBSOCKET_KEY).is_none() {
         return Err(ProxyError::InvalidWebSocket("Sec-WebSocket-Key is missing"));
     }
+    // Bytes after the head belong to the tunnel; a body in between would be read as frames.
+    let framed = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req.headers().get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0");
+    if framed {
+        return Err(ProxyError::InvalidWebSocket("a WebSocket handshake has no body"));
+    }
     Ok(Some(Ask::Http1))
 }
 
