@@ -57,6 +57,8 @@ pub struct Record<'a> {
     pub upstream: Option<&'a str>,
     /// The route's provider.
     pub provider: Option<&'a str>,
+    /// The caller's name (`callers:`), when one was identified.
+    pub caller: Option<&'a str>,
     /// A token had to be fetched for this request.
     pub token_fetched: bool,
     /// The request was replayed after an upstream 401.
@@ -377,6 +379,10 @@ fn text(out: &mut Vec<u8>, r: &Record<'_>) {
         out.extend_from_slice(b" provider=");
         escaped(out, p, b' ');
     }
+    if let Some(c) = r.caller {
+        out.extend_from_slice(b" caller=");
+        escaped(out, c, b' ');
+    }
     out.extend_from_slice(if r.token_fetched { b" fetched=1" } else { b" fetched=0" });
     out.extend_from_slice(if r.replayed { b" replayed=1" } else { b" replayed=0" });
     if let Some(ua) = r.user_agent {
@@ -430,6 +436,11 @@ fn json(out: &mut Vec<u8>, r: &Record<'_>) {
     out.extend_from_slice(b",\"provider\":");
     match r.provider {
         Some(p) => json_string(out, p),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"caller\":");
+    match r.caller {
+        Some(c) => json_string(out, c),
         None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"user_agent\":");
@@ -518,6 +529,7 @@ mod tests {
             route: "api",
             upstream: None,
             provider: Some("p"),
+            caller: None,
             token_fetched: false,
             replayed: true,
         }

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub inflight: IntGauge,
     /// `tokengate_connections_closed_total{listener,reason}`: connections tokengate closed itself.
     pub connections_closed: IntCounterVec,
+    /// `tokengate_caller_requests_total{route,caller,status}`: requests by caller, when
+    /// callers are configured (`_unknown` for none of them).
+    pub caller_requests: IntCounterVec,
     /// `tokengate_websocket_tunnels{route}`: WebSocket tunnels open.
     pub websocket_open: IntGaugeVec,
     /// `tokengate_websocket_closed_total{route,reason}`: WebSocket tunnels ended, and why.
@@ -123,6 +126,14 @@ impl Metrics {
             &["listener", "reason"],
         )
         .expect("valid metric");
+        let caller_requests = IntCounterVec::new(
+            Opts::new(
+                "tokengate_caller_requests_total",
+                "Requests answered by route, caller (_unknown: none) and status, when callers are configured.",
+            ),
+            &["route", "caller", "status"],
+        )
+        .expect("valid metric");
         let websocket_open = IntGaugeVec::new(
             Opts::new("tokengate_websocket_tunnels", "WebSocket tunnels open, by route."),
             &["route"],
@@ -173,6 +184,7 @@ impl Metrics {
             Box::new(token_expiry.clone()),
             Box::new(inflight.clone()),
             Box::new(connections_closed.clone()),
+            Box::new(caller_requests.clone()),
             Box::new(websocket_open.clone()),
             Box::new(websocket_closed.clone()),
             Box::new(access_log_lines.clone()),
@@ -208,6 +220,7 @@ impl Metrics {
             token_expiry,
             inflight,
             connections_closed,
+            caller_requests,
             websocket_open,
             websocket_closed,
             access_log_lines,
@@ -216,6 +229,21 @@ impl Metrics {
             build_info,
             up,
         }
+    }
+
+    /// Requests answered by (route, caller), since start.
+    pub fn caller_totals(&self) -> std::collections::BTreeMap<(String, String), u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for family in prometheus::core::Collector::collect(&self.caller_requests) {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label().iter().find(|l| l.name() == name).map(|l| l.value().to_owned())
+                };
+                let (Some(route), Some(caller)) = (label("route"), label("caller")) else { continue };
+                *out.entry((route, caller)).or_default() += m.get_counter().get_value() as u64;
+            }
+        }
+        out
     }
 
     /// Requests answered and those answered 5xx, by route label, since start.

@@ -162,16 +162,10 @@ async fn a_token_type_other_than_bearer_goes_only_where_a_route_says_how() {
     let opts = IdpOptions { token_type: "MAC", ..IdpOptions::default() };
     let (stated, unstated) = (Idp::start(opts.clone()).await, Idp::start(opts).await);
     let up = Upstream::start(None).await;
-    let provider = |name: &str, idp: &Idp| {
-        format!(
-            "  {name}:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\n",
-            idp.token_url()
-        )
-    };
     let yaml = format!(
         "providers:\n{}{}routes:\n  - prefix: /mac\n    upstream: {u}\n    provider: stated\n    inject: {{ header: Authorization, scheme: MAC }}\n  - prefix: /default\n    upstream: {u}\n    provider: unstated\n",
-        provider("stated", &stated),
-        provider("unstated", &unstated),
+        stated.provider_entry("stated"),
+        unstated.provider_entry("unstated"),
         u = up.url()
     );
     let tg = start(&yaml).await;

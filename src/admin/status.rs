@@ -53,6 +53,12 @@ pub fn json(control: &Control) -> serde_json::Value {
             })
         })
         .collect();
+    let callers: Vec<serde_json::Value> = proxy
+        .metrics
+        .caller_totals()
+        .into_iter()
+        .map(|((route, caller), requests)| serde_json::json!({ "route": route, "caller": caller, "requests": requests }))
+        .collect();
     let (file, loaded, digest) = control.loaded();
     let readiness = match control.readiness.phase() {
         Phase::WarmingUp => "warming up",
@@ -67,5 +73,6 @@ pub fn json(control: &Control) -> serde_json::Value {
         "reload_enabled": control.admin().reload,
         "providers": providers,
         "routes": routes,
+        "callers": callers,
     })
 }

@@ -4,6 +4,7 @@
 //! unknown grant or a missing secret. Every string value may use `${VAR}` (see [`mod@env`]).
 
 mod access;
+mod callers;
 mod client_auth;
 mod egress;
 pub mod env;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use access::{Access, ApiKeys, Cidr, ForwardedFormat, allowed, constant_time_eq, host_served};
+pub use callers::{Caller, Callers, JwksSource, JwtCaller, Method, MethodKind, subject_matches};
 pub use client_auth::{
     AssertionSettings, Audience, ClientAuth, IdentityFiles, JWT_BEARER_ASSERTION, KeyFile,
     MAX_ASSERTION_LIFETIME,
@@ -76,6 +78,10 @@ pub struct Config {
     /// Destinations reached directly: host names (with their subdomains), addresses and blocks.
     #[serde(default, deserialize_with = "egress::no_proxy_list")]
     pub no_proxy: Vec<NoProxy>,
+    /// Named callers: who is sending a request, told by an API key, a JWT or an address block.
+    /// With callers defined, a request that is none of them is refused.
+    #[serde(default)]
+    pub callers: Callers,
     /// Named token sources.
     pub providers: BTreeMap<String, Provider>,
     /// Path-prefix routes; the longest matching prefix wins.
@@ -135,7 +141,10 @@ impl Config {
     /// it says in `inject` how its token is sent (sent as Bearer by default, it would not be the
     /// credential the IdP issued).
     pub fn any_token_type(&self, provider: &str) -> bool {
-        let mut routes = self.routes.iter().filter(|r| r.provider.0 == provider).peekable();
+        let uses = |r: &&RouteConfig| {
+            r.provider.0 == provider || r.provider_by_caller.values().any(|p| p.0 == provider)
+        };
+        let mut routes = self.routes.iter().filter(uses).peekable();
         routes.peek().is_some() && routes.all(|r| r.inject.is_some())
     }
 }
@@ -387,6 +396,12 @@ pub struct RouteConfig {
     /// the token it was opened with expires) or a duration. Default: no limit.
     #[serde(default)]
     pub websocket_max_lifetime: Option<TunnelLifetime>,
+    /// The callers that may use this route (empty: every caller); others get 403.
+    #[serde(default)]
+    pub callers: Vec<Text>,
+    /// Another provider for some callers: their requests carry that provider's token.
+    #[serde(default)]
+    pub provider_by_caller: BTreeMap<String, Text>,
     /// `egress_proxy` for this route's upstream (`None`: the top-level setting).
     #[serde(default)]
     pub egress_proxy: Option<EgressSetting>,
@@ -871,6 +886,7 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
                 "no keys are configured; add access.api_keys".into(),
             ));
         }
+        check_callers(&config, i, route).map_err(|(key, message)| invalid(key, message))?;
         if route.websocket_max_lifetime.is_some() && !route.websocket() {
             return Err(invalid(
                 format!("routes[{i}].websocket_max_lifetime"),
@@ -919,6 +935,43 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
     }
     config.files = named_files(&config, read);
     Ok(config)
+}
+
+/// A route's `callers` and `provider_by_caller` name defined callers and providers, and the
+/// providers may send their tokens to the route's upstream.
+fn check_callers(config: &Config, i: usize, route: &RouteConfig) -> Result<(), (String, String)> {
+    let defined: Vec<&str> = config.callers.0.iter().map(|(n, _)| n.as_str()).collect();
+    let unknown = |name: &str| {
+        format!(
+            "no caller named {name:?}; defined callers: {}",
+            if defined.is_empty() { "none".into() } else { defined.join(", ") }
+        )
+    };
+    for name in &route.callers {
+        if config.callers.get(&name.0).is_none() {
+            return Err((format!("routes[{i}].callers"), unknown(&name.0)));
+        }
+    }
+    for (caller, provider) in &route.provider_by_caller {
+        let key = format!("routes[{i}].provider_by_caller.{caller}");
+        if config.callers.get(caller).is_none() {
+            return Err((key, unknown(caller)));
+        }
+        if !route.callers.is_empty() && !route.callers.iter().any(|c| c.0 == *caller) {
+            return Err((key, format!("caller {caller:?} is not in this route's callers")));
+        }
+        let Some(p) = config.providers.get(&provider.0) else {
+            return Err((key, format!("no provider named {:?}", provider.0)));
+        };
+        let allowed = &p.common().allowed_upstreams;
+        if !allowed.is_empty() && !allowed.iter().any(|a| a.allows(&route.upstream.to_string())) {
+            return Err((
+                key,
+                format!("provider {} may not send its tokens to {}", provider.0, route.upstream),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Settles how every provider and route reaches its destination (the top-level `egress_proxy`,

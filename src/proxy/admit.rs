@@ -37,6 +37,8 @@ pub enum Denied {
     ProxyApiKey,
     /// The route needs a verified client certificate.
     ClientCert,
+    /// The caller is not one the route serves.
+    Caller,
 }
 
 impl Denied {
@@ -48,6 +50,7 @@ impl Denied {
             Denied::Browser => "browser_request",
             Denied::ApiKey | Denied::ProxyApiKey => "invalid_api_key",
             Denied::ClientCert => "client_cert_required",
+            Denied::Caller => "caller_not_allowed",
         }
     }
 }

@@ -52,6 +52,12 @@ pub enum ProxyError {
     /// A malformed or ambiguous header.
     #[error("invalid request header: {0}")]
     InvalidHeader(&'static str),
+    /// Callers are configured and the request is none of them.
+    #[error("this request is from no known caller: send its API key or token")]
+    CallerUnknown,
+    /// A bearer token was presented that no caller accepts; it is never passed on.
+    #[error("invalid bearer token: {0}")]
+    InvalidToken(String),
     /// The route's provider has no valid token.
     #[error("no valid token is available for this route's provider")]
     TokenUnavailable {
@@ -106,6 +112,8 @@ impl ProxyError {
                 (StatusCode::PROXY_AUTHENTICATION_REQUIRED, "invalid_api_key")
             }
             ProxyError::Denied(d) => (StatusCode::FORBIDDEN, d.label()),
+            ProxyError::CallerUnknown => (StatusCode::UNAUTHORIZED, "caller_unknown"),
+            ProxyError::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
             ProxyError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ProxyError::InvalidHeader(_) => (StatusCode::BAD_REQUEST, "invalid_header"),
             ProxyError::TransferCoding => (StatusCode::NOT_IMPLEMENTED, "unsupported_transfer_coding"),
@@ -150,6 +158,13 @@ impl ProxyError {
                 let secs = retry_in.as_secs() + u64::from(retry_in.subsec_nanos() > 0);
                 h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
+            // RFC 6750 section 3.
+            ProxyError::InvalidToken(_) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
             // RFC 9110 section 11.6.1: a 401 says how to authenticate.
             ProxyError::Denied(super::Denied::ApiKey) => {
                 h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey realm=\"tokengate\""));
@@ -177,6 +192,7 @@ fn denied_message(d: super::Denied) -> &'static str {
         Denied::ApiKey => "a valid API key is required",
         Denied::ProxyApiKey => "a valid API key is required as the proxy password",
         Denied::ClientCert => "this route requires a client certificate",
+        Denied::Caller => "this caller may not use this route",
     }
 }
 

@@ -66,6 +66,10 @@ pub struct Route {
     inject: crate::config::Inject,
     // WebSocket upgrades are forwarded, with tunnels closed at this lifetime.
     websocket: Option<Option<crate::config::TunnelLifetime>>,
+    // The callers it serves (empty: all).
+    callers: Vec<String>,
+    // The same route with another provider, by caller.
+    variants: std::collections::HashMap<String, Arc<Route>>,
 }
 
 /// Rate limits for the log lines a route's requests cause ([`crate::log::LogLimit`]).
@@ -97,6 +101,8 @@ pub struct Runtime {
     /// Routes by upstream authority (`host:port` and bare `host`), then by base path, for the
     /// forward proxy.
     pub by_host: std::collections::HashMap<String, RouteTable<Arc<Route>>>,
+    /// Who is calling, when the configuration names callers.
+    pub callers: Option<Arc<crate::caller::Identify>>,
 }
 
 impl Runtime {
@@ -108,10 +114,12 @@ impl Runtime {
         let mut by_host: std::collections::HashMap<String, RouteTable<Arc<Route>>> =
             std::collections::HashMap::new();
         for r in &config.routes {
-            let provider = providers
-                .get(&r.provider.0)
-                .cloned()
-                .ok_or_else(|| format!("route {}: unknown provider {}", r.label(), r.provider.0))?;
+            let provider = |name: &str| {
+                providers
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| format!("route {}: unknown provider {name}", r.label()))
+            };
             let identity = r.client_identity();
             let reach = upstream::Reach {
                 upstream: &r.upstream,
@@ -121,25 +129,12 @@ impl Runtime {
                 egress: r.egress.as_ref(),
             };
             let client = clients.client(&reach).map_err(|e| format!("route {}: {e}", r.label()))?;
-            let route = Route {
-                label: r.label().to_owned(),
-                prefix: r.prefix.as_str().to_owned(),
-                upstream: r.upstream.clone(),
-                upstream_text: r.upstream.to_string(),
-                strip_prefix: r.strip_prefix,
-                provider,
-                headers: r.headers.clone(),
-                retry_on_401: r.retry_on_401,
-                metrics: RouteMetrics::new(metrics, r.label()),
-                allow: r.allow.clone(),
-                methods: r.methods.clone(),
-                require_api_key: r.require_api_key.unwrap_or(config.access.api_keys.is_some()),
-                require_client_cert: r.require_client_cert,
-                logs: RouteLogs::default(),
-                client,
-                inject: r.inject.clone().unwrap_or_default(),
-                websocket: r.websocket().then_some(r.websocket_max_lifetime),
-            };
+            let mut route = Route::new(config, r, provider(&r.provider.0)?, client.clone(), metrics);
+            // The same route with another provider, for the callers that have one.
+            for (caller, name) in &r.provider_by_caller {
+                let variant = Route::new(config, r, provider(&name.0)?, client.clone(), metrics);
+                route.variants.insert(caller.clone(), Arc::new(variant));
+            }
             let route = Arc::new(route);
             let authority = route.upstream.authority.as_str().to_ascii_lowercase();
             let host = route.upstream.authority.host().to_ascii_lowercase();
@@ -155,16 +150,59 @@ impl Runtime {
             routes.push(route.clone());
             table.insert(r.prefix.as_str(), route);
         }
+        let callers = (!config.callers.is_empty())
+            .then(|| {
+                let header = config.access.api_keys.as_ref().map_or(API_KEY_HEADER, |k| k.header.clone());
+                crate::caller::Identify::new(&config.callers, header).map(Arc::new)
+            })
+            .transpose()?;
         Ok(Runtime {
             table,
             routes,
             providers,
+            callers,
             limits: config.limits.clone(),
             access: config.access.clone(),
             tls_allow: config.tls.as_ref().map(|t| t.allow.clone()).unwrap_or_default(),
             forward_allow: config.forward_proxy.as_ref().map(|f| f.allow.clone()).unwrap_or_default(),
             by_host,
         })
+    }
+}
+
+/// Where callers send API keys when `access.api_keys` does not say.
+const API_KEY_HEADER: http::HeaderName = http::HeaderName::from_static("x-api-key");
+
+impl Route {
+    /// The route `r` with `provider`'s tokens, reaching its upstream by `client`.
+    fn new(
+        config: &Config,
+        r: &crate::config::RouteConfig,
+        provider: Arc<TokenSource>,
+        client: upstream::Client,
+        metrics: &Metrics,
+    ) -> Self {
+        Route {
+            label: r.label().to_owned(),
+            prefix: r.prefix.as_str().to_owned(),
+            upstream: r.upstream.clone(),
+            upstream_text: r.upstream.to_string(),
+            strip_prefix: r.strip_prefix,
+            provider,
+            headers: r.headers.clone(),
+            retry_on_401: r.retry_on_401,
+            metrics: RouteMetrics::new(metrics, r.label()),
+            allow: r.allow.clone(),
+            methods: r.methods.clone(),
+            require_api_key: r.require_api_key.unwrap_or(config.access.api_keys.is_some()),
+            require_client_cert: r.require_client_cert,
+            logs: RouteLogs::default(),
+            client,
+            inject: r.inject.clone().unwrap_or_default(),
+            websocket: r.websocket().then_some(r.websocket_max_lifetime),
+            callers: r.callers.iter().map(|c| c.0.clone()).collect(),
+            variants: std::collections::HashMap::new(),
+        }
     }
 }
 
@@ -229,16 +267,8 @@ impl Proxy {
         let (route, result) = match matched {
             Err(e) => (None, Err(e)),
             Ok((route, ask)) => {
-                let result = match (admit::authorize(&req, &conn, &route, &runtime), ask) {
-                    (Err(e), _) => Err(e),
-                    (Ok(()), None) => self.forward(&runtime, &route, req, conn, &mut notes).await,
-                    (Ok(()), Some(_)) if route.websocket.is_none() => Err(ProxyError::UpgradeNotSupported(
-                        "this route does not forward WebSocket; it needs websocket: true",
-                    )),
-                    (Ok(()), Some(ask)) => {
-                        self.forward_websocket(&runtime, &route, req, ask, conn, tunnels, &mut notes).await
-                    }
-                };
+                let (route, result) =
+                    self.dispatch(&runtime, route, req, ask, conn, tunnels, &mut notes).await;
                 if let Err(
                     e @ (ProxyError::UpstreamUnreachable
                     | ProxyError::EgressProxy
@@ -280,6 +310,11 @@ impl Proxy {
         response.headers_mut().insert(headers::X_REQUEST_ID, request_id.clone());
         let metrics = route.as_ref().map_or(&self.unmatched, |r| &r.metrics);
         self.record(metrics, method, &response, started);
+        if runtime.callers.is_some() {
+            let caller = notes.caller.as_deref().unwrap_or("_unknown");
+            let status = response.status();
+            self.metrics.caller_requests.with_label_values(&[label, caller, status.as_str()]).inc();
+        }
         if let Some(logged) = &logged {
             self.access_log.record(&crate::access_log::Record {
                 request_id: request_id.to_str().unwrap_or("-"),
@@ -296,11 +331,66 @@ impl Proxy {
                 route: label,
                 upstream: route.as_ref().map(|r| r.upstream_text.as_str()),
                 provider: route.as_ref().map(|r| r.provider.name()),
+                caller: notes.caller.as_deref(),
                 token_fetched: notes.token_fetched,
                 replayed: notes.replayed,
             });
         }
         response
+    }
+
+    /// A matched request: the route's access rules, the caller (whose route variant serves it),
+    /// then forwarding as a plain request or a WebSocket.
+    #[allow(clippy::too_many_arguments)]
+    async fn dispatch(
+        &self,
+        runtime: &Runtime,
+        route: Arc<Route>,
+        req: Request<Incoming>,
+        ask: Option<websocket::Ask>,
+        conn: Conn,
+        tunnels: &websocket::ConnTunnels,
+        notes: &mut Notes,
+    ) -> (Arc<Route>, Result<Response<Body>, ProxyError>) {
+        if let Err(e) = admit::authorize(&req, &conn, &route, runtime) {
+            return (route, Err(e));
+        }
+        let route = match self.caller(runtime, route, &req, &conn, notes).await {
+            Ok(route) => route,
+            Err((route, e)) => return (route, Err(e)),
+        };
+        let result = match ask {
+            None => self.forward(runtime, &route, req, conn, notes).await,
+            Some(_) if route.websocket.is_none() => Err(ProxyError::UpgradeNotSupported(
+                "this route does not forward WebSocket; it needs websocket: true",
+            )),
+            Some(ask) => self.forward_websocket(runtime, &route, req, ask, conn, tunnels, notes).await,
+        };
+        (route, result)
+    }
+
+    /// Who is calling, when callers are configured: a request from none of them is refused, one
+    /// the route does not serve too, and a caller with its own provider gets the route's
+    /// variant with it.
+    async fn caller(
+        &self,
+        runtime: &Runtime,
+        route: Arc<Route>,
+        req: &Request<Incoming>,
+        conn: &Conn,
+        notes: &mut Notes,
+    ) -> Result<Arc<Route>, (Arc<Route>, ProxyError)> {
+        let Some(identify) = &runtime.callers else { return Ok(route) };
+        let name = match identify.identify(req.headers(), conn.remote.ip()).await {
+            Ok(Some(name)) => name,
+            Ok(None) => return Err((route, ProxyError::CallerUnknown)),
+            Err(rejected) => return Err((route, ProxyError::InvalidToken(rejected.0))),
+        };
+        notes.caller = Some(name.to_owned());
+        if !route.callers.is_empty() && !route.callers.iter().any(|c| c == name) {
+            return Err((route, ProxyError::Denied(Denied::Caller)));
+        }
+        Ok(route.variants.get(name).cloned().unwrap_or(route))
     }
 
     /// Attaches the credential, rewrites the request and forwards it; after a 401, replays it
@@ -406,6 +496,9 @@ impl Proxy {
         if let Some(keys) = &runtime.access.api_keys {
             // The app's key to tokengate is not for the upstream.
             parts.headers.remove(&keys.header);
+        }
+        if runtime.callers.is_some() {
+            parts.headers.remove(API_KEY_HEADER);
         }
         let hop = headers::Forwarding {
             client: conn.remote.ip(),
@@ -604,6 +697,8 @@ fn match_route(runtime: &Runtime, uri: &Uri, forward: bool) -> Result<Arc<Route>
 /// What happened to a request, for the access log.
 #[derive(Default)]
 struct Notes {
+    // The caller, when callers are configured and one was identified.
+    caller: Option<String>,
     token_fetched: bool,
     replayed: bool,
     // The request body was read (or its reading started).

@@ -181,6 +181,14 @@ impl Idp {
         )
     }
 
+    /// One entry of a `providers:` section: provider `name` using this IdP's default client.
+    pub fn provider_entry(&self, name: &str) -> String {
+        format!(
+            "  {name}:\n    type: oauth2\n    token_url: {}\n    client_id: client-1\n    client_secret: secret-1\n",
+            self.token_url()
+        )
+    }
+
     /// A `providers:` section with one provider `idp` using this IdP and its default client.
     pub fn provider_yaml(&self) -> String {
         format!(

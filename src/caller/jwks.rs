@@ -1,0 +1,183 @@
+//! The keys that sign a caller's JWTs: a JWKS fetched from a URL (or the issuer's OpenID
+//! configuration) or read from a file, cached, refreshed every [`MAX_AGE`], and fetched again
+//! when a token names a key id it does not hold (at most every [`REFETCH_EVERY`], so tokens with
+//! made-up key ids cannot make tokengate hammer the issuer).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use tokio::time::Instant;
+
+use crate::config::{JwksSource, JwtCaller};
+
+/// Keys are fetched again after this long.
+const MAX_AGE: Duration = Duration::from_secs(300);
+/// An unknown key id fetches the set again at most this often.
+const REFETCH_EVERY: Duration = Duration::from_secs(1);
+/// Largest JWKS or discovery document read.
+const MAX_DOCUMENT: usize = 256 * 1024;
+
+/// One key of the set.
+pub struct Key {
+    /// The key.
+    pub key: DecodingKey,
+    /// The `alg` the JWK names, if any: then only that one is accepted with it.
+    pub alg: Option<Algorithm>,
+}
+
+struct Set {
+    by_kid: HashMap<String, Arc<Key>>,
+    // Keys without a `kid`.
+    anonymous: Vec<Arc<Key>>,
+    fetched: Instant,
+}
+
+/// A caller's key source.
+pub struct Jwks {
+    source: JwksSource,
+    issuer: String,
+    http: reqwest::Client,
+    current: ArcSwapOption<Set>,
+    // One fetch at a time; holds when the last one started.
+    fetching: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl Jwks {
+    /// The key source of `caller`.
+    pub fn new(caller: &JwtCaller) -> Result<Self, String> {
+        let tls = crate::tls::client_config(caller.ca_file.as_deref(), &[b"http/1.1"])
+            .map_err(|e| e.to_string())?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .tls_backend_preconfigured(tls)
+            .build()
+            .map_err(|e| format!("cannot build the JWKS client: {e}"))?;
+        Ok(Jwks {
+            source: caller.jwks.clone(),
+            issuer: caller.issuer.clone(),
+            http,
+            current: ArcSwapOption::empty(),
+            fetching: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The key for `kid` (or the only keys without one): fetched first when none is held yet,
+    /// the set is old, or `kid` is unknown.
+    pub async fn key(&self, kid: Option<&str>) -> Result<Vec<Arc<Key>>, String> {
+        let find = |set: &Set| -> Vec<Arc<Key>> {
+            match kid {
+                Some(k) => set.by_kid.get(k).cloned().into_iter().collect(),
+                None => set.anonymous.clone(),
+            }
+        };
+        if let Some(set) = self.current.load_full()
+            && set.fetched.elapsed() < MAX_AGE
+        {
+            let found = find(&set);
+            if !found.is_empty() {
+                return Ok(found);
+            }
+        }
+        self.refresh().await?;
+        let set = self.current.load_full().ok_or("no signing keys could be read")?;
+        let found = find(&set);
+        if found.is_empty() {
+            return Err(match kid {
+                Some(k) => format!(
+                    "unknown key id {:?}",
+                    k.chars().filter(char::is_ascii_graphic).take(64).collect::<String>()
+                ),
+                None => "the token names no key id and the key set has no key without one".into(),
+            });
+        }
+        Ok(found)
+    }
+
+    async fn refresh(&self) -> Result<(), String> {
+        let mut last = self.fetching.lock().await;
+        // Another request fetched meanwhile, or one did so very recently.
+        if last.is_some_and(|at| at.elapsed() < REFETCH_EVERY) {
+            return if self.current.load().is_some() {
+                Ok(())
+            } else {
+                Err("the signing keys could not be read".into())
+            };
+        }
+        *last = Some(Instant::now());
+        match self.read().await {
+            Ok(set) => {
+                self.current.store(Some(Arc::new(set)));
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(issuer = %self.issuer, error = %e, "cannot read the signing keys of JWT callers");
+                // Keys already held stay in use.
+                if self.current.load().is_some() { Ok(()) } else { Err(e) }
+            }
+        }
+    }
+
+    async fn read(&self) -> Result<Set, String> {
+        let document = match &self.source {
+            JwksSource::File(path) => read_file(path).await?,
+            JwksSource::Uri(url) => self.get(url.as_str()).await?,
+            JwksSource::Discovery => {
+                let base = self.issuer.trim_end_matches('/');
+                let doc = self.get(&format!("{base}/.well-known/openid-configuration")).await?;
+                let config: serde_json::Value = serde_json::from_slice(&doc)
+                    .map_err(|e| format!("the OpenID configuration is not JSON: {e}"))?;
+                if config["issuer"].as_str() != Some(self.issuer.as_str()) {
+                    return Err("the OpenID configuration names another issuer".into());
+                }
+                let uri = config["jwks_uri"].as_str().ok_or("the OpenID configuration has no jwks_uri")?;
+                self.get(uri).await?
+            }
+        };
+        let set: JwkSet =
+            serde_json::from_slice(&document).map_err(|e| format!("the JWKS is not a key set: {e}"))?;
+        let mut by_kid = HashMap::new();
+        let mut anonymous = Vec::new();
+        for jwk in &set.keys {
+            // Keys of kinds tokengate cannot use (or symmetric ones) are skipped.
+            let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
+            if matches!(jwk.algorithm, jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)) {
+                continue;
+            }
+            let alg = jwk.common.key_algorithm.and_then(|a| a.to_string().parse().ok());
+            let key = Arc::new(Key { key, alg });
+            match &jwk.common.key_id {
+                Some(kid) => {
+                    by_kid.insert(kid.clone(), key);
+                }
+                None => anonymous.push(key),
+            }
+        }
+        Ok(Set { by_kid, anonymous, fetched: Instant::now() })
+    }
+
+    async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
+        let mut resp = self.http.get(url).send().await.map_err(|e| format!("{url}: {}", e.without_url()))?;
+        if !resp.status().is_success() {
+            return Err(format!("{url} answered HTTP {}", resp.status().as_u16()));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+            if body.len() + chunk.len() > MAX_DOCUMENT {
+                return Err(format!("{url}: larger than {MAX_DOCUMENT} bytes"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+async fn read_file(path: &PathBuf) -> Result<Vec<u8>, String> {
+    tokio::fs::read(path).await.map_err(|e| format!("cannot read jwks_file {path:?}: {e}"))
+}

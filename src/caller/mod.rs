@@ -1,0 +1,233 @@
+//! Who is calling: the first caller of the configuration (`callers:`) whose methods the request
+//! satisfies, by an API key, a validated JWT (signature against the issuer's keys, `iss`, `aud`,
+//! `exp`, `nbf`, `sub`) or its source address.
+
+mod jwks;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::HeaderMap;
+use jsonwebtoken::errors::ErrorKind;
+
+use crate::config::{Callers, JwtCaller, Method, MethodKind};
+
+/// Why a request could not be told apart: a credential that was presented and is not good.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct Rejected(pub String);
+
+/// The callers of a configuration, with their key sources.
+pub struct Identify {
+    callers: Vec<(String, Vec<Check>, Vec<MethodKind>)>,
+    api_key_header: http::HeaderName,
+}
+
+enum Check {
+    ApiKeys(Vec<crate::secret::Secret>),
+    Jwt(Box<JwtCaller>, Arc<jwks::Jwks>),
+    Allow(Vec<crate::config::Cidr>),
+}
+
+/// What a request presents, read once.
+struct Presented<'a> {
+    api_key: Option<&'a [u8]>,
+    bearer: Option<&'a str>,
+    remote: IpAddr,
+}
+
+impl Identify {
+    /// The callers of `callers`; API keys come in `api_key_header`.
+    pub fn new(callers: &Callers, api_key_header: http::HeaderName) -> Result<Self, String> {
+        let mut built = Vec::new();
+        for (name, caller) in &callers.0 {
+            let checks = caller
+                .methods
+                .iter()
+                .map(|m| {
+                    Ok(match m {
+                        Method::ApiKeys { keys, .. } => Check::ApiKeys(keys.clone()),
+                        Method::Jwt(j) => Check::Jwt(
+                            j.clone(),
+                            Arc::new(jwks::Jwks::new(j).map_err(|e| format!("caller {name}: {e}"))?),
+                        ),
+                        Method::Allow(blocks) => Check::Allow(blocks.clone()),
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            built.push((name.clone(), checks, caller.require.clone()));
+        }
+        Ok(Identify { callers: built, api_key_header })
+    }
+
+    /// The caller of a request with `headers` from `remote`: `Ok(None)` when no caller matches,
+    /// `Err` when a JWT was presented that no caller accepts (it must not pass as anyone).
+    pub async fn identify(&self, headers: &HeaderMap, remote: IpAddr) -> Result<Option<&str>, Rejected> {
+        let bearer = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim);
+        let presented =
+            Presented { api_key: headers.get(&self.api_key_header).map(|v| v.as_bytes()), bearer, remote };
+        let mut token_error: Option<String> = None;
+        // Some caller's issuer is the token's.
+        let mut issuer_known = false;
+        for (name, checks, require) in &self.callers {
+            let mut matched = Vec::new();
+            for check in checks {
+                match check.run(&presented).await {
+                    Ok(Verdict::Yes) => {
+                        issuer_known |= check.kind() == MethodKind::Jwt;
+                        matched.push(check.kind());
+                    }
+                    Ok(Verdict::OtherSubject) => issuer_known = true,
+                    Ok(Verdict::No) => {}
+                    Err(e) => {
+                        token_error.get_or_insert(e);
+                    }
+                }
+                if require.is_empty() && !matched.is_empty() {
+                    return Ok(Some(name));
+                }
+            }
+            if !require.is_empty() && require.iter().all(|k| matched.contains(k)) {
+                return Ok(Some(name));
+            }
+        }
+        match (token_error, bearer.filter(|t| looks_like_jwt(t)), self.any_jwt() && !issuer_known) {
+            (Some(e), _, _) => Err(Rejected(e)),
+            // A JWT no caller's issuer claims: refused too, rather than passed on unidentified.
+            (None, Some(_), true) => {
+                Err(Rejected("the token is from another issuer than any caller's".into()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn any_jwt(&self) -> bool {
+        self.callers.iter().any(|(_, checks, _)| checks.iter().any(|c| matches!(c, Check::Jwt(..))))
+    }
+}
+
+fn looks_like_jwt(token: &str) -> bool {
+    token.split('.').count() == 3
+}
+
+impl Check {
+    fn kind(&self) -> MethodKind {
+        match self {
+            Check::ApiKeys(_) => MethodKind::ApiKeys,
+            Check::Jwt(..) => MethodKind::Jwt,
+            Check::Allow(_) => MethodKind::Allow,
+        }
+    }
+
+    /// Whether the request satisfies this method; `Err` for a JWT of this caller's issuer that
+    /// is not valid.
+    async fn run(&self, p: &Presented<'_>) -> Result<Verdict, String> {
+        let yes = |b: bool| if b { Verdict::Yes } else { Verdict::No };
+        match self {
+            Check::ApiKeys(keys) => Ok(yes(p.api_key.is_some_and(|k| {
+                keys.iter()
+                    .fold(false, |ok, key| crate::config::constant_time_eq(key.expose().as_bytes(), k) | ok)
+            }))),
+            Check::Allow(blocks) => Ok(yes(blocks.iter().any(|b| b.contains(p.remote)))),
+            Check::Jwt(settings, keys) => match p.bearer.filter(|t| looks_like_jwt(t)) {
+                None => Ok(Verdict::No),
+                Some(token) => validate(token, settings, keys).await,
+            },
+        }
+    }
+}
+
+/// What one method says about a request.
+enum Verdict {
+    /// It matches.
+    Yes,
+    /// It does not (no key, another issuer, another address).
+    No,
+    /// A valid token of this caller's issuer, for a subject it does not cover.
+    OtherSubject,
+}
+
+#[derive(serde::Deserialize)]
+struct Claims {
+    sub: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Unverified {
+    iss: Option<String>,
+}
+
+/// Validates `token` for this caller.
+async fn validate(token: &str, settings: &JwtCaller, keys: &jwks::Jwks) -> Result<Verdict, String> {
+    if unverified_issuer(token).as_deref() != Some(settings.issuer.as_str()) {
+        return Ok(Verdict::No);
+    }
+    // `alg` is read first on its own: `none` and unknown names are refused by name.
+    let alg = segment(token, 0).and_then(|h| h.get("alg").and_then(|a| a.as_str()).map(str::to_owned));
+    let accepted = |a: &str| settings.algorithms.iter().any(|x| format!("{x:?}") == a);
+    match alg {
+        None => return Err("the token's header has no alg".into()),
+        Some(a) if !accepted(&a) => {
+            return Err(format!(
+                "alg {:?} is not accepted",
+                a.chars().filter(char::is_ascii_graphic).take(16).collect::<String>()
+            ));
+        }
+        Some(_) => {}
+    }
+    let header =
+        jsonwebtoken::decode_header(token).map_err(|_| "the token is not a well-formed JWT".to_owned())?;
+    if !settings.algorithms.contains(&header.alg) {
+        return Err(format!("alg {:?} is not accepted", header.alg));
+    }
+    let candidates = keys.key(header.kid.as_deref()).await?;
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.set_issuer(&[&settings.issuer]);
+    validation.set_audience(&settings.audiences);
+    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    validation.validate_nbf = true;
+    validation.leeway = settings.leeway.as_secs();
+    let mut last = String::from("no key verifies the signature");
+    for key in candidates.iter().filter(|k| k.alg.is_none_or(|a| a == header.alg)) {
+        match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
+            Ok(data) => {
+                let sub = data.claims.sub;
+                let covered = settings.subjects.is_empty()
+                    || settings.subjects.iter().any(|p| crate::config::subject_matches(p, &sub));
+                // A valid token of a subject this caller does not cover: perhaps another's.
+                return Ok(if covered { Verdict::Yes } else { Verdict::OtherSubject });
+            }
+            Err(e) => last = reason(e.kind()),
+        }
+    }
+    Err(last)
+}
+
+fn unverified_issuer(token: &str) -> Option<String> {
+    serde_json::from_value::<Unverified>(segment(token, 1)?).ok()?.iss
+}
+
+/// A JWT's header (0) or payload (1), not verified.
+fn segment(token: &str, index: usize) -> Option<serde_json::Value> {
+    use base64::Engine;
+    let part = token.split('.').nth(index)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn reason(kind: &ErrorKind) -> String {
+    match kind {
+        ErrorKind::ExpiredSignature => "the token has expired".into(),
+        ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)".into(),
+        ErrorKind::InvalidAudience => "the token is not for this audience".into(),
+        ErrorKind::InvalidIssuer => "the token is from another issuer".into(),
+        ErrorKind::InvalidSignature => "the token's signature does not verify".into(),
+        ErrorKind::InvalidAlgorithm => "the token's alg does not match its key".into(),
+        ErrorKind::MissingRequiredClaim(c) => format!("the token has no {c} claim"),
+        _ => "the token is not valid".into(),
+    }
+}
