@@ -305,7 +305,40 @@ fn caller_mistakes_are_named_with_their_key() {
     );
     assert!(e.contains("HS256") && e.contains("not one of"), "{e}");
     let e = parse("callers:\n  nobody: {}\n");
-    assert!(e.contains("needs api_keys_file, jwt or allow"), "{e}");
+    assert!(
+        e.contains("callers.nobody") && e.contains("needs api_keys_file, jwt, client_cert or allow"),
+        "{e}"
+    );
     let e = parse("callers:\n  both: { allow: [10.0.0.0/8], require: [jwt] }\n");
     assert!(e.contains("require lists"), "{e}");
+}
+
+/// A caller known by its client certificate's DNS name, through the TLS listener; the same
+/// request without the certificate is no caller.
+#[tokio::test]
+async fn a_caller_is_known_by_its_client_certificate() {
+    let pki = pki();
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let yaml = format!(
+        "tls:\n  listen: 127.0.0.1:0\n  cert_file: {}\n  key_file: {}\n  client_ca_file: {}\n  client_cert: optional\ncallers:\n  app: {{ client_cert: {{ san_dns: app.internal }} }}\n{}routes:\n  - prefix: /api\n    upstream: {}\n    provider: idp\n",
+        pki.server_cert.display(),
+        pki.server_key.display(),
+        pki.ca.display(),
+        idp.provider_yaml(),
+        up.url()
+    );
+    let tg = start(&yaml).await;
+    let url = format!("https://localhost:{}/api/x", tg.tls_addr.unwrap().port());
+    let with_cert = tls_client(&pki.ca_pem, Some((&pki.client_cert_pem, &pki.client_key_pem)));
+    let r = with_cert.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = tls_client(&pki.ca_pem, None).get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "caller_unknown");
+    assert_eq!(up.requests().len(), 1);
+    let series = "tokengate_caller_requests_total{caller=\"app\",route=\"/api\",status=\"200\"}";
+    assert_eq!(metric_value(tg.admin_addr, series).await, Some(1.0));
+    tg.shutdown().await;
 }

@@ -26,6 +26,7 @@ pub struct Identify {
 enum Check {
     ApiKeys(Vec<crate::secret::Secret>),
     Jwt(Box<JwtCaller>, Arc<jwks::Jwks>),
+    ClientCert(crate::config::CertMatch),
     Allow(Vec<crate::config::Cidr>),
 }
 
@@ -34,6 +35,7 @@ struct Presented<'a> {
     api_key: Option<&'a [u8]>,
     bearer: Option<&'a str>,
     remote: IpAddr,
+    peer: Option<&'a PeerCert>,
 }
 
 impl Identify {
@@ -52,6 +54,7 @@ impl Identify {
                             Arc::new(jwks::Jwks::new(j).map_err(|e| format!("caller {name}: {e}"))?),
                         ),
                         Method::Allow(blocks) => Check::Allow(blocks.clone()),
+                        Method::ClientCert(m) => Check::ClientCert(m.clone()),
                     })
                 })
                 .collect::<Result<Vec<_>, String>>()?;
@@ -60,16 +63,22 @@ impl Identify {
         Ok(Identify { callers: built, api_key_header })
     }
 
-    /// The caller of a request with `headers` from `remote`: `Ok(None)` when no caller matches,
-    /// `Err` when a JWT was presented that no caller accepts (it must not pass as anyone).
-    pub async fn identify(&self, headers: &HeaderMap, remote: IpAddr) -> Result<Option<&str>, Rejected> {
+    /// The caller of a request with `headers` from `remote` (with the verified client
+    /// certificate `peer`): `Ok(None)` when no caller matches, `Err` when a JWT was presented
+    /// that no caller accepts (it must not pass as anyone).
+    pub async fn identify(
+        &self,
+        headers: &HeaderMap,
+        remote: IpAddr,
+        peer: Option<&PeerCert>,
+    ) -> Result<Option<&str>, Rejected> {
         let bearer = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim);
-        let presented =
-            Presented { api_key: headers.get(&self.api_key_header).map(|v| v.as_bytes()), bearer, remote };
+        let api_key = headers.get(&self.api_key_header).map(|v| v.as_bytes());
+        let presented = Presented { api_key, bearer, remote, peer };
         let mut token_error: Option<String> = None;
         // Some caller's issuer is the token's.
         let mut issuer_known = false;
@@ -119,6 +128,7 @@ impl Check {
         match self {
             Check::ApiKeys(_) => MethodKind::ApiKeys,
             Check::Jwt(..) => MethodKind::Jwt,
+            Check::ClientCert(_) => MethodKind::ClientCert,
             Check::Allow(_) => MethodKind::Allow,
         }
     }
@@ -133,6 +143,11 @@ impl Check {
                     .fold(false, |ok, key| crate::config::constant_time_eq(key.expose().as_bytes(), k) | ok)
             }))),
             Check::Allow(blocks) => Ok(yes(blocks.iter().any(|b| b.contains(p.remote)))),
+            Check::ClientCert(m) => Ok(yes(p.peer.is_some_and(|peer| match m {
+                crate::config::CertMatch::Subject(s) => peer.subject == *s,
+                crate::config::CertMatch::SanDns(d) => peer.dns.iter().any(|n| n == d),
+                crate::config::CertMatch::SanUri(u) => peer.uris.iter().any(|n| n == u),
+            }))),
             Check::Jwt(settings, keys) => match p.bearer.filter(|t| looks_like_jwt(t)) {
                 None => Ok(Verdict::No),
                 Some(token) => validate(token, settings, keys).await,
@@ -229,5 +244,99 @@ fn reason(kind: &ErrorKind) -> String {
         ErrorKind::InvalidAlgorithm => "the token's alg does not match its key".into(),
         ErrorKind::MissingRequiredClaim(c) => format!("the token has no {c} claim"),
         _ => "the token is not valid".into(),
+    }
+}
+
+/// What a verified client certificate says about its holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    /// The subject as RFC 4514 text, `CN=reports,O=acme`.
+    pub subject: String,
+    /// DNS names of the subject alternative name.
+    pub dns: Vec<String>,
+    /// URIs of the subject alternative name (SPIFFE IDs).
+    pub uris: Vec<String>,
+}
+
+impl PeerCert {
+    /// Reads a DER certificate (already verified by the TLS handshake).
+    pub fn from_der(der: &[u8]) -> Option<PeerCert> {
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let mut peer = PeerCert { subject: rfc4514(cert.subject()), dns: Vec::new(), uris: Vec::new() };
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => peer.dns.push(d.to_ascii_lowercase()),
+                    GeneralName::URI(u) => peer.uris.push((*u).to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        Some(peer)
+    }
+}
+
+/// A distinguished name as RFC 4514 writes it (most specific first), with the short names
+/// operators use (`CN`, `O`, `OU`, `C`, `L`, `ST`, `DC`).
+fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for rdn in name.iter() {
+        let attrs: Vec<String> = rdn
+            .iter()
+            .map(|a| {
+                let oid = a.attr_type().to_id_string();
+                let key = match oid.as_str() {
+                    "2.5.4.3" => "CN",
+                    "2.5.4.10" => "O",
+                    "2.5.4.11" => "OU",
+                    "2.5.4.6" => "C",
+                    "2.5.4.7" => "L",
+                    "2.5.4.8" => "ST",
+                    "0.9.2342.19200300.100.1.25" => "DC",
+                    _ => oid.as_str(),
+                }
+                .to_owned();
+                let value = a.as_str().unwrap_or("?");
+                format!("{key}={}", escape_dn(value))
+            })
+            .collect();
+        parts.push(attrs.join("+"));
+    }
+    parts.reverse();
+    parts.join(",")
+}
+
+fn escape_dn(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for (i, c) in value.chars().enumerate() {
+        if matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';') || (i == 0 && matches!(c, '#' | ' ')) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificates_name_their_holder_as_rfc_4514_does() {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["Reports.Internal".to_owned()]).unwrap_or_default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::OrganizationName, "acme, inc");
+        params.distinguished_name.push(rcgen::DnType::CommonName, "reports");
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI("spiffe://acme/ns/batch/sa/reports".try_into().unwrap()));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let peer = PeerCert::from_der(cert.der()).unwrap();
+        assert_eq!(peer.subject, "CN=reports,O=acme\\, inc");
+        assert_eq!(peer.dns, ["reports.internal"]);
+        assert_eq!(peer.uris, ["spiffe://acme/ns/batch/sa/reports"]);
     }
 }

@@ -72,6 +72,8 @@ pub enum Method {
     },
     /// A JWT in `Authorization: Bearer`, validated.
     Jwt(Box<JwtCaller>),
+    /// A client certificate verified by the TLS listener.
+    ClientCert(CertMatch),
     /// The source address.
     Allow(Vec<Cidr>),
 }
@@ -82,9 +84,21 @@ impl Method {
         match self {
             Method::ApiKeys { .. } => MethodKind::ApiKeys,
             Method::Jwt(_) => MethodKind::Jwt,
+            Method::ClientCert(_) => MethodKind::ClientCert,
             Method::Allow(_) => MethodKind::Allow,
         }
     }
+}
+
+/// Which certificates are the caller's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertMatch {
+    /// The subject, as RFC 4514 text (`CN=reports,O=acme`), compared exactly.
+    Subject(String),
+    /// A DNS name in the subject alternative name.
+    SanDns(String),
+    /// A URI in the subject alternative name (a SPIFFE ID).
+    SanUri(String),
 }
 
 /// A kind of method, as `require` lists them.
@@ -96,6 +110,8 @@ pub enum MethodKind {
     ApiKeys,
     /// `jwt`.
     Jwt,
+    /// `client_cert`.
+    ClientCert,
     /// `allow`.
     Allow,
 }
@@ -151,9 +167,18 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
 struct RawCaller {
     api_keys_file: Option<Text>,
     jwt: Option<RawJwt>,
+    client_cert: Option<RawCert>,
     allow: Option<Vec<Cidr>>,
     #[serde(default)]
     require: Vec<MethodKind>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCert {
+    subject: Option<Text>,
+    san_dns: Option<Text>,
+    san_uri: Option<Text>,
 }
 
 #[derive(Deserialize)]
@@ -188,7 +213,7 @@ impl<'de> Deserialize<'de> for Caller {
 }
 
 fn build(raw: RawCaller) -> Result<Caller, String> {
-    let RawCaller { api_keys_file, jwt, allow, require } = raw;
+    let RawCaller { api_keys_file, jwt, client_cert, allow, require } = raw;
     let mut methods = Vec::new();
     if let Some(file) = api_keys_file {
         let text = super::provider::secret("api_keys", None, Some(file.clone()))?.unwrap_or(Secret::new(""));
@@ -202,6 +227,15 @@ fn build(raw: RawCaller) -> Result<Caller, String> {
     if let Some(j) = jwt {
         methods.push(Method::Jwt(Box::new(jwt_caller(j)?)));
     }
+    if let Some(c) = client_cert {
+        let m = match (c.subject, c.san_dns, c.san_uri) {
+            (Some(s), None, None) => CertMatch::Subject(s.0),
+            (None, Some(d), None) => CertMatch::SanDns(d.0.to_ascii_lowercase()),
+            (None, None, Some(u)) => CertMatch::SanUri(u.0),
+            _ => return Err("client_cert: name exactly one of subject, san_dns or san_uri".into()),
+        };
+        methods.push(Method::ClientCert(m));
+    }
     if let Some(blocks) = allow {
         if blocks.is_empty() {
             return Err("allow needs at least one address block".into());
@@ -209,7 +243,7 @@ fn build(raw: RawCaller) -> Result<Caller, String> {
         methods.push(Method::Allow(blocks));
     }
     if methods.is_empty() {
-        return Err("a caller needs api_keys_file, jwt or allow".into());
+        return Err("a caller needs api_keys_file, jwt, client_cert or allow".into());
     }
     if let Some(missing) = require.iter().find(|k| !methods.iter().any(|m| m.kind() == **k)) {
         return Err(format!("require lists {missing:?}, which this caller does not configure"));

@@ -24,7 +24,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use access::{Access, ApiKeys, Cidr, ForwardedFormat, allowed, constant_time_eq, host_served};
-pub use callers::{Caller, Callers, JwksSource, JwtCaller, Method, MethodKind, subject_matches};
+pub use callers::{Caller, Callers, CertMatch, JwksSource, JwtCaller, Method, MethodKind, subject_matches};
 pub use client_auth::{
     AssertionSettings, Audience, ClientAuth, IdentityFiles, JWT_BEARER_ASSERTION, KeyFile,
     MAX_ASSERTION_LIFETIME,
@@ -914,6 +914,16 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
                 "needs a TLS listener with client_ca_file (tls.client_ca_file)".into(),
             ));
         }
+    }
+    let by_cert =
+        config.callers.0.iter().find(|(_, c)| c.methods.iter().any(|m| m.kind() == MethodKind::ClientCert));
+    if let Some((name, _)) = by_cert
+        && config.tls.as_ref().is_none_or(|t| t.client_ca_file.is_none())
+    {
+        return Err(invalid(
+            format!("callers.{name}.client_cert"),
+            "needs a TLS listener that verifies client certificates (tls.client_ca_file)".into(),
+        ));
     }
     if let Some(tls) = &config.tls
         && tls.client_cert.is_some()

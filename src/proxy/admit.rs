@@ -9,7 +9,7 @@ use crate::config::allowed;
 use crate::route;
 
 /// What the request path knows about the downstream connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Conn {
     /// The client's address.
     pub remote: SocketAddr,
@@ -17,6 +17,8 @@ pub struct Conn {
     pub secure: bool,
     /// The client presented a certificate that chains to the configured client CA.
     pub client_cert: bool,
+    /// Who the verified client certificate names, for callers known by certificate.
+    pub peer: Option<std::sync::Arc<crate::caller::PeerCert>>,
     /// Arrived on the forward-proxy listener: absolute-form targets, routes matched by host.
     pub forward: bool,
 }

@@ -268,7 +268,7 @@ impl Proxy {
             Err(e) => (None, Err(e)),
             Ok((route, ask)) => {
                 let (route, result) =
-                    self.dispatch(&runtime, route, req, ask, conn, tunnels, &mut notes).await;
+                    self.dispatch(&runtime, route, req, ask, &conn, tunnels, &mut notes).await;
                 if let Err(
                     e @ (ProxyError::UpstreamUnreachable
                     | ProxyError::EgressProxy
@@ -348,14 +348,14 @@ impl Proxy {
         route: Arc<Route>,
         req: Request<Incoming>,
         ask: Option<websocket::Ask>,
-        conn: Conn,
+        conn: &Conn,
         tunnels: &websocket::ConnTunnels,
         notes: &mut Notes,
     ) -> (Arc<Route>, Result<Response<Body>, ProxyError>) {
-        if let Err(e) = admit::authorize(&req, &conn, &route, runtime) {
+        if let Err(e) = admit::authorize(&req, conn, &route, runtime) {
             return (route, Err(e));
         }
-        let route = match self.caller(runtime, route, &req, &conn, notes).await {
+        let route = match self.caller(runtime, route, &req, conn, notes).await {
             Ok(route) => route,
             Err((route, e)) => return (route, Err(e)),
         };
@@ -381,7 +381,7 @@ impl Proxy {
         notes: &mut Notes,
     ) -> Result<Arc<Route>, (Arc<Route>, ProxyError)> {
         let Some(identify) = &runtime.callers else { return Ok(route) };
-        let name = match identify.identify(req.headers(), conn.remote.ip()).await {
+        let name = match identify.identify(req.headers(), conn.remote.ip(), conn.peer.as_deref()).await {
             Ok(Some(name)) => name,
             Ok(None) => return Err((route, ProxyError::CallerUnknown)),
             Err(rejected) => return Err((route, ProxyError::InvalidToken(rejected.0))),
@@ -400,7 +400,7 @@ impl Proxy {
         runtime: &Runtime,
         route: &Route,
         req: Request<Incoming>,
-        conn: Conn,
+        conn: &Conn,
         notes: &mut Notes,
     ) -> Result<Response<Body>, ProxyError> {
         let limits = &runtime.limits;
@@ -411,7 +411,7 @@ impl Proxy {
             return Err(ProxyError::BodyTooLarge);
         }
         let (parts, body) = req.into_parts();
-        let (mut request, token) = self.outgoing(runtime, route, parts, &conn, notes).await?;
+        let (mut request, token) = self.outgoing(runtime, route, parts, conn, notes).await?;
         let fault = Arc::new(OnceLock::new());
         notes.body_read = true;
         let pace = body::Pace { pause: limits.body_read_timeout, min_rate: limits.body_min_rate };

@@ -203,7 +203,8 @@ pub(super) async fn serve<F, S>(
         let _ = stream.set_nodelay(true);
         let (builder, phase, settings) = (builder.clone(), phase.subscribe(), settings.clone());
         let make_service = make_service.clone();
-        let plain = crate::proxy::Conn { remote, secure: false, client_cert: false, forward: false };
+        let plain =
+            crate::proxy::Conn { remote, secure: false, client_cert: false, forward: false, peer: None };
         // Two spawns rather than one task with a branch: a task is as large as its largest state,
         // and a TLS session must not make every plain connection's task larger.
         match settings.tls.clone() {
@@ -236,8 +237,10 @@ pub(super) async fn serve<F, S>(
                             return settings.count_closed(Some(Closed::FirstRequestTimeout));
                         }
                     };
-                    let has_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
-                    let conn = crate::proxy::Conn { client_cert: has_cert, secure: true, ..plain };
+                    let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+                    let peer = leaf.and_then(|c| crate::caller::PeerCert::from_der(c)).map(Arc::new);
+                    let conn =
+                        crate::proxy::Conn { client_cert: leaf.is_some(), secure: true, peer, ..plain };
                     // Exactly the protocol ALPN agreed (RFC 9113 sections 3.2 and 3.4), not the
                     // one the first bytes look like; without ALPN, either.
                     let alpn = match tls.get_ref().1.alpn_protocol() {

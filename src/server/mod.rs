@@ -144,7 +144,7 @@ pub async fn start_with(
     let proxy_service = move |conn: crate::proxy::Conn, tunnels: &crate::proxy::websocket::ConnTunnels| {
         let (p, tunnels) = (p.clone(), tunnels.clone());
         service_fn(move |req| {
-            let (p, tunnels) = (p.clone(), tunnels.clone());
+            let (p, tunnels, conn) = (p.clone(), tunnels.clone(), conn.clone());
             async move { Ok::<_, Infallible>(p.handle(req, conn, &tunnels).await) }
         })
     };
@@ -202,7 +202,7 @@ pub async fn start_with(
         move |conn, _| {
             let c = c.clone();
             service_fn(move |req| {
-                let c = c.clone();
+                let (c, conn) = (c.clone(), conn.clone());
                 async move { Ok::<_, Infallible>(crate::admin::handle(&c, req, conn).await) }
             })
         },

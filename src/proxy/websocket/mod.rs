@@ -162,14 +162,14 @@ impl Proxy {
         route: &Route,
         mut req: Request<Incoming>,
         ask: Ask,
-        conn: Conn,
+        conn: &Conn,
         tunnels: &ConnTunnels,
         notes: &mut Notes,
     ) -> Result<Response<Body>, ProxyError> {
         let upgrade = hyper::upgrade::on(&mut req);
         let (mut parts, _) = req.into_parts();
         parts.method = Method::GET;
-        let (mut request, mut token) = self.outgoing(runtime, route, parts, &conn, notes).await?;
+        let (mut request, mut token) = self.outgoing(runtime, route, parts, conn, notes).await?;
         let key = upstream_key(ask, &mut request.headers);
         let mut answer = self.upgrade(runtime, route, &request, notes).await?;
         if let upstream::Upgrade::Answered(resp) = &answer
