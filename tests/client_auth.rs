@@ -783,3 +783,113 @@ async fn check_live_fetches_one_token_per_provider_and_reports_it() {
     let out = run(&["--live", "nope"]).await.unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `subject_token: caller`: the caller's own validated JWT is exchanged (RFC 8693) at a real
+/// authorization server, one token per caller subject, cached, so the upstream sees each caller's
+/// workload as the subject.
+#[tokio::test]
+async fn the_callers_token_is_exchanged_for_each_subject() {
+    let pki = pki();
+    let dir = pki.dir.path();
+    let subject_pem = ec_key();
+    let subject_key = write(dir, "subject.pem", &subject_pem);
+    let Some(oidc) = Oidc::start(
+        &pki,
+        serde_json::json!([
+            { "client_id": "exchanger", "client_secret": "exchanger-secret-0123456789abcdef",
+              "token_endpoint_auth_method": "client_secret_basic",
+              "grant_types": ["urn:ietf:params:oauth:grant-type:token-exchange"], "scope": "api:read" },
+        ]),
+        serde_json::json!({ "subject_keys": [subject_key] }),
+    )
+    .await
+    else {
+        return;
+    };
+    // The workloads' issuer (a cluster): its key, published as a JWKS file.
+    let signer = tokengate::jose::SigningKey::from_pem(subject_pem.as_bytes(), None, None, None).unwrap();
+    let raw = rcgen::KeyPair::from_pem(&subject_pem).unwrap().public_key_raw().to_vec();
+    let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
+    let jwks = serde_json::json!({ "keys": [{ "kty": "EC", "crv": "P-256", "kid": signer.kid(), "x": b64(&raw[1..33]), "y": b64(&raw[33..65]) }] });
+    let jwks_file = write(dir, "jwks.json", &jwks.to_string());
+    let token_for = |sub: &str| {
+        signer
+            .sign(&serde_json::json!({ "iss": "https://cluster.local", "sub": sub, "aud": ["tokengate"], "exp": unix() + 600 }))
+            .unwrap()
+    };
+    let mut yaml = format!(
+        "callers:\n  batch:\n    jwt:\n      issuer: https://cluster.local\n      jwks_file: {}\n      audiences: [tokengate]\n      subjects: [\"system:serviceaccount:batch:*\"]\nproviders:\n",
+        jwks_file.display()
+    );
+    yaml.push_str(&oidc.provider(
+        "exchanger",
+        &pki,
+        "    client_id: exchanger\n    client_secret: exchanger-secret-0123456789abcdef\n    grant: token_exchange\n    token_exchange:\n      subject_token: caller\n      subject_token_type: jwt\n      audience: https://api.example\n",
+    ));
+    yaml.push_str(&routes(&oidc, &["exchanger"]));
+    let tg = start(&yaml).await;
+    let call = async |token: &str| {
+        let r = client()
+            .get(format!("http://{}/exchanger/data", tg.proxy_addr))
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().await.unwrap_or_default())
+    };
+    let (a, b) = (token_for("system:serviceaccount:batch:a"), token_for("system:serviceaccount:batch:b"));
+    for (token, sub) in [(&a, "a"), (&b, "b"), (&a, "a"), (&b, "b")] {
+        let (status, seen) = call(token).await;
+        assert_eq!(status, 200, "{seen}\n{}", oidc.log());
+        assert_eq!(seen["sub"], format!("system:serviceaccount:batch:{sub}"), "{seen}");
+        assert_eq!(seen["client_id"], "exchanger");
+    }
+    // One exchange per subject: the second round came from the cache.
+    let series = "tokengate_token_fetches_total{provider=\"exchanger\",result=\"success\"}";
+    assert_eq!(metric_value(tg.admin_addr, series).await, Some(2.0));
+    let t = tokens(&tg).await;
+    assert_eq!(t["providers"]["exchanger"]["state"], "per_caller", "{t}");
+    assert_eq!(t["providers"]["exchanger"]["subjects"], 2, "{t}");
+    // Without a caller's token there is nothing to exchange.
+    let (status, body) = through(&tg, "/exchanger").await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("caller_unknown")), "{body}");
+    tg.shutdown().await;
+}
+
+/// `subject_token_provider` and `actor_token_provider`: an exchange sends other providers'
+/// current tokens (chained providers); a cycle is refused when the file loads.
+#[tokio::test]
+async fn an_exchange_can_send_other_providers_tokens() {
+    let (workload, platform) =
+        (Idp::start(IdpOptions::default()).await, Idp::start(IdpOptions::default()).await);
+    let (sts, asked) = recorder(|_| {
+        json(
+            200,
+            serde_json::json!({"access_token": "exchanged-token", "token_type": "Bearer", "expires_in": 300}),
+        )
+    })
+    .await;
+    let up = Upstream::start(None).await;
+    let yaml = format!(
+        "providers:\n{}{}  chained:\n    type: oauth2\n    token_url: http://{sts}/token\n    client_id: sts\n    client_secret: s\n    grant: token_exchange\n    token_exchange:\n      subject_token_provider: workload\n      actor_token_provider: platform\n      audience: https://api.example\nroutes:\n  - prefix: /\n    upstream: {}\n    provider: chained\n",
+        workload.provider_entry("workload"),
+        platform.provider_entry("platform"),
+        up.url()
+    );
+    let tg = start(&yaml).await;
+    let r = client().get(format!("http://{}/x", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.requests()[0].header("authorization").as_deref(), Some("Bearer exchanged-token"));
+    let form = asked.lock().unwrap()[0].form();
+    assert_eq!(form["grant_type"], "urn:ietf:params:oauth:grant-type:token-exchange");
+    assert!(workload.valid(&format!("Bearer {}", form["subject_token"])), "{form:?}");
+    assert_eq!(form["subject_token_type"], "urn:ietf:params:oauth:token-type:jwt");
+    assert!(platform.valid(&format!("Bearer {}", form["actor_token"])), "{form:?}");
+    assert_eq!(form["actor_token_type"], "urn:ietf:params:oauth:token-type:access_token");
+    tg.shutdown().await;
+
+    let cycle = "providers:\n  a:\n    type: oauth2\n    token_url: https://idp.example/t\n    client_id: a\n    client_secret: s\n    grant: token_exchange\n    token_exchange: { subject_token_provider: b }\n  b:\n    type: oauth2\n    token_url: https://idp.example/t\n    client_id: b\n    client_secret: s\n    grant: token_exchange\n    token_exchange: { subject_token_provider: a }\nroutes:\n  - prefix: /\n    upstream: https://api.example\n    provider: a\n";
+    let e = tokengate::config::parse(cycle, "t.yaml").map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("providers.a.token_exchange.subject_token_provider") && e.contains("cycle"), "{e}");
+}

@@ -17,6 +17,23 @@ use crate::config::{Callers, JwtCaller, Method, MethodKind};
 #[error("{0}")]
 pub struct Rejected(pub String);
 
+/// The caller of a request, and for a caller known by its JWT, who the token is for.
+pub struct Identified<'a> {
+    /// The caller's name.
+    pub name: &'a str,
+    /// The JWT's issuer and subject, and the token itself (to exchange on the caller's behalf).
+    pub subject: Option<Subject>,
+}
+
+/// The holder of a validated JWT.
+#[derive(Clone)]
+pub struct Subject {
+    /// `iss` and `sub`, which key the tokens exchanged for it.
+    pub key: String,
+    /// The token.
+    pub token: crate::secret::Secret,
+}
+
 /// The callers of a configuration, with their key sources.
 pub struct Identify {
     callers: Vec<(String, Vec<Check>, Vec<MethodKind>)>,
@@ -71,7 +88,7 @@ impl Identify {
         headers: &HeaderMap,
         remote: IpAddr,
         peer: Option<&PeerCert>,
-    ) -> Result<Option<&str>, Rejected> {
+    ) -> Result<Option<Identified<'_>>, Rejected> {
         let bearer = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -82,12 +99,16 @@ impl Identify {
         let mut token_error: Option<String> = None;
         // Some caller's issuer is the token's.
         let mut issuer_known = false;
+        let mut subject: Option<Subject> = None;
         for (name, checks, require) in &self.callers {
             let mut matched = Vec::new();
             for check in checks {
                 match check.run(&presented).await {
-                    Ok(Verdict::Yes) => {
-                        issuer_known |= check.kind() == MethodKind::Jwt;
+                    Ok(Verdict::Yes(holder)) => {
+                        if let (Some(key), Some(token)) = (holder, bearer) {
+                            issuer_known = true;
+                            subject = Some(Subject { key, token: crate::secret::Secret::new(token) });
+                        }
                         matched.push(check.kind());
                     }
                     Ok(Verdict::OtherSubject) => issuer_known = true,
@@ -97,12 +118,13 @@ impl Identify {
                     }
                 }
                 if require.is_empty() && !matched.is_empty() {
-                    return Ok(Some(name));
+                    return Ok(Some(Identified { name, subject }));
                 }
             }
             if !require.is_empty() && require.iter().all(|k| matched.contains(k)) {
-                return Ok(Some(name));
+                return Ok(Some(Identified { name, subject }));
             }
+            subject = None;
         }
         match (token_error, bearer.filter(|t| looks_like_jwt(t)), self.any_jwt() && !issuer_known) {
             (Some(e), _, _) => Err(Rejected(e)),
@@ -136,7 +158,7 @@ impl Check {
     /// Whether the request satisfies this method; `Err` for a JWT of this caller's issuer that
     /// is not valid.
     async fn run(&self, p: &Presented<'_>) -> Result<Verdict, String> {
-        let yes = |b: bool| if b { Verdict::Yes } else { Verdict::No };
+        let yes = |b: bool| if b { Verdict::Yes(None) } else { Verdict::No };
         match self {
             Check::ApiKeys(keys) => Ok(yes(p.api_key.is_some_and(|k| {
                 keys.iter()
@@ -158,8 +180,8 @@ impl Check {
 
 /// What one method says about a request.
 enum Verdict {
-    /// It matches.
-    Yes,
+    /// It matches; for a JWT, with its issuer and subject.
+    Yes(Option<String>),
     /// It does not (no key, another issuer, another address).
     No,
     /// A valid token of this caller's issuer, for a subject it does not cover.
@@ -214,7 +236,8 @@ async fn validate(token: &str, settings: &JwtCaller, keys: &jwks::Jwks) -> Resul
                 let covered = settings.subjects.is_empty()
                     || settings.subjects.iter().any(|p| crate::config::subject_matches(p, &sub));
                 // A valid token of a subject this caller does not cover: perhaps another's.
-                return Ok(if covered { Verdict::Yes } else { Verdict::OtherSubject });
+                let key = format!("{}\n{sub}", settings.issuer);
+                return Ok(if covered { Verdict::Yes(Some(key)) } else { Verdict::OtherSubject });
             }
             Err(e) => last = reason(e.kind()),
         }

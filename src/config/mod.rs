@@ -35,7 +35,7 @@ pub use http_provider::{BodySpec, HttpProvider, HttpRequestSpec};
 pub use inject::Inject;
 pub use provider::{
     AllowedUpstream, Assertion, ExchangeToken, Grant, OAuth2Provider, Provider, ProviderCommon,
-    TokenEndpoint, TokenExchange, is_loopback,
+    TokenEndpoint, TokenExchange, TokenFrom, is_loopback,
 };
 pub use value::{Text, parse_duration, parse_size};
 
@@ -843,6 +843,7 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
     }
     resolve_egress(&mut config, &|name| std::env::var(name).ok())
         .map_err(|(key, message)| invalid(key, message))?;
+    check_exchanges(&config).map_err(|(key, message)| invalid(key, message))?;
     let mut seen = HashSet::new();
     for (i, route) in config.routes.iter().enumerate() {
         if !config.providers.contains_key(&route.provider.0) {
@@ -945,6 +946,56 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
     }
     config.files = named_files(&config, read);
     Ok(config)
+}
+
+/// The providers whose exchanges take other providers' tokens name providers that exist,
+/// without a cycle; an exchange of the caller's token needs callers known by JWT.
+fn check_exchanges(config: &Config) -> Result<(), (String, String)> {
+    let links = |name: &str| -> Vec<(String, &'static str)> {
+        let Some(Provider::OAuth2(p)) = config.providers.get(name) else { return Vec::new() };
+        let Grant::TokenExchange(x) = &p.grant else { return Vec::new() };
+        let mut out = Vec::new();
+        if let TokenFrom::Provider(n) = &x.subject.from {
+            out.push((n.clone(), "subject_token_provider"));
+        }
+        if let Some(ExchangeToken { from: TokenFrom::Provider(n), .. }) = &x.actor {
+            out.push((n.clone(), "actor_token_provider"));
+        }
+        out
+    };
+    for name in config.providers.keys() {
+        for (target, key) in links(name) {
+            let at = format!("providers.{name}.token_exchange.{key}");
+            if !config.providers.contains_key(&target) {
+                return Err((at, format!("no provider named {target:?}")));
+            }
+            // Follow the chain from the target: it must not come back here.
+            let (mut seen, mut next) = (Vec::new(), vec![target]);
+            while let Some(n) = next.pop() {
+                if n == *name {
+                    return Err((
+                        at,
+                        format!("providers take each other's tokens in a cycle through {name:?}"),
+                    ));
+                }
+                if !seen.contains(&n) {
+                    next.extend(links(&n).into_iter().map(|(t, _)| t));
+                    seen.push(n);
+                }
+            }
+        }
+        if let Some(Provider::OAuth2(p)) = config.providers.get(name)
+            && let Grant::TokenExchange(x) = &p.grant
+            && x.subject.from == TokenFrom::Caller
+            && !config.callers.0.iter().any(|(_, c)| c.methods.iter().any(|m| m.kind() == MethodKind::Jwt))
+        {
+            return Err((
+                format!("providers.{name}.token_exchange.subject_token"),
+                "exchanges the caller's token: define a caller known by jwt (callers.<name>.jwt)".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A route's `callers` and `provider_by_caller` name defined callers and providers, and the

@@ -228,10 +228,22 @@ pub struct TokenExchange {
 /// A token handed to the exchange, re-read from its file on every fetch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExchangeToken {
-    /// The file.
-    pub path: PathBuf,
+    /// Where the token comes from.
+    pub from: TokenFrom,
     /// Its RFC 8693 token type URI.
     pub token_type: String,
+}
+
+/// Where a token sent in an exchange comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenFrom {
+    /// A file, read for every exchange (a projected service-account token).
+    File(PathBuf),
+    /// The caller's own validated JWT (`subject_token: caller`): one exchanged token per caller
+    /// subject.
+    Caller,
+    /// Another provider's current token (chained providers).
+    Provider(String),
 }
 
 /// An OAuth2 provider, fully validated.
@@ -321,8 +333,11 @@ struct RawProvider {
 #[serde(deny_unknown_fields)]
 struct RawTokenExchange {
     subject_token_file: Option<Text>,
+    subject_token: Option<Text>,
+    subject_token_provider: Option<Text>,
     subject_token_type: Option<Text>,
     actor_token_file: Option<Text>,
+    actor_token_provider: Option<Text>,
     actor_token_type: Option<Text>,
     requested_token_type: Option<Text>,
     #[serde(default)]
@@ -689,25 +704,48 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
         }),
         GrantKind::TokenExchange => {
             let raw = raw.token_exchange.ok_or(
-                "grant token_exchange needs a token_exchange block with subject_token_file (and subject_token_type)",
+                "grant token_exchange needs a token_exchange block with subject_token_file, subject_token: caller or subject_token_provider",
             )?;
             let file = |key: &str, t: Text| {
                 client_auth::readable(&format!("token_exchange.{key}"), PathBuf::from(t.0))
+                    .map(TokenFrom::File)
+            };
+            let from = match (raw.subject_token_file, raw.subject_token, raw.subject_token_provider) {
+                (Some(f), None, None) => file("subject_token_file", f)?,
+                (None, Some(c), None) if c.0 == "caller" => TokenFrom::Caller,
+                (None, Some(c), None) => {
+                    return Err(format!("token_exchange.subject_token: {:?}; the only value is caller", c.0));
+                }
+                (None, None, Some(p)) => TokenFrom::Provider(p.0),
+                _ => {
+                    return Err("token_exchange needs one of subject_token_file, subject_token: caller or subject_token_provider".into());
+                }
             };
             let subject = ExchangeToken {
-                path: file(
-                    "subject_token_file",
-                    raw.subject_token_file.ok_or("token_exchange needs subject_token_file")?,
-                )?,
+                from,
                 token_type: token_type("subject_token_type", raw.subject_token_type, "jwt")?,
             };
-            let actor = match (raw.actor_token_file, raw.actor_token_type) {
-                (Some(f), t) => Some(ExchangeToken {
-                    path: file("actor_token_file", f)?,
-                    token_type: token_type("actor_token_type", t, "jwt")?,
-                }),
+            let actor_from = match (raw.actor_token_file, raw.actor_token_provider) {
+                (Some(f), None) => Some(file("actor_token_file", f)?),
+                (None, Some(p)) => Some(TokenFrom::Provider(p.0)),
+                (Some(_), Some(_)) => {
+                    return Err(
+                        "token_exchange: set actor_token_file or actor_token_provider, not both".into()
+                    );
+                }
+                (None, None) => None,
+            };
+            let actor = match (actor_from, raw.actor_token_type) {
+                (Some(from), t) => {
+                    // Another provider's token is an access token; a file's, usually a JWT.
+                    let default = if matches!(from, TokenFrom::Provider(_)) { "access_token" } else { "jwt" };
+                    Some(ExchangeToken { from, token_type: token_type("actor_token_type", t, default)? })
+                }
                 (None, Some(_)) => {
-                    return Err("token_exchange.actor_token_type needs actor_token_file".into());
+                    return Err(
+                        "token_exchange.actor_token_type needs actor_token_file or actor_token_provider"
+                            .into(),
+                    );
                 }
                 (None, None) => None,
             };

@@ -52,6 +52,9 @@ pub enum ProxyError {
     /// A malformed or ambiguous header.
     #[error("invalid request header: {0}")]
     InvalidHeader(&'static str),
+    /// The route's provider exchanges the caller's JWT, and this caller was not known by one.
+    #[error("this route exchanges the caller's own token: send a bearer token of a caller known by jwt")]
+    CallerTokenNeeded,
     /// Callers are configured and the request is none of them.
     #[error("this request is from no known caller: send its API key or token")]
     CallerUnknown,
@@ -113,6 +116,7 @@ impl ProxyError {
             }
             ProxyError::Denied(d) => (StatusCode::FORBIDDEN, d.label()),
             ProxyError::CallerUnknown => (StatusCode::UNAUTHORIZED, "caller_unknown"),
+            ProxyError::CallerTokenNeeded => (StatusCode::UNAUTHORIZED, "caller_token_needed"),
             ProxyError::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
             ProxyError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ProxyError::InvalidHeader(_) => (StatusCode::BAD_REQUEST, "invalid_header"),

@@ -381,12 +381,14 @@ impl Proxy {
         notes: &mut Notes,
     ) -> Result<Arc<Route>, (Arc<Route>, ProxyError)> {
         let Some(identify) = &runtime.callers else { return Ok(route) };
-        let name = match identify.identify(req.headers(), conn.remote.ip(), conn.peer.as_deref()).await {
-            Ok(Some(name)) => name,
+        let found = match identify.identify(req.headers(), conn.remote.ip(), conn.peer.as_deref()).await {
+            Ok(Some(found)) => found,
             Ok(None) => return Err((route, ProxyError::CallerUnknown)),
             Err(rejected) => return Err((route, ProxyError::InvalidToken(rejected.0))),
         };
+        let name = found.name;
         notes.caller = Some(name.to_owned());
+        notes.subject = found.subject;
         if !route.callers.is_empty() && !route.callers.iter().any(|c| c == name) {
             return Err((route, ProxyError::Denied(Denied::Caller)));
         }
@@ -449,7 +451,7 @@ impl Proxy {
         if !route.retry_on_401 {
             return Ok(resp);
         }
-        let outcome = match (kept, route.provider.replace_rejected(&token).await) {
+        let outcome = match (kept, replacement(route, &token, notes).await) {
             (Some(bytes), Some(fresh)) => {
                 self.count_401(route, "replayed");
                 notes.replayed = true;
@@ -481,6 +483,14 @@ impl Proxy {
     ) -> Result<(Outgoing, Arc<crate::token::Token>), ProxyError> {
         let token = match route.provider.usable() {
             Some(t) => t,
+            None if route.provider.per_subject() => {
+                let subject = notes.subject.as_ref().ok_or(ProxyError::CallerTokenNeeded)?;
+                notes.token_fetched = true;
+                route.provider.for_subject(&subject.key, &subject.token).await.map_err(|e| {
+                    tracing::warn!(provider = %e.provider, error = %e.reason, "exchanging the caller's token failed");
+                    ProxyError::TokenUnavailable { provider: e.provider, retry_in: e.retry_in }
+                })?
+            }
             None => {
                 notes.token_fetched = true;
                 route.provider.get_within(runtime.limits.token_wait).await.map_err(|e| {
@@ -646,6 +656,22 @@ fn with_query_param(target: &str, param: &str, value: &str) -> String {
 
 /// An answer other than 401 (and not a server error, which says nothing about the credential)
 /// shows the upstream accepted the token.
+/// A new token after the upstream refused `rejected`: the caller's own exchanged one when the
+/// provider exchanges per caller.
+async fn replacement(
+    route: &Route,
+    rejected: &crate::token::Token,
+    notes: &Notes,
+) -> Option<Arc<crate::token::Token>> {
+    match &notes.subject {
+        Some(subject) if route.provider.per_subject() => {
+            route.provider.forget_subject(&subject.key);
+            route.provider.for_subject(&subject.key, &subject.token).await.ok()
+        }
+        _ => route.provider.replace_rejected(rejected).await,
+    }
+}
+
 fn accepted(route: &Route, token: &crate::token::Token, status: StatusCode) {
     if status != StatusCode::UNAUTHORIZED && !status.is_server_error() {
         route.provider.confirm(token);
@@ -699,6 +725,8 @@ fn match_route(runtime: &Runtime, uri: &Uri, forward: bool) -> Result<Arc<Route>
 struct Notes {
     // The caller, when callers are configured and one was identified.
     caller: Option<String>,
+    // Who the caller's validated JWT is for, to exchange on its behalf.
+    subject: Option<crate::caller::Subject>,
     token_fetched: bool,
     replayed: bool,
     // The request body was read (or its reading started).

@@ -159,7 +159,7 @@ impl Control {
         for p in &fresh {
             let p = p.clone();
             prefetch.spawn(async move {
-                let got = p.get().await;
+                let got = if p.per_subject() { Ok(()) } else { p.get().await.map(|_| ()) };
                 p.start();
                 got.err().map(|e| (p, e.reason))
             });

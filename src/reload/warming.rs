@@ -133,7 +133,7 @@ impl Warming {
                 if !Arc::ptr_eq(&proxy.runtime.load(), &installed) {
                     return;
                 }
-                if sources.iter().all(|s| s.usable().is_some()) {
+                if sources.iter().all(|s| s.ready()) {
                     let before = proxy.runtime.compare_and_swap(&installed, full);
                     if Arc::ptr_eq(&before, &installed) {
                         let names: Vec<String> = sources.iter().map(|s| s.name().to_owned()).collect();

@@ -292,7 +292,7 @@ async fn warm_up(proxy: Arc<Proxy>, readiness: Arc<Readiness>, timeout: Duration
     };
     if tokio::time::timeout(timeout, all).await.is_err() {
         let missing: Vec<&str> =
-            providers.iter().filter(|(_, p)| p.usable().is_none()).map(|(n, _)| n.as_str()).collect();
+            providers.iter().filter(|(_, p)| !p.ready()).map(|(n, _)| n.as_str()).collect();
         tracing::warn!(
             ?missing,
             "warm-up timed out: ready without a token for these providers; their routes answer 503 token_unavailable until they have one"

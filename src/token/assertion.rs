@@ -13,9 +13,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 
 use super::FetchError;
-use crate::config::{Assertion, Audience, ClientAuth, Grant, IdentityFiles, KeyFile, OAuth2Provider};
+use crate::config::{
+    Assertion, Audience, ClientAuth, Grant, IdentityFiles, KeyFile, OAuth2Provider, TokenFrom,
+};
 use crate::jose::SigningKey;
 use crate::secret::Secret;
+
+/// The tokens of an exchange that come from elsewhere than files: the caller's, or another
+/// provider's.
+#[derive(Default, Clone)]
+pub struct Inputs {
+    /// `subject_token`.
+    pub subject: Option<Secret>,
+    /// `actor_token`.
+    pub actor: Option<Secret>,
+}
 
 /// Values made for one token request. Each is a credential: never log them.
 #[derive(Debug, Default)]
@@ -82,8 +94,14 @@ impl Prover {
         Prover { provider: name.to_owned(), key: Mutex::new(None), tls: Mutex::new(None) }
     }
 
-    /// The proofs for one request of `config` to `endpoint`.
-    pub fn proofs(&self, config: &OAuth2Provider, endpoint: &Endpoint<'_>) -> Result<Proofs, FetchError> {
+    /// The proofs for one request of `config` to `endpoint`; exchanged tokens that do not come
+    /// from files are in `inputs`.
+    pub fn proofs(
+        &self,
+        config: &OAuth2Provider,
+        endpoint: &Endpoint<'_>,
+        inputs: &Inputs,
+    ) -> Result<Proofs, FetchError> {
         let mut proofs = Proofs::default();
         let audience = || match &config.assertion.audience {
             Audience::Issuer => endpoint.issuer.unwrap_or(endpoint.token_url).to_owned(),
@@ -125,9 +143,15 @@ impl Prover {
                 proofs.grant_assertion = Some(read_assertion("assertion_file", path)?);
             }
             Grant::TokenExchange(x) => {
-                proofs.subject_token = Some(read_token("subject_token_file", &x.subject.path)?);
+                let token = |what: &str, from: &TokenFrom, given: &Option<Secret>| match from {
+                    TokenFrom::File(path) => read_token(&format!("{what}_file"), path),
+                    TokenFrom::Caller | TokenFrom::Provider(_) => {
+                        given.clone().ok_or_else(|| FetchError::Credential(format!("no {what} to exchange")))
+                    }
+                };
+                proofs.subject_token = Some(token("subject_token", &x.subject.from, &inputs.subject)?);
                 if let Some(actor) = &x.actor {
-                    proofs.actor_token = Some(read_token("actor_token_file", &actor.path)?);
+                    proofs.actor_token = Some(token("actor_token", &actor.from, &inputs.actor)?);
                 }
             }
             _ => {}

@@ -45,7 +45,11 @@ pub fn encode(provider: &Provider) -> Vec<u8> {
                 Grant::TokenExchange(x) => {
                     e.field(b"grant", b"token_exchange");
                     for t in std::iter::once(&x.subject).chain(&x.actor) {
-                        e.path(b"token_file", &t.path);
+                        match &t.from {
+                            crate::config::TokenFrom::File(path) => e.path(b"token_file", path),
+                            crate::config::TokenFrom::Caller => e.field(b"token_from", b"caller"),
+                            crate::config::TokenFrom::Provider(p) => e.field(b"token_provider", p.as_bytes()),
+                        }
                         e.field(b"token_type", t.token_type.as_bytes());
                     }
                     e.field(b"requested", x.requested_token_type.as_deref().unwrap_or_default().as_bytes());

@@ -7,6 +7,7 @@ mod error;
 pub mod http_api;
 pub mod jwt;
 pub mod oauth2;
+mod per_subject;
 pub mod redis;
 pub mod response;
 pub mod schedule;
@@ -25,7 +26,7 @@ use tokio::time::Instant;
 pub use error::FetchError;
 pub use response::{Issued, LifetimeSource};
 
-use crate::config::Provider;
+use crate::config::{Grant, Provider, TokenFrom};
 use crate::log::LogLimit;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -89,16 +90,22 @@ enum Fetcher {
 const STATIC_LIFETIME: Duration = Duration::from_secs(60);
 
 impl Fetcher {
-    /// A token, refused when its `token_type` is not Bearer unless `any_token_type`.
-    async fn fetch(&self, current: Option<&Token>, any_token_type: bool) -> Result<Issued, FetchError> {
-        let issued = self.issue(current).await?;
+    /// A token, refused when its `token_type` is not Bearer unless `any_token_type`; `inputs`
+    /// are the exchange's tokens that come from the caller or another provider.
+    async fn fetch(
+        &self,
+        current: Option<&Token>,
+        any_token_type: bool,
+        inputs: &assertion::Inputs,
+    ) -> Result<Issued, FetchError> {
+        let issued = self.issue(current, inputs).await?;
         issued.check_token_type(any_token_type)?;
         Ok(issued)
     }
 
-    async fn issue(&self, current: Option<&Token>) -> Result<Issued, FetchError> {
+    async fn issue(&self, current: Option<&Token>, inputs: &assertion::Inputs) -> Result<Issued, FetchError> {
         match self {
-            Fetcher::OAuth2(f) => f.fetch().await,
+            Fetcher::OAuth2(f) => f.fetch(inputs).await,
             Fetcher::Http(f) => f.fetch(current).await,
             Fetcher::Static(v) => Ok(Issued {
                 access_token: v.read().map_err(FetchError::Credential)?,
@@ -171,6 +178,11 @@ pub struct TokenSource {
     backing_off_logs: LogLimit,
     // Tokens whose token_type is not Bearer are accepted (see `accept_any_token_type`).
     any_token_type: AtomicBool,
+    // The providers whose tokens this one's exchange sends (`subject_token_provider`,
+    // `actor_token_provider`), by name; weak, so a cycle of sources cannot leak.
+    links: Mutex<std::collections::HashMap<String, std::sync::Weak<TokenSource>>>,
+    // One exchanged token per caller subject (`subject_token: caller`).
+    subjects: Option<per_subject::Subjects>,
 }
 
 /// Revoked tokens are replaced at once, [`REVOKED_BURST`] in a row, then at most
@@ -215,6 +227,9 @@ pub struct Status {
     /// Seconds until the next scheduled fetch: the refresh ahead of expiry, or the retry after
     /// a failure.
     pub refresh_in_seconds: Option<u64>,
+    /// Caller subjects holding an exchanged token (`subject_token: caller`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subjects: Option<usize>,
 }
 
 impl TokenSource {
@@ -259,7 +274,46 @@ impl TokenSource {
             peeks: LogLimit::every(PEEK_EVERY),
             backing_off_logs: LogLimit::default(),
             any_token_type: AtomicBool::new(false),
+            links: Mutex::new(std::collections::HashMap::new()),
+            subjects: per_subject::Subjects::for_provider(config),
         }))
+    }
+
+    /// The tokens of other providers this one's exchange sends, current (fetched if need be).
+    async fn chained_inputs(&self) -> Result<assertion::Inputs, FetchError> {
+        let Provider::OAuth2(p) = &self.config else { return Ok(assertion::Inputs::default()) };
+        let Grant::TokenExchange(x) = &p.grant else { return Ok(assertion::Inputs::default()) };
+        let linked = |what: &'static str, from: &TokenFrom| {
+            let name = match from {
+                TokenFrom::Provider(name) => Some(name.clone()),
+                _ => None,
+            };
+            let source = name.as_ref().and_then(|n| self.links.lock().ok()?.get(n)?.upgrade());
+            async move {
+                let Some(name) = name else { return Ok(None) };
+                let source = source.ok_or_else(|| {
+                    FetchError::Credential(format!("{what}: provider {name} is not running"))
+                })?;
+                let token = linked_token(source).await.map_err(|e| {
+                    FetchError::Credential(format!("{what}: provider {name} has no token: {}", e.reason))
+                })?;
+                Ok::<_, FetchError>(Some(token.value.clone()))
+            }
+        };
+        let subject = linked("subject_token_provider", &x.subject.from).await?;
+        let actor = match &x.actor {
+            Some(a) => linked("actor_token_provider", &a.from).await?,
+            None => None,
+        };
+        Ok(assertion::Inputs { subject, actor })
+    }
+
+    /// Points this source's exchange at the sources it takes tokens from (a chain of them:
+    /// each waits for the next one's token).
+    pub fn link(&self, providers: &Providers) {
+        if let Ok(mut links) = self.links.lock() {
+            *links = providers.iter().map(|(n, s)| (n.clone(), Arc::downgrade(s))).collect();
+        }
     }
 
     /// Accepts tokens whose `token_type` is not Bearer, when every route using this source says
@@ -288,6 +342,10 @@ impl TokenSource {
     /// retries with backoff. It stops when the source is dropped.
     /// Calling it again (a source shared by several provider names) does nothing.
     pub fn start(self: &Arc<Self>) {
+        // Tokens exchanged for callers are fetched when a caller comes.
+        if self.per_subject() {
+            return;
+        }
         let Ok(mut g) = self.refresher.lock() else { return };
         if g.is_none() {
             if let Some((cache, key)) = &self.shared {
@@ -310,6 +368,9 @@ impl TokenSource {
 
     /// Returns once a usable token is cached (at once if one is); fetches nothing itself.
     pub async fn wait_usable(&self) {
+        if self.per_subject() {
+            return;
+        }
         loop {
             let installed = self.installed.notified();
             tokio::pin!(installed);
@@ -386,7 +447,8 @@ impl TokenSource {
     /// One fetch straight from the IdP, bypassing the cache and the shared cache, with nothing
     /// recorded: `check --live` reports what it got.
     pub async fn fetch_once(&self) -> Result<Issued, FetchError> {
-        self.fetcher.fetch(None, self.any_token_type.load(Ordering::Relaxed)).await
+        let inputs = self.chained_inputs().await?;
+        self.fetcher.fetch(None, self.any_token_type.load(Ordering::Relaxed), &inputs).await
     }
 
     /// Fetches a new token even if the cached one is usable (unless another fetch finished while
@@ -470,11 +532,13 @@ impl TokenSource {
         // When the token request itself went out: the lifetime counts from then, not from when
         // the answer was installed (a slow IdP or a stalled shared cache in between).
         let sent = Mutex::new(started);
+        let inputs = self.chained_inputs().await;
         let fetch = || {
             if let Ok(mut s) = sent.lock() {
                 *s = Instant::now();
             }
-            self.fetcher.fetch(current.as_deref(), self.any_token_type.load(Ordering::Relaxed))
+            let (current, inputs) = (current.as_deref(), inputs.clone());
+            async move { self.fetcher.fetch(current, self.any_token_type.load(Ordering::Relaxed), &inputs?).await }
         };
         let result = match &self.shared {
             None => fetch().await.map(|i| (i, true)),
@@ -529,6 +593,39 @@ impl TokenSource {
     /// Installs `issued`, whose request went out at `sent`. It expires `lifetime` after `sent`, or
     /// at its JWT `exp` if that is sooner.
     fn install(&self, issued: Issued, sent: Instant) -> Arc<Token> {
+        let (token, refresh_in, issued_lifetime) = self.mint(issued, sent);
+        let (expires_unix, generation) = (token.expires_unix, token.generation);
+        self.current.store(Some(Arc::clone(&token)));
+        self.installed.notify_waiters();
+        self.metrics.token_expiry.with_label_values(&[&self.name]).set(expires_unix);
+        if let Ok(mut h) = self.health.lock() {
+            *h = Health {
+                last_success: Some(SystemTime::now()),
+                rejection: h.rejection,
+                revoked_budget: h.revoked_budget,
+                fetched: h.fetched + 1,
+                failed: h.failed,
+                ..Health::default()
+            };
+        }
+        if matches!(self.config, Provider::Static(_)) {
+            // Read again every minute: not news.
+            tracing::debug!(provider = %self.name, generation, "static credential read");
+        } else {
+            tracing::info!(
+                provider = %self.name,
+                lifetime_s = issued_lifetime.as_secs(),
+                refresh_in_s = refresh_in.as_secs(),
+                generation,
+                "token obtained"
+            );
+        }
+        token
+    }
+
+    /// A token from what the IdP issued, its request sent at `sent`; with when to refresh it
+    /// and the lifetime as issued.
+    fn mint(&self, issued: Issued, sent: Instant) -> (Arc<Token>, Duration, Duration) {
         let now = Instant::now();
         let mut expires_at = sent + issued.lifetime;
         let mut shortened = false;
@@ -568,32 +665,7 @@ impl TokenSource {
             generation,
             accepted: std::sync::atomic::AtomicBool::new(false),
         });
-        self.current.store(Some(Arc::clone(&token)));
-        self.installed.notify_waiters();
-        self.metrics.token_expiry.with_label_values(&[&self.name]).set(expires_unix);
-        if let Ok(mut h) = self.health.lock() {
-            *h = Health {
-                last_success: Some(SystemTime::now()),
-                rejection: h.rejection,
-                revoked_budget: h.revoked_budget,
-                fetched: h.fetched + 1,
-                failed: h.failed,
-                ..Health::default()
-            };
-        }
-        if matches!(self.config, Provider::Static(_)) {
-            // Read again every minute: not news.
-            tracing::debug!(provider = %self.name, generation, "static credential read");
-        } else {
-            tracing::info!(
-                provider = %self.name,
-                lifetime_s = issued_lifetime.as_secs(),
-                refresh_in_s = refresh_in.as_secs(),
-                generation,
-                "token obtained"
-            );
-        }
-        token
+        (token, refresh_in, issued_lifetime)
     }
 
     fn unavailable(&self) -> Unavailable {
@@ -626,7 +698,20 @@ impl TokenSource {
         };
         let now = Instant::now();
         let next = retry_at.or_else(|| self.current.load().as_ref().map(|t| t.refresh_at));
-        let state = if self.fetch_lock.try_lock().is_err() {
+        let state = if let Some(subjects) = &self.subjects {
+            return Status {
+                state: "per_caller",
+                fetches_ok: 0,
+                fetches_failed: 0,
+                ready: true,
+                expires_in_seconds: None,
+                last_success_unix: None,
+                last_error: None,
+                consecutive_failures: 0,
+                refresh_in_seconds: None,
+                subjects: Some(subjects.len()),
+            };
+        } else if self.fetch_lock.try_lock().is_err() {
             "refreshing"
         } else if failures > 0 {
             "failing"
@@ -648,7 +733,13 @@ impl TokenSource {
             last_error,
             consecutive_failures: failures,
             refresh_in_seconds: next.map(|t| t.saturating_duration_since(now).as_secs()),
+            subjects: None,
         }
+    }
+
+    /// It can serve its routes: it has a token, or its tokens are exchanged per caller.
+    pub fn ready(&self) -> bool {
+        self.per_subject() || self.usable().is_some()
     }
 }
 
@@ -687,6 +778,14 @@ async fn refresh_loop(weak: Weak<TokenSource>, (wake, announced): (Arc<Notify>, 
 /// All providers of a configuration, by name.
 pub type Providers = std::collections::BTreeMap<String, Arc<TokenSource>>;
 
+/// Another source's token for an exchange, boxed: sources that take each other's tokens make
+/// the future recursive.
+fn linked_token(
+    source: Arc<TokenSource>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Arc<Token>, Unavailable>> + Send>> {
+    Box::pin(async move { source.get_within(Duration::from_secs(5)).await })
+}
+
 /// Builds token sources for every provider in `config` (not started).
 ///
 /// Providers with identical settings (endpoint, client, secret, grant, scopes, parameters) share one
@@ -710,6 +809,7 @@ pub fn build(config: &crate::config::Config, metrics: &Metrics) -> Result<Provid
 /// every provider name that shares it says how to send them.
 pub fn settle_token_types(config: &crate::config::Config, providers: &Providers) {
     for source in providers.values() {
+        source.link(providers);
         let names = providers.iter().filter(|(_, s)| Arc::ptr_eq(s, source)).map(|(n, _)| n);
         source.accept_any_token_type(names.into_iter().all(|n| config.any_token_type(n)));
     }

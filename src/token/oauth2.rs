@@ -198,12 +198,12 @@ impl OAuth2Fetcher {
 
     /// Obtains a new token: with the refresh token when there is one, falling back to the
     /// configured grant once when the refresh is refused.
-    pub async fn fetch(&self) -> Result<Issued, FetchError> {
+    pub async fn fetch(&self, inputs: &super::assertion::Inputs) -> Result<Issued, FetchError> {
         let target = self.endpoint().await?;
         let refresh = self.refresh_token.lock().map(|g| g.clone()).unwrap_or(None);
         let uses_refresh = matches!(self.config.grant, Grant::Password { .. } | Grant::RefreshToken { .. });
         if let (true, Some(rt)) = (uses_refresh, refresh) {
-            match self.send(&target, GrantRequest::Refresh(&rt)).await {
+            match self.send(&target, GrantRequest::Refresh(&rt), inputs).await {
                 Ok(issued) => return self.keep_refresh_token(issued, Some(rt)),
                 Err(e) if e.is_transient() || matches!(self.config.grant, Grant::RefreshToken { .. }) => {
                     return Err(e);
@@ -216,7 +216,7 @@ impl OAuth2Fetcher {
                 }
             }
         }
-        let issued = self.send(&target, GrantRequest::Configured).await?;
+        let issued = self.send(&target, GrantRequest::Configured, inputs).await?;
         if uses_refresh { self.keep_refresh_token(issued, None) } else { Ok(issued) }
     }
 
@@ -234,11 +234,18 @@ impl OAuth2Fetcher {
         Ok(issued)
     }
 
-    async fn send(&self, target: &Target, grant: GrantRequest<'_>) -> Result<Issued, FetchError> {
+    async fn send(
+        &self,
+        target: &Target,
+        grant: GrantRequest<'_>,
+        inputs: &super::assertion::Inputs,
+    ) -> Result<Issued, FetchError> {
         let url = &target.url;
-        let proofs = self
-            .prover
-            .proofs(&self.config, &Endpoint { token_url: url.as_str(), issuer: target.issuer.as_deref() })?;
+        let proofs = self.prover.proofs(
+            &self.config,
+            &Endpoint { token_url: url.as_str(), issuer: target.issuer.as_deref() },
+            inputs,
+        )?;
         let http = match self.config.client_auth.identity() {
             Some(files) => {
                 self.prover.tls_client(files, |id| super::send::client_with(&self.config.common, Some(id)))?
@@ -547,10 +554,10 @@ mod tests {
         p.client_auth = ClientAuth::Basic(Secret::new("s"));
         p.grant = Grant::TokenExchange(crate::config::TokenExchange {
             subject: crate::config::ExchangeToken {
-                path: "/s".into(),
+                from: crate::config::TokenFrom::File("/s".into()),
                 token_type: "urn:ietf:params:oauth:token-type:jwt".into(),
             },
-            actor: Some(crate::config::ExchangeToken { path: "/a".into(), token_type: "urn:x".into() }),
+            actor: Some(crate::config::ExchangeToken { from: crate::config::TokenFrom::File("/a".into()), token_type: "urn:x".into() }),
             requested_token_type: Some("urn:ietf:params:oauth:token-type:access_token".into()),
             audience: vec!["a1".into(), "a2".into()],
             resource: vec!["https://r".into()],
@@ -579,8 +586,8 @@ mod tests {
         p.assertion.audience = crate::config::Audience::Issuer;
         let prover = Prover::new("t");
         let endpoint = Endpoint { token_url: "https://idp/token", issuer: Some("https://idp") };
-        let a = prover.proofs(&p, &endpoint).unwrap().client_assertion.unwrap();
-        let b = prover.proofs(&p, &endpoint).unwrap().client_assertion.unwrap();
+        let a = prover.proofs(&p, &endpoint, &Default::default()).unwrap().client_assertion.unwrap();
+        let b = prover.proofs(&p, &endpoint, &Default::default()).unwrap().client_assertion.unwrap();
         let claims = super::super::jwt::claims(a.expose()).unwrap();
         assert_eq!(claims["iss"], "sampleclientid");
         assert_eq!(claims["sub"], "sampleclientid");

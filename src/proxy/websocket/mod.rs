@@ -176,7 +176,7 @@ impl Proxy {
             && resp.status() == StatusCode::UNAUTHORIZED
             && route.retry_on_401
         {
-            match route.provider.replace_rejected(&token).await {
+            match super::replacement(route, &token, notes).await {
                 Some(fresh) => {
                     self.count_401(route, "replayed");
                     notes.replayed = true;
