@@ -557,7 +557,10 @@ mod tests {
                 from: crate::config::TokenFrom::File("/s".into()),
                 token_type: "urn:ietf:params:oauth:token-type:jwt".into(),
             },
-            actor: Some(crate::config::ExchangeToken { from: crate::config::TokenFrom::File("/a".into()), token_type: "urn:x".into() }),
+            actor: Some(crate::config::ExchangeToken {
+                from: crate::config::TokenFrom::File("/a".into()),
+                token_type: "urn:x".into(),
+            }),
             requested_token_type: Some("urn:ietf:params:oauth:token-type:access_token".into()),
             audience: vec!["a1".into(), "a2".into()],
             resource: vec!["https://r".into()],
