@@ -20,6 +20,8 @@ const PLACEHOLDERS: &[(&str, &str)] = &[
     ("COVATA_CLIENT_SECRET", "placeholder-secret"),
     ("COVATA_USERNAME", "placeholder-user"),
     ("COVATA_PASSWORD", "placeholder-password"),
+    ("REPORTS_COVATA_USERNAME", "placeholder-user"),
+    ("REPORTS_COVATA_PASSWORD", "placeholder-password"),
     ("SENSU_URL", "https://sensu.example.com:8080"),
     ("SENSU_USERNAME", "placeholder-user"),
     ("SENSU_PASSWORD", "placeholder-password"),
@@ -37,7 +39,8 @@ fn tokengate(args: &[&str], secret_file: &std::path::Path) -> std::process::Outp
     cmd.args(args)
         .env_clear()
         .env("SCREENING_EAGLE_CLIENT_SECRET_FILE", secret_file)
-        .env("SENSU_API_KEY_FILE", secret_file);
+        .env("SENSU_API_KEY_FILE", secret_file)
+        .env("BILLING_API_KEYS_FILE", secret_file);
     // Files the secretless examples read at load time: a key and a projected token.
     let dir = secret_file.parent().unwrap();
     let key = dir.join("client.pem");
@@ -46,6 +49,13 @@ fn tokengate(args: &[&str], secret_file: &std::path::Path) -> std::process::Outp
         std::fs::write(&key, pem).unwrap();
         std::fs::write(dir.join("azure-identity-token"), "eyJhbGciOiJub25lIn0.eyJleHAiOjB9.\n").unwrap();
     }
+    let ca = dir.join("cluster-ca.pem");
+    if !ca.exists() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["kubernetes".to_owned()]).unwrap().self_signed(&key).unwrap();
+        std::fs::write(&ca, cert.pem()).unwrap();
+    }
+    cmd.env("KUBERNETES_CA_FILE", &ca);
     cmd.env("OIDC_PRIVATE_KEY_FILE", &key)
         .env("AZURE_FEDERATED_TOKEN_FILE", dir.join("azure-identity-token"));
     for (k, v) in PLACEHOLDERS {
