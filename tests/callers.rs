@@ -342,3 +342,31 @@ async fn a_caller_is_known_by_its_client_certificate() {
     assert_eq!(metric_value(tg.admin_addr, series).await, Some(1.0));
     tg.shutdown().await;
 }
+
+/// An issuer whose keys cannot be read makes its tokens uncheckable, not invalid: 503 with
+/// Retry-After, and nothing forwarded.
+#[tokio::test]
+async fn tokens_of_an_unreachable_issuer_get_503_not_401() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let down = closed_port();
+    let yaml = format!(
+        "callers:\n  batch:\n    jwt:\n      issuer: https://k8s.example\n      jwks_uri: http://{down}/keys\n      audiences: [tokengate]\n{}routes:\n  - prefix: /api\n    upstream: {}\n    provider: idp\n",
+        idp.provider_yaml(),
+        up.url()
+    );
+    let tg = start(&yaml).await;
+    let token = SigningKey::new("k1").sign(&claims("https://k8s.example", "sa", "tokengate", now() + 600));
+    let r = client()
+        .get(format!("http://{}/api/x", tg.proxy_addr))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "caller_keys_unavailable", "{body}");
+    assert!(up.requests().is_empty());
+    tg.shutdown().await;
+}

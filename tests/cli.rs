@@ -52,7 +52,8 @@ fn tokengate(args: &[&str], secret_file: &std::path::Path) -> std::process::Outp
     let ca = dir.join("cluster-ca.pem");
     if !ca.exists() {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["kubernetes".to_owned()]).unwrap().self_signed(&key).unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["kubernetes".to_owned()]).unwrap().self_signed(&key).unwrap();
         std::fs::write(&ca, cert.pem()).unwrap();
     }
     cmd.env("KUBERNETES_CA_FILE", &ca);

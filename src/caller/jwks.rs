@@ -22,6 +22,15 @@ const REFETCH_EVERY: Duration = Duration::from_secs(1);
 /// Largest JWKS or discovery document read.
 const MAX_DOCUMENT: usize = 256 * 1024;
 
+/// Why no key could be had for a token.
+#[derive(Debug, Clone)]
+pub enum KeyError {
+    /// The key set could not be read (the issuer is down): no fault of the token.
+    Unavailable(String),
+    /// The set holds no key for the token.
+    Unknown(String),
+}
+
 /// One key of the set.
 pub struct Key {
     /// The key.
@@ -70,7 +79,7 @@ impl Jwks {
 
     /// The key for `kid` (or the only keys without one): fetched first when none is held yet,
     /// the set is old, or `kid` is unknown.
-    pub async fn key(&self, kid: Option<&str>) -> Result<Vec<Arc<Key>>, String> {
+    pub async fn key(&self, kid: Option<&str>) -> Result<Vec<Arc<Key>>, KeyError> {
         let find = |set: &Set| -> Vec<Arc<Key>> {
             match kid {
                 Some(k) => set.by_kid.get(k).cloned().into_iter().collect(),
@@ -85,17 +94,20 @@ impl Jwks {
                 return Ok(found);
             }
         }
-        self.refresh().await?;
-        let set = self.current.load_full().ok_or("no signing keys could be read")?;
+        self.refresh().await.map_err(KeyError::Unavailable)?;
+        let set = self
+            .current
+            .load_full()
+            .ok_or_else(|| KeyError::Unavailable("no signing keys could be read".into()))?;
         let found = find(&set);
         if found.is_empty() {
-            return Err(match kid {
+            return Err(KeyError::Unknown(match kid {
                 Some(k) => format!(
                     "unknown key id {:?}",
                     k.chars().filter(char::is_ascii_graphic).take(64).collect::<String>()
                 ),
                 None => "the token names no key id and the key set has no key without one".into(),
-            });
+            }));
         }
         Ok(found)
     }

@@ -12,10 +12,16 @@ use jsonwebtoken::errors::ErrorKind;
 
 use crate::config::{Callers, JwtCaller, Method, MethodKind};
 
-/// Why a request could not be told apart: a credential that was presented and is not good.
+/// Why a request could not be told apart.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct Rejected(pub String);
+pub enum Rejected {
+    /// A bearer token was presented and is not good.
+    #[error("{0}")]
+    Invalid(String),
+    /// The issuer's signing keys cannot be read, so no token of it can be checked now.
+    #[error("{0}")]
+    KeysUnavailable(String),
+}
 
 /// The caller of a request, and for a caller known by its JWT, who the token is for.
 pub struct Identified<'a> {
@@ -96,7 +102,7 @@ impl Identify {
             .map(str::trim);
         let api_key = headers.get(&self.api_key_header).map(|v| v.as_bytes());
         let presented = Presented { api_key, bearer, remote, peer };
-        let mut token_error: Option<String> = None;
+        let mut token_error: Option<Rejected> = None;
         // Some caller's issuer is the token's.
         let mut issuer_known = false;
         let mut subject: Option<Subject> = None;
@@ -127,10 +133,10 @@ impl Identify {
             subject = None;
         }
         match (token_error, bearer.filter(|t| looks_like_jwt(t)), self.any_jwt() && !issuer_known) {
-            (Some(e), _, _) => Err(Rejected(e)),
+            (Some(e), _, _) => Err(e),
             // A JWT no caller's issuer claims: refused too, rather than passed on unidentified.
             (None, Some(_), true) => {
-                Err(Rejected("the token is from another issuer than any caller's".into()))
+                Err(Rejected::Invalid("the token is from another issuer than any caller's".into()))
             }
             _ => Ok(None),
         }
@@ -157,7 +163,7 @@ impl Check {
 
     /// Whether the request satisfies this method; `Err` for a JWT of this caller's issuer that
     /// is not valid.
-    async fn run(&self, p: &Presented<'_>) -> Result<Verdict, String> {
+    async fn run(&self, p: &Presented<'_>) -> Result<Verdict, Rejected> {
         let yes = |b: bool| if b { Verdict::Yes(None) } else { Verdict::No };
         match self {
             Check::ApiKeys(keys) => Ok(yes(p.api_key.is_some_and(|k| {
@@ -199,7 +205,7 @@ struct Unverified {
 }
 
 /// Validates `token` for this caller.
-async fn validate(token: &str, settings: &JwtCaller, keys: &jwks::Jwks) -> Result<Verdict, String> {
+async fn validate(token: &str, settings: &JwtCaller, keys: &jwks::Jwks) -> Result<Verdict, Rejected> {
     if unverified_issuer(token).as_deref() != Some(settings.issuer.as_str()) {
         return Ok(Verdict::No);
     }
@@ -207,21 +213,25 @@ async fn validate(token: &str, settings: &JwtCaller, keys: &jwks::Jwks) -> Resul
     let alg = segment(token, 0).and_then(|h| h.get("alg").and_then(|a| a.as_str()).map(str::to_owned));
     let accepted = |a: &str| settings.algorithms.iter().any(|x| format!("{x:?}") == a);
     match alg {
-        None => return Err("the token's header has no alg".into()),
+        None => return Err(Rejected::Invalid("the token's header has no alg".into())),
         Some(a) if !accepted(&a) => {
-            return Err(format!(
+            return Err(Rejected::Invalid(format!(
                 "alg {:?} is not accepted",
                 a.chars().filter(char::is_ascii_graphic).take(16).collect::<String>()
-            ));
+            )));
         }
         Some(_) => {}
     }
+    let invalid = |m: &str| Rejected::Invalid(m.to_owned());
     let header =
-        jsonwebtoken::decode_header(token).map_err(|_| "the token is not a well-formed JWT".to_owned())?;
+        jsonwebtoken::decode_header(token).map_err(|_| invalid("the token is not a well-formed JWT"))?;
     if !settings.algorithms.contains(&header.alg) {
-        return Err(format!("alg {:?} is not accepted", header.alg));
+        return Err(Rejected::Invalid(format!("alg {:?} is not accepted", header.alg)));
     }
-    let candidates = keys.key(header.kid.as_deref()).await?;
+    let candidates = keys.key(header.kid.as_deref()).await.map_err(|e| match e {
+        jwks::KeyError::Unavailable(m) => Rejected::KeysUnavailable(m),
+        jwks::KeyError::Unknown(m) => Rejected::Invalid(m),
+    })?;
     let mut validation = jsonwebtoken::Validation::new(header.alg);
     validation.set_issuer(&[&settings.issuer]);
     validation.set_audience(&settings.audiences);
@@ -242,7 +252,7 @@ async fn validate(token: &str, settings: &JwtCaller, keys: &jwks::Jwks) -> Resul
             Err(e) => last = reason(e.kind()),
         }
     }
-    Err(last)
+    Err(Rejected::Invalid(last))
 }
 
 fn unverified_issuer(token: &str) -> Option<String> {

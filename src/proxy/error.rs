@@ -52,6 +52,9 @@ pub enum ProxyError {
     /// A malformed or ambiguous header.
     #[error("invalid request header: {0}")]
     InvalidHeader(&'static str),
+    /// The issuer's keys that would check the caller's JWT cannot be read right now.
+    #[error("the keys that check this caller's token cannot be read right now; retry later")]
+    CallerKeysUnavailable,
     /// The route's provider exchanges the caller's JWT, and this caller was not known by one.
     #[error("this route exchanges the caller's own token: send a bearer token of a caller known by jwt")]
     CallerTokenNeeded,
@@ -116,6 +119,7 @@ impl ProxyError {
             }
             ProxyError::Denied(d) => (StatusCode::FORBIDDEN, d.label()),
             ProxyError::CallerUnknown => (StatusCode::UNAUTHORIZED, "caller_unknown"),
+            ProxyError::CallerKeysUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "caller_keys_unavailable"),
             ProxyError::CallerTokenNeeded => (StatusCode::UNAUTHORIZED, "caller_token_needed"),
             ProxyError::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
             ProxyError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
@@ -154,7 +158,7 @@ impl ProxyError {
         let h = resp.headers_mut();
         match &self {
             // Load passes quickly; a client that honours Retry-After comes back soon.
-            ProxyError::UpstreamBusy | ProxyError::Overloaded => {
+            ProxyError::UpstreamBusy | ProxyError::Overloaded | ProxyError::CallerKeysUnavailable => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             // When the provider's next fetch is due, in whole seconds, at least 1.

@@ -384,7 +384,11 @@ impl Proxy {
         let found = match identify.identify(req.headers(), conn.remote.ip(), conn.peer.as_deref()).await {
             Ok(Some(found)) => found,
             Ok(None) => return Err((route, ProxyError::CallerUnknown)),
-            Err(rejected) => return Err((route, ProxyError::InvalidToken(rejected.0))),
+            Err(crate::caller::Rejected::Invalid(why)) => return Err((route, ProxyError::InvalidToken(why))),
+            Err(crate::caller::Rejected::KeysUnavailable(why)) => {
+                tracing::warn!(error = %why, "a caller's JWT cannot be checked: the issuer's keys are unavailable");
+                return Err((route, ProxyError::CallerKeysUnavailable));
+            }
         };
         let name = found.name;
         notes.caller = Some(name.to_owned());
