@@ -549,6 +549,10 @@ mod tests {
         assert_eq!(&line[4..5], "-");
         assert_eq!(&line[19..20], ".");
         assert_eq!(&line[23..24], "Z");
+        let mut out = Vec::new();
+        text(&mut out, &Record { caller: Some("billing team"), ..record() });
+        let line = String::from_utf8(out).unwrap_or_default();
+        assert!(line.contains(" provider=p caller=billing\\x20team fetched=0"), "{line}");
     }
 
     #[test]
@@ -598,5 +602,10 @@ mod tests {
         assert_eq!(v["bytes_in"], 12);
         assert_eq!(v["upstream_ms"], 1.1);
         assert!(v["time"].as_str().is_some_and(|t| t.len() == 24 && t.ends_with('Z')));
+        assert_eq!(v["caller"], serde_json::Value::Null);
+        let mut out = Vec::new();
+        json(&mut out, &Record { caller: Some("billing"), ..record() });
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+        assert_eq!(v["caller"], "billing");
     }
 }

@@ -799,6 +799,8 @@ async fn the_callers_token_is_exchanged_for_each_subject() {
             { "client_id": "exchanger", "client_secret": "exchanger-secret-0123456789abcdef",
               "token_endpoint_auth_method": "client_secret_basic",
               "grant_types": ["urn:ietf:params:oauth:grant-type:token-exchange"], "scope": "api:read" },
+            { "client_id": "gateway", "client_secret": "gateway-secret-0123456789abcdef",
+              "token_endpoint_auth_method": "client_secret_basic", "scope": "api:read" },
         ]),
         serde_json::json!({ "subject_keys": [subject_key] }),
     )
@@ -824,7 +826,13 @@ async fn the_callers_token_is_exchanged_for_each_subject() {
     yaml.push_str(&oidc.provider(
         "exchanger",
         &pki,
-        "    client_id: exchanger\n    client_secret: exchanger-secret-0123456789abcdef\n    grant: token_exchange\n    token_exchange:\n      subject_token: caller\n      subject_token_type: jwt\n      audience: https://api.example\n",
+        "    client_id: exchanger\n    client_secret: exchanger-secret-0123456789abcdef\n    grant: token_exchange\n    token_exchange:\n      subject_token: caller\n      subject_token_type: jwt\n      actor_token_provider: gateway\n      audience: https://api.example\n",
+    ));
+    // tokengate's own identity, sent as the actor.
+    yaml.push_str(&oidc.provider(
+        "gateway",
+        &pki,
+        "    client_id: gateway\n    client_secret: gateway-secret-0123456789abcdef\n",
     ));
     yaml.push_str(&routes(&oidc, &["exchanger"]));
     let tg = start(&yaml).await;
@@ -843,6 +851,7 @@ async fn the_callers_token_is_exchanged_for_each_subject() {
         let (status, seen) = call(token).await;
         assert_eq!(status, 200, "{seen}\n{}", oidc.log());
         assert_eq!(seen["sub"], format!("system:serviceaccount:batch:{sub}"), "{seen}");
+        assert_eq!(seen["act"]["sub"], "gateway", "the actor is tokengate's own identity: {seen}");
         assert_eq!(seen["client_id"], "exchanger");
     }
     // One exchange per subject: the second round came from the cache.

@@ -74,13 +74,14 @@ const peerCertificate = (ctx) => {
   return c && c.raw ? new crypto.X509Certificate(c.raw) : undefined;
 };
 
-// The subject a custom grant established, handed to the token as an extra claim (oidc-provider
-// sets a token's extra claims from extraTokenClaims when it is saved).
+// The subject (and, for an exchange with an actor token, the actor) a custom grant established,
+// handed to the token as extra claims (oidc-provider sets a token's extra claims from
+// extraTokenClaims when it is saved, and introspection returns them).
 const subjects = new WeakMap();
 
 const provider = new Provider(issuer, {
   clients,
-  extraTokenClaims: (ctx, token) => (subjects.has(token) ? { sub: subjects.get(token) } : undefined),
+  extraTokenClaims: (ctx, token) => subjects.get(token),
   clientAuthMethods: [
     'none', 'client_secret_basic', 'client_secret_post', 'client_secret_jwt', 'private_key_jwt',
     'tls_client_auth', 'self_signed_tls_client_auth',
@@ -108,9 +109,9 @@ const provider = new Provider(issuer, {
 
 const tokenEndpoint = `${issuer}/token`;
 
-async function issue(ctx, sub, extra = {}) {
+async function issue(ctx, sub, extra = {}, act = undefined) {
   const token = new provider.ClientCredentials({ client: ctx.oidc.client, scope: 'api:read' });
-  subjects.set(token, sub);
+  subjects.set(token, act ? { sub, act } : { sub });
   const value = await token.save();
   ctx.body = { access_token: value, token_type: 'Bearer', expires_in: token.expiration, scope: 'api:read', ...extra };
 }
@@ -139,7 +140,14 @@ provider.registerGrantType('urn:ietf:params:oauth:grant-type:token-exchange', as
   }
   const claims = await verified(p.subject_token, subjectKeys, 'subject_token', { audience: undefined });
   if (p.audience !== 'https://api.example') throw new errors.InvalidTarget(`unexpected audience ${p.audience}`);
-  await issue(ctx, claims.sub, { issued_token_type: 'urn:ietf:params:oauth:token-type:access_token' });
+  // RFC 8693 section 4.1: the actor is named in `act`; here the client whose token was sent.
+  let act;
+  if (p.actor_token) {
+    const actor = await provider.ClientCredentials.find(p.actor_token);
+    if (!actor) throw new errors.InvalidGrant('actor_token is not an active token of this server');
+    act = { sub: actor.clientId };
+  }
+  await issue(ctx, claims.sub, { issued_token_type: 'urn:ietf:params:oauth:token-type:access_token' }, act);
 }, ['subject_token', 'subject_token_type', 'actor_token', 'actor_token_type', 'requested_token_type', 'audience', 'resource', 'scope']);
 
 provider.on('grant.error', (ctx, err) => console.error(`grant error: ${err.message} ${err.error_description ?? ''}`));
@@ -177,7 +185,7 @@ const api = http.createServer(async (req, res) => {
   try {
     const info = await introspect(auth.slice(7));
     if (!info.active) return send(401, { error: 'token not active' });
-    return send(200, { active: true, client_id: info.client_id, scope: info.scope, sub: info.sub, path: req.url });
+    return send(200, { active: true, client_id: info.client_id, scope: info.scope, sub: info.sub, act: info.act, path: req.url });
   } catch (e) {
     return send(502, { error: `introspection failed: ${e.message}` });
   }
