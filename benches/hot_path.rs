@@ -99,5 +99,46 @@ fn token_reads(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, route_lookup, header_rewrite, token_reads);
+/// Telling the caller of a request apart, by API key and by an ES256 service-account JWT (keys
+/// from a JWKS file), side by side.
+fn caller_identification(c: &mut Criterion) {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let raw = key.public_key_raw().to_vec();
+    let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65])}]});
+    std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();
+    std::fs::write(dir.path().join("keys"), "billing-key-0000000001\n").unwrap();
+    let text = format!(
+        "callers:\n  billing: {{ api_keys_file: {d}/keys }}\n  batch:\n    jwt:\n      issuer: https://k8s\n      jwks_file: {d}/jwks.json\n      audiences: [tokengate]\nproviders:\n  p: {{ type: static, value: v }}\nroutes:\n  - prefix: /\n    upstream: http://127.0.0.1:9\n    provider: p\n",
+        d = dir.path().display()
+    );
+    let config = tokengate::config::parse(&text, "bench.yaml").unwrap();
+    let identify =
+        tokengate::caller::Identify::new(&config.callers, http::HeaderName::from_static("x-api-key"))
+            .unwrap();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("k1".into());
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let claims = serde_json::json!({"iss": "https://k8s", "sub": "system:serviceaccount:batch:a", "aud": ["tokengate"], "exp": exp});
+    let jwt =
+        jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der()))
+            .unwrap();
+    let remote: std::net::IpAddr = [10, 0, 0, 1].into();
+    let mut by_key = HeaderMap::new();
+    by_key.insert("x-api-key", HeaderValue::from_static("billing-key-0000000001"));
+    let mut by_jwt = HeaderMap::new();
+    by_jwt.insert("authorization", HeaderValue::from_str(&format!("Bearer {jwt}")).unwrap());
+    assert!(rt.block_on(identify.identify(&by_jwt, remote, None)).unwrap().is_some());
+    c.bench_function("caller by API key", |b| {
+        b.iter(|| rt.block_on(async { black_box(identify.identify(&by_key, remote, None).await.is_ok()) }))
+    });
+    c.bench_function("caller by ES256 JWT", |b| {
+        b.iter(|| rt.block_on(async { black_box(identify.identify(&by_jwt, remote, None).await.is_ok()) }))
+    });
+}
+
+criterion_group!(benches, route_lookup, header_rewrite, token_reads, caller_identification);
 criterion_main!(benches);

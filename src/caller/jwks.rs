@@ -46,8 +46,20 @@ struct Set {
     fetched: Instant,
 }
 
-/// A caller's key source.
+/// Verified tokens remembered at most.
+const MAX_VERIFIED: usize = 10_000;
+/// A verified token is taken on trust at most this long (so a key withdrawn from the set stops
+/// being honoured soon), and never past its `exp`.
+const VERIFIED_FOR: Duration = Duration::from_secs(300);
+
+/// A verified token: its subject key (`None`: valid, but a subject the caller does not cover),
+/// until when.
+type Verified = (Option<String>, Instant);
+
+/// A caller's key source, and the tokens it has verified (by SHA-256): verifying an ES256 or
+/// RS256 signature costs tens of microseconds, a lookup well under one.
 pub struct Jwks {
+    verified: std::sync::Mutex<HashMap<Vec<u8>, Verified>>,
     source: JwksSource,
     issuer: String,
     http: reqwest::Client,
@@ -69,12 +81,37 @@ impl Jwks {
             .build()
             .map_err(|e| format!("cannot build the JWKS client: {e}"))?;
         Ok(Jwks {
+            verified: std::sync::Mutex::new(HashMap::new()),
             source: caller.jwks.clone(),
             issuer: caller.issuer.clone(),
             http,
             current: ArcSwapOption::empty(),
             fetching: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// What the token with this digest was found to be, if it was verified and still counts.
+    pub fn verified(&self, digest: &[u8]) -> Option<Option<String>> {
+        let map = self.verified.lock().ok()?;
+        let (key, until) = map.get(digest)?;
+        (Instant::now() < *until).then(|| key.clone())
+    }
+
+    /// Remembers a verified token until its `exp` (Unix seconds), at most [`VERIFIED_FOR`].
+    pub fn remember(&self, digest: &[u8], key: Option<String>, exp: u64) {
+        let now_unix =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let left = Duration::from_secs(exp.saturating_sub(now_unix)).min(VERIFIED_FOR);
+        let Ok(mut map) = self.verified.lock() else { return };
+        if map.len() >= MAX_VERIFIED {
+            let now = Instant::now();
+            map.retain(|_, (_, until)| *until > now);
+            if map.len() >= MAX_VERIFIED {
+                // Still full of live entries: start over rather than scan for the oldest.
+                map.clear();
+            }
+        }
+        map.insert(digest.to_vec(), (key, Instant::now() + left));
     }
 
     /// The key for `kid` (or the only keys without one): fetched first when none is held yet,
@@ -192,4 +229,38 @@ impl Jwks {
 
 async fn read_file(path: &PathBuf) -> Result<Vec<u8>, String> {
     tokio::fs::read(path).await.map_err(|e| format!("cannot read jwks_file {path:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwks() -> Jwks {
+        let caller = JwtCaller {
+            issuer: "https://k8s".into(),
+            jwks: JwksSource::File("/nonexistent".into()),
+            ca_file: None,
+            audiences: vec!["a".into()],
+            subjects: vec![],
+            algorithms: vec![Algorithm::ES256],
+            leeway: Duration::from_secs(30),
+        };
+        Jwks::new(&caller).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_verified_token_counts_until_its_exp_and_never_longer_than_five_minutes() {
+        let j = jwks();
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        j.remember(b"live", Some("k".into()), now + 3600);
+        j.remember(b"expired", Some("k".into()), now - 1);
+        j.remember(b"other", None, now + 60);
+        assert_eq!(j.verified(b"live"), Some(Some("k".into())));
+        assert_eq!(j.verified(b"expired"), None);
+        assert_eq!(j.verified(b"other"), Some(None));
+        assert_eq!(j.verified(b"never"), None);
+        let until = j.verified.lock().map(|m| m[b"live".as_slice()].1).unwrap_or_else(|_| Instant::now());
+        assert!(until <= Instant::now() + VERIFIED_FOR);
+    }
 }

@@ -197,6 +197,7 @@ enum Verdict {
 #[derive(serde::Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
 }
 
 #[derive(serde::Deserialize)]
@@ -204,10 +205,17 @@ struct Unverified {
     iss: Option<String>,
 }
 
-/// Validates `token` for this caller.
+/// Validates `token` for this caller; a token verified before is taken from the cache.
 async fn validate(token: &str, settings: &JwtCaller, keys: &jwks::Jwks) -> Result<Verdict, Rejected> {
     if unverified_issuer(token).as_deref() != Some(settings.issuer.as_str()) {
         return Ok(Verdict::No);
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    if let Some(known) = keys.verified(digest.as_ref()) {
+        return Ok(match known {
+            Some(key) => Verdict::Yes(Some(key)),
+            None => Verdict::OtherSubject,
+        });
     }
     // `alg` is read first on its own: `none` and unknown names are refused by name.
     let alg = segment(token, 0).and_then(|h| h.get("alg").and_then(|a| a.as_str()).map(str::to_owned));
@@ -246,8 +254,12 @@ async fn validate(token: &str, settings: &JwtCaller, keys: &jwks::Jwks) -> Resul
                 let covered = settings.subjects.is_empty()
                     || settings.subjects.iter().any(|p| crate::config::subject_matches(p, &sub));
                 // A valid token of a subject this caller does not cover: perhaps another's.
-                let key = format!("{}\n{sub}", settings.issuer);
-                return Ok(if covered { Verdict::Yes(Some(key)) } else { Verdict::OtherSubject });
+                let key = covered.then(|| format!("{}\n{sub}", settings.issuer));
+                keys.remember(digest.as_ref(), key.clone(), data.claims.exp);
+                return Ok(match key {
+                    Some(key) => Verdict::Yes(Some(key)),
+                    None => Verdict::OtherSubject,
+                });
             }
             Err(e) => last = reason(e.kind()),
         }
