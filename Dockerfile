@@ -14,8 +14,13 @@ COPY --from=build /src/target/release/tokengate /usr/local/bin/tokengate
 # In a container the config must listen on 0.0.0.0 (the default is loopback) and should
 # restrict who may connect.
 USER 65532:65532
+# The image's default configuration: the documented example (mounting a directory replaces it).
+COPY config/tokengate.example.yaml /etc/tokengate/config/tokengate.yaml
+# In a container the listeners bind every interface, whatever the file says (the file's default
+# is loopback); `run --listen` overrides these in turn.
+ENV TOKENGATE_LISTEN=0.0.0.0:8080 TOKENGATE_ADMIN_LISTEN=0.0.0.0:9090
 EXPOSE 8080 9090
 # Probes: GET :9090/healthz (liveness) and :9090/readyz (readiness: started, and the token
 # warm-up finished; /readyz?strict=1 also needs a valid token per provider).
 ENTRYPOINT ["/usr/local/bin/tokengate"]
-CMD ["run", "-c", "/etc/tokengate/config/tokengate.yaml"]
+CMD ["run", "/etc/tokengate/config/tokengate.yaml"]

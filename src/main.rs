@@ -45,9 +45,17 @@ enum LogFormat {
 enum Command {
     /// Serve (the default when only -c is given).
     Run {
+        /// Configuration file (instead of -c).
+        file: Option<PathBuf>,
         /// Worker threads serving requests, each with its own event loop (default: number of cores).
         #[arg(long)]
         workers: Option<usize>,
+        /// Proxy listen address, over the file's `listen` (in a container: 0.0.0.0:8080).
+        #[arg(long, env = "TOKENGATE_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Admin listen address, over the file's `admin.listen` (in a container: 0.0.0.0:9090).
+        #[arg(long, env = "TOKENGATE_ADMIN_LISTEN")]
+        admin_listen: Option<SocketAddr>,
     },
     /// Load and validate the configuration, print routes and providers, exit.
     Check {
@@ -55,15 +63,16 @@ enum Command {
         /// method, lifetime, granted scope and the clock offset to the IdP.
         #[arg(long)]
         live: bool,
-        /// Providers to fetch with --live (default: all).
-        #[arg(requires = "live")]
-        providers: Vec<String>,
+        /// The configuration file (instead of -c), then, with --live, the providers to fetch
+        /// (default: all).
+        args: Vec<String>,
     },
     /// Fetch a token with a provider's configured flow and show its type, expiry, scope and
     /// JWT claims (the token itself only with --show).
     Token {
-        /// Provider name from the configuration.
-        provider: String,
+        /// `[FILE] PROVIDER`: the configuration file (instead of -c) and the provider's name.
+        #[arg(num_args = 1..=2, required = true)]
+        args: Vec<String>,
         /// Print the token itself.
         #[arg(long)]
         show: bool,
@@ -86,35 +95,79 @@ fn main() -> ExitCode {
     // Flushes the queued log lines when main returns.
     let _log = init_logging(&cli);
     let workers = match &cli.command {
-        Some(Command::Run { workers }) => *workers,
+        Some(Command::Run { workers, .. }) => *workers,
         _ => None,
     };
+    if let Some(Command::Run { listen, admin_listen, .. }) = &cli.command {
+        config::override_listeners(config::ListenerOverrides { listen: *listen, admin: *admin_listen });
+    }
     match cli.command {
-        Some(Command::Check { live, providers }) => with_config(&cli.config, |path, c| {
-            block_on(Some(1), async {
-                let code = check(path.to_owned(), &c).await;
-                if code != ExitCode::SUCCESS || !live { code } else { check_live(&c, &providers).await }
+        Some(Command::Check { live, args }) => {
+            let (file, providers) = file_then(&cli.config, args);
+            if !live && !providers.is_empty() {
+                eprintln!("error: provider names ({}) go with --live", providers.join(", "));
+                return ExitCode::from(2);
+            }
+            with_config(&file, |path, c| {
+                block_on(Some(1), async {
+                    let code = check(path.to_owned(), &c).await;
+                    if code != ExitCode::SUCCESS || !live { code } else { check_live(&c, &providers).await }
+                })
             })
-        }),
-        Some(Command::Token { provider, show }) => {
-            with_config(&cli.config, |_, c| block_on(None, token_main(c, provider, show)))
+        }
+        Some(Command::Token { args, show }) => {
+            let (file, mut rest) = file_then(&cli.config, args);
+            let Some(provider) = rest.pop().filter(|_| rest.is_empty()) else {
+                eprintln!("error: usage: tokengate token [FILE] PROVIDER");
+                return ExitCode::from(2);
+            };
+            with_config(&file, |_, c| block_on(None, token_main(c, provider, show)))
         }
         Some(Command::Demo { listen, admin }) => block_on(workers, demo_main(listen, admin)),
-        Some(Command::Run { .. }) | None => with_config(&cli.config, |path, mut config| {
-            // The access log takes the shape of the other logs unless the file says otherwise.
-            config.access_log.format.get_or_insert(match cli.log_format {
-                LogFormat::Text => config::AccessLogFormat::Text,
-                LogFormat::Json => config::AccessLogFormat::Json,
-            });
-            let threads = workers
-                .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
-                .and_then(std::num::NonZeroUsize::new)
-                .unwrap_or(std::num::NonZeroUsize::MIN);
-            // Requests are served on the worker threads; this runtime only has the admin
-            // listener, token refreshes and signals.
-            block_on(Some(1), run(path.to_owned(), config, server::Workers::Threads(threads)))
-        }),
+        Some(Command::Run { file, .. }) if file.is_some() && cli.config.is_some() => {
+            eprintln!("error: give the configuration file once, as -c FILE or as an argument");
+            ExitCode::from(2)
+        }
+        Some(Command::Run { ref file, .. }) if file.is_some() => {
+            with_config(file, |path, config| serve(&cli, workers, path, config))
+        }
+        Some(Command::Run { .. }) | None => {
+            with_config(&cli.config, |path, config| serve(&cli, workers, path, config))
+        }
     }
+}
+
+/// The configuration file from -c, or else the first argument when it names a file; and the
+/// arguments left.
+fn file_then(config: &Option<PathBuf>, mut args: Vec<String>) -> (Option<PathBuf>, Vec<String>) {
+    if config.is_some() {
+        return (config.clone(), args);
+    }
+    let looks_like_file = args.first().is_some_and(|a| {
+        let p = Path::new(a);
+        p.is_file() || [".yaml", ".yml", ".json"].iter().any(|e| a.ends_with(e))
+    });
+    if looks_like_file {
+        let file = args.remove(0);
+        return (Some(PathBuf::from(file)), args);
+    }
+    (None, args)
+}
+
+/// `run`: serves `config` from `path` on the worker threads.
+fn serve(cli: &Cli, workers: Option<usize>, path: &Path, mut config: Config) -> ExitCode {
+    // The access log takes the shape of the other logs unless the file says otherwise.
+    config.access_log.format.get_or_insert(match cli.log_format {
+        LogFormat::Text => config::AccessLogFormat::Text,
+        LogFormat::Json => config::AccessLogFormat::Json,
+    });
+    let threads = workers
+        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+        .and_then(std::num::NonZeroUsize::new)
+        .unwrap_or(std::num::NonZeroUsize::MIN);
+    // Requests are served on the worker threads; this runtime only has the admin listener, token
+    // refreshes and signals.
+    block_on(Some(1), run(path.to_owned(), config, server::Workers::Threads(threads)))
 }
 
 fn init_logging(cli: &Cli) -> tokengate::log::Guard {
@@ -139,7 +192,9 @@ fn init_logging(cli: &Cli) -> tokengate::log::Guard {
 
 fn with_config(path: &Option<PathBuf>, f: impl FnOnce(&Path, Config) -> ExitCode) -> ExitCode {
     let Some(path) = path else {
-        eprintln!("error: no configuration file; pass -c FILE (or try `tokengate demo`)");
+        eprintln!(
+            "error: no configuration file; pass it as an argument or -c FILE (or try `tokengate demo`)"
+        );
         return ExitCode::from(2);
     };
     match config::load(path) {

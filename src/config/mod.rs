@@ -746,12 +746,42 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = source::read(path)
         .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
     let mut config = parse(&text, &path.display().to_string())?;
+    if let Some(o) = LISTENERS.get() {
+        config.listen = o.listen.unwrap_or(config.listen);
+        config.admin.listen = o.admin.unwrap_or(config.admin.listen);
+        if config.listen == config.admin.listen && config.listen.port() != 0 {
+            return Err(ConfigError::Invalid {
+                path: path.display().to_string(),
+                line: None,
+                key: "admin.listen".into(),
+                message: format!("the admin listener must not share the proxy address {}", config.listen),
+            });
+        }
+    }
     let sha = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
     config.digest = Some(sha.as_ref()[..6].iter().fold(String::new(), |mut s, b| {
         let _ = write!(s, "{b:02x}");
         s
     }));
     Ok(config)
+}
+
+/// Listener addresses given on the command line (`run --listen`, `--admin-listen`) or as
+/// `TOKENGATE_LISTEN` / `TOKENGATE_ADMIN_LISTEN`, which win over the file's at every load, so a
+/// container can bind `0.0.0.0` with a file written for loopback, and a reload keeps them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListenerOverrides {
+    /// The proxy listener.
+    pub listen: Option<SocketAddr>,
+    /// The admin listener.
+    pub admin: Option<SocketAddr>,
+}
+
+static LISTENERS: std::sync::OnceLock<ListenerOverrides> = std::sync::OnceLock::new();
+
+/// Sets the listener overrides for every later [`load`] in this process (once, at start).
+pub fn override_listeners(overrides: ListenerOverrides) {
+    let _ = LISTENERS.set(overrides);
 }
 
 /// Keys whose values are secrets when written inline.

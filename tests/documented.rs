@@ -1,0 +1,148 @@
+//! The command lines the README and the Dockerfile document work as written, without a container
+//! runtime: the image's entrypoint, command, environment and default configuration path are read
+//! from the Dockerfile, the `docker run` line from the README, container paths are mapped to the
+//! repository, and the real binary is started with them (listening on loopback: the documented
+//! `0.0.0.0` addresses are checked to parse, not bound).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// A JSON-array Dockerfile instruction (`CMD ["run", ...]`) as its words.
+fn exec_form(dockerfile: &str, instruction: &str) -> Vec<String> {
+    let line = dockerfile.lines().find(|l| l.starts_with(&format!("{instruction} "))).unwrap();
+    serde_json::from_str(&line[instruction.len() + 1..]).unwrap()
+}
+
+/// `ENV A=1 B=2` lines.
+fn env(dockerfile: &str) -> HashMap<String, String> {
+    dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("ENV "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect()
+}
+
+/// The image's file at `path`, from its `COPY` lines and the README's mount of `config/`.
+fn host_path(path: &str, dockerfile: &str) -> std::path::PathBuf {
+    for line in dockerfile.lines().filter_map(|l| l.strip_prefix("COPY ")) {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if parts.len() == 2 && parts[1] == path {
+            return std::path::Path::new(ROOT).join(parts[0]);
+        }
+    }
+    let rest =
+        path.strip_prefix("/etc/tokengate/config/").unwrap_or_else(|| panic!("{path} is not in the image"));
+    std::path::Path::new(ROOT).join("config").join(rest)
+}
+
+/// Starts the binary with `args` (image paths mapped) and `vars`, the listeners on loopback, and
+/// waits until it listens (its providers' IdPs are not reachable from a test).
+async fn started(args: &[String], vars: &[(&str, &str)], dockerfile: &str) -> Process {
+    let admin = closed_port();
+    let listen = closed_port().to_string();
+    let admin_text = admin.to_string();
+    let mapped: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.starts_with("/etc/tokengate/") {
+                host_path(a, dockerfile).display().to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("tokengate.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(&mapped)
+        .env_clear()
+        .envs(vars.iter().copied())
+        .env("TOKENGATE_LISTEN", &listen)
+        .env("TOKENGATE_ADMIN_LISTEN", &admin_text)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let p = Process { child, admin, log };
+    p.logged("tokengate is listening").await;
+    let health = client().get(format!("http://{admin}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    std::mem::forget(dir);
+    p
+}
+
+#[tokio::test]
+async fn the_images_default_command_starts() {
+    let dockerfile = std::fs::read_to_string(format!("{ROOT}/Dockerfile")).unwrap();
+    assert_eq!(exec_form(&dockerfile, "ENTRYPOINT"), ["/usr/local/bin/tokengate"]);
+    let cmd = exec_form(&dockerfile, "CMD");
+    let vars = env(&dockerfile);
+    for key in ["TOKENGATE_LISTEN", "TOKENGATE_ADMIN_LISTEN"] {
+        let addr: std::net::SocketAddr = vars[key].parse().unwrap();
+        assert!(addr.ip().is_unspecified(), "{key}: a container must listen on every interface");
+    }
+    let config = host_path(cmd.last().unwrap(), &dockerfile);
+    assert!(
+        config.is_file(),
+        "the image's default configuration {} is not in the repository",
+        config.display()
+    );
+    let p =
+        started(&cmd, &[("EXAMPLE_CLIENT_ID", "id"), ("EXAMPLE_CLIENT_SECRET", "secret")], &dockerfile).await;
+    assert!(p.log_text().contains(&format!("proxy_addr={listen}", listen = "127.0.0.1")), "{}", p.log_text());
+}
+
+#[tokio::test]
+async fn the_readmes_docker_run_line_starts() {
+    let dockerfile = std::fs::read_to_string(format!("{ROOT}/Dockerfile")).unwrap();
+    let readme = std::fs::read_to_string(format!("{ROOT}/README.md")).unwrap();
+    let start = readme.find("docker run --rm").unwrap();
+    let line: String = readme[start..]
+        .lines()
+        .take_while(|l| !l.trim_start().starts_with("```"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let words: Vec<&str> = line.split_whitespace().filter(|w| *w != "\\").collect();
+    // After the image name come the arguments of the entrypoint.
+    let image = words.iter().position(|w| *w == "tokengate").unwrap();
+    let args: Vec<String> = words[image + 1..].iter().map(|w| (*w).to_owned()).collect();
+    assert_eq!(args.first().map(String::as_str), Some("run"), "{line}");
+    let env_names: Vec<&str> = words.windows(2).filter(|w| w[0] == "-e").map(|w| w[1]).collect();
+    let vars: Vec<(&str, &str)> = env_names.iter().map(|n| (*n, "placeholder-value")).collect();
+    started(&args, &vars, &dockerfile).await;
+}
+
+#[test]
+fn a_file_argument_works_where_minus_c_does() {
+    let example = format!("{ROOT}/config/sensu-apikey.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "placeholder-key\n").unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+            .args(args)
+            .env_clear()
+            .env("SENSU_URL", "https://sensu.example.com:8080")
+            .env("SENSU_API_KEY_FILE", &key)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["check", &example]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    let out = run(&["check", &example, "sensu"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("go with --live"));
+    let out = run(&["run", "-c", &example, &example]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("once"));
+    let out = run(&["run"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("as an argument or -c FILE"));
+}
