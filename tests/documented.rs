@@ -146,3 +146,24 @@ fn a_file_argument_works_where_minus_c_does() {
     let out = run(&["run"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("as an argument or -c FILE"));
 }
+
+/// What a shell would expand, and a glob, are refused with the fix rather than taken literally.
+#[test]
+fn shell_habits_are_refused_with_the_fix() {
+    let parse = |text: &str| tokengate::config::parse(text, "t.yaml").map(|_| ()).unwrap_err().to_string();
+    let base = |provider: &str, route: &str| {
+        format!(
+            "providers:\n  p:\n    type: static\n{provider}routes:\n  - prefix: /a\n    upstream: https://api.example\n    provider: p\n{route}"
+        )
+    };
+    let e = parse(&base("    value: $API_KEY\n", ""));
+    assert!(e.contains("${API_KEY}") && e.contains("$$API_KEY"), "{e}");
+    let e = parse(&base("    value_file: ~/secrets/key\n", ""));
+    assert!(e.contains("`~` is not expanded") && e.contains("${HOME}/secrets/key"), "{e}");
+    let e = parse(&base("    value: v\n", "    ca_file: ~/ca.pem\n"));
+    assert!(e.contains("routes[0].ca_file") && e.contains("${HOME}/ca.pem"), "{e}");
+    let e = parse(&base("    value: v\n", "").replace("prefix: /a", "prefix: /crm/*"));
+    assert!(e.contains("no wildcards") && e.contains("\"/crm\""), "{e}");
+    // A literal `$` is still possible.
+    assert!(tokengate::config::parse(&base("    value: a$$b\n", ""), "t.yaml").is_ok());
+}

@@ -112,6 +112,7 @@ impl KeyFile {
 
 /// Checks at load time that a file read on every fetch is there; `key` names it in the error.
 pub(super) fn readable(key: &str, path: PathBuf) -> Result<PathBuf, String> {
+    super::value::no_tilde(&path.to_string_lossy()).map_err(|e| format!("{key} {e}"))?;
     std::fs::metadata(&path).map_err(|e| format!("cannot read {key} {path:?}: {e}"))?;
     Ok(path)
 }

@@ -32,7 +32,9 @@ fn lookup(name: &str) -> Option<String> {
     })
 }
 
-/// Expands `${NAME}` and `${NAME:-default}`; `$$` is a literal `$`; any other `$` is kept as is.
+/// Expands `${NAME}` and `${NAME:-default}`; `$$` is a literal `$`. `$NAME` without braces is
+/// refused (a shell would expand it, tokengate would not: the value would silently be the text);
+/// any other `$` is kept as is.
 pub fn expand(input: &str) -> Result<String, String> {
     if !input.contains('$') {
         return Ok(input.to_owned());
@@ -67,6 +69,11 @@ pub fn expand(input: &str) -> Result<String, String> {
                 }
             }
             rest = &body[end + 1..];
+        } else if after.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+            let name: String = after.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            return Err(format!(
+                "`${name}` is not expanded: write ${{{name}}} for the environment variable, or $${name} for a literal `$`"
+            ));
         } else {
             out.push('$');
             rest = after;

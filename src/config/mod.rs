@@ -627,6 +627,12 @@ impl Prefix {
         if s.contains(['?', '#', ';']) {
             return Err(format!("prefix {s:?} must not contain '?', '#' or ';'"));
         }
+        if s.contains('*') {
+            return Err(format!(
+                "prefix {s:?}: no wildcards; a prefix already matches every path below it, so write {:?}",
+                s.split('*').next().unwrap_or("/").trim_end_matches('/')
+            ));
+        }
         let trimmed = normal.trim_end_matches('/');
         Ok(Prefix(if trimmed.is_empty() { "/".into() } else { trimmed.into() }))
     }

@@ -410,6 +410,9 @@ pub(super) fn secret(name: &str, inline: Option<Text>, file: Option<Text>) -> Re
     match (inline, file) {
         (Some(_), Some(_)) => Err(format!("set either {name} or {name}_file, not both")),
         (Some(v), None) => Ok(Some(Secret::new(v.0))),
+        (None, Some(path)) if super::value::no_tilde(&path.0).is_err() => {
+            super::value::no_tilde(&path.0).map(|()| None).map_err(|e| format!("{name}_file {e}"))
+        }
         (None, Some(path)) => {
             super::files::record(&path.0);
             let text = std::fs::read_to_string(&path.0)

@@ -109,7 +109,20 @@ fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 
 /// `deserialize_with` for a file path, `${VAR}`-expanded like every string value.
 pub fn path<'de, D: Deserializer<'de>>(d: D) -> Result<std::path::PathBuf, D::Error> {
-    text(d).map(std::path::PathBuf::from)
+    let p = text(d)?;
+    no_tilde(&p).map_err(de::Error::custom)?;
+    Ok(std::path::PathBuf::from(p))
+}
+
+/// Refuses a path that starts with `~`, which a shell expands and tokengate does not.
+pub fn no_tilde(path: &str) -> Result<(), String> {
+    if path == "~" || path.starts_with("~/") {
+        return Err(format!(
+            "{path:?}: `~` is not expanded; write the full path, or ${{HOME}}{}",
+            path.trim_start_matches('~')
+        ));
+    }
+    Ok(())
 }
 
 /// `deserialize_with` for an optional file path.
