@@ -140,7 +140,9 @@ mod tests {
             assert_eq!(expand("${EMPTY:-fallback}").unwrap(), "fallback");
             assert_eq!(expand("${EMPTY}").unwrap(), "");
             assert_eq!(expand("a$$b").unwrap(), "a$b");
-            assert_eq!(expand("pa$word").unwrap(), "pa$word");
+            // A shell would expand `$word`; tokengate refuses it rather than keep the text.
+            assert!(expand("pa$word").unwrap_err().contains("${word}"));
+            assert_eq!(expand("price: 5$ or $5").unwrap(), "price: 5$ or $5");
             assert_eq!(expand("no vars").unwrap(), "no vars");
         });
     }
