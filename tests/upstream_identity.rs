@@ -192,3 +192,34 @@ async fn a_renewed_client_certificate_is_presented_without_failing_a_request() {
         "the old certificate came back after the new one"
     );
 }
+
+/// A private-CA upstream without `ca_file` gets a 502 that names the cause and the fix; one
+/// reached by IP address with a certificate for a name is reached with `server_name`.
+#[tokio::test]
+async fn certificate_problems_are_named_and_server_name_fixes_an_alias() {
+    let pki = pki();
+    let idp = Idp::start(IdpOptions::default()).await;
+    let (up, _) = tls_upstream(&pki.server_cert, &pki.server_key).await;
+    // The test certificate names localhost and 127.0.0.1; "alias.internal" is only the SNI.
+    let yaml = format!(
+        "{}routes:\n  - prefix: /untrusted\n    upstream: https://localhost:{port}\n    provider: idp\n  - prefix: /wrong-name\n    upstream: https://127.0.0.1:{port}\n    provider: idp\n    ca_file: {ca}\n    server_name: alias.internal\n  - prefix: /named\n    upstream: https://127.0.0.1:{port}\n    provider: idp\n    ca_file: {ca}\n    server_name: localhost\n",
+        idp.provider_yaml(),
+        port = up.port(),
+        ca = pki.ca.display()
+    );
+    let tg = start(&yaml).await;
+    let get = async |path: &str| {
+        let r = client().get(format!("http://{}{path}", tg.proxy_addr)).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().await.unwrap_or_default())
+    };
+    let (status, body) = get("/untrusted/x").await;
+    assert_eq!((status, body["error"].as_str()), (502, Some("upstream_certificate_refused")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("ca_file"), "{body}");
+    let (status, body) = get("/wrong-name/x").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("server_name"), "{body}");
+    let (status, body) = get("/named/x").await;
+    assert_eq!(status, 200, "{body}");
+    tg.shutdown().await;
+}

@@ -359,6 +359,10 @@ pub struct RouteConfig {
     /// How requests reach an `https://` upstream (plain `http://` is always HTTP/1.1).
     #[serde(default)]
     pub upstream_protocol: UpstreamProtocol,
+    /// The name the upstream's certificate must carry (and the TLS SNI), when it is not the
+    /// upstream's host: an upstream reached by IP address or through an alias.
+    #[serde(default)]
+    pub server_name: Option<Text>,
     /// A client certificate (PEM chain, leaf first) presented to an `https://` upstream that
     /// asks for one; with `client_key_file`.
     #[serde(default, deserialize_with = "value::opt_path")]
@@ -928,6 +932,20 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
             return Err(invalid(
                 format!("routes[{i}].websocket_max_lifetime"),
                 "applies to WebSocket tunnels; add websocket: true".into(),
+            ));
+        }
+        if route.server_name.is_some() && route.upstream.scheme != http::uri::Scheme::HTTPS {
+            return Err(invalid(
+                format!("routes[{i}].server_name"),
+                format!("applies to TLS; the upstream {} is plain http", route.upstream),
+            ));
+        }
+        if let Some(name) = &route.server_name
+            && rustls::pki_types::ServerName::try_from(name.0.as_str()).is_err()
+        {
+            return Err(invalid(
+                format!("routes[{i}].server_name"),
+                format!("{:?} is not a host name or address", name.0),
             ));
         }
         match (&route.client_cert_file, &route.client_key_file) {

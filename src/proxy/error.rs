@@ -75,6 +75,10 @@ pub enum ProxyError {
     /// The upstream could not be reached.
     #[error("the upstream could not be reached")]
     UpstreamUnreachable,
+    /// TLS to the upstream failed on its certificate: the message says why and the fix (the
+    /// route's configuration, not a secret).
+    #[error("the upstream's TLS certificate was refused: {0}")]
+    UpstreamCertificate(String),
     /// The egress proxy refused or failed the connection to the upstream.
     #[error("the egress proxy refused or could not open the connection to the upstream")]
     EgressProxy,
@@ -128,6 +132,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
             ProxyError::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             ProxyError::EgressProxy => (StatusCode::BAD_GATEWAY, "egress_proxy_failed"),
+            ProxyError::UpstreamCertificate(_) => (StatusCode::BAD_GATEWAY, "upstream_certificate_refused"),
             ProxyError::UpstreamFailed => (StatusCode::BAD_GATEWAY, "upstream_error"),
             ProxyError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ProxyError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),

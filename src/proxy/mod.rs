@@ -127,6 +127,7 @@ impl Runtime {
                 identity: identity.as_ref(),
                 protocol: r.upstream_protocol,
                 egress: r.egress.as_ref(),
+                server_name: r.server_name.as_ref().map(|t| t.0.as_str()),
             };
             let client = clients.client(&reach).map_err(|e| format!("route {}: {e}", r.label()))?;
             let mut route = Route::new(config, r, provider(&r.provider.0)?, client.clone(), metrics);
@@ -272,6 +273,7 @@ impl Proxy {
                 if let Err(
                     e @ (ProxyError::UpstreamUnreachable
                     | ProxyError::EgressProxy
+                    | ProxyError::UpstreamCertificate(_)
                     | ProxyError::UpstreamTimeout
                     | ProxyError::UpstreamFailed
                     | ProxyError::UpstreamBusy),
@@ -578,6 +580,11 @@ impl Proxy {
                 &route.logs.unreachable,
                 ProxyError::EgressProxy,
                 "the egress proxy failed the upstream connection",
+            ),
+            upstream::Error::Certificate(why) => (
+                &route.logs.unreachable,
+                ProxyError::UpstreamCertificate(why.clone()),
+                "the upstream's TLS certificate was refused",
             ),
         };
         if let Some(suppressed) = limit.admit() {

@@ -33,6 +33,9 @@ pub enum Error {
     /// The egress proxy refused or could not open the way to the upstream.
     #[error("{0}")]
     Proxy(String),
+    /// TLS to the upstream failed on its certificate; the text says why and what to change.
+    #[error("{0}")]
+    Certificate(String),
 }
 
 /// What an upgrade request got.
@@ -119,6 +122,8 @@ impl Client {
         let resp = self.pooled.get().request(req).await.map_err(|e| {
             if let Some(refused) = super::egress::refusal(&e) {
                 Error::Proxy(refused)
+            } else if let Some(problem) = stream::certificate_problem(&e) {
+                Error::Certificate(problem)
             } else if limit::is_busy(&e) {
                 Error::Busy(e.to_string())
             } else if e.is_connect() {
@@ -149,6 +154,9 @@ fn origin_error(e: origin::Error) -> Error {
     if let Some(refused) = super::egress::refusal(&e) {
         return Error::Proxy(refused);
     }
+    if let Some(problem) = stream::certificate_problem(&e) {
+        return Error::Certificate(problem);
+    }
     match e {
         origin::Error::Http1(h1::Error::Busy(busy)) => Error::Busy(busy.to_string()),
         e if e.is_connect() => Error::Unreachable(e.to_string()),
@@ -169,6 +177,15 @@ pub struct Reach<'a> {
     pub protocol: UpstreamProtocol,
     /// The egress proxy settings, if any.
     pub egress: Option<&'a Egress>,
+    /// The name the certificate must carry, when not the upstream's host.
+    pub server_name: Option<&'a str>,
+}
+
+/// The TLS settings of an origin.
+struct TlsFor<'a> {
+    ca_file: Option<&'a PathBuf>,
+    identity: Option<crate::tls::Identity>,
+    server_name: Option<&'a str>,
 }
 
 /// What keys a pool by its proxy: the proxy and its credentials (never shown).
@@ -204,7 +221,7 @@ impl Clients {
     /// read now: a reload after they change builds new connections with the new certificate,
     /// while those in flight finish on the old one.
     pub fn client(&mut self, reach: &Reach<'_>) -> Result<Client, String> {
-        let Reach { upstream, ca_file, identity, protocol, egress } = *reach;
+        let Reach { upstream, ca_file, identity, protocol, egress, server_name } = *reach;
         let https = upstream.scheme == http::uri::Scheme::HTTPS;
         let proxy = egress.and_then(|e| e.proxy_for(https, upstream.authority.host()));
         let loaded = identity.map(IdentityFiles::load).transpose()?;
@@ -215,24 +232,26 @@ impl Clients {
             .pooled
             .get(
                 &self.limits,
-                ca_file,
+                pooled::Trust { ca_file, server_name },
                 loaded.clone().map(|id| (identity_key.as_str(), id)),
                 &self.slots,
                 proxy,
             )
             .map_err(|e| e.to_string())?;
         let key = format!(
-            "{}://{}|{}|{identity_key}|{protocol:?}|{}",
+            "{}://{}|{}|{identity_key}|{protocol:?}|{}|{}",
             upstream.scheme,
             upstream.authority.as_str().to_ascii_lowercase(),
             ca_file.map(|p| p.display().to_string()).unwrap_or_default(),
             proxy_key(proxy),
+            server_name.unwrap_or_default(),
         );
         let origin = match self.origins.get(&key) {
             Some(o) => o.clone(),
             None => {
                 let offer_h2 = https && protocol == UpstreamProtocol::Auto;
-                let o = Arc::new(self.origin(upstream, ca_file, loaded, offer_h2, proxy)?);
+                let tls = TlsFor { ca_file, identity: loaded, server_name };
+                let o = Arc::new(self.origin(upstream, tls, offer_h2, proxy)?);
                 self.origins.insert(key, o.clone());
                 o
             }
@@ -243,18 +262,23 @@ impl Clients {
     fn origin(
         &self,
         upstream: &Upstream,
-        ca_file: Option<&PathBuf>,
-        identity: Option<crate::tls::Identity>,
+        tls: TlsFor<'_>,
         offer_h2: bool,
         proxy: Option<&ProxyUrl>,
     ) -> Result<Origin, String> {
+        let TlsFor { ca_file, identity, server_name } = tls;
         let limits = &self.limits;
         let max_head = usize::try_from(limits.max_header_size).unwrap_or(usize::MAX);
         let alpn = if offer_h2 { origin::H2_OR_H1 } else { origin::H1_ONLY };
         let tls = if upstream.scheme == http::uri::Scheme::HTTPS {
             Some(
-                stream::Tls::new(upstream.authority.host(), ca_file.map(PathBuf::as_path), identity, alpn)
-                    .map_err(|e| e.to_string())?,
+                stream::Tls::new(
+                    server_name.unwrap_or(upstream.authority.host()),
+                    ca_file.map(PathBuf::as_path),
+                    identity,
+                    alpn,
+                )
+                .map_err(|e| e.to_string())?,
             )
         } else {
             None

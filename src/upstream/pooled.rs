@@ -36,15 +36,21 @@ fn client(
     tls: rustls::ClientConfig,
     slots: &Arc<UpstreamSlots>,
     proxy: Option<&ProxyUrl>,
+    server_name: Option<&str>,
 ) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(limits.upstream_connect_timeout));
     http.set_keepalive(Some(std::time::Duration::from_secs(60)));
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+    // Checked when the configuration loaded; a name that does not parse keeps the URI's host.
+    let fixed = server_name.and_then(|n| rustls::pki_types::ServerName::try_from(n.to_owned()).ok());
+    let builder = match fixed {
+        Some(name) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name)),
+        None => builder,
+    };
+    let connector = builder
         .enable_all_versions()
         .wrap_connector(Limited::new(super::egress::Connector::new(http, proxy.cloned()), slots.clone()));
     Client::builder(TokioExecutor::new())
@@ -59,24 +65,36 @@ fn client(
         .build(connector)
 }
 
+/// What the client trusts: a CA bundle besides the public roots, and the name the upstream's
+/// certificate must carry when it is not the URI's host.
+#[derive(Clone, Copy)]
+pub struct Trust<'a> {
+    /// The CA bundle.
+    pub ca_file: Option<&'a PathBuf>,
+    /// The certificate's name.
+    pub server_name: Option<&'a str>,
+}
+
 /// Clients keyed by their TLS settings (CA file, client certificate files), so routes with the
 /// same trust and identity share one pool.
 #[derive(Default)]
 pub struct Clients(HashMap<String, WorkerClients>);
 
 impl Clients {
-    /// The client for `ca_file` presenting `identity` (read from `identity_key`'s files) and
+    /// The client for `trust`, presenting `identity` (read from `identity_key`'s files) and
     /// connecting through `proxy`, built on first use.
     pub fn get(
         &mut self,
         limits: &Limits,
-        ca_file: Option<&PathBuf>,
+        trust: Trust<'_>,
         identity: Option<(&str, crate::tls::Identity)>,
         slots: &Arc<UpstreamSlots>,
         proxy: Option<&ProxyUrl>,
     ) -> Result<WorkerClients, crate::tls::TlsError> {
+        let Trust { ca_file, server_name } = trust;
         let key = format!(
-            "{}|{}|{}",
+            "{}|{}|{}|{}",
+            server_name.unwrap_or_default(),
             ca_file.map(|p| p.display().to_string()).unwrap_or_default(),
             identity.as_ref().map_or("", |(k, _)| k),
             super::client::proxy_key(proxy),
@@ -88,7 +106,7 @@ impl Clients {
         let tls =
             crate::tls::client_config_with(ca_file.map(PathBuf::as_path), &[], identity.map(|(_, id)| id))?;
         let c = WorkerClients(
-            (0..super::h1::SHARDS).map(|_| client(limits, tls.clone(), slots, proxy)).collect(),
+            (0..super::h1::SHARDS).map(|_| client(limits, tls.clone(), slots, proxy, server_name)).collect(),
         );
         self.0.insert(key, c.clone());
         Ok(c)

@@ -53,6 +53,31 @@ impl Tls {
     }
 }
 
+/// Why the upstream's certificate was refused, with what to do about it, if that is why `e`
+/// (or one of its causes) failed.
+pub fn certificate_problem(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    use rustls::CertificateError as C;
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        let tls = c.downcast_ref::<rustls::Error>().or_else(|| {
+            c.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(cert)) = tls {
+            return Some(match cert {
+                C::UnknownIssuer => "its certificate is signed by a CA tokengate does not trust (UnknownIssuer): for a private CA, set the route's ca_file to the CA's PEM bundle".into(),
+                C::NotValidForName | C::NotValidForNameContext { .. } => "its certificate does not name the host tokengate connected to (NotValidForName): use the name the certificate carries in upstream, or set server_name".into(),
+                C::Expired | C::ExpiredContext { .. } => "its certificate has expired".into(),
+                C::NotValidYet | C::NotValidYetContext { .. } => "its certificate is not valid yet (check the clocks)".into(),
+                other => format!("its certificate was refused: {other:?}"),
+            });
+        }
+        cur = c.source();
+    }
+    None
+}
+
 /// An open upstream connection.
 pub enum Stream {
     /// `http://`.
