@@ -306,7 +306,7 @@ live check (one token fetch per provider):"
                     issued.lifetime.as_secs(),
                     lifetime_source(issued.lifetime_source)
                 );
-                println!("      scope    {}", issued.scope.as_deref().unwrap_or("(not stated)"));
+                print_scope("      scope    ", p, issued.scope.as_deref(), issued.access_token.expose());
                 println!("      clock    {clock}");
                 if offset.is_some_and(|o| o.abs() > 30.0) {
                     println!(
@@ -407,7 +407,7 @@ async fn token_main(config: Config, provider: String, show: bool) -> ExitCode {
             println!("token      {shown}");
             println!("type       Bearer");
             println!("expires    in {} s ({})", t.lifetime.as_secs(), lifetime_source(t.lifetime_source));
-            println!("scope      {}", t.scope.as_deref().unwrap_or("(not stated)"));
+            print_scope("scope      ", p, t.scope.as_deref(), value);
             match tokengate::token::jwt::claims(value) {
                 Some(claims) => {
                     let pretty = serde_json::to_string_pretty(&claims).unwrap_or_default();
@@ -421,6 +421,30 @@ async fn token_main(config: Config, provider: String, show: bool) -> ExitCode {
             eprintln!("error: {}", e.reason);
             ExitCode::from(1)
         }
+    }
+}
+
+/// The granted scope, and loudly, requested scopes the IdP did not grant (or could not confirm).
+fn print_scope(label: &str, provider: &Provider, stated: Option<&str>, token: &str) {
+    use tokengate::token::scope::Granted;
+    let requested = match provider {
+        Provider::OAuth2(o) => o.scopes.clone(),
+        _ => Vec::new(),
+    };
+    match tokengate::token::scope::granted(&requested, stated, token) {
+        Granted::NoneRequested => println!("{label}{} (none requested)", stated.unwrap_or("(not stated)")),
+        Granted::All(g) => println!("{label}{g} (every requested scope granted)"),
+        Granted::Missing { granted, missing } => {
+            println!("{label}{granted}");
+            println!(
+                "WARNING: requested scope(s) {} NOT granted: the IdP dropped them silently; check the scopes this client may request",
+                missing.join(" ")
+            );
+        }
+        Granted::Unconfirmed => println!(
+            "{label}cannot be confirmed: the IdP states no scope and the token carries none (requested: {})",
+            requested.join(" ")
+        ),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `tokengate` binary: `check` on the shipped example configs and on broken files.
 #![allow(clippy::unwrap_used)]
 
+use std::net::SocketAddr;
 use std::process::Command;
 
 const PLACEHOLDERS: &[(&str, &str)] = &[
@@ -315,4 +316,62 @@ fn the_demo_prints_its_credentials_and_a_token_command_that_works() {
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("expires    in 30 s (from expires_in)"), "{stdout}");
     assert!(!std::path::Path::new(args[2]).exists(), "the demo left its configuration file behind");
+}
+
+/// `token` and `check --live` say loudly when the IdP dropped a requested scope, and that a
+/// scope cannot be confirmed when neither the reply nor the token states one.
+#[tokio::test]
+async fn a_dropped_scope_is_reported_not_hidden() {
+    let idp = tokengate::demo::serve_fn(SocketAddr::from(([127, 0, 0, 1], 0)), |req| async move {
+        let body = http_body_util::BodyExt::collect(req.into_body()).await.unwrap().to_bytes();
+        let form: std::collections::HashMap<String, String> =
+            form_urlencoded::parse(&body).into_owned().collect();
+        // Grants only `read`; says nothing about scope when asked for `silent`.
+        let reply = if form.get("scope").is_some_and(|s| s.contains("silent")) {
+            serde_json::json!({"access_token": "opaque-token", "token_type": "Bearer", "expires_in": 300})
+        } else {
+            serde_json::json!({"access_token": "opaque-token", "token_type": "Bearer", "expires_in": 300, "scope": "read"})
+        };
+        let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(reply.to_string())));
+        resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
+        resp
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.yaml");
+    let provider = |name: &str, scopes: &str| {
+        format!(
+            "  {name}:\n    type: oauth2\n    token_url: http://{idp}/token\n    client_id: c\n    client_secret: s\n    scopes: [{scopes}]\n"
+        )
+    };
+    std::fs::write(
+        &path,
+        format!(
+            "providers:\n{}{}routes:\n  - prefix: /\n    upstream: https://api.example\n    provider: dropped\n",
+            provider("dropped", "read, write"),
+            provider("silent", "silent")
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tokengate")).args(args).env_clear().output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let file = path.to_str().unwrap();
+    let out = tokio::task::spawn_blocking({
+        let file = file.to_owned();
+        move || run(&["token", &file, "dropped"])
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("WARNING: requested scope(s) write NOT granted"), "{out}");
+    let out = tokio::task::spawn_blocking({
+        let file = file.to_owned();
+        move || run(&["check", &file, "--live"])
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("WARNING: requested scope(s) write NOT granted"), "{out}");
+    assert!(out.contains("cannot be confirmed") && out.contains("requested: silent"), "{out}");
 }

@@ -11,6 +11,7 @@ mod per_subject;
 pub mod redis;
 pub mod response;
 pub mod schedule;
+pub mod scope;
 mod send;
 pub mod shared;
 
@@ -607,6 +608,12 @@ impl TokenSource {
                 failed: h.failed,
                 ..Health::default()
             };
+        }
+        if let Provider::OAuth2(p) = &self.config
+            && let scope::Granted::Missing { missing, .. } =
+                scope::granted(&p.scopes, token.scope.as_deref(), token.value.expose())
+        {
+            tracing::warn!(provider = %self.name, missing = %missing.join(" "), "the IdP did not grant every requested scope; requests needing them will be refused upstream");
         }
         if matches!(self.config, Provider::Static(_)) {
             // Read again every minute: not news.
