@@ -320,14 +320,69 @@ live check (one token fetch per provider):"
             }
         }
     }
-    if failed > 0 {
+    let broken = if only.is_empty() { upstream_tls(config).await } else { 0 };
+    if failed > 0 || broken > 0 {
         println!(
             "
-{failed} provider(s) failed"
+{failed} provider(s) and {broken} upstream(s) failed"
         );
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS
+}
+
+/// `check --live`: a TLS handshake with every `https://` upstream, certificate verified as the
+/// routes will (CA file, server name, client certificate, egress proxy). No request is sent, so
+/// no credential leaves. Returns how many failed.
+async fn upstream_tls(config: &Config) -> usize {
+    use tokengate::upstream::{egress, stream};
+    let https: Vec<_> =
+        config.routes.iter().filter(|r| r.upstream.scheme == http::uri::Scheme::HTTPS).collect();
+    if https.is_empty() {
+        return 0;
+    }
+    println!("\nupstream TLS (handshake only, no request sent):");
+    let mut failed = 0;
+    for r in https {
+        let host = r.server_name.as_ref().map_or(r.upstream.authority.host(), |n| n.0.as_str());
+        let identity = match r.client_identity().map(|i| i.load()).transpose() {
+            Ok(i) => i,
+            Err(e) => {
+                println!("  {}: FAILED: {e}", r.upstream);
+                failed += 1;
+                continue;
+            }
+        };
+        let tls = match stream::Tls::new(host, r.ca_file.as_deref(), identity, &[b"h2", b"http/1.1"]) {
+            Ok(t) => t,
+            Err(e) => {
+                println!("  {}: FAILED: {e}", r.upstream);
+                failed += 1;
+                continue;
+            }
+        };
+        let addr =
+            format!("{}:{}", r.upstream.authority.host(), r.upstream.authority.port_u16().unwrap_or(443));
+        let proxy = r.egress.as_ref().and_then(|e| e.proxy_for(true, r.upstream.authority.host()));
+        let path = proxy.map_or(egress::Path::Direct, egress::Path::Tunnel);
+        match stream::Stream::connect(&addr, path, Some(&tls), std::time::Duration::from_secs(5)).await {
+            Ok(Some(conn)) => {
+                let alpn =
+                    conn.alpn().map(|a| String::from_utf8_lossy(a).into_owned()).unwrap_or("none".into());
+                println!("  {}: OK (certificate verified for {host}, ALPN {alpn})", r.upstream);
+            }
+            Ok(None) => {
+                println!("  {}: FAILED: no TLS handshake within 5 s", r.upstream);
+                failed += 1;
+            }
+            Err(e) => {
+                let why = stream::certificate_problem(&e).unwrap_or_else(|| e.to_string());
+                println!("  {}: FAILED: {why}", r.upstream);
+                failed += 1;
+            }
+        }
+    }
+    failed
 }
 
 fn lifetime_source(s: tokengate::token::response::LifetimeSource) -> &'static str {

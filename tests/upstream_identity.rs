@@ -223,3 +223,35 @@ async fn certificate_problems_are_named_and_server_name_fixes_an_alias() {
     assert_eq!(status, 200, "{body}");
     tg.shutdown().await;
 }
+
+/// `check --live` shakes hands with every https upstream as its route would, and names a
+/// certificate problem with its fix; no request (and so no credential) is sent.
+#[tokio::test]
+async fn check_live_verifies_each_upstreams_certificate() {
+    let pki = pki();
+    let (up, seen) = tls_upstream(&pki.server_cert, &pki.server_key).await;
+    let yaml = format!(
+        "providers:\n  key: {{ type: static, value: secret-value }}\nroutes:\n  - prefix: /good\n    upstream: https://localhost:{port}\n    provider: key\n    ca_file: {ca}\n  - prefix: /bad\n    upstream: https://localhost:{port}/v2\n    provider: key\n",
+        port = up.port(),
+        ca = pki.ca.display()
+    );
+    let path = write(pki.dir.path(), "check.yaml", &yaml);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+            .args(["check", path.to_str().unwrap(), "--live"])
+            .env_clear()
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let good = stdout.lines().find(|l| l.contains(&format!("localhost:{}: ", up.port()))).unwrap();
+    assert!(good.contains("OK (certificate verified for localhost, ALPN h2)"), "{stdout}");
+    let bad = stdout.lines().find(|l| l.contains("/v2:")).unwrap();
+    assert!(bad.contains("FAILED") && bad.contains("UnknownIssuer") && bad.contains("ca_file"), "{stdout}");
+    assert!(stdout.contains("0 provider(s) and 1 upstream(s) failed"), "{stdout}");
+    assert!(seen.lock().unwrap().is_empty(), "a request reached the upstream");
+    assert!(!stdout.contains("secret-value"));
+}
