@@ -27,6 +27,9 @@ pub struct Metrics {
     pub token_fetch_duration: HistogramVec,
     /// `tokengate_token_expiry_timestamp_seconds{provider}`.
     pub token_expiry: GaugeVec,
+    /// `tokengate_token_refresh_timestamp_seconds{provider}`: when the current token is due to be
+    /// replaced; a time in the past that does not move means refreshes are failing.
+    pub token_refresh: GaugeVec,
     /// `tokengate_inflight_requests`.
     pub inflight: IntGauge,
     /// `tokengate_connections_closed_total{listener,reason}`: connections tokengate closed itself.
@@ -114,6 +117,14 @@ impl Metrics {
             &["provider"],
         )
         .expect("valid metric");
+        let token_refresh = GaugeVec::new(
+            Opts::new(
+                "tokengate_token_refresh_timestamp_seconds",
+                "Unix time at which the current token of each provider is due to be refreshed.",
+            ),
+            &["provider"],
+        )
+        .expect("valid metric");
         let inflight =
             IntGauge::new("tokengate_inflight_requests", "Requests waiting for an upstream response head.")
                 .expect("valid metric");
@@ -182,6 +193,7 @@ impl Metrics {
             Box::new(token_fetches.clone()),
             Box::new(token_fetch_duration.clone()),
             Box::new(token_expiry.clone()),
+            Box::new(token_refresh.clone()),
             Box::new(inflight.clone()),
             Box::new(connections_closed.clone()),
             Box::new(caller_requests.clone()),
@@ -218,6 +230,7 @@ impl Metrics {
             token_fetches,
             token_fetch_duration,
             token_expiry,
+            token_refresh,
             inflight,
             connections_closed,
             caller_requests,

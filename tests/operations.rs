@@ -542,3 +542,22 @@ fn alert_rules_pass_promtool_and_the_prometheusrule_carries_them() {
         promtool(&["test", "rules", "rules.test.yaml"]);
     }
 }
+
+/// The refresh time the overdue alert watches lies between now and the token's expiry.
+#[tokio::test]
+async fn the_refresh_time_is_exported_between_now_and_expiry() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let tg = start(&idp.config_to(&up.url())).await;
+    let r = client().get(format!("http://{}/x", tg.proxy_addr)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let refresh = metric_value(tg.admin_addr, "tokengate_token_refresh_timestamp_seconds{provider=\"idp\"}")
+        .await
+        .unwrap();
+    let expiry = metric_value(tg.admin_addr, "tokengate_token_expiry_timestamp_seconds{provider=\"idp\"}")
+        .await
+        .unwrap();
+    assert!(now < refresh && refresh < expiry, "now {now}, refresh {refresh}, expiry {expiry}");
+    tg.shutdown().await;
+}

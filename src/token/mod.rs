@@ -599,6 +599,11 @@ impl TokenSource {
         self.current.store(Some(Arc::clone(&token)));
         self.installed.notify_waiters();
         self.metrics.token_expiry.with_label_values(&[&self.name]).set(expires_unix);
+        let refresh_unix = SystemTime::now()
+            .checked_add(refresh_in)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.metrics.token_refresh.with_label_values(&[&self.name]).set(refresh_unix);
         if let Ok(mut h) = self.health.lock() {
             *h = Health {
                 last_success: Some(SystemTime::now()),
