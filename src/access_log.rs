@@ -59,6 +59,10 @@ pub struct Record<'a> {
     pub provider: Option<&'a str>,
     /// The caller's name (`callers:`), when one was identified.
     pub caller: Option<&'a str>,
+    /// The `error` code of tokengate's own JSON answer (`token_unavailable`, ...), if it made one.
+    pub error: Option<&'static str>,
+    /// The request's `Host` (or HTTP/2 `:authority`), cut to [`USER_AGENT_MAX`] bytes.
+    pub host: Option<&'a str>,
     /// A token had to be fetched for this request.
     pub token_fetched: bool,
     /// The request was replayed after an upstream 401.
@@ -369,20 +373,16 @@ fn text(out: &mut Vec<u8>, r: &Record<'_>) {
         millis(out, d);
         out.extend_from_slice(b"ms");
     }
-    out.extend_from_slice(b" route=");
-    escaped(out, r.route, b' ');
+    // Escaped even where the value is ours: one rule for every field.
+    optional(out, b" error=", r.error);
+    optional(out, b" host=", r.host);
+    optional(out, b" route=", Some(r.route));
     if let Some(u) = r.upstream {
         out.extend_from_slice(b" upstream=");
         out.extend_from_slice(u.as_bytes());
     }
-    if let Some(p) = r.provider {
-        out.extend_from_slice(b" provider=");
-        escaped(out, p, b' ');
-    }
-    if let Some(c) = r.caller {
-        out.extend_from_slice(b" caller=");
-        escaped(out, c, b' ');
-    }
+    optional(out, b" provider=", r.provider);
+    optional(out, b" caller=", r.caller);
     out.extend_from_slice(if r.token_fetched { b" fetched=1" } else { b" fetched=0" });
     out.extend_from_slice(if r.replayed { b" replayed=1" } else { b" replayed=0" });
     if let Some(ua) = r.user_agent {
@@ -396,6 +396,23 @@ fn text(out: &mut Vec<u8>, r: &Record<'_>) {
 }
 
 /// One JSON object per line.
+/// ` key=value`, the value escaped, when there is one.
+fn optional(out: &mut Vec<u8>, key: &[u8], value: Option<&str>) {
+    if let Some(v) = value {
+        out.extend_from_slice(key);
+        escaped(out, v, b' ');
+    }
+}
+
+/// `,"key":"value"` or `,"key":null`.
+fn json_optional(out: &mut Vec<u8>, key: &[u8], value: Option<&str>) {
+    out.extend_from_slice(key);
+    match value {
+        Some(v) => json_string(out, v),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
 fn json(out: &mut Vec<u8>, r: &Record<'_>) {
     out.extend_from_slice(b"{\"time\":\"");
     timestamp(out);
@@ -428,26 +445,12 @@ fn json(out: &mut Vec<u8>, r: &Record<'_>) {
     }
     out.extend_from_slice(b",\"route\":");
     json_string(out, r.route);
-    out.extend_from_slice(b",\"upstream\":");
-    match r.upstream {
-        Some(u) => json_string(out, u),
-        None => out.extend_from_slice(b"null"),
-    }
-    out.extend_from_slice(b",\"provider\":");
-    match r.provider {
-        Some(p) => json_string(out, p),
-        None => out.extend_from_slice(b"null"),
-    }
-    out.extend_from_slice(b",\"caller\":");
-    match r.caller {
-        Some(c) => json_string(out, c),
-        None => out.extend_from_slice(b"null"),
-    }
-    out.extend_from_slice(b",\"user_agent\":");
-    match r.user_agent {
-        Some(ua) => json_string(out, ua),
-        None => out.extend_from_slice(b"null"),
-    }
+    json_optional(out, b",\"upstream\":", r.upstream);
+    json_optional(out, b",\"provider\":", r.provider);
+    json_optional(out, b",\"caller\":", r.caller);
+    json_optional(out, b",\"error\":", r.error);
+    json_optional(out, b",\"host\":", r.host);
+    json_optional(out, b",\"user_agent\":", r.user_agent);
     out.extend_from_slice(if r.token_fetched {
         b",\"token_fetched\":true"
     } else {
@@ -530,6 +533,8 @@ mod tests {
             upstream: None,
             provider: Some("p"),
             caller: None,
+            error: None,
+            host: None,
             token_fetched: false,
             replayed: true,
         }
@@ -553,6 +558,10 @@ mod tests {
         text(&mut out, &Record { caller: Some("billing team"), ..record() });
         let line = String::from_utf8(out).unwrap_or_default();
         assert!(line.contains(" provider=p caller=billing\\x20team fetched=0"), "{line}");
+        let mut out = Vec::new();
+        text(&mut out, &Record { error: Some("token_unavailable"), host: Some("api host"), ..record() });
+        let line = String::from_utf8(out).unwrap_or_default();
+        assert!(line.contains(" error=token_unavailable host=api\\x20host route=api"), "{line}");
     }
 
     #[test]
@@ -604,8 +613,14 @@ mod tests {
         assert!(v["time"].as_str().is_some_and(|t| t.len() == 24 && t.ends_with('Z')));
         assert_eq!(v["caller"], serde_json::Value::Null);
         let mut out = Vec::new();
-        json(&mut out, &Record { caller: Some("billing"), ..record() });
+        json(
+            &mut out,
+            &Record { caller: Some("billing"), error: Some("no_route"), host: Some("h:1"), ..record() },
+        );
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
-        assert_eq!(v["caller"], "billing");
+        assert_eq!(
+            (&v["caller"], &v["error"], &v["host"]),
+            (&"billing".into(), &"no_route".into(), &"h:1".into())
+        );
     }
 }

@@ -145,3 +145,30 @@ fn a_bad_access_log_setting_names_the_key() {
         assert!(e.contains(want) && e.contains("t.yaml:1"), "{yaml}: {e}");
     }
 }
+
+/// A line says which of tokengate's own errors answered, and for which Host.
+#[tokio::test]
+async fn a_line_names_the_error_code_and_the_host() {
+    let idp = Idp::start(IdpOptions::default()).await;
+    let up = Upstream::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("access.log");
+    let yaml = format!(
+        "access_log:\n  to: {}\n  format: json\n{}routes:\n  - prefix: /api\n    upstream: {}\n    provider: idp\n    methods: [GET]\n",
+        file.display(),
+        idp.provider_yaml(),
+        up.url()
+    );
+    let tg = start(&yaml).await;
+    let url = format!("http://{}", tg.proxy_addr);
+    assert_eq!(client().get(format!("{url}/api/x")).send().await.unwrap().status(), 200);
+    assert_eq!(client().delete(format!("{url}/api/x")).send().await.unwrap().status(), 405);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let parsed: Vec<serde_json::Value> =
+        lines(&file).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(parsed.len(), 2, "{parsed:?}");
+    assert_eq!(parsed[0]["error"], serde_json::Value::Null);
+    assert_eq!(parsed[1]["error"], "method_not_allowed");
+    assert!(parsed.iter().all(|l| l["host"] == tg.proxy_addr.to_string()), "{parsed:?}");
+    tg.shutdown().await;
+}

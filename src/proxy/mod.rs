@@ -304,6 +304,7 @@ impl Proxy {
                 Err(_) => !notes.body_read,
                 Ok(_) => false,
             };
+        let error = result.as_ref().err().map(|e| e.status_and_code().1);
         let mut response = result.unwrap_or_else(ProxyError::into_response);
         if body_refused {
             // Said so the client opens a new connection for its next request.
@@ -334,6 +335,8 @@ impl Proxy {
                 upstream: route.as_ref().map(|r| r.upstream_text.as_str()),
                 provider: route.as_ref().map(|r| r.provider.name()),
                 caller: notes.caller.as_deref(),
+                error,
+                host: logged.host.as_deref(),
                 token_fetched: notes.token_fetched,
                 replayed: notes.replayed,
             });
@@ -753,6 +756,17 @@ struct Logged {
     protocol: &'static str,
     user_agent: Option<String>,
     bytes_in: Option<u64>,
+    host: Option<String>,
+}
+
+/// `bytes` as text (lossy), cut to at most `max` bytes on a character boundary.
+fn cut(bytes: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 impl Logged {
@@ -764,25 +778,25 @@ impl Logged {
             http::Version::HTTP_3 => "HTTP/3",
             _ => "HTTP/1.1",
         };
-        let user_agent = req.headers().get(http::header::USER_AGENT).map(|v| {
-            let text = String::from_utf8_lossy(v.as_bytes());
-            let mut end = text.len().min(crate::access_log::USER_AGENT_MAX);
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            text[..end].to_owned()
-        });
+        let max = crate::access_log::USER_AGENT_MAX;
+        let user_agent = req.headers().get(http::header::USER_AGENT).map(|v| cut(v.as_bytes(), max));
         let bytes_in = req
             .headers()
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .map(|v| cut(v.as_bytes(), max))
+            .or_else(|| req.uri().authority().map(|a| cut(a.as_str().as_bytes(), max)));
         Logged {
             method: req.method().clone(),
             path: req.uri().path().to_owned(),
             protocol,
             user_agent,
             bytes_in,
+            host,
         }
     }
 }
