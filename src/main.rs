@@ -345,7 +345,7 @@ async fn upstream_tls(config: &Config) -> usize {
     let mut failed = 0;
     for r in https {
         let host = r.server_name.as_ref().map_or(r.upstream.authority.host(), |n| n.0.as_str());
-        let identity = match r.client_identity().map(|i| i.load()).transpose() {
+        let identity = match r.client_identity().as_ref().map(tokengate::tls::Identity::load).transpose() {
             Ok(i) => i,
             Err(e) => {
                 println!("  {}: FAILED: {e}", r.upstream);

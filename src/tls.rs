@@ -49,22 +49,13 @@ impl Identity {
     /// Reads a PEM certificate chain (leaf first) and a PEM private key, and checks that they
     /// belong together.
     pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, String> {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("the certificate file is not PEM: {e}"))?;
-        if certs.is_empty() {
-            return Err("the certificate file holds no PEM certificate".into());
-        }
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem)
-            .map_err(|e| format!("the key file holds no PEM private key: {e}"))?;
-        let provider = rustls::crypto::ring::default_provider();
-        let signing = provider
-            .key_provider
-            .load_private_key(key.clone_key())
-            .map_err(|e| format!("the key cannot be used: {e}"))?;
-        rustls::sign::CertifiedKey::new(certs.clone(), signing)
-            .keys_match()
-            .map_err(|_| "the private key does not belong to the certificate".to_owned())?;
+        let crate::config::CertifiedPem { certs, key } = crate::config::certified_pem(cert_pem, key_pem)?;
+        Ok(Identity { certs, key })
+    }
+
+    /// Reads and checks the files a configuration names.
+    pub fn load(files: &crate::config::IdentityFiles) -> Result<Self, String> {
+        let crate::config::CertifiedPem { certs, key } = files.check()?;
         Ok(Identity { certs, key })
     }
 }

@@ -136,13 +136,46 @@ impl IdentityFiles {
         Ok((cert, key))
     }
 
-    /// Reads and parses both files now.
-    pub fn load(&self) -> Result<crate::tls::Identity, String> {
+    /// Reads both files now and checks that they hold a certificate chain and the private key
+    /// that belongs to it.
+    pub fn check(&self) -> Result<CertifiedPem, String> {
         let (cert, key) = self.read()?;
-        crate::tls::Identity::from_pem(&cert, &key).map_err(|e| {
+        certified_pem(&cert, &key).map_err(|e| {
             format!("client_cert_file {:?} / client_key_file {:?}: {e}", self.cert_file, self.key_file)
         })
     }
+}
+
+/// A PEM certificate chain (leaf first) and its private key, parsed and checked to belong
+/// together.
+pub struct CertifiedPem {
+    /// The chain.
+    pub certs: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// The key.
+    pub key: rustls_pki_types::PrivateKeyDer<'static>,
+}
+
+/// Parses a PEM certificate chain and a PEM private key and checks that they belong together.
+pub fn certified_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedPem, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("the certificate file is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("the certificate file holds no PEM certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("the key file holds no PEM private key: {e}"))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| format!("the key cannot be used: {e}"))?;
+    rustls::sign::CertifiedKey::new(certs.clone(), signing)
+        .keys_match()
+        .map_err(|_| "the private key does not belong to the certificate".to_owned())?;
+    Ok(CertifiedPem { certs, key })
 }
 
 /// Whom a self-made assertion is addressed to (`aud`).
@@ -310,7 +343,7 @@ impl RawClientAuth {
                 let identity = identity.ok_or_else(|| {
                     format!("client_auth: {} needs client_cert_file and client_key_file", method_name(method))
                 })?;
-                identity.load()?;
+                identity.check()?;
                 ClientAuth::Tls { identity, self_signed: method == Method::SelfSignedTlsClientAuth }
             }
             Method::ClientAssertionFile => {

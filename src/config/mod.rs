@@ -12,6 +12,7 @@ mod files;
 mod http_provider;
 mod inject;
 mod provider;
+mod redis;
 mod source;
 pub mod static_provider;
 mod value;
@@ -26,8 +27,8 @@ use serde::Deserialize;
 pub use access::{Access, ApiKeys, Cidr, ForwardedFormat, allowed, constant_time_eq, host_served};
 pub use callers::{Caller, Callers, CertMatch, JwksSource, JwtCaller, Method, MethodKind, subject_matches};
 pub use client_auth::{
-    AssertionSettings, Audience, ClientAuth, IdentityFiles, JWT_BEARER_ASSERTION, KeyFile,
-    MAX_ASSERTION_LIFETIME,
+    AssertionSettings, Audience, CertifiedPem, ClientAuth, IdentityFiles, JWT_BEARER_ASSERTION, KeyFile,
+    MAX_ASSERTION_LIFETIME, certified_pem,
 };
 pub use egress::{Egress, EgressSetting, NoProxy, ProxyUrl};
 pub use http_provider::FieldMap;
@@ -37,6 +38,7 @@ pub use provider::{
     AllowedUpstream, Assertion, ExchangeToken, Grant, OAuth2Provider, Provider, ProviderCommon,
     TokenEndpoint, TokenExchange, TokenFrom, is_loopback,
 };
+pub use redis::RedisTarget;
 pub use value::{Text, parse_duration, parse_size};
 
 /// The whole configuration file.
@@ -474,7 +476,7 @@ pub struct ForwardProxy {
 #[serde(try_from = "RawSharedCache")]
 pub struct SharedCacheConfig {
     /// Where Redis is.
-    pub redis: crate::token::redis::RedisTarget,
+    pub redis: RedisTarget,
     /// AES-256-GCM key (32 bytes) that encrypts tokens at rest in Redis.
     pub key: Vec<u8>,
     /// Prefix of every Redis key.
@@ -527,7 +529,7 @@ impl TryFrom<RawSharedCache> for SharedCacheConfig {
         if let Some(ca) = &ca_file {
             files::record(ca);
         }
-        let redis = crate::token::redis::RedisTarget::parse(&raw.redis.0, password, ca_file)?;
+        let redis = RedisTarget::parse(&raw.redis.0, password, ca_file)?;
         let key = provider::secret("key", raw.key, raw.key_file)?.ok_or(
             "needs key (or key_file): 32 random bytes as base64 or hex, e.g. `openssl rand -base64 32`",
         )?;

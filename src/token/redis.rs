@@ -2,13 +2,12 @@
 //! with an optional private CA), ACL users, percent-encoded credentials, a password from a file,
 //! connect and command timeouts, and reconnection in the background (its `ConnectionManager`).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use redis::IntoConnectionInfo;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::secret::Secret;
+use crate::config::RedisTarget;
 
 /// A Redis failure; the caller falls back to its own IdP fetches.
 #[derive(Debug, thiserror::Error)]
@@ -25,85 +24,21 @@ impl From<redis::RedisError> for RedisError {
     }
 }
 
-/// Where Redis is and how to log in, validated at load time.
-#[derive(Clone, PartialEq)]
-pub struct RedisTarget {
-    // The URL as written: it may carry a password, so it is a secret.
-    url: Secret,
-    /// `host:port/db` and the user, for logs.
-    pub display: String,
-    tls: bool,
-    password: Option<Secret>,
-    ca_file: Option<PathBuf>,
-}
-
-impl std::fmt::Debug for RedisTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisTarget")
-            .field("at", &self.display)
-            .field("tls", &self.tls)
-            .finish_non_exhaustive()
+/// A client for `target`, with the password from its file and its private CA.
+fn client(target: &RedisTarget) -> Result<redis::Client, RedisError> {
+    let mut info = target.url.expose().into_connection_info()?;
+    if let Some(pw) = &target.password {
+        let settings = info.redis_settings().clone().set_password(pw.expose());
+        info = info.set_redis_settings(settings);
     }
-}
-
-impl RedisTarget {
-    /// Parses `redis[s]://[user[:password]@]host[:port][/db]` (user and password
-    /// percent-encoded, as in any URL). `password` (from `password_file`) replaces a password in
-    /// the URL, which must then have none; `ca_file` is trusted for `rediss://`.
-    pub fn parse(url: &str, password: Option<Secret>, ca_file: Option<PathBuf>) -> Result<Self, String> {
-        let parsed = url::Url::parse(url).map_err(|e| format!("redis {:?}: {e}", redact(url)))?;
-        let tls = match parsed.scheme() {
-            "redis" => false,
-            "rediss" => true,
-            other => return Err(format!("redis URL scheme {other:?}: use redis:// or rediss://")),
-        };
-        if parsed.host_str().is_none_or(str::is_empty) {
-            return Err("the redis URL has no host".into());
+    match &target.ca_file {
+        None => Ok(redis::Client::open(info)?),
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| RedisError::Redis(format!("ca_file {}: {e}", path.display())))?;
+            let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
+            Ok(redis::Client::build_with_tls(info, certs)?)
         }
-        if password.is_some() && parsed.password().is_some() {
-            return Err("set the password in the redis URL or in password_file, not both".into());
-        }
-        if ca_file.is_some() && !tls {
-            return Err("ca_file needs a rediss:// URL (TLS)".into());
-        }
-        let info = url.into_connection_info().map_err(|e| format!("redis URL: {e}"))?;
-        let redis = info.redis_settings();
-        let display = format!(
-            "{}{}/{}",
-            redis.username().map(|u| format!("{u}@")).unwrap_or_default(),
-            info.addr(),
-            redis.db()
-        );
-        Ok(RedisTarget { url: Secret::new(url), display, tls, password, ca_file })
-    }
-
-    fn client(&self) -> Result<redis::Client, RedisError> {
-        let mut info = self.url.expose().into_connection_info()?;
-        if let Some(pw) = &self.password {
-            let settings = info.redis_settings().clone().set_password(pw.expose());
-            info = info.set_redis_settings(settings);
-        }
-        match &self.ca_file {
-            None => Ok(redis::Client::open(info)?),
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| RedisError::Redis(format!("ca_file {}: {e}", path.display())))?;
-                let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(pem) };
-                Ok(redis::Client::build_with_tls(info, certs)?)
-            }
-        }
-    }
-}
-
-/// The URL with any password replaced, for error messages.
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "(unparsable)".into(),
     }
 }
 
@@ -150,7 +85,7 @@ impl Redis {
             .set_number_of_retries(6);
         // The connection task is spawned on the caller's runtime.
         tokio::runtime::Handle::try_current().map_err(|e| format!("shared_cache: {e}"))?;
-        let client = target.client().map_err(|e| format!("shared_cache.redis: {e}"))?;
+        let client = client(target).map_err(|e| format!("shared_cache.redis: {e}"))?;
         let conn = client
             .clone()
             .get_connection_manager_lazy(config)
@@ -272,6 +207,7 @@ impl Redis {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
 
     #[test]
     fn parses_redis_urls() {
@@ -280,13 +216,13 @@ mod tests {
         assert!(!t.tls);
         let t = RedisTarget::parse("rediss://tokengate:p%3Aw%40rd@cache.svc:6380/1", None, None).unwrap();
         assert_eq!(t.display, "tokengate@cache.svc:6380/1");
-        let info = t.client().unwrap().get_connection_info().clone();
+        let info = client(&t).unwrap().get_connection_info().clone();
         // Percent-decoded, and not cut at the ':' inside the password.
         assert_eq!(info.redis_settings().password(), Some("p:w@rd"));
         assert_eq!(info.redis_settings().username(), Some("tokengate"));
         let from_file = RedisTarget::parse("redis://app@cache", Some(Secret::new("f:ile")), None).unwrap();
         assert_eq!(
-            from_file.client().unwrap().get_connection_info().redis_settings().password(),
+            client(&from_file).unwrap().get_connection_info().redis_settings().password(),
             Some("f:ile")
         );
         assert!(format!("{t:?}").contains("cache.svc") && !format!("{t:?}").contains("w%40rd"));

@@ -330,7 +330,7 @@ fn unix_now() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::redis::RedisTarget;
+    use crate::config::RedisTarget;
 
     fn cache(key: [u8; 32]) -> SharedCache {
         SharedCache::new(&SharedCacheConfig {

@@ -224,7 +224,7 @@ impl Clients {
         let Reach { upstream, ca_file, identity, protocol, egress, server_name } = *reach;
         let https = upstream.scheme == http::uri::Scheme::HTTPS;
         let proxy = egress.and_then(|e| e.proxy_for(https, upstream.authority.host()));
-        let loaded = identity.map(IdentityFiles::load).transpose()?;
+        let loaded = identity.map(crate::tls::Identity::load).transpose()?;
         let identity_key = identity
             .map(|i| format!("{}|{}", i.cert_file.display(), i.key_file.display()))
             .unwrap_or_default();
