@@ -3,6 +3,12 @@
 use std::fmt;
 use std::sync::Arc;
 
+/// `base64(user:password)`, the credentials of a `Basic` authorization (RFC 7617).
+pub fn basic_credentials(user: &str, password: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+}
+
 /// Holds a secret value. `Debug` and `Display` print `***`; reading the value takes an explicit
 /// [`Secret::expose`] call, so leaking one into a log takes deliberate code.
 #[derive(Clone, PartialEq, Eq)]

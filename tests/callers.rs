@@ -261,14 +261,7 @@ async fn each_caller_gets_its_own_provider_and_only_its_routes() {
 
     let series = "tokengate_caller_requests_total{caller=\"reports\",route=\"/covata\",status=\"200\"}";
     assert_eq!(metric_value(tg.admin_addr, series).await, Some(100.0));
-    let status: serde_json::Value = client()
-        .get(format!("http://{}/status.json", tg.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = admin_json(tg.admin_addr, "/status.json").await;
     let rows = status["callers"].as_array().unwrap();
     assert!(
         rows.iter().any(|r| r["caller"] == "billing" && r["route"] == "/covata" && r["requests"] == 100),

@@ -147,8 +147,7 @@ async fn a_proxy_that_refuses_or_is_down_is_named_as_the_cause() {
         let tg = start(&config(&idp, &pki, tls_up, &plain_up, &egress)).await;
         let r = client().get(format!("http://{}/tls/a", tg.proxy_addr)).send().await.unwrap();
         assert_eq!(r.status(), 503, "no token: the token request failed at the proxy");
-        let url = format!("http://{}/tokens", tg.admin_addr);
-        let tokens: serde_json::Value = client().get(url).send().await.unwrap().json().await.unwrap();
+        let tokens = admin_json(tg.admin_addr, "/tokens").await;
         let error = tokens["providers"]["idp"]["last_error"].as_str().unwrap_or_default().to_owned();
         assert!(error.starts_with("egress proxy http://127.0.0.1:") && error.contains(expected), "{tokens}");
         assert!(!error.contains("wrong") && !error.contains("identity provider"), "{error}");

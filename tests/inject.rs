@@ -179,8 +179,7 @@ async fn a_token_type_other_than_bearer_goes_only_where_a_route_says_how() {
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "token_unavailable", "{body}");
-    let url = format!("http://{}/tokens", tg.admin_addr);
-    let tokens: serde_json::Value = client().get(url).send().await.unwrap().json().await.unwrap();
+    let tokens = admin_json(tg.admin_addr, "/tokens").await;
     let error = tokens["providers"]["unstated"]["last_error"].as_str().unwrap_or_default();
     assert!(error.contains("token_type \"MAC\"") && error.contains("inject"), "{tokens}");
     assert_eq!(up.requests().len(), 1, "nothing was sent with the wrong scheme");

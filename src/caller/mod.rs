@@ -44,6 +44,8 @@ pub struct Subject {
 pub struct Identify {
     callers: Vec<(String, Vec<Check>, Vec<MethodKind>)>,
     api_key_header: http::HeaderName,
+    // Some caller is known by JWT: bearer tokens are read as JWTs.
+    any_jwt: bool,
 }
 
 enum Check {
@@ -56,9 +58,27 @@ enum Check {
 /// What a request presents, read once.
 struct Presented<'a> {
     api_key: Option<&'a [u8]>,
-    bearer: Option<&'a str>,
+    jwt: Option<Jwt<'a>>,
     remote: IpAddr,
     peer: Option<&'a PeerCert>,
+}
+
+/// A bearer token shaped like a JWT, with what every JWT caller looks at first: its (unverified)
+/// issuer and its digest, which keys the verified tokens.
+struct Jwt<'a> {
+    token: &'a str,
+    issuer: Option<String>,
+    digest: ring::digest::Digest,
+}
+
+impl<'a> Jwt<'a> {
+    fn read(token: &'a str) -> Option<Self> {
+        looks_like_jwt(token).then(|| Jwt {
+            token,
+            issuer: unverified_issuer(token),
+            digest: ring::digest::digest(&ring::digest::SHA256, token.as_bytes()),
+        })
+    }
 }
 
 impl Identify {
@@ -83,7 +103,8 @@ impl Identify {
                 .collect::<Result<Vec<_>, String>>()?;
             built.push((name.clone(), checks, caller.require.clone()));
         }
-        Ok(Identify { callers: built, api_key_header })
+        let any_jwt = built.iter().any(|(_, checks, _)| checks.iter().any(|c| matches!(c, Check::Jwt(..))));
+        Ok(Identify { callers: built, api_key_header, any_jwt })
     }
 
     /// The caller of a request with `headers` from `remote` (with the verified client
@@ -101,7 +122,8 @@ impl Identify {
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim);
         let api_key = headers.get(&self.api_key_header).map(|v| v.as_bytes());
-        let presented = Presented { api_key, bearer, remote, peer };
+        let jwt = bearer.filter(|_| self.any_jwt).and_then(Jwt::read);
+        let presented = Presented { api_key, jwt, remote, peer };
         let mut token_error: Option<Rejected> = None;
         // Some caller's issuer is the token's.
         let mut issuer_known = false;
@@ -132,18 +154,14 @@ impl Identify {
             }
             subject = None;
         }
-        match (token_error, bearer.filter(|t| looks_like_jwt(t)), self.any_jwt() && !issuer_known) {
+        match (token_error, &presented.jwt, issuer_known) {
             (Some(e), _, _) => Err(e),
             // A JWT no caller's issuer claims: refused too, rather than passed on unidentified.
-            (None, Some(_), true) => {
+            (None, Some(_), false) => {
                 Err(Rejected::Invalid("the token is from another issuer than any caller's".into()))
             }
             _ => Ok(None),
         }
-    }
-
-    fn any_jwt(&self) -> bool {
-        self.callers.iter().any(|(_, checks, _)| checks.iter().any(|c| matches!(c, Check::Jwt(..))))
     }
 }
 
@@ -166,19 +184,16 @@ impl Check {
     async fn run(&self, p: &Presented<'_>) -> Result<Verdict, Rejected> {
         let yes = |b: bool| if b { Verdict::Yes(None) } else { Verdict::No };
         match self {
-            Check::ApiKeys(keys) => Ok(yes(p.api_key.is_some_and(|k| {
-                keys.iter()
-                    .fold(false, |ok, key| crate::config::constant_time_eq(key.expose().as_bytes(), k) | ok)
-            }))),
+            Check::ApiKeys(keys) => Ok(yes(p.api_key.is_some_and(|k| crate::config::accepts_any(keys, k)))),
             Check::Allow(blocks) => Ok(yes(blocks.iter().any(|b| b.contains(p.remote)))),
             Check::ClientCert(m) => Ok(yes(p.peer.is_some_and(|peer| match m {
                 crate::config::CertMatch::Subject(s) => peer.subject == *s,
                 crate::config::CertMatch::SanDns(d) => peer.dns.iter().any(|n| n == d),
                 crate::config::CertMatch::SanUri(u) => peer.uris.iter().any(|n| n == u),
             }))),
-            Check::Jwt(settings, keys) => match p.bearer.filter(|t| looks_like_jwt(t)) {
+            Check::Jwt(settings, keys) => match &p.jwt {
                 None => Ok(Verdict::No),
-                Some(token) => validate(token, settings, keys).await,
+                Some(jwt) => validate(jwt, settings, keys).await,
             },
         }
     }
@@ -205,12 +220,12 @@ struct Unverified {
     iss: Option<String>,
 }
 
-/// Validates `token` for this caller; a token verified before is taken from the cache.
-async fn validate(token: &str, settings: &JwtCaller, keys: &jwks::Jwks) -> Result<Verdict, Rejected> {
-    if unverified_issuer(token).as_deref() != Some(settings.issuer.as_str()) {
+/// Validates `jwt` for this caller; a token verified before is taken from the cache.
+async fn validate(jwt: &Jwt<'_>, settings: &JwtCaller, keys: &jwks::Jwks) -> Result<Verdict, Rejected> {
+    if jwt.issuer.as_deref() != Some(settings.issuer.as_str()) {
         return Ok(Verdict::No);
     }
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let (token, digest) = (jwt.token, &jwt.digest);
     if let Some(known) = keys.verified(digest.as_ref()) {
         return Ok(match known {
             Some(key) => Verdict::Yes(Some(key)),

@@ -175,16 +175,35 @@ impl TryFrom<RawApiKeys> for ApiKeys {
         }
         let mut keys: Vec<Secret> = raw.keys.into_iter().map(|k| Secret::new(k.0)).collect();
         if let Some(file) = secret("keys", None, raw.keys_file)? {
-            keys.extend(file.expose().lines().map(str::trim).filter(|l| !l.is_empty()).map(Secret::new));
+            keys.extend(key_lines(&file));
         }
         if keys.is_empty() {
             return Err("api_keys needs at least one key (keys or keys_file)".into());
         }
-        if keys.iter().any(|k| k.expose().len() < 16) {
-            return Err("API keys must be at least 16 characters".into());
+        if !long_enough(&keys) {
+            return Err(format!("API keys must be at least {MIN_KEY_LEN} characters"));
         }
         Ok(ApiKeys { header, keys })
     }
+}
+
+/// The shortest API key accepted: shorter ones can be guessed.
+pub const MIN_KEY_LEN: usize = 16;
+
+/// The keys of a keys file: one per line, blank lines skipped.
+pub fn key_lines(file: &Secret) -> Vec<Secret> {
+    file.expose().lines().map(str::trim).filter(|l| !l.is_empty()).map(Secret::new).collect()
+}
+
+/// Every key has at least [`MIN_KEY_LEN`] characters.
+pub fn long_enough(keys: &[Secret]) -> bool {
+    keys.iter().all(|k| k.expose().len() >= MIN_KEY_LEN)
+}
+
+/// True when `presented` equals one of `keys`. Every key is compared, matched or not, each in
+/// constant time.
+pub fn accepts_any(keys: &[Secret], presented: &[u8]) -> bool {
+    keys.iter().fold(false, |ok, k| constant_time_eq(k.expose().as_bytes(), presented) | ok)
 }
 
 /// Compares in time that depends only on the lengths, so a key cannot be guessed byte by byte.
@@ -199,7 +218,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 impl ApiKeys {
     /// True when `presented` equals one of the keys. Every key is compared, matched or not.
     pub fn accepts(&self, presented: &[u8]) -> bool {
-        self.keys.iter().fold(false, |ok, k| constant_time_eq(k.expose().as_bytes(), presented) | ok)
+        accepts_any(&self.keys, presented)
     }
 }
 

@@ -217,10 +217,13 @@ fn build(raw: RawCaller) -> Result<Caller, String> {
     let mut methods = Vec::new();
     if let Some(file) = api_keys_file {
         let text = super::provider::secret("api_keys", None, Some(file.clone()))?.unwrap_or(Secret::new(""));
-        let keys: Vec<Secret> =
-            text.expose().lines().map(str::trim).filter(|l| !l.is_empty()).map(Secret::new).collect();
-        if keys.iter().any(|k| k.expose().len() < 16) {
-            return Err(format!("api_keys_file {:?}: keys must be at least 16 characters", file.0));
+        let keys = super::access::key_lines(&text);
+        if !super::access::long_enough(&keys) {
+            return Err(format!(
+                "api_keys_file {:?}: keys must be at least {} characters",
+                file.0,
+                super::access::MIN_KEY_LEN
+            ));
         }
         methods.push(Method::ApiKeys { file: PathBuf::from(file.0), keys });
     }

@@ -80,10 +80,8 @@ impl ProxyUrl {
 
     /// The `Proxy-Authorization` value, if the proxy wants credentials.
     pub fn authorization(&self) -> Option<http::HeaderValue> {
-        use base64::Engine;
         let (user, password) = self.credentials.as_ref()?;
-        let pair = format!("{user}:{}", password.expose());
-        let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+        let encoded = crate::secret::basic_credentials(user, password.expose());
         let mut value = http::HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
         value.set_sensitive(true);
         Some(value)

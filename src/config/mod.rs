@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use access::{Access, ApiKeys, Cidr, ForwardedFormat, allowed, constant_time_eq, host_served};
+pub use access::{
+    Access, ApiKeys, Cidr, ForwardedFormat, accepts_any, allowed, constant_time_eq, host_served,
+};
 pub use callers::{Caller, Callers, CertMatch, JwksSource, JwtCaller, Method, MethodKind, subject_matches};
 pub use client_auth::{
     AssertionSettings, Audience, CertifiedPem, ClientAuth, IdentityFiles, JWT_BEARER_ASSERTION, KeyFile,

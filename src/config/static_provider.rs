@@ -86,12 +86,10 @@ impl Source {
 impl StaticValue {
     /// The credential now.
     pub fn read(&self) -> Result<Secret, String> {
-        use base64::Engine;
         match self {
             StaticValue::Value(source) => source.read(),
             StaticValue::Basic { username, password } => {
-                let pair = format!("{username}:{}", password.read()?.expose());
-                Ok(Secret::new(base64::engine::general_purpose::STANDARD.encode(pair)))
+                Ok(Secret::new(crate::secret::basic_credentials(username, password.read()?.expose())))
             }
         }
     }

@@ -3,7 +3,6 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use base64::Engine;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderName, HeaderValue};
 
 use super::assertion::{Endpoint, Proofs, Prover};
@@ -44,8 +43,7 @@ pub fn basic_auth(client_id: &str, secret: &str, raw: bool) -> String {
     let enc = |s: &str| -> String {
         if raw { s.to_owned() } else { form_urlencoded::byte_serialize(s.as_bytes()).collect() }
     };
-    let pair = format!("{}:{}", enc(client_id), enc(secret));
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
+    format!("Basic {}", crate::secret::basic_credentials(&enc(client_id), &enc(secret)))
 }
 
 /// A proof's value; `Prover::proofs` makes every one the configuration asks for.
@@ -417,6 +415,7 @@ fn write_state(path: &Path, token: &Secret) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::config::ProviderCommon;
+    use base64::Engine;
     use std::time::Duration;
 
     fn provider(auth: fn(Secret) -> ClientAuth, secret: &str) -> OAuth2Provider {

@@ -326,6 +326,11 @@ pub async fn wait_ready(running: &tokengate::server::Running) {
     panic!("tokengate did not become ready");
 }
 
+/// A JSON document of the admin listener (`/tokens`, `/status.json`).
+pub async fn admin_json(admin: SocketAddr, path: &str) -> serde_json::Value {
+    client().get(format!("http://{admin}{path}")).send().await.unwrap().json().await.unwrap()
+}
+
 /// The value of one series (name and labels, as exposed) on `admin`'s `/metrics`.
 pub async fn metric_value(admin: SocketAddr, series: &str) -> Option<f64> {
     let text = client().get(format!("http://{admin}/metrics")).send().await.ok()?.text().await.ok()?;
