@@ -117,15 +117,15 @@ fn check_reports_file_line_and_key_for_a_bad_config() {
     let cases = [
         (
             "providers: {}\nroutes:\n  - prefix: /a\n    upstream: https://x\n    provider: nope\n",
-            "bad.yaml:5: routes[0].provider: no provider named \"nope\"",
+            "bad.yaml:5:15: routes[0].provider: no provider named \"nope\"",
         ),
         (
             "providers: {}\nroutes:\n  - prefix: /a\n    upstream: https://x\n    provder: p\n",
-            "bad.yaml:5: routes[0].provder: unknown field `provder`",
+            "bad.yaml:5:5: routes[0].provder: unknown field `provder`",
         ),
         (
             "listen: nowhere\nproviders: {}\nroutes: []\n",
-            "bad.yaml:1: listen: invalid listen address \"nowhere\"",
+            "bad.yaml:1:9: listen: invalid listen address \"nowhere\"",
         ),
         (
             "providers:\n  p:\n    type: oauth2\n    token_url: http://idp.example.com/t\n    client_id: a\n    client_secret: b\nroutes: []\n",

@@ -158,6 +158,11 @@ pub fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Err
     })
 }
 
+/// serde's default for keys that are on unless turned off.
+pub(super) fn yes() -> bool {
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
