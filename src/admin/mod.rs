@@ -7,7 +7,6 @@
 //! the status page's own same-origin requests ([`status`]), and `Host` must be an IP literal,
 //! `localhost` or a name in `admin.hosts` (DNS rebinding).
 
-pub mod readiness;
 pub mod status;
 
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::admin::readiness::Phase;
+use crate::readiness::Phase;
 use crate::reload::Control;
 
 /// The page. Values from the server are inserted with `textContent`, never as HTML.

@@ -7,10 +7,9 @@ pub mod watch;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::admin::readiness::Readiness;
 use crate::config::Config;
 use crate::proxy::{Proxy, Runtime};
-use crate::token::{Providers, TokenSource};
+use crate::readiness::Readiness;
 
 /// What reloads and the admin listener need: the state to swap and where the configuration
 /// came from.
@@ -128,35 +127,9 @@ impl Control {
             }
         }
         // Built before anything is swapped, so a bad certificate fails the whole reload.
-        let server_tls = match (&self.tls, &config.tls) {
-            (Some(_), Some(tls)) => Some(crate::tls::inbound(tls).map_err(|e| e.to_string())?),
-            _ => None,
-        };
-        let mut providers = Providers::new();
-        let mut fresh = Vec::new();
-        let shared = crate::token::shared_cache(&config)?;
-        for (name, cfg) in &config.providers {
-            // Keep a running source with the same settings (under this name or another one).
-            let running = old
-                .providers
-                .get(name)
-                .filter(|p| p.config() == cfg)
-                .or_else(|| old.providers.values().find(|p| p.config() == cfg))
-                .or_else(|| providers.values().find(|p| p.config() == cfg));
-            match running {
-                Some(p) => {
-                    providers.insert(name.clone(), p.clone());
-                }
-                None => {
-                    let p = TokenSource::new(name, cfg, self.proxy.metrics.clone(), shared.clone())?;
-                    fresh.push(p.clone());
-                    providers.insert(name.clone(), p);
-                }
-            }
-        }
-        crate::token::settle_token_types(&config, &providers);
+        let built = crate::system::build(&config, &self.proxy.metrics, &old.providers)?;
         let mut prefetch = tokio::task::JoinSet::new();
-        for p in &fresh {
+        for p in &built.fresh {
             let p = p.clone();
             prefetch.spawn(async move {
                 let got = if p.per_subject() { Ok(()) } else { p.get().await.map(|_| ()) };
@@ -167,18 +140,22 @@ impl Control {
         let cold: Vec<_> = prefetch.join_all().await.into_iter().flatten().collect();
         // Envoy's cluster warming: a changed or new provider without a token does not take over
         // routes that were being served; they keep their previous provider until it has one.
-        let plan = warming::plan(&config, &providers, &cold, &old);
-        let full = (!plan.cold.is_empty())
-            .then(|| Runtime::build(&config, providers.clone(), &self.proxy.metrics))
-            .transpose()?;
-        let installed = Arc::new(Runtime::build(&plan.config, plan.providers, &self.proxy.metrics)?);
+        let plan = warming::plan(&config, &built.runtime.providers, &cold, &old);
+        let (installed, full) = if plan.cold.is_empty() {
+            (Arc::new(built.runtime), None)
+        } else {
+            (
+                Arc::new(Runtime::build(&plan.config, plan.providers, &self.proxy.metrics)?),
+                Some(built.runtime),
+            )
+        };
         let routes = installed.table.len();
         self.proxy.runtime.store(installed.clone());
         match full {
             Some(full) => self.warming.start(&self.proxy, installed, full, &plan.cold),
             None => self.warming.clear(),
         }
-        if let (Some(slot), Some(server_tls)) = (&self.tls, server_tls) {
+        if let (Some(slot), Some(server_tls)) = (&self.tls, built.server_tls) {
             slot.store(Arc::new(server_tls));
         }
         if let Ok(mut current) = self.config.lock() {
@@ -186,7 +163,7 @@ impl Control {
         }
         self.loaded_at.store(unix_now(), std::sync::atomic::Ordering::Relaxed);
         if plan.cold.is_empty() {
-            tracing::info!(routes, new_providers = fresh.len(), "configuration reloaded");
+            tracing::info!(routes, new_providers = built.fresh.len(), "configuration reloaded");
             return Ok(());
         }
         let message = warming::describe(&plan.cold);

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -21,9 +21,10 @@ use bytes::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
+use super::activity::Activity;
 use crate::proxy::Body;
 use crate::proxy::websocket::ConnTunnels;
 
@@ -461,102 +462,6 @@ where
                     closing = Some((Closed::Idle, Instant::now() + GOAWAY_GRACE));
                 }
             }
-        }
-    }
-}
-
-/// What the watchdog and the slot registry know about one connection.
-pub(super) struct Activity {
-    /// When it was accepted; eviction picks the oldest idle connection.
-    accepted: Instant,
-    /// Requests whose response body has not been sent completely.
-    active: AtomicUsize,
-    /// When a request last started or finished, in nanoseconds since `accepted`: with none in
-    /// flight, the connection has been idle since then.
-    last_change: AtomicU64,
-    /// HTTP/1: when the first byte of a request head came with no request in flight, in
-    /// nanoseconds since `accepted` plus one; 0 while none is coming.
-    head_started: AtomicU64,
-    /// The connection speaks HTTP/1 (its first bytes were not the HTTP/2 preface).
-    http1: AtomicBool,
-    /// Response bodies that produced data hyper has not yet asked them to follow with more:
-    /// their client is not taking what was sent (socket full, or HTTP/2 window closed).
-    undelivered: AtomicUsize,
-    /// Times hyper asked a response body for more data; progress for the send timeout.
-    taken: AtomicU64,
-    /// The first request head (or HTTP/2 preface and SETTINGS frame) has arrived.
-    earned: AtomicBool,
-    /// Set when eviction picked this connection.
-    evicting: AtomicBool,
-    evict: Notify,
-    /// Upgraded requests (WebSocket) relaying: in flight until they close, and the connection
-    /// keeps its slot until then.
-    pub(super) tunnels: ConnTunnels,
-}
-
-impl Activity {
-    /// Requests whose response has not been sent completely, and open tunnels.
-    pub(super) fn in_flight(&self) -> usize {
-        self.active.load(Ordering::Relaxed) + self.tunnels.open()
-    }
-
-    fn new() -> Self {
-        Activity {
-            accepted: Instant::now(),
-            active: AtomicUsize::new(0),
-            last_change: AtomicU64::new(0),
-            head_started: AtomicU64::new(0),
-            http1: AtomicBool::new(false),
-            undelivered: AtomicUsize::new(0),
-            taken: AtomicU64::new(0),
-            earned: AtomicBool::new(false),
-            evicting: AtomicBool::new(false),
-            evict: Notify::new(),
-            tunnels: ConnTunnels::default(),
-        }
-    }
-
-    fn start_request(&self) {
-        self.earned.store(true, Ordering::Relaxed);
-        self.active.fetch_add(1, Ordering::Relaxed);
-        self.head_started.store(0, Ordering::Relaxed);
-        self.last_change.store(self.nanos(), Ordering::Relaxed);
-    }
-
-    fn end_request(&self) {
-        self.last_change.store(self.nanos(), Ordering::Relaxed);
-        self.active.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    fn nanos(&self) -> u64 {
-        u64::try_from(self.accepted.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// Since when the connection has had no request in flight; `None` while one is.
-    fn idle_since(&self) -> Option<Instant> {
-        if self.in_flight() != 0 {
-            return None;
-        }
-        let request = self.accepted + Duration::from_nanos(self.last_change.load(Ordering::Relaxed));
-        Some(self.tunnels.last_end().map_or(request, |tunnel| tunnel.max(request)))
-    }
-
-    /// HTTP/1 bytes arrived: with no request in flight they begin a request head, whose
-    /// `header_read_timeout` starts now (the wait for it was `idle_timeout`'s).
-    fn bytes_read(&self) {
-        if self.http1.load(Ordering::Relaxed)
-            && self.in_flight() == 0
-            && self.head_started.load(Ordering::Relaxed) == 0
-        {
-            self.head_started.store(self.nanos().saturating_add(1), Ordering::Relaxed);
-        }
-    }
-
-    /// Since when a request head has been arriving, if one is.
-    fn head_since(&self) -> Option<Instant> {
-        match self.head_started.load(Ordering::Relaxed) {
-            0 => None,
-            n => Some(self.accepted + Duration::from_nanos(n - 1)),
         }
     }
 }

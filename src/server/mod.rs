@@ -2,6 +2,7 @@
 //! ([`connection`]), the start-up warm-up and the shutdown sequence. Reloads live in
 //! [`crate::reload`].
 
+mod activity;
 mod connection;
 mod listen;
 mod parse_error;
@@ -19,12 +20,12 @@ use tokio::task::JoinHandle;
 use connection::{Listener, Slots, serve};
 use listen::{ServeFuture, bind_shared, connection_builder, spawn_worker};
 
-use crate::admin::readiness::Readiness;
 use crate::config::{Config, Limits};
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, Runtime};
+use crate::proxy::Proxy;
+use crate::readiness::Readiness;
 use crate::reload::Control;
-use crate::token;
+use crate::token::Providers;
 
 /// Why tokengate could not start.
 #[derive(Debug, thiserror::Error)]
@@ -88,18 +89,17 @@ pub async fn start_with(
     workers: Workers,
 ) -> Result<Running, StartError> {
     let metrics = Metrics::new();
-    let providers = token::build(&config, &metrics).map_err(StartError::Setup)?;
-    for p in providers.values() {
+    let system = crate::system::build(&config, &metrics, &Providers::new()).map_err(StartError::Setup)?;
+    for p in &system.fresh {
         p.start();
     }
-    let runtime = Runtime::build(&config, providers, &metrics).map_err(StartError::Setup)?;
     let access_log = crate::access_log::AccessLog::start(&config.access_log, &metrics).map_err(|e| {
         StartError::Setup(match &config.access_log.to {
             crate::config::AccessLogTo::File(p) => format!("access_log: cannot open {}: {e}", p.display()),
             _ => format!("access_log: {e}"),
         })
     })?;
-    let proxy = Arc::new(Proxy::new(runtime, metrics, access_log));
+    let proxy = Arc::new(Proxy::new(system.runtime, metrics, access_log));
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
@@ -120,12 +120,7 @@ pub async fn start_with(
 
     let (shutdown, rx) = watch::channel(false);
     let builder = connection_builder(&config.limits);
-    let server_tls = match &config.tls {
-        Some(tls) => Some(Arc::new(arc_swap::ArcSwap::from_pointee(
-            crate::tls::inbound(tls).map_err(|e| StartError::Setup(e.to_string()))?,
-        ))),
-        None => None,
-    };
+    let server_tls = system.server_tls.map(|tls| Arc::new(arc_swap::ArcSwap::from_pointee(tls)));
     let readiness = Arc::new(Readiness::default());
     let control =
         Arc::new(Control::new(proxy.clone(), config.clone(), path, readiness.clone(), server_tls.clone()));
@@ -273,12 +268,7 @@ pub fn warnings(config: &Config) -> Vec<String> {
 /// and their CA files, the TLS listener's certificate and key), so `check` refuses what `run`
 /// would refuse.
 pub fn prepare(config: &Config) -> Result<(), StartError> {
-    let metrics = Metrics::new();
-    let providers = token::build(config, &metrics).map_err(StartError::Setup)?;
-    Runtime::build(config, providers, &metrics).map_err(StartError::Setup)?;
-    if let Some(tls) = &config.tls {
-        crate::tls::inbound(tls).map_err(|e| StartError::Setup(e.to_string()))?;
-    }
+    crate::system::build(config, &Metrics::new(), &Providers::new()).map_err(StartError::Setup)?;
     Ok(())
 }
 

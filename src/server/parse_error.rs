@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use super::connection::Activity;
+use super::activity::Activity;
 
 /// hyper's answer is a status line and three short headers, about 110 bytes.
 const HYPER_ANSWER_MAX: usize = 192;

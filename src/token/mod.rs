@@ -798,25 +798,6 @@ fn linked_token(
     Box::pin(async move { source.get_within(Duration::from_secs(5)).await })
 }
 
-/// Builds token sources for every provider in `config` (not started).
-///
-/// Providers with identical settings (endpoint, client, secret, grant, scopes, parameters) share one
-/// source, so the IdP sees one token request per lifetime however many names point at it.
-pub fn build(config: &crate::config::Config, metrics: &Metrics) -> Result<Providers, String> {
-    let shared = shared_cache(config)?;
-    let mut providers = Providers::new();
-    for (name, p) in &config.providers {
-        let twin = providers.values().find(|s| s.config() == p).cloned();
-        let source = match twin {
-            Some(s) => s,
-            None => TokenSource::new(name, p, metrics.clone(), shared.clone())?,
-        };
-        providers.insert(name.clone(), source);
-    }
-    settle_token_types(config, &providers);
-    Ok(providers)
-}
-
 /// Sets for every source whether it accepts tokens that are not Bearer: only if every route of
 /// every provider name that shares it says how to send them.
 pub fn settle_token_types(config: &crate::config::Config, providers: &Providers) {
