@@ -1,9 +1,11 @@
 # Build: the same `cargo build --release --locked` that CI runs.
 FROM rust:1-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY benches ./benches
+# `--version` names this revision: docker build --build-arg TOKENGATE_GIT_REV=$(git rev-parse --short=12 HEAD)
+ARG TOKENGATE_GIT_REV=unknown
 RUN cargo build --release --locked
 
 # Run: a minimal image with glibc and CA certificates, as an unprivileged user.

@@ -10,7 +10,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// A JWS signing algorithm for a private key (RFC 7518 section 3, RFC 8037).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
 pub enum SigningAlg {
     /// RSASSA-PKCS1-v1_5 with SHA-256.
     RS256,

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use tokengate::config::{self, Config, Provider, TokenEndpoint};
 use tokengate::{demo, server};
@@ -15,9 +15,20 @@ use tokengate::{demo, server};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `tokengate --version`: the release, the commit and the day it was built.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("TOKENGATE_GIT_REV"),
+    ", built ",
+    env!("TOKENGATE_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
-    version,
+    name = "tokengate",
+    version = VERSION,
     about = "Authenticating reverse proxy: injects OAuth2 / vendor access tokens into requests"
 )]
 struct Cli {
@@ -77,6 +88,19 @@ enum Command {
         #[arg(long)]
         show: bool,
     },
+    /// Print the configuration's JSON Schema (what config/tokengate.schema.json holds).
+    Schema,
+    /// Print a shell completion script: `tokengate completions bash > /etc/bash_completion.d/tokengate`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `tokengate man > tokengate.1; man ./tokengate.1`; with a
+    /// subcommand, its own page (`tokengate man run > tokengate-run.1`).
+    Man {
+        /// The subcommand.
+        subcommand: Option<String>,
+    },
     /// Run a self-contained demo: a built-in token endpoint and echo upstream, proxy on :8080.
     Demo {
         /// Proxy listen address.
@@ -124,6 +148,13 @@ fn main() -> ExitCode {
             with_config(&file, |_, c| block_on(None, token_main(c, provider, show)))
         }
         Some(Command::Demo { listen, admin }) => block_on(workers, demo_main(listen, admin)),
+        Some(Command::Schema) => print(config::json_schema::generate().as_bytes()),
+        Some(Command::Completions { shell }) => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tokengate", &mut out);
+            print(&out)
+        }
+        Some(Command::Man { subcommand }) => manual(subcommand.as_deref()),
         Some(Command::Run { file, .. }) if file.is_some() && cli.config.is_some() => {
             eprintln!("error: give the configuration file once, as -c FILE or as an argument");
             ExitCode::from(2)
@@ -658,4 +689,41 @@ async fn demo_main(listen: SocketAddr, admin: SocketAddr) -> ExitCode {
         let _ = std::fs::remove_file(&file);
     }
     ExitCode::SUCCESS
+}
+
+/// The manual page of tokengate or of one subcommand (`tokengate-run(1)`), from the CLI definition.
+fn manual(subcommand: Option<&str>) -> ExitCode {
+    let mut command = Cli::command();
+    command.build();
+    let page = match subcommand {
+        None => command,
+        Some(name) => match command.find_subcommand(name) {
+            Some(sub) => sub.clone(),
+            None => {
+                eprintln!("error: no subcommand {name:?}; see tokengate --help");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let mut out = Vec::new();
+    match clap_mangen::Man::new(page).render(&mut out) {
+        Ok(()) => print(&out),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes generated text to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn print(bytes: &[u8]) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write to stdout: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

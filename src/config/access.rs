@@ -95,7 +95,7 @@ pub fn host_name(host: &str) -> &str {
 }
 
 /// Access control for the plain listener and the defaults of every route.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Access {
     /// Client address blocks allowed to connect to the plain listener (empty: any).
@@ -118,7 +118,7 @@ pub struct Access {
 }
 
 /// The forwarding headers tokengate adds to upstream requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ForwardedFormat {
     /// `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`.
@@ -152,7 +152,7 @@ pub struct ApiKeys {
     pub keys: Vec<Secret>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawApiKeys {
     header: Option<Text>,
@@ -221,6 +221,8 @@ impl ApiKeys {
         accepts_any(&self.keys, presented)
     }
 }
+
+super::json_schema::schema_as!(ApiKeys => RawApiKeys);
 
 #[cfg(test)]
 mod tests {

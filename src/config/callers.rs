@@ -102,7 +102,7 @@ pub enum CertMatch {
 }
 
 /// A kind of method, as `require` lists them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MethodKind {
     /// `api_keys_file`.
@@ -162,7 +162,7 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
     rest.len() >= last.len() && rest.ends_with(last)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawCaller {
     api_keys_file: Option<Text>,
@@ -173,7 +173,7 @@ struct RawCaller {
     require: Vec<MethodKind>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawCert {
     subject: Option<Text>,
@@ -181,7 +181,7 @@ struct RawCert {
     san_uri: Option<Text>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawJwt {
     issuer: Text,
@@ -194,6 +194,7 @@ struct RawJwt {
     subjects: Vec<Text>,
     #[serde(default)]
     algorithms: Vec<Text>,
+    #[schemars(with = "Option<crate::config::json_schema::DurationText>")]
     #[serde(default, deserialize_with = "value::opt_duration")]
     leeway: Option<Duration>,
 }
@@ -204,6 +205,25 @@ const ASYMMETRIC: [jsonwebtoken::Algorithm; 8] = {
     use jsonwebtoken::Algorithm::*;
     [RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384]
 };
+
+impl schemars::JsonSchema for Callers {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Callers".into()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let caller = generator.subschema_for::<RawCaller>();
+        schemars::json_schema!({ "type": "object", "additionalProperties": caller })
+    }
+}
+
+impl schemars::JsonSchema for Caller {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Caller".into()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        RawCaller::json_schema(generator)
+    }
+}
 
 impl<'de> Deserialize<'de> for Caller {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -53,7 +53,7 @@ pub enum BodySpec {
     Json(Vec<(String, Secret)>),
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHttpRequest {
     method: Option<Text>,
@@ -70,7 +70,7 @@ pub(super) struct RawHttpRequest {
     headers: BTreeMap<String, Text>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, schemars::JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawResponse {
     access_token: Option<Text>,

@@ -8,7 +8,8 @@ use serde::Deserialize;
 use super::value::Text;
 
 /// Where and how the credential goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawInject")]
 pub enum Inject {
     /// In a header: `<scheme> <token>`, or the token alone without a scheme.
     Header {
@@ -53,17 +54,23 @@ impl Inject {
 /// routing, and the proxy's own credentials.
 const RESERVED: [&str; 4] = ["host", "content-length", "proxy-authorization", "proxy-authenticate"];
 
-impl<'de> Deserialize<'de> for Inject {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Raw {
-            header: Option<Text>,
-            query: Option<Text>,
-            scheme: Option<Text>,
-        }
-        let Raw { header, query, scheme } = Raw::deserialize(d)?;
-        parse(header.map(|t| t.0), query.map(|t| t.0), scheme.map(|t| t.0)).map_err(serde::de::Error::custom)
+/// `inject:` as written.
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RawInject {
+    /// The header that carries the credential.
+    header: Option<Text>,
+    /// The query parameter that carries it (and is never logged).
+    query: Option<Text>,
+    /// A word before the credential (`Bearer`, `Key`); none: the credential alone.
+    scheme: Option<Text>,
+}
+
+impl TryFrom<RawInject> for Inject {
+    type Error = String;
+    fn try_from(raw: RawInject) -> Result<Inject, String> {
+        let RawInject { header, query, scheme } = raw;
+        parse(header.map(|t| t.0), query.map(|t| t.0), scheme.map(|t| t.0))
     }
 }
 
@@ -94,6 +101,8 @@ fn parse(header: Option<String>, query: Option<String>, scheme: Option<String>) 
         }
     }
 }
+
+super::json_schema::schema_as!(Inject => RawInject);
 
 #[cfg(test)]
 mod tests {

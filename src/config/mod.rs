@@ -12,6 +12,7 @@ pub mod env;
 mod files;
 mod http_provider;
 mod inject;
+pub mod json_schema;
 mod load;
 mod locate;
 mod provider;

@@ -29,7 +29,7 @@ pub enum Provider {
     Static(super::static_provider::StaticProvider),
 }
 
-#[derive(Deserialize, Clone, Copy)]
+#[derive(Deserialize, schemars::JsonSchema, Clone, Copy)]
 enum Kind {
     #[serde(rename = "oauth2")]
     OAuth2,
@@ -269,7 +269,7 @@ pub struct OAuth2Provider {
     pub common: ProviderCommon,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawProvider {
     #[serde(rename = "type")]
@@ -291,6 +291,7 @@ struct RawProvider {
     client_assertion_file: Option<Text>,
     client_assertion_type: Option<Text>,
     assertion_audience: Option<Text>,
+    #[schemars(with = "Option<crate::config::json_schema::DurationText>")]
     #[serde(default, deserialize_with = "value::opt_duration")]
     assertion_lifetime: Option<Duration>,
     assertion_file: Option<Text>,
@@ -312,10 +313,13 @@ struct RawProvider {
     refresh_token: Option<Text>,
     refresh_token_file: Option<Text>,
     state_file: Option<Text>,
+    #[schemars(with = "Option<crate::config::json_schema::DurationText>")]
     #[serde(default, deserialize_with = "value::opt_duration")]
     timeout: Option<Duration>,
+    #[schemars(with = "Option<crate::config::json_schema::DurationText>")]
     #[serde(default, deserialize_with = "value::opt_duration")]
     refresh_margin: Option<Duration>,
+    #[schemars(with = "Option<crate::config::json_schema::DurationText>")]
     #[serde(default, deserialize_with = "value::opt_duration")]
     default_ttl: Option<Duration>,
     #[serde(default)]
@@ -329,7 +333,7 @@ struct RawProvider {
     value_file: Option<Text>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawTokenExchange {
     subject_token_file: Option<Text>,
@@ -347,7 +351,7 @@ struct RawTokenExchange {
 }
 
 /// A string or a list of strings.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, schemars::JsonSchema, Default)]
 #[serde(untagged)]
 enum OneOrMany {
     #[default]
@@ -395,7 +399,7 @@ pub(super) struct RawCommon {
     pub egress_proxy: Option<super::EgressSetting>,
 }
 
-#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Deserialize, schemars::JsonSchema, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 enum GrantKind {
     ClientCredentials,
@@ -835,3 +839,5 @@ fn oauth2(raw: RawProvider) -> Result<OAuth2Provider, String> {
         common,
     })
 }
+
+super::json_schema::schema_as!(Provider => RawProvider);

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::*;
 
 /// How tokengate speaks to an `https://` upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum UpstreamProtocol {
     /// Each new connection offers HTTP/2 and HTTP/1.1 by ALPN and the upstream chooses. HTTP/2
@@ -22,7 +22,7 @@ pub enum UpstreamProtocol {
 }
 
 /// One route: requests whose path starts with `prefix` go to `upstream` with `provider`'s token.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Label used in metrics and logs (default: the prefix).
@@ -38,6 +38,7 @@ pub struct RouteConfig {
     #[serde(default = "value::yes")]
     pub strip_prefix: bool,
     /// Extra PEM CA bundle trusted for this upstream, in addition to the public roots.
+    #[schemars(with = "Option<crate::config::json_schema::PathText>")]
     #[serde(default, deserialize_with = "value::opt_path")]
     pub ca_file: Option<PathBuf>,
     /// How requests reach an `https://` upstream (plain `http://` is always HTTP/1.1).
@@ -49,15 +50,18 @@ pub struct RouteConfig {
     pub server_name: Option<Text>,
     /// A client certificate (PEM chain, leaf first) presented to an `https://` upstream that
     /// asks for one; with `client_key_file`.
+    #[schemars(with = "Option<crate::config::json_schema::PathText>")]
     #[serde(default, deserialize_with = "value::opt_path")]
     pub client_cert_file: Option<PathBuf>,
     /// The private key (PEM) of `client_cert_file`.
+    #[schemars(with = "Option<crate::config::json_schema::PathText>")]
     #[serde(default, deserialize_with = "value::opt_path")]
     pub client_key_file: Option<PathBuf>,
     /// Client address blocks allowed on this route, in addition to the listener's list.
     #[serde(default)]
     pub allow: Vec<Cidr>,
     /// Methods allowed on this route (default: any); others get 405.
+    #[schemars(with = "Vec<String>")]
     #[serde(default, deserialize_with = "methods")]
     pub methods: Vec<http::Method>,
     /// Require an inbound API key (default: true when `access.api_keys` is set).
@@ -70,6 +74,7 @@ pub struct RouteConfig {
     #[serde(default = "value::yes")]
     pub retry_on_401: bool,
     /// Headers set on every upstream request of this route (an API's tenant header, say).
+    #[schemars(with = "std::collections::BTreeMap<String, String>")]
     #[serde(default, deserialize_with = "provider::header_map")]
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Where the credential goes; `None` (not written) is `Authorization: Bearer <token>`.

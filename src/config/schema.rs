@@ -11,10 +11,11 @@ use serde::Deserialize;
 use super::*;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where the proxy listens (default `127.0.0.1:8080`: loopback unless told otherwise).
+    #[schemars(with = "crate::config::json_schema::AddressText")]
     #[serde(default = "default_listen", deserialize_with = "value::socket_addr")]
     pub listen: SocketAddr,
     /// The admin listener (metrics and health).
@@ -44,9 +45,11 @@ pub struct Config {
     #[serde(default)]
     pub egress_proxy: Option<EgressSetting>,
     /// The proxy's password, from a file (the URL then names only the user).
+    #[schemars(with = "Option<crate::config::json_schema::PathText>")]
     #[serde(default, deserialize_with = "egress::password_file")]
     pub egress_proxy_password_file: Option<crate::secret::Secret>,
     /// Destinations reached directly: host names (with their subdomains), addresses and blocks.
+    #[schemars(with = "Vec<String>")]
     #[serde(default, deserialize_with = "egress::no_proxy_list")]
     pub no_proxy: Vec<NoProxy>,
     /// Named callers: who is sending a request, told by an API key, a JWT or an address block.
@@ -97,7 +100,7 @@ pub enum AccessLogTo {
 }
 
 /// The shape of access-log lines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AccessLogFormat {
     /// `time client "METHOD path" status bytes duration route=... upstream=... provider=...`.
@@ -156,10 +159,11 @@ impl<'de> Deserialize<'de> for AccessLogConfig {
 }
 
 /// The admin listener.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     /// Where `/metrics`, `/healthz` and `/readyz` are served (default `127.0.0.1:9090`).
+    #[schemars(with = "crate::config::json_schema::AddressText")]
     #[serde(default = "default_admin_listen", deserialize_with = "value::socket_addr")]
     pub listen: SocketAddr,
     /// Client address blocks allowed to use the admin listener (empty: any that can reach it).
@@ -196,55 +200,69 @@ fn default_admin_listen() -> SocketAddr {
 }
 
 /// Timeouts and limits for downstream connections and upstream requests.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Time a downstream client has to send the request head (slowloris bound).
+    #[schemars(with = "crate::config::json_schema::DurationText")]
     #[serde(deserialize_with = "value::duration")]
     pub header_read_timeout: Duration,
     /// Largest request head accepted from a downstream client.
+    #[schemars(with = "crate::config::json_schema::SizeText")]
     #[serde(deserialize_with = "value::size")]
     pub max_header_size: u64,
     /// Time to establish a TCP (and TLS) connection to an upstream.
+    #[schemars(with = "crate::config::json_schema::DurationText")]
     #[serde(deserialize_with = "value::duration")]
     pub upstream_connect_timeout: Duration,
     /// Time from sending a request upstream until its response head arrives.
+    #[schemars(with = "crate::config::json_schema::DurationText")]
     #[serde(deserialize_with = "value::duration")]
     pub upstream_timeout: Duration,
     /// How long an idle pooled upstream connection is kept.
+    #[schemars(with = "crate::config::json_schema::DurationText")]
     #[serde(deserialize_with = "value::duration")]
     pub upstream_idle_timeout: Duration,
     /// How long in-flight requests may take to finish after SIGTERM.
+    #[schemars(with = "crate::config::json_schema::DurationText")]
     #[serde(deserialize_with = "value::duration")]
     pub shutdown_grace: Duration,
     /// After SIGTERM, how long `/readyz` answers 503 while the listeners keep accepting, so load
     /// balancers stop sending before connections are refused; then the drain starts.
+    #[schemars(with = "crate::config::json_schema::DurationText")]
     #[serde(deserialize_with = "value::duration")]
     pub shutdown_delay: Duration,
     /// At start, `/readyz` waits this long at most for every provider's first token; after
     /// that (or once all have one) the replica is ready even if a provider is failing.
+    #[schemars(with = "crate::config::json_schema::DurationText")]
     #[serde(deserialize_with = "value::duration")]
     pub warmup_timeout: Duration,
     /// A downstream connection with no request in flight and no traffic for this long is closed.
+    #[schemars(with = "crate::config::json_schema::DurationText")]
     #[serde(deserialize_with = "value::duration")]
     pub idle_timeout: Duration,
     /// Longest time a client may take none of the response data ready for it (slow-reader bound:
     /// the connection is closed, freeing the upstream connection the response holds).
+    #[schemars(with = "crate::config::json_schema::DurationText")]
     #[serde(deserialize_with = "value::duration")]
     pub send_timeout: Duration,
     /// Longest pause allowed between two pieces of a request body (slow-body bound; 408).
+    #[schemars(with = "crate::config::json_schema::DurationText")]
     #[serde(deserialize_with = "value::duration")]
     pub body_read_timeout: Duration,
     /// Slowest average rate a request body may arrive at, in bytes per second, once it has
     /// been arriving for `body_read_timeout` (408 below it): a body trickled in with pauses just
     /// under the timeout would hold its upstream connection for ever. `0` turns it off.
+    #[schemars(with = "crate::config::json_schema::SizeText")]
     #[serde(deserialize_with = "value::size")]
     pub body_min_rate: u64,
     /// Largest request body accepted (413); unlimited when absent.
+    #[schemars(with = "Option<crate::config::json_schema::SizeText>")]
     #[serde(deserialize_with = "value::opt_size")]
     pub max_body_size: Option<u64>,
     /// Request bodies up to this size are buffered so a request can be replayed after an
     /// upstream 401; larger ones stream and are not replayed.
+    #[schemars(with = "crate::config::json_schema::SizeText")]
     #[serde(deserialize_with = "value::size")]
     pub replay_buffer: u64,
     /// Downstream connections served at once per listener, across all worker threads. When all
@@ -256,6 +274,7 @@ pub struct Limits {
     /// Connections tokengate opens to one upstream `host:port` at most, per process.
     pub upstream_max_connections: usize,
     /// How long a request waits for an upstream connection slot before `503 upstream_busy`.
+    #[schemars(with = "crate::config::json_schema::DurationText")]
     #[serde(deserialize_with = "value::duration")]
     pub upstream_queue_timeout: Duration,
     /// Requests worked on at once across all listeners; more get `503 overloaded` at once.
@@ -263,6 +282,7 @@ pub struct Limits {
     /// How long a request with no valid token waits for the fetch under way (an IdP that hangs
     /// instead of refusing), then `503 token_unavailable` with `Retry-After: 1` while the fetch
     /// goes on.
+    #[schemars(with = "crate::config::json_schema::DurationText")]
     #[serde(deserialize_with = "value::duration")]
     pub token_wait: Duration,
 }
@@ -297,10 +317,11 @@ impl Default for Limits {
 
 /// The forward-proxy listener: accepts `GET http://host/path` from apps configured with
 /// `HTTP_PROXY`, matches routes by upstream host, and refuses every other host.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardProxy {
     /// Where it listens.
+    #[schemars(with = "crate::config::json_schema::AddressText")]
     #[serde(deserialize_with = "value::socket_addr")]
     pub listen: SocketAddr,
     /// Client address blocks allowed on this listener (empty: any).
@@ -336,7 +357,7 @@ impl std::fmt::Debug for SharedCacheConfig {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawSharedCache {
     redis: Text,
@@ -348,10 +369,13 @@ struct RawSharedCache {
     key_file: Option<Text>,
     #[serde(default)]
     prefix: Option<Text>,
+    #[schemars(with = "Option<crate::config::json_schema::DurationText>")]
     #[serde(default, deserialize_with = "value::opt_duration")]
     lock_ttl: Option<Duration>,
+    #[schemars(with = "Option<crate::config::json_schema::DurationText>")]
     #[serde(default, deserialize_with = "value::opt_duration")]
     timeout: Option<Duration>,
+    #[schemars(with = "Option<crate::config::json_schema::DurationText>")]
     #[serde(default, deserialize_with = "value::opt_duration")]
     connect_timeout: Option<Duration>,
 }
@@ -393,19 +417,23 @@ impl TryFrom<RawSharedCache> for SharedCacheConfig {
 }
 
 /// The HTTPS listener.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InboundTls {
     /// Where it listens.
+    #[schemars(with = "crate::config::json_schema::AddressText")]
     #[serde(deserialize_with = "value::socket_addr")]
     pub listen: SocketAddr,
     /// PEM certificate chain.
+    #[schemars(with = "crate::config::json_schema::PathText")]
     #[serde(deserialize_with = "value::path")]
     pub cert_file: PathBuf,
     /// PEM private key.
+    #[schemars(with = "crate::config::json_schema::PathText")]
     #[serde(deserialize_with = "value::path")]
     pub key_file: PathBuf,
     /// PEM CA bundle that client certificates must chain to (enables mTLS).
+    #[schemars(with = "Option<crate::config::json_schema::PathText>")]
     #[serde(default, deserialize_with = "value::opt_path")]
     pub client_ca_file: Option<PathBuf>,
     /// `required` (default with a client CA): handshakes without a valid certificate fail;
@@ -419,7 +447,7 @@ pub struct InboundTls {
 }
 
 /// Whether the TLS listener demands client certificates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientCertMode {
     /// Handshake fails without a valid certificate.
@@ -427,3 +455,5 @@ pub enum ClientCertMode {
     /// Verified if presented.
     Optional,
 }
+
+super::json_schema::schema_as!(SharedCacheConfig => RawSharedCache);
