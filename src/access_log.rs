@@ -14,10 +14,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::config::{AccessLogConfig, AccessLogFormat, AccessLogTo};
-use crate::text::{ip, number};
+use crate::text::{ip, number, three_digits, timestamp};
 
 /// A thread's buffer is handed to the writer at this size.
 const FLUSH_SIZE: usize = 64 * 1024;
@@ -110,8 +110,6 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 thread_local! {
     /// This thread's buffer for each access log it has written to.
     static MINE: RefCell<Vec<(u64, Arc<Mutex<Buffer>>)>> = const { RefCell::new(Vec::new()) };
-    /// The RFC 3339 time of the current second, formatted once per second.
-    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
 }
 
 impl AccessLog {
@@ -308,32 +306,8 @@ impl Writer {
     }
 }
 
-/// Appends the current time, RFC 3339 with milliseconds, UTC.
-fn timestamp(out: &mut Vec<u8>) {
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let second = now.as_secs();
-    SECOND.with(|cached| {
-        let mut cached = cached.borrow_mut();
-        if cached.0 != second {
-            let t = time::OffsetDateTime::from_unix_timestamp(i64::try_from(second).unwrap_or(0))
-                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-            // Whole seconds format as `...:01Z`; the milliseconds go before the `Z`.
-            let whole = t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-            *cached = (second, whole.trim_end_matches('Z').to_owned());
-        }
-        out.extend_from_slice(cached.1.as_bytes());
-    });
-    out.push(b'.');
-    three_digits(out, now.subsec_millis());
-    out.push(b'Z');
-}
-
 // The line is written byte by byte rather than with `write!`: core::fmt (and float formatting
 // for the durations) cost more than everything else the log does per request.
-fn three_digits(out: &mut Vec<u8>, n: u32) {
-    let n = n % 1000;
-    out.extend_from_slice(&[b'0' + (n / 100) as u8, b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8]);
-}
 
 /// Milliseconds with three decimals (`12.345`), rounded to the microsecond.
 fn millis(out: &mut Vec<u8>, d: Duration) {
@@ -343,10 +317,10 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
     three_digits(out, (micros % 1000) as u32);
 }
 
-/// `2026-11-25T17:12:01.123Z 10.0.0.7 "GET /api/x HTTP/1.1" 200 1234 1.234ms in=0 upstream_time=1.100ms route=api upstream=https://... provider=p fetched=0 replayed=0 ua="curl/8.5" id=...`
+/// `2026-11-25T17:12:01.123Z ACCESS 10.0.0.7 "GET /api/x HTTP/1.1" 200 1234 1.234ms in=0 upstream_time=1.100ms route=api upstream=https://... provider=p fetched=0 replayed=0 ua="curl/8.5" id=...`
 fn text(out: &mut Vec<u8>, r: &Record<'_>) {
     timestamp(out);
-    out.push(b' ');
+    out.extend_from_slice(b" ACCESS ");
     ip(out, r.client);
     out.extend_from_slice(b" \"");
     out.extend_from_slice(r.method.as_bytes());
@@ -414,9 +388,9 @@ fn json_optional(out: &mut Vec<u8>, key: &[u8], value: Option<&str>) {
 }
 
 fn json(out: &mut Vec<u8>, r: &Record<'_>) {
-    out.extend_from_slice(b"{\"time\":\"");
+    out.extend_from_slice(b"{\"timestamp\":\"");
     timestamp(out);
-    out.extend_from_slice(b"\",\"client\":\"");
+    out.extend_from_slice(b"\",\"log\":\"access\",\"client\":\"");
     ip(out, r.client);
     out.extend_from_slice(b"\",\"method\":");
     json_string(out, r.method);
@@ -546,7 +520,7 @@ mod tests {
         text(&mut out, &record());
         let line = String::from_utf8(out).unwrap_or_default();
         assert!(
-            line.ends_with(" 10.0.0.7 \"GET /api/\\x22x\\x22\\x5c HTTP/1.1\" 200 1234 1.234ms in=12 upstream_time=1.100ms route=api provider=p fetched=0 replayed=1 ua=\"curl/8 \\x22quoted\\x22\" id=r-1\n"),
+            line.ends_with("Z ACCESS 10.0.0.7 \"GET /api/\\x22x\\x22\\x5c HTTP/1.1\" 200 1234 1.234ms in=12 upstream_time=1.100ms route=api provider=p fetched=0 replayed=1 ua=\"curl/8 \\x22quoted\\x22\" id=r-1\n"),
             "{line}"
         );
         assert_eq!(line.matches('\n').count(), 1);
@@ -610,7 +584,8 @@ mod tests {
         assert_eq!(v["user_agent"], "curl/8 \"quoted\"");
         assert_eq!(v["bytes_in"], 12);
         assert_eq!(v["upstream_ms"], 1.1);
-        assert!(v["time"].as_str().is_some_and(|t| t.len() == 24 && t.ends_with('Z')));
+        assert!(v["timestamp"].as_str().is_some_and(|t| t.len() == 24 && t.ends_with('Z')));
+        assert_eq!(v["log"], "access");
         assert_eq!(v["caller"], serde_json::Value::Null);
         let mut out = Vec::new();
         json(

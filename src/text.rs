@@ -1,8 +1,10 @@
 //! Numbers and addresses written as bytes, for the access log line and forwarded headers:
 //! `core::fmt` costs about 1,000 instructions to print one IPv4 address, this a tenth of that.
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 /// Appends the decimal digits of `n`.
 pub fn number(out: &mut Vec<u8>, n: impl itoa::Integer) {
@@ -24,6 +26,38 @@ pub fn ip(out: &mut Vec<u8>, ip: IpAddr) {
             let _ = write!(out, "{ip}");
         }
     }
+}
+
+thread_local! {
+    /// The RFC 3339 time of the current second, formatted once per second.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+/// Appends the current time, RFC 3339 with milliseconds, UTC (`2026-11-25T17:12:01.123Z`): the
+/// access log's and the operator log's timestamps.
+pub fn timestamp(out: &mut Vec<u8>) {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let second = now.as_secs();
+    SECOND.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != second {
+            let t = time::OffsetDateTime::from_unix_timestamp(i64::try_from(second).unwrap_or(0))
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            // Whole seconds format as `...:01Z`; the milliseconds go before the `Z`.
+            let whole = t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+            *cached = (second, whole.trim_end_matches('Z').to_owned());
+        }
+        out.extend_from_slice(cached.1.as_bytes());
+    });
+    out.push(b'.');
+    three_digits(out, now.subsec_millis());
+    out.push(b'Z');
+}
+
+/// Appends `n % 1000` as three digits.
+pub fn three_digits(out: &mut Vec<u8>, n: u32) {
+    let n = n % 1000;
+    out.extend_from_slice(&[b'0' + (n / 100) as u8, b'0' + (n / 10 % 10) as u8, b'0' + (n % 10) as u8]);
 }
 
 #[cfg(test)]

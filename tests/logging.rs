@@ -182,3 +182,66 @@ async fn a_log_file_in_the_watched_directory_does_not_feed_itself() {
     }
     assert_eq!(status, 200, "the edit was not reloaded");
 }
+
+/// With `--log-format json`, the operator log and the access log share stderr: every line is a
+/// JSON object with the same `timestamp` key and format, and `log` says which log it is from.
+/// Requests hyper answers itself (a malformed head: 400; a head over max_header_size: 431) have
+/// access-log lines too, with the error code the client got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_logs_share_the_timestamp_and_say_which_they_are_and_parse_errors_are_logged() {
+    let (dir, idp, up, proxy, admin) = setup().await;
+    let path = config(dir.path(), proxy, admin, &idp, &up);
+    let yaml = std::fs::read_to_string(&path).unwrap().replace("access_log: off\n", "");
+    std::fs::write(&path, yaml).unwrap();
+    let log = dir.path().join("stderr.log");
+    let p = Process::spawn_with(
+        &path,
+        admin,
+        &["--log-format", "json"],
+        std::fs::File::create(&log).unwrap().into(),
+    );
+    p.ready().await;
+    assert_eq!(client().get(format!("http://{proxy}/ok/1")).send().await.unwrap().status(), 200);
+    let malformed = raw(proxy, b"GET /ok/2 HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n").await;
+    assert!(
+        malformed.starts_with("HTTP/1.1 400 ") && malformed.contains("\"invalid_request\""),
+        "{malformed}"
+    );
+    let huge = format!("GET /ok/3 HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "a".repeat(80 * 1024));
+    let too_large = raw(proxy, huge.as_bytes()).await;
+    assert!(too_large.starts_with("HTTP/1.1 431 "), "{too_large}");
+
+    let mut access = Vec::new();
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&log).unwrap();
+        access =
+            text.lines().filter(|l| l.contains("\"log\":\"access\"")).map(str::to_owned).collect::<Vec<_>>();
+        if access.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut kinds = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let t = v["timestamp"].as_str().unwrap_or_else(|| panic!("no timestamp: {line}"));
+        assert!(t.len() == 24 && t.ends_with('Z') && &t[10..11] == "T" && &t[19..20] == ".", "{line}");
+        *kinds
+            .entry(v["log"].as_str().unwrap_or_else(|| panic!("no log field: {line}")).to_owned())
+            .or_insert(0) += 1;
+    }
+    assert!(kinds.get("app").is_some_and(|n| *n > 0) && kinds.len() == 2, "{kinds:?}");
+    let access: Vec<serde_json::Value> = access.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(access.len(), 3, "{access:#?}");
+    let answered = |status: u64, error: &str| {
+        access.iter().any(|a| {
+            a["status"] == status
+                && a["error"] == error
+                && a["client"] == "127.0.0.1"
+                && a["route"] == "_unmatched"
+        })
+    };
+    assert!(answered(400, "invalid_request") && answered(431, "headers_too_large"), "{access:#?}");
+    assert!(access.iter().any(|a| a["status"] == 200 && a["path"] == "/ok/1"), "{access:#?}");
+}

@@ -13,6 +13,7 @@
 
 mod library;
 mod limit;
+mod line;
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,10 +86,18 @@ pub fn init(filter: tracing_subscriber::EnvFilter, format: Format, ansi: bool) -
     let _ = WRITER_ERRORS.set(writer.error_counter());
     // The writer never fails (the queue takes the line or drops it), but the layer would report
     // a failure with eprintln!, which panics on a closed stderr.
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi).log_internal_errors(false);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(ansi)
+        .log_internal_errors(false)
+        .with_timer(line::Millis);
     let fmt = match format {
         Format::Text => fmt.boxed(),
-        Format::Json => fmt.json().flatten_event(true).boxed(),
+        Format::Json => fmt
+            .event_format(line::Tagged(
+                tracing_subscriber::fmt::format().json().flatten_event(true).with_timer(line::Millis),
+            ))
+            .boxed(),
     };
     let _ = tracing_subscriber::registry().with(filter).with(library::Limit::default()).with(fmt).try_init();
     if let Ok(mut w) = WORKER.lock() {

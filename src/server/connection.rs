@@ -67,6 +67,8 @@ pub(super) struct Listener {
     pub closed: prometheus::IntCounterVec,
     /// The listener label of that metric.
     pub name: &'static str,
+    /// Where requests hyper answers on its own (unparsable heads) are logged; none for admin.
+    pub access_log: Option<crate::access_log::AccessLog>,
 }
 
 /// Shutdown phases sent to connections.
@@ -282,6 +284,11 @@ enum Closed {
 }
 
 impl Listener {
+    fn log_to(&self, remote: SocketAddr) -> Option<super::parse_error::LogTo> {
+        let log = self.access_log.clone()?;
+        Some(super::parse_error::LogTo { log, client: remote.ip() })
+    }
+
     fn count_closed(&self, reason: Option<Closed>) {
         let Some(reason) = reason else { return };
         let label = match reason {
@@ -328,7 +335,7 @@ async fn drive<T, S>(
     S::Future: Send + 'static,
 {
     let io = TokioIo::new(FirstFlight::new(
-        super::parse_error::ErrorBodies::new(io, activity.clone()),
+        super::parse_error::ErrorBodies::new(io, activity.clone(), settings.log_to(peer.remote)),
         activity.clone(),
         peer.alpn,
     ));

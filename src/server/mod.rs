@@ -132,6 +132,7 @@ pub async fn start_with(
         tls: None,
         closed: proxy.metrics.connections_closed.clone(),
         name: "proxy",
+        access_log: Some(proxy.access_log().clone()),
     };
     let max_connections = config.limits.max_connections;
     let builder = Arc::new(builder);
@@ -185,6 +186,7 @@ pub async fn start_with(
         tls: None,
         closed: proxy.metrics.connections_closed.clone(),
         name: "admin",
+        access_log: None,
     };
     let c = control.clone();
     let admin_slots = Slots::new(ADMIN_CONNECTIONS);

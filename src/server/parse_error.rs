@@ -5,13 +5,22 @@
 //! service sees a request, with an empty body: `HTTP/1.1 400 Bad Request`, `connection: close`,
 //! `content-length: 0`, `date`. hyper has no hook for that answer, so the socket wrapper here
 //! recognises exactly that shape, written while no request is in flight, and writes tokengate's
-//! JSON error in its place, as every other error has. Anything else passes through untouched.
+//! JSON error in its place, as every other error has, and writes its access-log line (these
+//! requests never reach the proxy, which logs all others). Anything else passes through untouched.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use super::activity::Activity;
+use crate::access_log::{AccessLog, Record};
+
+/// Where the answers a connection's listener makes this way are logged: the listener's access
+/// log and the client's address.
+pub(super) struct LogTo {
+    pub log: AccessLog,
+    pub client: std::net::IpAddr,
+}
 
 /// hyper's answer is a status line and three short headers, about 110 bytes.
 const HYPER_ANSWER_MAX: usize = 192;
@@ -20,14 +29,15 @@ const HYPER_ANSWER_MAX: usize = 192;
 pub(super) struct ErrorBodies<T> {
     inner: T,
     activity: Arc<Activity>,
+    log: Option<LogTo>,
     // A replacement answer not yet written, and how much of it was.
     pending: Vec<u8>,
     written: usize,
 }
 
 impl<T> ErrorBodies<T> {
-    pub(super) fn new(inner: T, activity: Arc<Activity>) -> Self {
-        ErrorBodies { inner, activity, pending: Vec::new(), written: 0 }
+    pub(super) fn new(inner: T, activity: Arc<Activity>, log: Option<LogTo>) -> Self {
+        ErrorBodies { inner, activity, log, pending: Vec::new(), written: 0 }
     }
 
     /// If `data` begins with one of hyper's own error answers, the replacement and how many
@@ -71,12 +81,39 @@ impl<T> ErrorBodies<T> {
         let body = format!("{}\n", serde_json::json!({ "error": code, "message": message }));
         let reason = http::StatusCode::from_u16(status).ok()?.canonical_reason().unwrap_or("Error");
         let id = crate::proxy::headers::request_id(&http::HeaderMap::new());
+        self.record(id.to_str().unwrap_or("-"), status, code, body.len());
         let answer = format!(
             "HTTP/1.1 {status} {reason}\r\nconnection: close\r\ncontent-type: application/json\r\ncache-control: no-store\r\nx-request-id: {}\r\ncontent-length: {}\r\n\r\n{body}",
             id.to_str().unwrap_or("-"),
             body.len()
         );
         Some((answer.into_bytes(), end))
+    }
+
+    /// The access-log line of an answer made here: no method, path or route could be read.
+    fn record(&self, request_id: &str, status: u16, code: &'static str, bytes: usize) {
+        let Some(to) = self.log.as_ref().filter(|to| to.log.enabled()) else { return };
+        to.log.record(&Record {
+            request_id,
+            client: to.client,
+            method: "-",
+            path: "-",
+            protocol: "HTTP/1.1",
+            user_agent: None,
+            bytes_in: None,
+            upstream_duration: None,
+            status,
+            bytes: Some(bytes as u64),
+            duration: self.activity.head_since().map_or(std::time::Duration::ZERO, |t| t.elapsed()),
+            route: "_unmatched",
+            upstream: None,
+            provider: None,
+            caller: None,
+            error: Some(code),
+            host: None,
+            token_fetched: false,
+            replayed: false,
+        });
     }
 
     /// If `data` begins with hyper's own answer, takes it in place of those bytes: the
