@@ -45,9 +45,6 @@ fn host_path(path: &str, dockerfile: &str) -> std::path::PathBuf {
 /// Starts the binary with `args` (image paths mapped) and `vars`, the listeners on loopback, and
 /// waits until it listens (its providers' IdPs are not reachable from a test).
 async fn started(args: &[String], vars: &[(&str, &str)], dockerfile: &str) -> Process {
-    let admin = closed_port();
-    let listen = closed_port().to_string();
-    let admin_text = admin.to_string();
     let mapped: Vec<String> = args
         .iter()
         .map(|a| {
@@ -58,10 +55,19 @@ async fn started(args: &[String], vars: &[(&str, &str)], dockerfile: &str) -> Pr
             }
         })
         .collect();
+    launched(&mapped, vars).await
+}
+
+/// Starts the binary with `args` and only `vars` in its environment, the listeners on loopback
+/// (`TOKENGATE_LISTEN`), and waits until it listens.
+async fn launched(mapped: &[String], vars: &[(&str, &str)]) -> Process {
+    let admin = closed_port();
+    let listen = closed_port().to_string();
+    let admin_text = admin.to_string();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("tokengate.log");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
-        .args(&mapped)
+        .args(mapped)
         .env_clear()
         .envs(vars.iter().copied())
         .env("TOKENGATE_LISTEN", &listen)
@@ -166,4 +172,44 @@ fn shell_habits_are_refused_with_the_fix() {
     assert!(e.contains("no wildcards") && e.contains("\"/crm\""), "{e}");
     // A literal `$` is still possible.
     assert!(tokengate::config::parse(&base("    value: a$$b\n", ""), "t.yaml").is_ok());
+}
+
+/// The systemd unit in deploy/ passes `systemd-analyze verify` (its ExecStart pointed at this
+/// build), and its command line, with the credentials directory systemd would make, serves and
+/// stops cleanly on the SIGTERM `systemctl stop` sends.
+#[tokio::test]
+async fn the_systemd_unit_verifies_and_its_command_runs() {
+    let unit = std::fs::read_to_string(format!("{ROOT}/deploy/systemd/tokengate.service")).unwrap();
+    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
+    let words: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(words[0], "/usr/local/bin/tokengate");
+    for key in ["DynamicUser=yes", "ProtectSystem=strict", "NoNewPrivileges=yes", "CapabilityBoundingSet=\n"]
+    {
+        assert!(unit.contains(key), "the unit lacks {key:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let here = dir.path().join("tokengate.service");
+    std::fs::write(&here, unit.replace("/usr/local/bin/tokengate", env!("CARGO_BIN_EXE_tokengate"))).unwrap();
+    match std::process::Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&here).output() {
+        Ok(out) => {
+            let said =
+                String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && !said.contains("tokengate.service"),
+                "systemd-analyze verify:\n{said}"
+            );
+        }
+        Err(_) => skipped("systemd-analyze", "apt-get install systemd"),
+    }
+    // The credential the unit loads, where systemd puts it.
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    let name =
+        unit.lines().find_map(|l| l.strip_prefix("LoadCredential=")).unwrap().split(':').next().unwrap();
+    std::fs::write(credentials.join(name), "placeholder-secret").unwrap();
+    let config = words[2].strip_prefix("/etc/tokengate/").unwrap();
+    let mapped = [words[1].to_owned(), format!("{ROOT}/deploy/systemd/{config}")];
+    let mut p = launched(&mapped, &[("CREDENTIALS_DIRECTORY", credentials.to_str().unwrap())]).await;
+    p.signal("-TERM");
+    assert_eq!(p.exited_within(std::time::Duration::from_secs(10)).await, Some(Some(0)), "{}", p.log_text());
 }
