@@ -26,4 +26,5 @@ pub mod system;
 pub mod text;
 pub mod tls;
 pub mod token;
+pub mod trace;
 pub mod upstream;

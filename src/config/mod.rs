@@ -21,6 +21,7 @@ mod route;
 mod schema;
 mod source;
 pub mod static_provider;
+mod traces;
 mod validate;
 mod value;
 
@@ -48,6 +49,7 @@ pub use schema::{
     AccessLogConfig, AccessLogFormat, AccessLogTo, Admin, ClientCertMode, Config, ForwardProxy, InboundTls,
     Limits, SharedCacheConfig,
 };
+pub use traces::{OtlpEndpoint, SampleRatio, Tracing};
 pub use value::{Text, parse_duration, parse_size};
 
 /// A configuration that could not be loaded. Every variant names the file.

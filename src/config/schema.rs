@@ -33,6 +33,9 @@ pub struct Config {
     /// Optional token cache shared by replicas through Redis.
     #[serde(default)]
     pub shared_cache: Option<SharedCacheConfig>,
+    /// OpenTelemetry traces of proxied requests (off unless set).
+    #[serde(default)]
+    pub tracing: Option<Tracing>,
     /// Timeouts and size limits.
     #[serde(default)]
     pub limits: Limits,

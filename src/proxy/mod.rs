@@ -217,6 +217,7 @@ pub struct Proxy {
     unmatched_denied: LogLimit,
     in_flight: inflight::InFlight,
     access_log: crate::access_log::AccessLog,
+    traces: Option<Arc<crate::trace::Traces>>,
 }
 
 impl Proxy {
@@ -230,7 +231,18 @@ impl Proxy {
             unmatched_denied: LogLimit::default(),
             in_flight: inflight::InFlight::new(),
             access_log,
+            traces: None,
         }
+    }
+
+    /// Traces requests with `traces` (`tracing:` in the configuration).
+    pub fn with_traces(self, traces: Option<Arc<crate::trace::Traces>>) -> Self {
+        Proxy { traces, ..self }
+    }
+
+    /// The tracer, when requests are traced.
+    pub fn traces(&self) -> Option<&Arc<crate::trace::Traces>> {
+        self.traces.as_ref()
     }
 
     /// The access log.
@@ -253,6 +265,8 @@ impl Proxy {
         // upstream, the response and the access log carry it.
         let request_id = headers::request_id(req.headers());
         req.headers_mut().insert(headers::X_REQUEST_ID, request_id.clone());
+        notes.trace =
+            self.traces.as_ref().and_then(|t| t.request(req.headers(), req.method(), req.uri().path()));
         // An HTTP/1 body that is answered before it is read leaves the connection unusable: hyper
         // closes it, and a client reusing it would meet a closed socket on its next request.
         let unread_body = req.version() < http::Version::HTTP_2 && !req.body().is_end_stream();
@@ -339,6 +353,16 @@ impl Proxy {
                 host: logged.host.as_deref(),
                 token_fetched: notes.token_fetched,
                 replayed: notes.replayed,
+            });
+        }
+        if let Some(trace) = notes.trace.take() {
+            trace.finish(&crate::trace::Outcome {
+                route: label,
+                caller: notes.caller.as_deref(),
+                status: response.status().as_u16(),
+                upstream: route.as_ref().map(|r| r.upstream_text.as_str()),
+                provider: route.as_ref().map(|r| r.provider.name()),
+                error,
             });
         }
         response
@@ -449,9 +473,11 @@ impl Proxy {
             Payload::Buffered(bytes) => Some(bytes.clone()),
             Payload::Streamed(_) => None,
         };
+        let exchange = notes.trace.as_ref().map(|t| t.upstream(&mut request.headers, &route.upstream_text));
         let sent = Instant::now();
         let resp = self.send(runtime, route, &request, payload, &fault).await;
         notes.upstream_duration = Some(sent.elapsed());
+        traced(exchange, &resp);
         let resp = resp?;
         if resp.status() != StatusCode::UNAUTHORIZED {
             accepted(route, &token, resp.status());
@@ -466,9 +492,12 @@ impl Proxy {
                 notes.replayed = true;
                 drop(resp);
                 attach(&route.inject, &mut request, &fresh);
+                let exchange =
+                    notes.trace.as_ref().map(|t| t.upstream(&mut request.headers, &route.upstream_text));
                 let sent = Instant::now();
                 let resp = self.send(runtime, route, &request, Payload::Buffered(bytes), &fault).await;
                 notes.upstream_duration = Some(sent.elapsed());
+                traced(exchange, &resp);
                 let resp = resp?;
                 accepted(route, &fresh, resp.status());
                 return Ok(resp);
@@ -495,16 +524,24 @@ impl Proxy {
             None if route.provider.per_subject() => {
                 let subject = notes.subject.as_ref().ok_or(ProxyError::CallerTokenNeeded)?;
                 notes.token_fetched = true;
-                route.provider.for_subject(&subject.key, &subject.token).await.map_err(|e| {
+                let fetch = notes.trace.as_ref().map(|t| t.token_fetch(route.provider.name()));
+                let got = route.provider.for_subject(&subject.key, &subject.token).await;
+                if let Some(fetch) = fetch {
+                    fetch.done(got.is_ok());
+                }
+                got.map_err(|e| {
                     tracing::warn!(provider = %e.provider, error = %e.reason, "exchanging the caller's token failed");
                     ProxyError::TokenUnavailable { provider: e.provider, retry_in: e.retry_in }
                 })?
             }
             None => {
                 notes.token_fetched = true;
-                route.provider.get_within(runtime.limits.token_wait).await.map_err(|e| {
-                    ProxyError::TokenUnavailable { provider: e.provider, retry_in: e.retry_in }
-                })?
+                let fetch = notes.trace.as_ref().map(|t| t.token_fetch(route.provider.name()));
+                let got = route.provider.get_within(runtime.limits.token_wait).await;
+                if let Some(fetch) = fetch {
+                    fetch.done(got.is_ok());
+                }
+                got.map_err(|e| ProxyError::TokenUnavailable { provider: e.provider, retry_in: e.retry_in })?
             }
         };
         let version = match parts.version {
@@ -677,13 +714,18 @@ async fn replacement(
     rejected: &crate::token::Token,
     notes: &Notes,
 ) -> Option<Arc<crate::token::Token>> {
-    match &notes.subject {
+    let fetch = notes.trace.as_ref().map(|t| t.token_fetch(route.provider.name()));
+    let fresh = match &notes.subject {
         Some(subject) if route.provider.per_subject() => {
             route.provider.forget_subject(&subject.key);
             route.provider.for_subject(&subject.key, &subject.token).await.ok()
         }
         _ => route.provider.replace_rejected(rejected).await,
+    };
+    if let Some(fetch) = fetch {
+        fetch.done(fresh.is_some());
     }
+    fresh
 }
 
 fn accepted(route: &Route, token: &crate::token::Token, status: StatusCode) {
@@ -747,6 +789,17 @@ struct Notes {
     body_read: bool,
     // Until the (last) upstream response head.
     upstream_duration: Option<Duration>,
+    // The request's span, when it is traced.
+    trace: Option<crate::trace::Traced>,
+}
+
+/// Ends an upstream exchange's span, if it has one, with what came back.
+fn traced(exchange: Option<crate::trace::Child>, response: &Result<Response<Body>, ProxyError>) {
+    match (exchange, response) {
+        (Some(span), Ok(r)) => span.responded(r.status().as_u16()),
+        (Some(span), Err(_)) => span.done(false),
+        (None, _) => {}
+    }
 }
 
 /// What the access log keeps of a request before it is forwarded.

@@ -117,6 +117,9 @@ impl Control {
             if current.listen != config.listen || current.admin.listen != config.admin.listen {
                 tracing::warn!("listen addresses cannot change on reload; restart to apply them");
             }
+            if current.tracing != config.tracing {
+                tracing::warn!("tracing settings cannot change on reload; restart to apply them");
+            }
             if current.access_log.to != config.access_log.to {
                 tracing::warn!("the access log destination cannot change on reload; restart to apply it");
             }

@@ -99,7 +99,13 @@ pub async fn start_with(
             _ => format!("access_log: {e}"),
         })
     })?;
-    let proxy = Arc::new(Proxy::new(system.runtime, metrics, access_log));
+    let traces = match &config.tracing {
+        Some(t) => {
+            Some(Arc::new(crate::trace::Traces::start(t).map_err(|e| StartError::Setup(e.to_string()))?))
+        }
+        None => None,
+    };
+    let proxy = Arc::new(Proxy::new(system.runtime, metrics, access_log).with_traces(traces));
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
@@ -329,6 +335,10 @@ impl Running {
             let _ = worker.await;
         }
         self.proxy.access_log().flush();
+        if let Some(traces) = self.proxy.traces().cloned() {
+            // Sends the queued spans: a blocking call, made off the async workers.
+            let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+        }
     }
 
     /// Reopens the access-log file (SIGUSR1, after logrotate moved it).

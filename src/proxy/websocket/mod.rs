@@ -220,15 +220,21 @@ impl Proxy {
         request: &super::Outgoing,
         notes: &mut Notes,
     ) -> Result<upstream::Upgrade, ProxyError> {
-        let head = upstream::h1::Head {
-            method: &request.method,
-            target: &request.target,
-            headers: &request.headers,
-        };
+        // A traced handshake carries its own traceparent (the only case that copies the head).
+        let mut headers = std::borrow::Cow::Borrowed(&request.headers);
+        let exchange = notes.trace.as_ref().map(|t| t.upstream(headers.to_mut(), &route.upstream_text));
+        let head = upstream::h1::Head { method: &request.method, target: &request.target, headers: &headers };
         let sent = std::time::Instant::now();
         let protocol = HeaderValue::from_static("websocket");
         let answer = route.client.upgrade(&head, &protocol, runtime.limits.upstream_timeout).await;
         notes.upstream_duration = Some(sent.elapsed());
+        if let Some(span) = exchange {
+            match &answer {
+                Ok(upstream::Upgrade::Switched(head, _)) => span.responded(head.status.as_u16()),
+                Ok(upstream::Upgrade::Answered(r)) => span.responded(r.status().as_u16()),
+                Err(_) => span.done(false),
+            }
+        }
         answer.map_err(|e| self.upstream_error(route, &e))
     }
 }
