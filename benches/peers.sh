@@ -3,7 +3,7 @@
 # proxy to one origin), plus the origin directly, on this machine, in one run.
 #
 #   bash benches/peers.sh [--workers N] [--rounds R] [--duration SECONDS] [--connections C] [--access-log] [--tls]
-#                         [--token-bytes N]
+#                         [--token-bytes N] [--peer-headers same|none]
 #
 # The access token every proxy sends is N random base64url characters (default 1200, the size of a
 # Keycloak or Entra access token; a short opaque token hides what a proxy pays per request to send
@@ -20,6 +20,11 @@
 # set the route's upstream_protocol (http1 or auto) of tokengate and tokengate-base; with
 # --baseline-protocol alone, tokengate-base is this binary.
 #
+# --peer-headers same (the default) has nginx and HAProxy add the forwarding headers tokengate
+# adds to every request (X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, Via and a fresh
+# X-Request-Id), so every proxy does the same work and the origin parses the same head; checked
+# before the runs. --peer-headers none is the older setup: only Authorization is set.
+#
 # --access-log turns on each proxy's access log as it writes it by default, to a file: nginx the
 # combined format, HAProxy httplog to its log file, tokengate its text lines. The lines tokengate
 # wrote are counted against the requests it answered.
@@ -31,6 +36,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WORKERS=1 ROUNDS=3 DURATION=8 CONNECTIONS=50 ACCESS_LOG=0 TLS=0 BASELINE_BIN= PROTOCOL= BASE_PROTOCOL= TOKEN_BYTES=1200
+PEER_HEADERS=same
 while [ $# -gt 0 ]; do
   case "$1" in
     --workers) WORKERS=$2; shift 2 ;;
@@ -43,6 +49,7 @@ while [ $# -gt 0 ]; do
     --protocol) PROTOCOL=$2; shift 2 ;;
     --baseline-protocol) BASE_PROTOCOL=$2; shift 2 ;;
     --token-bytes) TOKEN_BYTES=$2; shift 2 ;;
+    --peer-headers) PEER_HEADERS=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -75,6 +82,7 @@ if [ "$TLS" = 1 ]; then
     ssl_session_cache shared:origin:10m;
     root $WORK/www;
     location = /whoami { default_type text/plain; return 200 \"\$http_authorization\"; }
+    location = /forwarded { default_type text/plain; return 200 \"\$http_x_forwarded_for|\$http_x_forwarded_proto|\$http_x_forwarded_host|\$http_via|\$http_x_request_id\"; }
   }"
   NGINX_UPSTREAM="upstream origin { server 127.0.0.1:$ORIGIN_TLS; keepalive 128; }"
   NGINX_PASS="proxy_pass https://origin;
@@ -111,6 +119,7 @@ http {
     root $WORK/www;
     location = /token { default_type application/json; return 200 '{"access_token":"$TOKEN","token_type":"Bearer","expires_in":3600}'; }
     location = /whoami { default_type text/plain; return 200 "\$http_authorization"; }
+    location = /forwarded { default_type text/plain; return 200 "\$http_x_forwarded_for|\$http_x_forwarded_proto|\$http_x_forwarded_host|\$http_via|\$http_x_request_id"; }
   }
   $ORIGIN_TLS_SERVER
 }
@@ -124,6 +133,23 @@ if [ "$ACCESS_LOG" = 1 ]; then
 else
   NGINX_LOG="access_log off;" HAPROXY_LOG="" HAPROXY_HTTPLOG="" TG_LOG="access_log: off"
 fi
+
+case "$PEER_HEADERS" in
+  same)
+    NGINX_HEADERS='proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header Via "1.1 nginx";
+      proxy_set_header X-Request-Id $request_id;'
+    HAPROXY_HEADERS='option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request add-header Via "1.1 haproxy"
+  unique-id-format %[uuid]
+  unique-id-header X-Request-Id' ;;
+  none) NGINX_HEADERS="" HAPROXY_HEADERS="" ;;
+  *) echo "--peer-headers: same or none" >&2; exit 2 ;;
+esac
 
 cat > "$WORK/nginx.conf" <<CONF
 worker_processes $WORKERS;
@@ -141,6 +167,7 @@ http {
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Authorization "Bearer $TOKEN";
+      $NGINX_HEADERS
     }
   }
 }
@@ -159,6 +186,7 @@ defaults
   timeout client 30s
   timeout server 30s
   http-reuse always
+  $HAPROXY_HEADERS
 frontend fe
   bind 127.0.0.1:$HAPROXY
   http-request set-header Authorization "Bearer $TOKEN"
@@ -235,6 +263,15 @@ for name in ${PEERS#direct }; do
   fi
 done
 
+if [ "$PEER_HEADERS" = same ]; then
+  for name in ${PEERS#direct }; do
+    got=$(curl -s "${URL[$name]}/forwarded")
+    if echo "$got" | tr '|' '\n' | grep -qx ''; then
+      echo "$name does not add every forwarding header (got: $got)" >&2; exit 1
+    fi
+  done
+fi
+
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # A process and its children (nginx's workers), user + system ticks.
@@ -302,7 +339,8 @@ log_mode=$([ "$ACCESS_LOG" = 1 ] && echo "access logs on" || echo "access logs o
 
 echo
 upstream_mode=$([ "$TLS" = 1 ] && echo "HTTPS origin (HTTP/2 by ALPN)" || echo "plain http origin")
-echo "### workers=$WORKERS, $CONNECTIONS connections, ${DURATION}s x $ROUNDS rounds, $upstream_mode, $log_mode, ${TOKEN_BYTES}-byte token, $(nproc) cores ($(date -u +%Y-%m-%d))"
+headers_mode=$([ "$PEER_HEADERS" = same ] && echo "every proxy adds X-Forwarded-*, Via, X-Request-Id" || echo "peers add no forwarding headers")
+echo "### workers=$WORKERS, $CONNECTIONS connections, ${DURATION}s x $ROUNDS rounds, $upstream_mode, $log_mode, $headers_mode, ${TOKEN_BYTES}-byte token, $(nproc) cores ($(date -u +%Y-%m-%d))"
 echo
 echo "| response | peer | req/s (median) | p50 ms | p99 ms | vs direct | vs nginx | CPU s / 10k req |"
 echo "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
