@@ -9,15 +9,20 @@
 #   h2tls   https:// origin, HTTP/2 by ALPN (the default for https)
 #
 #   bash benches/instructions.sh [--token-bytes N] [--requests A,B] [--access-log] [--modes plain,h1tls,h2tls]
-#                                [--baseline-bin PATH]
+#                                [--baseline-bin PATH] [--bin PATH] [--cache-sim] [--keep DIR]
 #
+# --bin PATH measures that build instead of this checkout's release build (a variant built with
+# other profile settings, say). --cache-sim also counts level-1 instruction-cache misses per
+# request (callgrind's cache simulation): the code footprint a request touches.
+# --keep DIR keeps each B-request callgrind profile as DIR/MODE.callgrind (for callgrind_annotate).
 # --baseline-bin runs an earlier tokengate build the same way and prints the ratio. The client is
 # h2load over HTTP/1.1 with one connection; the origin is nginx with a 100-byte body. It compares;
 # it never fails on a number.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TOKEN_BYTES=1200 REQUESTS=1000,5000 ACCESS_LOG=0 MODES=plain,h1tls,h2tls BASELINE_BIN=
+TOKEN_BYTES=1200 REQUESTS=1000,5000 ACCESS_LOG=0 MODES=plain,h1tls,h2tls BASELINE_BIN= KEEP= BIN=./target/release/tokengate
+CACHE_SIM=no
 while [ $# -gt 0 ]; do
   case "$1" in
     --token-bytes) TOKEN_BYTES=$2; shift 2 ;;
@@ -25,6 +30,9 @@ while [ $# -gt 0 ]; do
     --access-log) ACCESS_LOG=1; shift ;;
     --modes) MODES=$2; shift 2 ;;
     --baseline-bin) BASELINE_BIN=$2; shift 2 ;;
+    --keep) KEEP=$2; shift 2 ;;
+    --bin) BIN=$2; shift 2 ;;
+    --cache-sim) CACHE_SIM=yes; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -103,39 +111,44 @@ CONF
 count() {
   local bin=$1 mode=$2 n=$3 out="$WORK/callgrind.out"
   rm -f "$out"
-  valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" --log warn run --workers 1 -c "$WORK/$mode.yaml" \
+  valgrind --tool=callgrind --cache-sim="$CACHE_SIM" --callgrind-out-file="$out" "$bin" --log warn run --workers 1 -c "$WORK/$mode.yaml" \
     2>"$WORK/logs/valgrind.err" & local pid=$!
   for _ in $(seq 600); do curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
   h2load --h1 -n "$n" -c 1 "http://127.0.0.1:$PROXY/small" > "$WORK/h2load.out" 2>&1
   grep -q " $n succeeded, 0 failed" "$WORK/h2load.out" \
     || { echo "$mode: not every request succeeded:" >&2; cat "$WORK/h2load.out" >&2; kill "$pid"; exit 1; }
   kill -TERM "$pid"; wait "$pid" || true
-  awk '/^(summary|totals):/ { print $2; exit }' "$out"
+  # Ir, and with the cache simulation I1mr: "events:" names the columns of "summary:".
+  awk '/^events:/ { for (i = 2; i <= NF; i++) col[$i] = i }
+       /^(summary|totals):/ { print $(col["Ir"]), (("I1mr" in col) ? $(col["I1mr"]) : 0); exit }' "$out"
 }
 
+# per_request BINARY MODE: "instructions I1-misses" per request.
 per_request() {
   local bin=$1 mode=$2 a b
   a=$(count "$bin" "$mode" "$A"); b=$(count "$bin" "$mode" "$B")
-  echo $(( (b - a) / (B - A) ))
+  if [ -n "$KEEP" ] && [ "$bin" = "$BIN" ]; then mkdir -p "$KEEP"; cp "$WORK/callgrind.out" "$KEEP/$mode.callgrind"; fi
+  awk -v a="$a" -v b="$b" -v n=$((B - A)) 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%d %d\n", (y[1] - x[1]) / n, (y[2] - x[2]) / n }'
 }
 
 echo
 echo "### Instructions per request (callgrind, 1 worker, 100 B, ${TOKEN_BYTES}-byte token, access log $([ "$ACCESS_LOG" = 1 ] && echo on || echo off), ($B - $A) requests, $(date -u +%Y-%m-%d))"
 echo
 if [ -n "$BASELINE_BIN" ]; then
-  echo "| upstream | tokengate | baseline | tokengate / baseline |"
-  echo "| --- | ---: | ---: | ---: |"
+  echo "| upstream | instructions | baseline | ratio | I1 misses | baseline | ratio |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 else
-  echo "| upstream | instructions per request |"
-  echo "| --- | ---: |"
+  echo "| upstream | instructions per request | I1 misses per request |"
+  echo "| --- | ---: | ---: |"
 fi
 for mode in ${MODES//,/ }; do
   config "$mode"
-  mine=$(per_request ./target/release/tokengate "$mode")
+  read -r ir i1 < <(per_request "$BIN" "$mode")
   if [ -n "$BASELINE_BIN" ]; then
-    base=$(per_request "$BASELINE_BIN" "$mode")
-    awk -v m="$mode" -v a="$mine" -v b="$base" 'BEGIN { printf "| %s | %d | %d | %.3f |\n", m, a, b, a / b }'
+    read -r bir bi1 < <(per_request "$BASELINE_BIN" "$mode")
+    awk -v m="$mode" -v a="$ir" -v b="$bir" -v c="$i1" -v d="$bi1" \
+      'BEGIN { printf "| %s | %d | %d | %.3f | %d | %d | %s |\n", m, a, b, a / b, c, d, (d > 0 ? sprintf("%.3f", c / d) : "-") }'
   else
-    echo "| $mode | $mine |"
+    echo "| $mode | $ir | $([ "$CACHE_SIM" = yes ] && echo "$i1" || echo -) |"
   fi
 done

@@ -186,10 +186,10 @@ defaults
   timeout client 30s
   timeout server 30s
   http-reuse always
-  $HAPROXY_HEADERS
 frontend fe
   bind 127.0.0.1:$HAPROXY
   http-request set-header Authorization "Bearer $TOKEN"
+  $HAPROXY_HEADERS
   default_backend origin
 backend origin
   $HAPROXY_SERVER$([ "$TLS" = 1 ] && echo " alpn h2,http/1.1")
@@ -199,6 +199,7 @@ if [ "$TLS" = 1 ]; then
 frontend fe_h1
   bind 127.0.0.1:$HAPROXY_H1
   http-request set-header Authorization "Bearer $TOKEN"
+  $HAPROXY_HEADERS
   default_backend origin_h1
 backend origin_h1
   $HAPROXY_SERVER alpn http/1.1
