@@ -4,9 +4,9 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY benches ./benches
-# `--version` names this revision: docker build --build-arg TOKENGATE_GIT_REV=$(git rev-parse --short=12 HEAD)
-ARG TOKENGATE_GIT_REV=unknown
-RUN cargo build --release --locked
+# `--version` names this revision: docker build --build-arg GIT_REVISION=$(git rev-parse --short=12 HEAD)
+ARG GIT_REVISION=unknown
+RUN TOKENGATE_GIT_REV="$GIT_REVISION" cargo build --release --locked
 
 # Run: a minimal image with glibc and CA certificates, as an unprivileged user.
 FROM gcr.io/distroless/cc-debian12:nonroot
