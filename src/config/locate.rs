@@ -182,64 +182,96 @@ fn join(parent: &str, key: &str) -> String {
 fn syntax(text: &str, error: &ScanError) -> Syntax {
     let at = Place { line: error.marker().line(), column: error.marker().col() + 1 };
     let info = error.info();
-    let lines: Vec<&str> = text.lines().collect();
-    let content: Vec<usize> = (0..lines.len())
-        .filter(|&i| {
-            let t = lines[i].trim_start();
-            !t.is_empty() && !t.starts_with('#')
-        })
-        .collect();
-    // Content lines from two before the error's line to the one after it (0-based indices).
-    let near: Vec<usize> =
-        (0..content.len()).filter(|&k| content[k] + 3 >= at.line && content[k] <= at.line).collect();
-    let margin = |i: usize| {
-        let l = lines[i];
+    let around = Around::new(text, at.line);
+    let hint = around.tab().or_else(|| around.missing_colon()).or_else(|| around.out_of_step());
+    match hint.or_else(|| around.unaligned()) {
+        Some((i, column, text)) => {
+            Syntax { place: Place { line: i + 1, column }, message: format!("{info}: {text}") }
+        }
+        None => Syntax { place: at, message: info.to_owned() },
+    }
+}
+
+/// The lines around a syntax error: each hint is (0-based line, column, what to say).
+struct Around<'a> {
+    lines: Vec<&'a str>,
+    /// The lines with content (not blank, not comments), by index.
+    content: Vec<usize>,
+    /// Positions in `content` from two lines before the error's line to the one after it.
+    near: Vec<usize>,
+    /// The error's line (1-based).
+    line: usize,
+}
+
+type Hint = Option<(usize, usize, String)>;
+
+impl<'a> Around<'a> {
+    fn new(text: &'a str, line: usize) -> Around<'a> {
+        let lines: Vec<&str> = text.lines().collect();
+        let content: Vec<usize> = (0..lines.len())
+            .filter(|&i| {
+                let t = lines[i].trim_start();
+                !t.is_empty() && !t.starts_with('#')
+            })
+            .collect();
+        let near = (0..content.len()).filter(|&k| content[k] + 3 >= line && content[k] <= line).collect();
+        Around { lines, content, near, line }
+    }
+
+    /// The spaces and tabs before line `i`'s text.
+    fn margin(&self, i: usize) -> &'a str {
+        let l = self.lines[i];
         &l[..l.len() - l.trim_start_matches([' ', '\t']).len()]
-    };
-    let hint = |i: usize, column: usize, text: String| Syntax {
-        place: Place { line: i + 1, column },
-        message: format!("{info}: {text}"),
-    };
-    if let Some(&i) = near.iter().map(|&k| &content[k]).find(|&&i| margin(i).contains('\t')) {
-        let column = margin(i).find('\t').unwrap_or(0) + 1;
-        return hint(
-            i,
-            column,
-            format!("line {} is indented with a tab; YAML indents with spaces only", i + 1),
-        );
     }
-    for &i in near.iter().map(|&k| &content[k]).filter(|&&i| i < at.line) {
-        let item = lines[i].trim_start().trim_start_matches("- ");
-        let bare = !item.contains(": ")
-            && !item.ends_with(':')
-            && !item.starts_with(['[', '{', '"', '\'', '|', '>']);
-        if bare && item.split_whitespace().count() > 1 {
-            let key = item.split_whitespace().next().unwrap_or(item);
-            let column = lines[i].len() - item.len() + 1;
-            return hint(i, column, format!("`{key}` has no ':' after it; write `{key}: <value>`"));
-        }
+
+    fn tab(&self) -> Hint {
+        let i = self.near.iter().map(|&k| self.content[k]).find(|&i| self.margin(i).contains('\t'))?;
+        let column = self.margin(i).find('\t').unwrap_or(0) + 1;
+        Some((i, column, format!("line {} is indented with a tab; YAML indents with spaces only", i + 1)))
     }
-    // Closest to the error first; a key opening a block (`routes:`) is rightly left of its items.
-    for &k in near.iter().rev().filter(|&&k| k > 0 && k + 1 < content.len()) {
-        let indent = |k: usize| key_indent(lines[content[k]]);
-        let opens = lines[content[k]].trim_end().ends_with(':');
-        if !opens && indent(k - 1) == indent(k + 1) && indent(k) != indent(k - 1) {
-            let (i, want) = (content[k], indent(k - 1));
-            let text = format!(
-                "line {} is indented {} spaces, unlike the lines around it ({want}); indent it like them",
-                i + 1,
-                indent(k)
-            );
-            return hint(i, margin(i).len() + 1, text);
-        }
+
+    /// `key value` where `key: value` was meant (the parser notices on the next line).
+    fn missing_colon(&self) -> Hint {
+        self.near.iter().map(|&k| self.content[k]).filter(|&i| i < self.line).find_map(|i| {
+            let item = self.lines[i].trim_start().trim_start_matches("- ");
+            let bare = !item.contains(": ")
+                && !item.ends_with(':')
+                && !item.starts_with(['[', '{', '"', '\'', '|', '>']);
+            let key =
+                item.split_whitespace().next().filter(|_| bare && item.split_whitespace().count() > 1)?;
+            let column = self.lines[i].len() - item.len() + 1;
+            Some((i, column, format!("`{key}` has no ':' after it; write `{key}: <value>`")))
+        })
     }
-    // A line whose indentation is that of no key before it (mapping keys line up).
-    for &k in near.iter().rev() {
-        let i = content[k];
-        let mut above: Vec<usize> = content[..k].iter().map(|&j| key_indent(lines[j])).collect();
-        above.dedup();
-        let own = margin(i).len();
-        if !above.is_empty() && !above.contains(&own) && !lines[i].trim_start().starts_with('-') {
+
+    /// A line indented unlike the two around it, which agree. Closest to the error first; a key
+    /// opening a block (`routes:`) is rightly left of its items.
+    fn out_of_step(&self) -> Hint {
+        let indent = |k: usize| key_indent(self.lines[self.content[k]]);
+        self.near.iter().rev().filter(|&&k| k > 0 && k + 1 < self.content.len()).find_map(|&k| {
+            let i = self.content[k];
+            let opens = self.lines[i].trim_end().ends_with(':');
+            (!opens && indent(k - 1) == indent(k + 1) && indent(k) != indent(k - 1)).then(|| {
+                let text = format!(
+                    "line {} is indented {} spaces, unlike the lines around it ({}); indent it like them",
+                    i + 1,
+                    indent(k),
+                    indent(k - 1)
+                );
+                (i, self.margin(i).len() + 1, text)
+            })
+        })
+    }
+
+    /// A line whose indentation is that of no key before it (the keys of one map line up).
+    fn unaligned(&self) -> Hint {
+        self.near.iter().rev().find_map(|&k| {
+            let i = self.content[k];
+            let mut above: Vec<usize> = self.content[..k].iter().map(|&j| key_indent(self.lines[j])).collect();
+            let own = self.margin(i).len();
+            if above.is_empty() || above.contains(&own) || self.lines[i].trim_start().starts_with('-') {
+                return None;
+            }
             above.sort_unstable_by(|a, b| b.cmp(a));
             above.dedup();
             let list: Vec<String> = above.iter().map(ToString::to_string).collect();
@@ -248,10 +280,9 @@ fn syntax(text: &str, error: &ScanError) -> Syntax {
                 i + 1,
                 list.join(", ")
             );
-            return hint(i, own + 1, text);
-        }
+            Some((i, own + 1, text))
+        })
     }
-    Syntax { place: at, message: info.to_owned() }
 }
 
 /// Where a line's key starts: its indentation counting a list item's `- ` (`  - prefix:` is 4).
