@@ -10,21 +10,27 @@ use crate::upstream::hop::strip_hop_by_hop;
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The request's id: the client's `X-Request-Id` when it is well-formed (1 to 128 characters of
-/// `A-Z a-z 0-9 - _ . :`, so it is safe in any log), else 32 random hex digits.
+/// `A-Z a-z 0-9 - _ . :`, so it is safe in any log), else 32 random hex digits. Marked sensitive:
+/// unique per request, it would only evict reusable entries from an HTTP/2 peer's HPACK table, so
+/// it goes as a never-indexed literal, upstream and to the client (HTTP/1.1 ignores the mark).
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     let given = headers.get(&X_REQUEST_ID).filter(|v| {
         let b = v.as_bytes();
         (1..=128).contains(&b.len()) && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
     });
-    if let Some(v) = given {
-        return v.clone();
-    }
-    let mut hex = [0u8; 32];
-    let id: u128 = rand::random();
-    for (i, digit) in hex.iter_mut().enumerate() {
-        *digit = b"0123456789abcdef"[((id >> (124 - 4 * i)) & 0xf) as usize];
-    }
-    HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    let mut id = match given {
+        Some(v) => v.clone(),
+        None => {
+            let mut hex = [0u8; 32];
+            let id: u128 = rand::random();
+            for (i, digit) in hex.iter_mut().enumerate() {
+                *digit = b"0123456789abcdef"[((id >> (124 - 4 * i)) & 0xf) as usize];
+            }
+            HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        }
+    };
+    id.set_sensitive(true);
+    id
 }
 
 /// What the upstream is told about the client and the request's first hop.
@@ -302,6 +308,7 @@ mod tests {
 
     #[test]
     fn request_ids_are_kept_when_well_formed_and_made_otherwise() {
+        assert!(request_id(&HeaderMap::new()).is_sensitive(), "never indexed by HPACK");
         let id = |v: Option<&str>| {
             let mut h = HeaderMap::new();
             if let Some(v) = v {

@@ -24,9 +24,6 @@ use http_body::{Body as _, Frame, SizeHint};
 use super::Body;
 use super::h1::{self, Conn, SHARDS};
 
-/// Unique per request: sent as a never-indexed literal, so it does not churn the HPACK table.
-const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
-
 /// One worker's connections to the upstream.
 #[derive(Default)]
 struct Shard {
@@ -262,12 +259,8 @@ impl Lease {
         // Connection-specific fields, which RFC 9113 section 8.2.2 forbids (h2 refuses a request
         // carrying them), are hop-by-hop headers: `headers::rewrite_request` removed them and
         // left `TE` only as `trailers`; configured route headers cannot name them.
-        let (mut head, body) = req.into_parts();
-        // Unique per request: HPACK would add it to the dynamic table (evicting an entry that
-        // might have been reused) every time. Sent as a never-indexed literal instead.
-        if let Some(id) = head.headers.get_mut(&X_REQUEST_ID) {
-            id.set_sensitive(true);
-        }
+        // `X-Request-Id` arrives marked sensitive (never indexed: it is unique per request).
+        let (head, body) = req.into_parts();
         let eos = body.is_end_stream();
         let (response, stream) =
             send.send_request(Request::from_parts(head, ()), eos).map_err(Failure::Failed)?;
