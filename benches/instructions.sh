@@ -41,19 +41,12 @@ A=${REQUESTS%%,*} B=${REQUESTS##*,}
 . benches/lib.sh
 need nginx:nginx h2load:nghttp2-client valgrind:valgrind openssl:openssl curl:curl python3:python3
 cargo build --release --quiet
-TOKEN=$(python3 -c 'import secrets, sys; n = int(sys.argv[1]); print(secrets.token_urlsafe(n)[:n])' "$TOKEN_BYTES")
+TOKEN=$(random_token "$TOKEN_BYTES")
 ORIGIN=18100 ORIGIN_TLS=18101 PROXY=18102 ADMIN=18103
 mkdir -p "$WORK/www" "$WORK/logs"
 head -c 100 /dev/zero | tr '\0' 'x' > "$WORK/www/small"
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
-  -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
-  -keyout "$WORK/origin.key" -out "$WORK/origin.csr" 2>/dev/null
-printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' > "$WORK/san.ext"
-openssl x509 -req -in "$WORK/origin.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" -CAcreateserial -days 2 \
-  -extfile "$WORK/san.ext" -out "$WORK/origin.pem" 2>/dev/null
-chmod 644 "$WORK"/*.pem "$WORK"/*.key
+origin_pki
 cat > "$WORK/origin.conf" <<CONF
 worker_processes 1;
 pid $WORK/origin.pid;

@@ -27,3 +27,21 @@ wait_ready() {
   echo "tokengate did not become ready" >&2
   return 1
 }
+
+# random_token N: N random base64url characters, the access token every proxy sends.
+random_token() {
+  python3 -c 'import secrets, sys; n = int(sys.argv[1]); print(secrets.token_urlsafe(n)[:n])' "$1"
+}
+
+# origin_pki: a private CA ($WORK/ca.pem) and an origin certificate for 127.0.0.1 and localhost
+# ($WORK/origin.pem, $WORK/origin.key), readable by nginx's workers.
+origin_pki() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
+    -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+    -keyout "$WORK/origin.key" -out "$WORK/origin.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' > "$WORK/san.ext"
+  openssl x509 -req -in "$WORK/origin.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" -CAcreateserial -days 2 \
+    -extfile "$WORK/san.ext" -out "$WORK/origin.pem" 2>/dev/null
+  chmod 644 "$WORK"/*.pem "$WORK"/*.key
+}

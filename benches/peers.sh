@@ -57,7 +57,7 @@ done
 . benches/lib.sh
 need nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client curl:curl python3:python3
 cargo build --release --quiet
-TOKEN=$(python3 -c 'import secrets, sys; n = int(sys.argv[1]); print(secrets.token_urlsafe(n)[:n])' "$TOKEN_BYTES")
+TOKEN=$(random_token "$TOKEN_BYTES")
 
 ORIGIN=18000 NGINX=18001 HAPROXY=18002 TOKENGATE=18003 TG_ADMIN=18004 ORIGIN_TLS=18005 HAPROXY_H1=18006 TG_BASE=18007 TG_BASE_ADMIN=18008
 mkdir -p "$WORK/www" "$WORK/logs"
@@ -66,15 +66,7 @@ head -c 16384 /dev/zero | tr '\0' 'y' > "$WORK/www/large"
 
 ORIGIN_TLS_SERVER=""
 if [ "$TLS" = 1 ]; then
-  # A private CA and a certificate for 127.0.0.1 and localhost.
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
-    -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
-  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
-    -keyout "$WORK/origin.key" -out "$WORK/origin.csr" 2>/dev/null
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' > "$WORK/san.ext"
-  openssl x509 -req -in "$WORK/origin.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" -CAcreateserial -days 2 \
-    -extfile "$WORK/san.ext" -out "$WORK/origin.pem" 2>/dev/null
-  chmod 644 "$WORK"/*.pem "$WORK"/*.key
+  origin_pki
   ORIGIN_TLS_SERVER="server {
     listen 127.0.0.1:$ORIGIN_TLS ssl http2 reuseport;
     ssl_certificate $WORK/origin.pem;

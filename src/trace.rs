@@ -124,7 +124,7 @@ pub struct Outcome<'a> {
 
 impl Traced {
     /// A child span for waiting on `provider`'s token.
-    pub fn token_fetch(&self, provider: &str) -> Child {
+    fn token_fetch(&self, provider: &str) -> Child {
         let attributes = [KeyValue::new("tokengate.provider", provider.to_owned())];
         self.child("token fetch", SpanKind::Internal, attributes)
     }
@@ -175,6 +175,22 @@ impl Traced {
         }
         span.end();
     }
+}
+
+/// Awaits `fetch`, a wait for `provider`'s token, inside a `token fetch` span when the request is
+/// traced; `ok` says whether what it gave is a token.
+pub async fn fetching<F: std::future::Future>(
+    trace: Option<&Traced>,
+    provider: &str,
+    fetch: F,
+    ok: impl FnOnce(&F::Output) -> bool,
+) -> F::Output {
+    let span = trace.map(|t| t.token_fetch(provider));
+    let got = fetch.await;
+    if let Some(span) = span {
+        span.done(ok(&got));
+    }
+    got
 }
 
 /// A child span in progress.

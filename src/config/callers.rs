@@ -216,14 +216,7 @@ impl schemars::JsonSchema for Callers {
     }
 }
 
-impl schemars::JsonSchema for Caller {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "Caller".into()
-    }
-    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        RawCaller::json_schema(generator)
-    }
-}
+super::json_schema::schema_as!(Caller => RawCaller);
 
 impl<'de> Deserialize<'de> for Caller {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

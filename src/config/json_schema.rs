@@ -108,4 +108,6 @@ text_schema! {
         "description": "http://[user@]host:port, env (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) or none",
     });
     Cidr => "Cidr", json_schema!({ "type": "string", "description": "an address block or address: 10.0.0.0/8, 127.0.0.1, ::1/128" });
+    OtlpEndpoint => "OtlpEndpoint", pattern(r"https?://.+", "the collector's OTLP/HTTP traces URL");
+    SampleRatio => "SampleRatio", json_schema!({ "type": "number", "minimum": 0, "maximum": 1 });
 }

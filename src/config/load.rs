@@ -12,20 +12,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     use std::fmt::Write;
     let text = source::read(path)
         .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-    let mut config = parse(&text, &path.display().to_string())?;
-    if let Some(o) = LISTENERS.get() {
-        config.listen = o.listen.unwrap_or(config.listen);
-        config.admin.listen = o.admin.unwrap_or(config.admin.listen);
-        if config.listen == config.admin.listen && config.listen.port() != 0 {
-            let message = format!("the admin listener must not share the proxy address {}", config.listen);
-            return Err(ConfigError::invalid(
-                &path.display().to_string(),
-                None,
-                "admin.listen".into(),
-                message,
-            ));
-        }
-    }
+    let overrides = LISTENERS.get().copied().unwrap_or_default();
+    let mut config = parse_with(&text, &path.display().to_string(), overrides)?;
     let sha = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
     config.digest = Some(sha.as_ref()[..6].iter().fold(String::new(), |mut s, b| {
         let _ = write!(s, "{b:02x}");
@@ -91,6 +79,12 @@ pub fn permission_warning(path: &Path) -> Option<String> {
 
 /// Parses configuration text; `path` is only used in error messages.
 pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+    parse_with(text, path, ListenerOverrides::default())
+}
+
+/// [`parse`] with the command line's listener addresses in place of the file's, applied before
+/// the checks, so a clash they make is refused like one written in the file.
+fn parse_with(text: &str, path: &str, overrides: ListenerOverrides) -> Result<Config, ConfigError> {
     if let Some(line) = source::too_deep(text) {
         let message = format!("'[' and '{{' nest more than {} levels deep here", source::MAX_DEPTH);
         let place = Some(Place { line, column: 1 });
@@ -113,6 +107,8 @@ pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
         let (place, message) = place_error(&spans, &key, message);
         ConfigError::invalid(path, place.or(serde), key, message)
     })?;
+    config.listen = overrides.listen.unwrap_or(config.listen);
+    config.admin.listen = overrides.admin.unwrap_or(config.admin.listen);
     validate::check(&mut config).map_err(|(key, message)| {
         let place = spans.value(&key);
         ConfigError::invalid(path, place, key, message)
@@ -150,4 +146,25 @@ fn place_error(spans: &Spans, key: &str, message: String) -> (Option<Place>, Str
         return (spans.key(key), message);
     }
     (spans.item_named(key, &message).or_else(|| spans.value(key)), message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listener_overrides_win_and_are_checked_like_the_file() {
+        let text = "providers:\n  idp:\n    type: oauth2\n    token_url: https://idp/t\n    client_id: a\n    client_secret: b\nroutes:\n  - prefix: /\n    upstream: https://api\n    provider: idp\n";
+        let addr: SocketAddr = "0.0.0.0:8080".parse().unwrap_or_else(|e| panic!("{e}"));
+        let moved = ListenerOverrides { listen: Some(addr), admin: None };
+        let config = env::with_lookup(|_| None, || parse_with(text, "t.yaml", moved));
+        assert_eq!(config.map(|c| c.listen).ok(), Some(addr));
+        let clash = ListenerOverrides { listen: Some(addr), admin: Some(addr) };
+        let err =
+            env::with_lookup(|_| None, || parse_with(text, "t.yaml", clash)).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref().is_some_and(|e| e.contains("admin.listen: the admin listener must not share")),
+            "{err:?}"
+        );
+    }
 }

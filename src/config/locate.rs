@@ -286,7 +286,7 @@ impl<'a> Around<'a> {
 }
 
 /// Where a line's key starts: its indentation counting a list item's `- ` (`  - prefix:` is 4).
-pub(super) fn key_indent(line: &str) -> usize {
+fn key_indent(line: &str) -> usize {
     line.len() - line.trim_start_matches([' ', '-']).len()
 }
 

@@ -64,27 +64,3 @@ impl<'de> Deserialize<'de> for SampleRatio {
         }
     }
 }
-
-impl schemars::JsonSchema for OtlpEndpoint {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "OtlpEndpoint".into()
-    }
-    fn inline_schema() -> bool {
-        true
-    }
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({ "type": "string", "pattern": "^(https?://.+|.*\\$\\{.*)$" })
-    }
-}
-
-impl schemars::JsonSchema for SampleRatio {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "SampleRatio".into()
-    }
-    fn inline_schema() -> bool {
-        true
-    }
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({ "type": "number", "minimum": 0, "maximum": 1 })
-    }
-}

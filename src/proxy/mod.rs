@@ -524,24 +524,20 @@ impl Proxy {
             None if route.provider.per_subject() => {
                 let subject = notes.subject.as_ref().ok_or(ProxyError::CallerTokenNeeded)?;
                 notes.token_fetched = true;
-                let fetch = notes.trace.as_ref().map(|t| t.token_fetch(route.provider.name()));
-                let got = route.provider.for_subject(&subject.key, &subject.token).await;
-                if let Some(fetch) = fetch {
-                    fetch.done(got.is_ok());
-                }
-                got.map_err(|e| {
+                let exchange = route.provider.for_subject(&subject.key, &subject.token);
+                let name = route.provider.name();
+                crate::trace::fetching(notes.trace.as_ref(), name, exchange, Result::is_ok).await.map_err(|e| {
                     tracing::warn!(provider = %e.provider, error = %e.reason, "exchanging the caller's token failed");
                     ProxyError::TokenUnavailable { provider: e.provider, retry_in: e.retry_in }
                 })?
             }
             None => {
                 notes.token_fetched = true;
-                let fetch = notes.trace.as_ref().map(|t| t.token_fetch(route.provider.name()));
-                let got = route.provider.get_within(runtime.limits.token_wait).await;
-                if let Some(fetch) = fetch {
-                    fetch.done(got.is_ok());
-                }
-                got.map_err(|e| ProxyError::TokenUnavailable { provider: e.provider, retry_in: e.retry_in })?
+                let wait = route.provider.get_within(runtime.limits.token_wait);
+                let name = route.provider.name();
+                crate::trace::fetching(notes.trace.as_ref(), name, wait, Result::is_ok).await.map_err(
+                    |e| ProxyError::TokenUnavailable { provider: e.provider, retry_in: e.retry_in },
+                )?
             }
         };
         let version = match parts.version {
@@ -714,18 +710,16 @@ async fn replacement(
     rejected: &crate::token::Token,
     notes: &Notes,
 ) -> Option<Arc<crate::token::Token>> {
-    let fetch = notes.trace.as_ref().map(|t| t.token_fetch(route.provider.name()));
-    let fresh = match &notes.subject {
-        Some(subject) if route.provider.per_subject() => {
-            route.provider.forget_subject(&subject.key);
-            route.provider.for_subject(&subject.key, &subject.token).await.ok()
+    let fresh = async {
+        match &notes.subject {
+            Some(subject) if route.provider.per_subject() => {
+                route.provider.forget_subject(&subject.key);
+                route.provider.for_subject(&subject.key, &subject.token).await.ok()
+            }
+            _ => route.provider.replace_rejected(rejected).await,
         }
-        _ => route.provider.replace_rejected(rejected).await,
     };
-    if let Some(fetch) = fetch {
-        fetch.done(fresh.is_some());
-    }
-    fresh
+    crate::trace::fetching(notes.trace.as_ref(), route.provider.name(), fresh, Option::is_some).await
 }
 
 fn accepted(route: &Route, token: &crate::token::Token, status: StatusCode) {
