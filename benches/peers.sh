@@ -3,7 +3,7 @@
 # proxy to one origin), plus the origin directly, on this machine, in one run.
 #
 #   bash benches/peers.sh [--workers N] [--rounds R] [--duration SECONDS] [--connections C] [--access-log] [--tls]
-#                         [--token-bytes N] [--peer-headers same|none]
+#                         [--token-bytes N] [--peer-headers same|none] [--syscalls]
 #
 # The access token every proxy sends is N random base64url characters (default 1200, the size of a
 # Keycloak or Entra access token; a short opaque token hides what a proxy pays per request to send
@@ -25,6 +25,10 @@
 # X-Request-Id), so every proxy does the same work and the origin parses the same head; checked
 # before the runs. --peer-headers none is the older setup: only Authorization is set.
 #
+# --syscalls adds, after the rounds, one more run of each proxy at 100 B counted by `perf stat`:
+# system calls per request and CPU per request split into user and kernel time (perf record -g
+# on the same setup says where the kernel time goes).
+#
 # --access-log turns on each proxy's access log as it writes it by default, to a file: nginx the
 # combined format, HAProxy httplog to its log file, tokengate its text lines. The lines tokengate
 # wrote are counted against the requests it answered.
@@ -36,7 +40,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WORKERS=1 ROUNDS=3 DURATION=8 CONNECTIONS=50 ACCESS_LOG=0 TLS=0 BASELINE_BIN= PROTOCOL= BASE_PROTOCOL= TOKEN_BYTES=1200
-PEER_HEADERS=same
+PEER_HEADERS=same SYSCALLS=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --workers) WORKERS=$2; shift 2 ;;
@@ -50,12 +54,14 @@ while [ $# -gt 0 ]; do
     --baseline-protocol) BASE_PROTOCOL=$2; shift 2 ;;
     --token-bytes) TOKEN_BYTES=$2; shift 2 ;;
     --peer-headers) PEER_HEADERS=$2; shift 2 ;;
+    --syscalls) SYSCALLS=1; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
 
 . benches/lib.sh
 need nginx:nginx haproxy:haproxy wrk:wrk h2load:nghttp2-client curl:curl python3:python3
+[ "$SYSCALLS" = 1 ] && need perf:linux-perf
 cargo build --release --quiet
 TOKEN=$(random_token "$TOKEN_BYTES")
 
@@ -375,4 +381,24 @@ if [ "$ACCESS_LOG" = 1 ]; then
   logged=$(echo "$metrics" | awk '/^tokengate_access_log_lines_total/ { print $NF }')
   dropped=$(echo "$metrics" | awk '/^tokengate_access_log_dropped_total/ { print $NF }')
   echo "tokengate access log: $logged lines written for $served requests answered, $dropped dropped; $(wc -l < "$WORK/logs/tokengate-access.log") lines in the file"
+fi
+
+if [ "$SYSCALLS" = 1 ]; then
+  # User and system ticks of a process tree, separately.
+  split_ticks() { local u=0 k=0 p a b; for p in $1 $(ps -o pid= --ppid "$1"); do
+    read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat"); u=$((u + a)); k=$((k + b)); done; echo "$u $k"; }
+  echo
+  echo "| peer (100 B, one ${DURATION}s run) | system calls / request | user µs / request | kernel µs / request |"
+  echo "| --- | ---: | ---: | ---: |"
+  for name in ${PEERS#direct }; do
+    pids=$(echo "${PROC[$name]}" $(ps -o pid= --ppid "${PROC[$name]}") | tr -s ' ' ',')
+    perf stat -x, -e raw_syscalls:sys_enter -o "$WORK/$name.perf" -p "$pids" & PERF_PID=$!
+    read -r u0 k0 < <(split_ticks "${PROC[$name]}")
+    read -r _ _ _ n < <(run "${URL[$name]}" /small)
+    read -r u1 k1 < <(split_ticks "${PROC[$name]}")
+    kill -INT "$PERF_PID"; wait "$PERF_PID" || true
+    calls=$(awk -F, '/raw_syscalls/ {print $1}' "$WORK/$name.perf")
+    awk -v n="$n" -v c="${calls:-0}" -v u=$((u1 - u0)) -v k=$((k1 - k0)) -v hz="$hz" -v p="$name" \
+      'BEGIN { printf "| %s | %.2f | %.2f | %.2f |\n", p, c / n, u / hz * 1e6 / n, k / hz * 1e6 / n }'
+  done
 fi

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
-use crate::upstream::hop::strip_hop_by_hop;
+use crate::upstream::hop::{Present, strip_present};
 
 /// `X-Request-Id`: one id per request, from the client or made here.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -84,16 +84,20 @@ fn is_path_override(name: &str) -> bool {
 /// headers added, the credential attached when it goes in `Authorization` (`None`: the caller
 /// attaches it elsewhere, and the client's `Authorization` is removed all the same).
 pub fn rewrite_request(headers: &mut HeaderMap, hop: &Forwarding<'_>, authorization: Option<HeaderValue>) {
-    strip_hop_by_hop(headers);
-    headers.remove(header::PROXY_AUTHORIZATION);
-    // One pass over the names; most requests carry none of these.
+    // One pass over the names finds the hop-by-hop headers and those removed here; most
+    // requests carry none of them but `Connection`.
+    let mut hop_by_hop = Present::default();
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
         let n = name.as_str();
-        if n.len() >= 6 && (is_path_override(n) || (!hop.trusted && is_client_claim(n))) {
+        if !hop_by_hop.note(n)
+            && n.len() >= 6
+            && (n == "proxy-authorization" || is_path_override(n) || (!hop.trusted && is_client_claim(n)))
+        {
             doomed.push(name.clone());
         }
     }
+    strip_present(headers, hop_by_hop);
     for name in doomed {
         headers.remove(name);
     }

@@ -36,18 +36,52 @@ pub fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
     }
 }
 
+/// Which hop-by-hop headers a message carries, noted during a pass over its names that a
+/// caller may be making anyway (the request rewrite makes one), so the strip needs no pass of
+/// its own and looks up only what is there.
+#[derive(Default)]
+pub struct Present([bool; HOP_COUNT]);
+
+impl Present {
+    /// Notes `name` (a header name, lower case as `HeaderName::as_str` gives it). True if it
+    /// is hop-by-hop.
+    pub fn note(&mut self, name: &str) -> bool {
+        let at = match name {
+            "connection" => CONNECTION_AT,
+            "keep-alive" => 1,
+            "proxy-connection" => 2,
+            "te" => TE_AT,
+            "trailer" => 4,
+            "transfer-encoding" => 5,
+            "upgrade" => 6,
+            "proxy-authenticate" => 7,
+            _ => return false,
+        };
+        self.0[at] = true;
+        true
+    }
+
+    /// Every hop-by-hop header `headers` carries.
+    pub fn of(headers: &HeaderMap) -> Self {
+        let mut present = Present::default();
+        for name in headers.keys() {
+            present.note(name.as_str());
+        }
+        present
+    }
+}
+
 /// Removes hop-by-hop headers and every header the `Connection` header names. Runs before the
 /// credential is attached: a client sending `Connection: authorization` must not be able to make
 /// the next hop drop it. `TE: trailers` survives (gRPC needs it end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names, then lookups only for what is there: most requests carry no
-    // hop-by-hop header but `Connection`.
-    let mut present = [false; HOP_COUNT];
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present[i] = true;
-        }
-    }
+    strip_present(headers, Present::of(headers));
+}
+
+/// [`strip_hop_by_hop`] when the pass over the names has been made: `present` says what
+/// `headers` carries.
+pub fn strip_present(headers: &mut HeaderMap, present: Present) {
+    let Present(present) = present;
     if present[CONNECTION_AT] {
         let listed: Vec<HeaderValue> = headers.get_all(header::CONNECTION).iter().cloned().collect();
         for connection in &listed {
@@ -93,6 +127,12 @@ mod tests {
     fn positions_match_the_list() {
         assert_eq!(HOP_BY_HOP[CONNECTION_AT], header::CONNECTION);
         assert_eq!(HOP_BY_HOP[TE_AT], header::TE);
+        for (at, name) in HOP_BY_HOP.iter().enumerate() {
+            let mut present = Present::default();
+            assert!(present.note(name.as_str()), "{name}");
+            assert_eq!(present.0.iter().position(|p| *p), Some(at), "{name}");
+        }
+        assert!(!Present::default().note("authorization"));
     }
 
     #[test]
