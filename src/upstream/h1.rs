@@ -283,7 +283,8 @@ impl Pool {
     /// write; the flag says whether the body went in.
     fn request_bytes(&self, head: &Head<'_>, body: &Bytes) -> (Vec<u8>, bool) {
         let inline = body.len() <= INLINE_BODY;
-        let mut out = Vec::with_capacity(512 + if inline { body.len() } else { 0 });
+        let room = head_room(&self.host, head, self.forward.as_ref());
+        let mut out = Vec::with_capacity(room + if inline { body.len() } else { 0 });
         encode(&mut out, &self.host, head, body, self.forward.as_ref());
         if inline {
             out.extend_from_slice(body);
@@ -506,6 +507,19 @@ fn encode(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// What [`encode`] writes, at most: the head is one allocation, never grown (a real-sized
+/// token alone is over a kilobyte, and growing a vector copies what it holds).
+fn head_room(host: &str, head: &Head<'_>, forward: Option<&Option<HeaderValue>>) -> usize {
+    let fields: usize = head.headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum();
+    let proxy = match forward {
+        Some(auth) => "http://".len() + host.len() + auth.as_ref().map_or(0, |a| a.len() + 23),
+        None => 0,
+    };
+    // Request line and host, content-length with 20 digits, the blank line.
+    let fixed = head.method.as_str().len() + head.target.len() + 2 * host.len() + 28 + 38 + 2;
+    fixed + proxy + fields
 }
 
 /// How the response body ends (RFC 9112 section 6.3).
@@ -968,6 +982,28 @@ mod tests {
         assert!(decode_all(Framing::Chunked(Chunk::Size), b"5\r\nhelloXX0\r\n\r\n").is_err());
         assert!(decode_all(Framing::Chunked(Chunk::Size), b"zz\r\n").is_err());
         assert_eq!(decode_all(Framing::Length(3), b"abc").unwrap(), b"abc");
+    }
+
+    #[test]
+    fn the_head_fits_the_room_made_for_it() {
+        let token = format!("Bearer {}", "t".repeat(1200));
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_str(&token).unwrap());
+        headers.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        headers.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        let body = Bytes::from(vec![b'x'; 123_456]);
+        let auth = Some(HeaderValue::from_static("Basic dTpw"));
+        for forward in [None, Some(&None), Some(&auth)] {
+            for method in [Method::GET, Method::PATCH] {
+                let head = Head { method: &method, target: "/a/b?c=d", headers: &headers };
+                let room = head_room("api.example:8443", &head, forward);
+                let mut out = Vec::new();
+                encode(&mut out, "api.example:8443", &head, &body, forward);
+                assert!(out.len() <= room, "{} > {room} ({method}, {forward:?})", out.len());
+                assert!(room - out.len() < 100, "{room} for {}", out.len());
+            }
+        }
     }
 
     #[test]
