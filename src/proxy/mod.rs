@@ -393,7 +393,11 @@ impl Proxy {
             Some(_) if route.websocket.is_none() => Err(ProxyError::UpgradeNotSupported(
                 "this route does not forward WebSocket; it needs websocket: true",
             )),
-            Some(ask) => self.forward_websocket(runtime, &route, req, ask, conn, tunnels, notes).await,
+            // Boxed, as the other rare paths below: every request's future is as large as the
+            // largest thing it may await, and hyper moves it into place once per request.
+            Some(ask) => {
+                Box::pin(self.forward_websocket(runtime, &route, req, ask, conn, tunnels, notes)).await
+            }
         };
         (route, result)
     }
@@ -486,7 +490,7 @@ impl Proxy {
         if !route.retry_on_401 {
             return Ok(resp);
         }
-        let outcome = match (kept, replacement(route, &token, notes).await) {
+        let outcome = match (kept, Box::pin(replacement(route, &token, notes)).await) {
             (Some(bytes), Some(fresh)) => {
                 self.count_401(route, "replayed");
                 notes.replayed = true;
@@ -526,7 +530,7 @@ impl Proxy {
                 notes.token_fetched = true;
                 let exchange = route.provider.for_subject(&subject.key, &subject.token);
                 let name = route.provider.name();
-                crate::trace::fetching(notes.trace.as_ref(), name, exchange, Result::is_ok).await.map_err(|e| {
+                Box::pin(crate::trace::fetching(notes.trace.as_ref(), name, exchange, Result::is_ok)).await.map_err(|e| {
                     tracing::warn!(provider = %e.provider, error = %e.reason, "exchanging the caller's token failed");
                     ProxyError::TokenUnavailable { provider: e.provider, retry_in: e.retry_in }
                 })?
@@ -535,9 +539,13 @@ impl Proxy {
                 notes.token_fetched = true;
                 let wait = route.provider.get_within(runtime.limits.token_wait);
                 let name = route.provider.name();
-                crate::trace::fetching(notes.trace.as_ref(), name, wait, Result::is_ok).await.map_err(
-                    |e| ProxyError::TokenUnavailable { provider: e.provider, retry_in: e.retry_in },
-                )?
+                // Boxed: a request waits for a token only when none is usable.
+                Box::pin(crate::trace::fetching(notes.trace.as_ref(), name, wait, Result::is_ok))
+                    .await
+                    .map_err(|e| ProxyError::TokenUnavailable {
+                        provider: e.provider,
+                        retry_in: e.retry_in,
+                    })?
             }
         };
         let version = match parts.version {

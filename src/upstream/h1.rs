@@ -269,7 +269,9 @@ impl Pool {
                 Ok(resp) => return Ok(Sent::Response(resp)),
             }
         }
-        let io = self.open().await?;
+        // Boxed: connecting is rare, and the handshake's state would make every request's
+        // future larger.
+        let io = Box::pin(self.open()).await?;
         if io.speaks_h2() {
             return Ok(Sent::Http2(io));
         }

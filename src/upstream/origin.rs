@@ -131,7 +131,7 @@ impl Origin {
         let again = match self.on_h2(h2, self.request(head, body)?, false).await {
             Ok(Streamed::Response(resp)) => return Ok(resp),
             // A new connection came back HTTP/1.1 and was parked in the pool: use it.
-            Ok(Streamed::NotHttp2(_)) => return self.send_h1(head, body).await,
+            Ok(Streamed::NotHttp2(_)) => return Box::pin(self.send_h1(head, body)).await,
             Err(Failure::Unsent(req, _)) => *req,
             // Sent, but nothing came back: once more on a new connection when repeating it is
             // harmless, or when the upstream said it did not act on it.
@@ -142,7 +142,7 @@ impl Origin {
         };
         match self.on_h2(h2, again, true).await {
             Ok(Streamed::Response(resp)) => Ok(resp),
-            Ok(Streamed::NotHttp2(_)) => self.send_h1(head, body).await,
+            Ok(Streamed::NotHttp2(_)) => Box::pin(self.send_h1(head, body)).await,
             Err(f) => Err(f.into_error()),
         }
     }
@@ -188,14 +188,16 @@ impl Origin {
         req: Request<Body>,
         fresh: bool,
     ) -> Result<Streamed, Failure> {
+        // Opening a connection is boxed: it is rare, and its state would make every request's
+        // future larger.
         if fresh {
-            return self.open_h2(h2, req, None).await;
+            return Box::pin(self.open_h2(h2, req, None)).await;
         }
         if let Some(lease) = h2.lease() {
             return lease.send(req).await.map(Streamed::Response).map_err(Failure::from);
         }
         let opening = match h2.turn() {
-            h2::Turn::Open(opener) => return self.open_h2(h2, req, Some(opener)).await,
+            h2::Turn::Open(opener) => return Box::pin(self.open_h2(h2, req, Some(opener))).await,
             h2::Turn::Wait(opening) => opening,
         };
         match h2::opened(opening).await {
@@ -209,7 +211,7 @@ impl Origin {
             // The opener went away (its client did): open one here.
             None => {}
         }
-        self.open_h2(h2, req, None).await
+        Box::pin(self.open_h2(h2, req, None)).await
     }
 
     /// Opens a connection for `req`; `opener` tells the requests waiting for it how that went.
