@@ -605,7 +605,7 @@ fn parse_head(resp: &httparse::Response<'_, '_>, base: usize, method: &Method) -
     let mut length: Option<u64> = None;
     let mut chunked = None;
     let mut headers = Vec::with_capacity(resp.headers.len());
-    let mut lengths: Vec<&[u8]> = Vec::new();
+    let mut has_length = false;
     // These have no body whatever the head says (RFC 9112 section 6.3), so, as hyper does,
     // their Content-Length is not read.
     let no_body = *method == Method::HEAD
@@ -615,7 +615,7 @@ fn parse_head(resp: &httparse::Response<'_, '_>, base: usize, method: &Method) -
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| invalid("bad header name"))?;
         if name == header::CONTENT_LENGTH {
-            lengths.push(h.value);
+            has_length = true;
         } else if name == header::TRANSFER_ENCODING {
             if version == Version::HTTP_10 {
                 // HTTP/1.0 has no transfer codings: such a response is faulty (RFC 9112 section 6.1).
@@ -640,8 +640,10 @@ fn parse_head(resp: &httparse::Response<'_, '_>, base: usize, method: &Method) -
     // Content-Length matters only when nothing else frames the body (Transfer-Encoding wins,
     // and the value is then dropped), as in hyper. Repeated lengths must agree (RFC 9110
     // section 8.6); anything else is smuggling bait.
-    if !no_body && chunked.is_none() {
-        for part in lengths.iter().flat_map(|v| v.split(|b| *b == b',')) {
+    if !no_body && chunked.is_none() && has_length {
+        // A second pass over the few headers rather than a vector of the values per response.
+        let lengths = resp.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("content-length"));
+        for part in lengths.flat_map(|h| h.value.split(|b| *b == b',')) {
             let n = parse_length(part.trim_ascii()).ok_or(invalid("bad content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(invalid("conflicting content-length"));
@@ -657,7 +659,7 @@ fn parse_head(resp: &httparse::Response<'_, '_>, base: usize, method: &Method) -
         (false, Some(false), _) | (false, None, None) => Framing::Close,
         (false, None, Some(n)) => Framing::Length(n),
     };
-    if framing == Framing::Close || (chunked.is_some() && !lengths.is_empty()) {
+    if framing == Framing::Close || (chunked.is_some() && has_length) {
         reusable = false;
     }
     Ok(Parsed { status, version, headers, framing, reusable })
@@ -678,7 +680,10 @@ fn build(parsed: Parsed, head: &Bytes) -> Result<(http::response::Parts, Framing
             .map_err(|_| Error::Invalid("bad header value"))?;
         // Hop-by-hop headers are dropped here rather than removed later: no map lookups.
         if name == header::CONNECTION {
-            connection.get_or_insert_with(Vec::new).push(value);
+            // Kept only when it names headers: a plain `keep-alive` costs no allocation.
+            if super::hop::lists_headers(&value) {
+                connection.get_or_insert_with(Vec::new).push(value);
+            }
         } else if name == header::CONTENT_LENGTH && !matches!(parsed.framing, Framing::Length(_)) {
             // Beside Transfer-Encoding it is wrong (RFC 9112 section 6.3): the body is re-framed
             // downstream, so it is dropped.

@@ -25,13 +25,24 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
 }
 
+/// The header names a `Connection` value lists. `close` names no header and `keep-alive` is
+/// dropped as hop-by-hop anyway: the two values nearly every `Connection` carries are skipped,
+/// so they cost no name parsing or lookup.
+fn listed(connection: &HeaderValue) -> impl Iterator<Item = &str> {
+    let tokens = connection.to_str().into_iter().flat_map(|v| v.split(',')).map(str::trim);
+    tokens.filter(|t| {
+        !t.is_empty() && !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close")
+    })
+}
+
+/// Whether a `Connection` value names headers to remove (most name none).
+pub fn lists_headers(connection: &HeaderValue) -> bool {
+    listed(connection).next().is_some()
+}
+
 /// Removes the headers a `Connection` value lists.
 pub fn remove_listed(headers: &mut HeaderMap, connection: &HeaderValue) {
-    let listed = connection.to_str().into_iter().flat_map(|v| v.split(',')).map(str::trim);
-    // `close` names no header and `keep-alive` is dropped as hop-by-hop anyway: the two values
-    // nearly every `Connection` carries cost no name parsing or lookup.
-    let named = listed.filter(|t| !t.eq_ignore_ascii_case("keep-alive") && !t.eq_ignore_ascii_case("close"));
-    for name in named.filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()) {
+    for name in listed(connection).filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()) {
         headers.remove(name);
     }
 }
@@ -133,6 +144,22 @@ mod tests {
             assert_eq!(present.0.iter().position(|p| *p), Some(at), "{name}");
         }
         assert!(!Present::default().note("authorization"));
+    }
+
+    #[test]
+    fn connection_values_name_headers_unless_keep_alive_or_close() {
+        for (value, names) in [
+            ("keep-alive", false),
+            ("Close", false),
+            (" , keep-alive,", false),
+            ("x-a", true),
+            ("close, X-A", true),
+        ] {
+            assert_eq!(lists_headers(&HeaderValue::from_static(value)), names, "{value}");
+        }
+        let mut h = map(&[("x-a", "1"), ("x-b", "2"), ("keep-alive", "timeout=5")]);
+        remove_listed(&mut h, &HeaderValue::from_static("close, X-A"));
+        assert!(h.get("x-a").is_none() && h.get("x-b").is_some() && h.get("keep-alive").is_some());
     }
 
     #[test]
