@@ -47,14 +47,7 @@ mkdir -p "$WORK/www" "$WORK/logs"
 head -c 100 /dev/zero | tr '\0' 'x' > "$WORK/www/small"
 
 origin_pki
-cat > "$WORK/origin.conf" <<CONF
-worker_processes 1;
-pid $WORK/origin.pid;
-error_log $WORK/logs/origin.err warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
+servers=$(cat <<CONF
   server {
     listen 127.0.0.1:$ORIGIN;
     root $WORK/www;
@@ -66,9 +59,9 @@ http {
     ssl_certificate_key $WORK/origin.key;
     root $WORK/www;
   }
-}
 CONF
-nginx -c "$WORK/origin.conf" -g 'daemon off;' & PIDS+=($!)
+)
+start_origin "$servers"
 
 config() {
   local mode=$1 upstream protocol=""

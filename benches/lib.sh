@@ -28,6 +28,25 @@ wait_ready() {
   return 1
 }
 
+# start_origin SERVERS: the origin a benchmark proxies to, one nginx worker with its access log
+# off and keep-alive without limit, serving the nginx server blocks SERVERS ($WORK/origin.conf);
+# its PID is ORIGIN_PID and joins PIDS.
+start_origin() {
+  mkdir -p "$WORK/logs"
+  cat > "$WORK/origin.conf" <<CONF
+worker_processes 1;
+pid $WORK/origin.pid;
+error_log $WORK/logs/origin.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+$1
+}
+CONF
+  nginx -c "$WORK/origin.conf" -g 'daemon off;' & ORIGIN_PID=$!; PIDS+=("$ORIGIN_PID")
+}
+
 # random_token N: N random base64url characters, the access token every proxy sends.
 random_token() {
   python3 -c 'import secrets, sys; n = int(sys.argv[1]); print(secrets.token_urlsafe(n)[:n])' "$1"

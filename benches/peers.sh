@@ -104,14 +104,7 @@ else
 fi
 
 # The origin: one nginx worker with static bodies, a token endpoint and an Authorization echo.
-cat > "$WORK/origin.conf" <<CONF
-worker_processes 1;
-pid $WORK/origin.pid;
-error_log $WORK/logs/origin.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
+servers=$(cat <<CONF
   server {
     listen 127.0.0.1:$ORIGIN reuseport;
     root $WORK/www;
@@ -120,8 +113,9 @@ http {
     location = /forwarded { default_type text/plain; return 200 "\$http_x_forwarded_for|\$http_x_forwarded_proto|\$http_x_forwarded_host|\$http_via|\$http_x_request_id"; }
   }
   $ORIGIN_TLS_SERVER
-}
 CONF
+)
+start_origin "$servers"
 
 if [ "$ACCESS_LOG" = 1 ]; then
   NGINX_LOG="access_log $WORK/logs/nginx-access.log combined;"
@@ -225,7 +219,6 @@ CONF
 chmod 600 "$WORK/tokengate.yaml"
 [ -n "$BASE_PROTOCOL" ] && [ -z "$BASELINE_BIN" ] && BASELINE_BIN=./target/release/tokengate
 
-nginx -c "$WORK/origin.conf" -g 'daemon off;' & ORIGIN_PID=$!; PIDS+=($ORIGIN_PID)
 nginx -c "$WORK/nginx.conf" -g 'daemon off;' & NGINX_PID=$!; PIDS+=($NGINX_PID)
 haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/logs/haproxy.log" 2>&1 & HAPROXY_PID=$!; PIDS+=($HAPROXY_PID)
 ./target/release/tokengate --log warn run --workers "$WORKERS" -c "$WORK/tokengate.yaml" 2>"$WORK/logs/tokengate.err" & TG_PID=$!; PIDS+=($TG_PID)

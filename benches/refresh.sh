@@ -23,23 +23,16 @@ cargo build --release --quiet
 ORIGIN=18100 TG=18101 ADMIN=18102
 mkdir -p "$WORK/www"
 head -c 100 /dev/zero | tr '\0' 'x' > "$WORK/www/small"
-cat > "$WORK/origin.conf" <<CONF
-worker_processes 1;
-pid $WORK/origin.pid;
-error_log $WORK/origin.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
+servers=$(cat <<CONF
   server {
     listen 127.0.0.1:$ORIGIN;
     root $WORK/www;
     location = /token-short { default_type application/json; return 200 '{"access_token":"short-\$request_id","token_type":"Bearer","expires_in":2}'; }
     location = /token-long { default_type application/json; return 200 '{"access_token":"long-token","token_type":"Bearer","expires_in":3600}'; }
   }
-}
 CONF
-nginx -c "$WORK/origin.conf" -g 'daemon off;' & PIDS+=($!)
+)
+start_origin "$servers"
 sleep 0.3
 
 measure() {

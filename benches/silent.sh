@@ -37,22 +37,15 @@ fi
 ORIGIN=18100
 mkdir -p "$WORK/www" "$WORK/logs"
 head -c 100 /dev/zero | tr '\0' 'x' > "$WORK/www/small"
-cat > "$WORK/origin.conf" <<CONF
-worker_processes 1;
-pid $WORK/origin.pid;
-error_log $WORK/logs/origin.err warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
+servers=$(cat <<CONF
   server {
     listen 127.0.0.1:$ORIGIN;
     root $WORK/www;
     location = /token { default_type application/json; return 200 '{"access_token":"bench-token","token_type":"Bearer","expires_in":3600}'; }
   }
-}
 CONF
-nginx -c "$WORK/origin.conf" -g 'daemon off;' & PIDS+=($!)
+)
+start_origin "$servers"
 
 # flood PORT N RATE HOLD_SECONDS: opens N sockets at RATE per second that send nothing, holds
 # them, and prints how many it opened and how many the server closed before the end.
